@@ -1,0 +1,35 @@
+//! The weir plugin SDK: write a routing or policy plugin as a struct and one
+//! `impl`, build it for `wasm32-wasip2`, and weir loads it.
+//!
+//! ```ignore
+//! use weir_plugin_sdk::{export_plugin, Connection, Decision, Plugin, Target};
+//!
+//! #[derive(Default)]
+//! struct EverythingToOnePool;
+//!
+//! impl Plugin for EverythingToOnePool {
+//!     fn route(&self, conn: &Connection) -> Decision {
+//!         match &conn.sni {
+//!             Some(_) => Decision::passthrough("all", Target::pool("backends")),
+//!             None => Decision::reject("no-sni", "a server name is required"),
+//!         }
+//!     }
+//! }
+//!
+//! export_plugin!(EverythingToOnePool);
+//! ```
+//!
+//! The generated WIT bindings stay inside this crate; plugins see the data
+//! types re-exported here, the [`Plugin`] trait and [`export_plugin!`]. Plugin
+//! logic compiles natively too, so it can be unit-tested with `cargo test`.
+//!
+//! Without its default `bindings` feature this crate is only [`names`], the
+//! host-name rules the host shares with plugins.
+#![deny(unsafe_code)]
+
+pub mod names;
+
+#[cfg(feature = "bindings")]
+mod sdk;
+#[cfg(feature = "bindings")]
+pub use sdk::*;

@@ -1,0 +1,353 @@
+//! The config file as written (TOML), and the checks that need nothing but
+//! the file: references between sections, addresses, limits. Checks that need
+//! the plugins themselves (loading, `configure`) happen when a
+//! [`Snapshot`](crate::snapshot::Snapshot) is built from this.
+//!
+//! Every section refuses unknown fields, so a misspelt setting is an error,
+//! never a silently ignored line. The README's config reference documents
+//! each field below.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::addr::HostPort;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a field has the wrong name or type.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The TOML error, with line, column and field.
+        source: toml::de::Error,
+    },
+    /// The file parses but says something impossible.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The dotted path of the offending field, e.g. `listeners.public.plugins`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Sockets that accept clients, by name.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, ListenerConfig>,
+    /// WebAssembly plugins, by name; listeners refer to them in their chain.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Named groups of upstream servers that decisions can target.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Where the file was read from; relative paths in it are relative to its
+    /// directory.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// What a listener expects its clients to send first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerProtocol {
+    /// A TLS ClientHello; anything else is closed.
+    #[default]
+    Tls,
+    /// Nothing is sniffed; plugins route on addresses alone.
+    Plain,
+}
+
+/// One listening socket and the plugin chain that routes its connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on, `ip:port`.
+    pub bind: SocketAddr,
+    /// What clients send first.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Plugin names, in the order they are asked; the first decision that is
+    /// not `next` wins.
+    pub plugins: Vec<String>,
+    /// Deadline for everything before routing: the ClientHello must have
+    /// arrived by then.
+    #[serde(default = "defaults::sniff_timeout", with = "humantime_serde")]
+    pub sniff_timeout: Duration,
+    /// Deadline for connecting to an upstream server.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A relayed connection with no bytes in either direction for this long
+    /// is closed.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+/// What the host does with a connection when a plugin fails (traps, runs out
+/// of time or memory, or returns an invalid decision).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Refuse the connection.
+    #[default]
+    Deny,
+    /// Ask the next plugin in the chain, as if this one had abstained.
+    Next,
+}
+
+/// One plugin: a WebAssembly component and its settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Path of the `.wasm` component, relative to the config file.
+    pub wasm: PathBuf,
+    /// Handed to the plugin's `configure`: a table becomes JSON, a string is
+    /// passed verbatim. Absent means an empty string.
+    #[serde(default)]
+    pub config: Option<toml::Value>,
+    /// What a failure of this plugin means for the connection.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Longest a single call into the plugin may run.
+    #[serde(default = "defaults::plugin_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most linear memory one instance may grow to, in MiB.
+    #[serde(default = "defaults::plugin_memory_mib")]
+    pub max_memory_mib: u32,
+}
+
+impl PluginConfig {
+    /// The string handed to `configure`.
+    pub fn config_string(&self) -> String {
+        match &self.config {
+            None => String::new(),
+            Some(toml::Value::String(verbatim)) => verbatim.clone(),
+            // A TOML value always serialises to JSON: same data model.
+            Some(table) => serde_json::to_string(table).unwrap_or_default(),
+        }
+    }
+}
+
+/// A named set of upstream servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Servers as `host:port`; tried in turn, starting from the next one for
+    /// each connection, until one accepts.
+    pub servers: Vec<String>,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn sniff_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn plugin_timeout() -> Duration {
+        Duration::from_millis(10)
+    }
+    pub fn plugin_memory_mib() -> u32 {
+        16
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.path = path.to_owned();
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Resolves a path written in the file against the file's directory.
+    pub fn resolve(&self, relative: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if relative.is_relative() => dir.join(relative),
+            _ => relative.to_owned(),
+        }
+    }
+
+    fn invalid(&self, field: String, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(self.invalid("listeners".into(), "no listener is configured"));
+        }
+        let mut binds: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        for (name, listener) in &self.listeners {
+            let field = |f: &str| format!("listeners.{name}.{f}");
+            if listener.plugins.is_empty() {
+                return Err(self.invalid(field("plugins"), "the plugin chain is empty"));
+            }
+            for plugin in &listener.plugins {
+                if !self.plugins.contains_key(plugin) {
+                    return Err(self.invalid(field("plugins"), format!("no plugin named `{plugin}`")));
+                }
+            }
+            if let Some(other) = binds.insert(listener.bind, name) {
+                if listener.bind.port() != 0 {
+                    return Err(self.invalid(
+                        field("bind"),
+                        format!("{} is also the address of listener `{other}`", listener.bind),
+                    ));
+                }
+            }
+            for (what, value) in [
+                ("sniff_timeout", listener.sniff_timeout),
+                ("connect_timeout", listener.connect_timeout),
+                ("idle_timeout", listener.idle_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(self.invalid(field(what), "must be longer than zero"));
+                }
+            }
+        }
+        for (name, plugin) in &self.plugins {
+            let field = |f: &str| format!("plugins.{name}.{f}");
+            if plugin.timeout < Duration::from_millis(1) || plugin.timeout > Duration::from_secs(10) {
+                return Err(self.invalid(field("timeout"), "must be between 1ms and 10s"));
+            }
+            if !(1..=4096).contains(&plugin.max_memory_mib) {
+                return Err(self.invalid(field("max_memory_mib"), "must be between 1 and 4096"));
+            }
+            if plugin
+                .config
+                .as_ref()
+                .is_some_and(|c| !matches!(c, toml::Value::String(_) | toml::Value::Table(_)))
+            {
+                return Err(self.invalid(field("config"), "must be a table or a string"));
+            }
+        }
+        for (name, pool) in &self.pools {
+            let field = format!("pools.{name}.servers");
+            if pool.servers.is_empty() {
+                return Err(self.invalid(field, "a pool needs at least one server"));
+            }
+            for server in &pool.servers {
+                HostPort::parse(server).map_err(|e| self.invalid(field.clone(), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/weir/weir.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        [listeners.public]
+        bind = "127.0.0.1:8443"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "static_router.wasm"
+        config = { routes = { "a.example" = { pool = "app" } } }
+
+        [pools.app]
+        servers = ["127.0.0.1:9000", "backend.internal:9000"]
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        let listener = &config.listeners["public"];
+        assert_eq!(listener.protocol, ListenerProtocol::Tls);
+        assert_eq!(listener.sniff_timeout, Duration::from_secs(5));
+        let plugin = &config.plugins["router"];
+        assert_eq!(plugin.on_error, OnError::Deny);
+        assert_eq!(plugin.timeout, Duration::from_millis(10));
+        assert_eq!(plugin.max_memory_mib, 16);
+        assert_eq!(plugin.config_string(), r#"{"routes":{"a.example":{"pool":"app"}}}"#);
+        assert_eq!(config.resolve(&plugin.wasm), Path::new("/etc/weir/static_router.wasm"));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_reason() {
+        let cases = [
+            (
+                MINIMAL.replace("plugins = [\"router\"]", "plugins = [\"ruoter\"]"),
+                "listeners.public.plugins: no plugin named `ruoter`",
+            ),
+            (MINIMAL.replace("bind =", "bnid ="), "unknown field `bnid`"),
+            (
+                MINIMAL.replace("\"127.0.0.1:9000\"", "\"127.0.0.1\""),
+                "pools.app.servers",
+            ),
+            (MINIMAL.replace("[\"router\"]", "[]"), "the plugin chain is empty"),
+            (
+                MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
+                "plugins.router.timeout",
+            ),
+            (
+                MINIMAL.replace("wasm =", "on_error = \"ignore\"\nwasm ="),
+                "unknown variant `ignore`",
+            ),
+            (MINIMAL.replace("wasm =", "config = 3\nwasm ="), "duplicate key"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).expect_err(expected).to_string();
+            assert!(err.starts_with("/etc/weir/weir.toml: "), "{err}");
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn a_string_config_is_passed_verbatim() {
+        let text = MINIMAL.replace(
+            r#"config = { routes = { "a.example" = { pool = "app" } } }"#,
+            r#"config = "tcp:\n  routers: {}""#,
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.plugins["router"].config_string(), "tcp:\n  routers: {}");
+    }
+}

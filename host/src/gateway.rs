@@ -1,0 +1,339 @@
+//! The data path: accept, sniff under a deadline, ask the plugin chain,
+//! connect, replay the sniffed bytes, relay. One task per connection; a
+//! connection holds the snapshot it started with to the end.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::addr::HostPort;
+use crate::config::{Config, ListenerProtocol};
+use crate::decision::{Action, Target, Upstream};
+use crate::plugin::{PluginError, Runtime, wit};
+use crate::relay::{RelayEnd, Transfer, relay};
+use crate::snapshot::{Listener, Snapshot, SnapshotError};
+use crate::sniff::{self, ClientHello, SniffError, Sniffed};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The plugin engine could not be set up.
+    #[error(transparent)]
+    Runtime(#[from] PluginError),
+    /// The routing state could not be built.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A listener's address could not be bound.
+    #[error("listeners.{listener}.bind: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listener.
+        listener: String,
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
+}
+
+/// Counter behind connection ids.
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A running gateway. Dropping it stops accepting; connections in flight
+/// finish on their own.
+pub struct Gateway {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    addrs: BTreeMap<String, SocketAddr>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    _runtime: Arc<Runtime>,
+}
+
+impl Gateway {
+    /// Builds the snapshot (loading every plugin), binds every listener and
+    /// starts accepting on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let runtime = Arc::new(Runtime::new()?);
+        let snapshot = Snapshot::build(config, &runtime)?;
+        let mut sockets = Vec::new();
+        for listener in snapshot.listeners() {
+            let addr = listener.config.bind;
+            let socket = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind {
+                listener: listener.name.to_string(),
+                addr,
+                source,
+            })?;
+            sockets.push((Arc::clone(&listener.name), socket));
+        }
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let mut addrs = BTreeMap::new();
+        let mut accept_tasks = Vec::new();
+        for (name, socket) in sockets {
+            let local = socket.local_addr().map_err(|source| GatewayError::Bind {
+                listener: name.to_string(),
+                addr: snapshot
+                    .load()
+                    .listener(&name)
+                    .map_or(([0, 0, 0, 0], 0).into(), |l| l.config.bind),
+                source,
+            })?;
+            addrs.insert(name.to_string(), local);
+            accept_tasks.push(tokio::spawn(accept_loop(name, socket, Arc::clone(&snapshot))));
+        }
+        Ok(Gateway {
+            snapshot,
+            addrs,
+            accept_tasks,
+            _runtime: runtime,
+        })
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.addrs.get(listener).copied()
+    }
+
+    /// Every listener's bound address, by name.
+    pub fn local_addrs(&self) -> &BTreeMap<String, SocketAddr> {
+        &self.addrs
+    }
+
+    /// The routing state new connections use.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>) {
+    loop {
+        match socket.accept().await {
+            Ok((stream, client)) => {
+                let snapshot = snapshot.load_full();
+                let name = Arc::clone(&name);
+                tokio::spawn(async move {
+                    if let Some(listener) = snapshot.listener(&name).cloned() {
+                        handle(stream, client, &listener, &snapshot).await;
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                tracing::error!(listener = &*name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// How a connection ended, for the log line.
+enum Outcome {
+    Relayed(RelayEnd),
+    SniffTimeout,
+    ClientGone,
+    BadHello(SniffError),
+    Rejected(String),
+    ConnectFailed(String),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Relayed(RelayEnd::Closed) => f.write_str("closed"),
+            Outcome::Relayed(RelayEnd::Idle) => f.write_str("idle-timeout"),
+            Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
+            Outcome::ClientGone => f.write_str("client-closed: before its ClientHello was complete"),
+            Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
+            // Plugin-supplied text: escaped so it cannot forge log lines.
+            Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
+            Outcome::ConnectFailed(reason) => write!(f, "connect-failed: {reason}"),
+            Outcome::Io(e) => write!(f, "io-error: {e}"),
+        }
+    }
+}
+
+/// Everything the per-connection log line reports.
+struct Record {
+    id: u64,
+    started: Instant,
+    client: SocketAddr,
+    sni: Option<String>,
+    route: Option<String>,
+    upstream: Option<String>,
+    transfer: Transfer,
+}
+
+async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Listener, snapshot: &Snapshot) {
+    let mut record = Record {
+        id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+        started: Instant::now(),
+        client: client_addr,
+        sni: None,
+        route: None,
+        upstream: None,
+        transfer: Transfer::default(),
+    };
+    let outcome = proxy(client, listener, snapshot, &mut record).await;
+    let transfer = &record.transfer;
+    let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
+    let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);
+    let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let sni = record.sni.as_deref().unwrap_or("-");
+    let route = record.route.as_deref().unwrap_or("-");
+    let upstream = record.upstream.as_deref().unwrap_or("-");
+    let listener = &*listener.name;
+    let (id, client) = (record.id, record.client);
+    tracing::info!(id, listener, %client, sni, route, upstream, bytes_up, bytes_down, ms, %outcome, "connection");
+}
+
+/// Takes a connection from sniffing to the end of its relay. Returning drops
+/// (closes) the client socket.
+async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, record: &mut Record) -> Outcome {
+    let config = &listener.config;
+    let local_addr = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return Outcome::Io(e),
+    };
+    let (sniffed, hello) = match config.protocol {
+        ListenerProtocol::Plain => (Vec::new(), None),
+        ListenerProtocol::Tls => match tokio::time::timeout(config.sniff_timeout, read_client_hello(&mut client)).await
+        {
+            Err(_) => return Outcome::SniffTimeout,
+            Ok(Err(SniffFailure::Gone)) => return Outcome::ClientGone,
+            Ok(Err(SniffFailure::Io(e))) => return Outcome::Io(e),
+            Ok(Err(SniffFailure::Bad(e))) => return Outcome::BadHello(e),
+            Ok(Ok((bytes, hello))) => (bytes, Some(hello)),
+        },
+    };
+    let protocol = match config.protocol {
+        ListenerProtocol::Tls => wit::Protocol::Tls,
+        ListenerProtocol::Plain => wit::Protocol::Plain,
+    };
+    let hello = hello.unwrap_or(ClientHello {
+        sni: None,
+        alpn: Vec::new(),
+        versions: Vec::new(),
+    });
+    record.sni.clone_from(&hello.sni);
+    let conn = wit::Connection {
+        id: record.id,
+        listener: listener.name.to_string(),
+        tenant: None,
+        client_addr: record.client.to_string(),
+        local_addr: local_addr.to_string(),
+        protocol,
+        sni: hello.sni,
+        alpn: hello.alpn,
+        tls_versions: hello.versions,
+    };
+
+    let routing = snapshot.route(listener, &conn);
+    record.route = Some(routing.decision.route.clone());
+    let target = match routing.decision.action {
+        Action::Reject(reason) => return Outcome::Rejected(reason),
+        Action::Passthrough(target) => target,
+    };
+    let (mut upstream, upstream_addr) = match connect(&target, snapshot, config.connect_timeout).await {
+        Ok(connected) => connected,
+        Err(reason) => return Outcome::ConnectFailed(reason),
+    };
+    record.upstream = Some(upstream_addr.to_string());
+    if let Err(e) = upstream.write_all(&sniffed).await {
+        return Outcome::Io(e);
+    }
+    record
+        .transfer
+        .client_to_upstream
+        .fetch_add(sniffed.len() as u64, Ordering::Relaxed);
+    match relay(client, upstream, config.idle_timeout, &record.transfer).await {
+        Ok(end) => Outcome::Relayed(end),
+        Err(e) => Outcome::Io(e),
+    }
+}
+
+/// Why sniffing ended without a hello.
+enum SniffFailure {
+    /// The client closed before its hello was complete.
+    Gone,
+    /// The bytes are not a hello weir accepts.
+    Bad(SniffError),
+    /// The socket failed.
+    Io(io::Error),
+}
+
+/// Reads until the ClientHello is complete and returns every byte read, to
+/// be replayed unchanged. The parser says how many bytes it needs, so a hello
+/// trickling in one byte per segment is not re-parsed for every byte.
+async fn read_client_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), SniffFailure> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let mut needed = 1;
+    loop {
+        while buf.len() < needed {
+            if buf.len() >= sniff::MAX_SNIFF_BYTES {
+                return Err(SniffFailure::Bad(SniffError::TooLarge(buf.len())));
+            }
+            let room = (sniff::MAX_SNIFF_BYTES - buf.len()).min(chunk.len());
+            let n = client.read(&mut chunk[..room]).await.map_err(SniffFailure::Io)?;
+            if n == 0 {
+                return Err(SniffFailure::Gone);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        match sniff::parse_client_hello(&buf) {
+            Ok(Sniffed::Hello(hello)) => return Ok((buf, hello)),
+            Ok(Sniffed::Incomplete(more)) => needed = more,
+            Err(e) => return Err(SniffFailure::Bad(e)),
+        }
+    }
+}
+
+/// Connects to the target: a pool's servers in turn, or the one address,
+/// all within one connect deadline.
+async fn connect(target: &Target, snapshot: &Snapshot, timeout: Duration) -> Result<(TcpStream, HostPort), String> {
+    let candidates: Vec<&HostPort> = match &target.upstream {
+        Upstream::Address(addr) => vec![addr],
+        Upstream::Pool(name) => match snapshot.pool(name) {
+            Some(pool) => pool.servers().collect(),
+            None => return Err(format!("pool `{name}` vanished")),
+        },
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut failures = Vec::new();
+    for server in candidates {
+        let attempt = async {
+            match server.socket_addr() {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect(server.to_string()).await,
+            }
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(stream)) => {
+                // Latency matters more than segment count for proxied protocols.
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, server.clone()));
+            }
+            Ok(Err(e)) => failures.push(format!("{server}: {e}")),
+            Err(_) => {
+                failures.push(format!("{server}: no answer within {timeout:?}"));
+                break;
+            }
+        }
+    }
+    Err(failures.join("; "))
+}

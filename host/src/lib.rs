@@ -1,0 +1,28 @@
+//! weir: a TLS gateway whose routing and policy decisions are made by
+//! WebAssembly plugins behind one WIT contract (`wit/weir.wit`).
+//!
+//! The host owns sockets, sniffing and relaying; plugins only decide. A
+//! connection flows through [`gateway`]: its first bytes are parsed by
+//! [`sniff`], the listener's plugin chain in the current [`snapshot`] decides
+//! (plugins run in [`plugin`]), the decision is validated ([`decision`]), and
+//! the bytes are [`relay`]ed untouched.
+//!
+//! Unsafe code is denied crate-wide; the only exception is the module that
+//! wasmtime's `bindgen!` generates for the WIT contract.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod config;
+pub mod decision;
+pub mod gateway;
+pub mod plugin;
+pub mod relay;
+pub mod snapshot;
+pub mod sniff;
+
+#[cfg(test)]
+mod testdata;
+
+pub use config::Config;
+pub use gateway::Gateway;
+pub use snapshot::Snapshot;

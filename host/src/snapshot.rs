@@ -1,0 +1,266 @@
+//! The routing state a connection runs against: listeners with their plugin
+//! chains, pools, loaded plugins. A snapshot is built and checked whole from a
+//! [`Config`] — every plugin compiled and configured, every reference
+//! resolved — and never changes after that. A new config means a new
+//! snapshot; a connection keeps the one it started with.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::addr::HostPort;
+use crate::config::{Config, ListenerConfig, OnError};
+use crate::decision::{Action, Decision, Known};
+use crate::plugin::{Plugin, PluginError, Runtime, wit};
+
+/// Why a snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// A plugin failed to load or refused its config.
+    #[error("plugins.{name}: {source}")]
+    Plugin {
+        /// The plugin's name in the config.
+        name: String,
+        /// What went wrong.
+        source: PluginError,
+    },
+}
+
+/// A listener's settings and its plugin chain.
+#[derive(Debug)]
+pub struct Listener {
+    /// The listener's name in the config.
+    pub name: Arc<str>,
+    /// Its settings.
+    pub config: ListenerConfig,
+    chain: Vec<Arc<Plugin>>,
+}
+
+/// A named set of servers, tried in turn from a rotating start.
+#[derive(Debug)]
+pub struct Pool {
+    servers: Vec<HostPort>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// The servers in the order to try them for the next connection: each
+    /// connection starts one further along than the previous one.
+    pub fn servers(&self) -> impl Iterator<Item = &HostPort> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
+        self.servers[start..].iter().chain(&self.servers[..start])
+    }
+}
+
+/// Immutable routing state.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config it was built from.
+    pub config: Config,
+    listeners: BTreeMap<String, Arc<Listener>>,
+    pools: BTreeMap<String, Pool>,
+}
+
+impl Known for Snapshot {
+    fn has_pool(&self, name: &str) -> bool {
+        self.pools.contains_key(name)
+    }
+}
+
+/// What one plugin of the chain did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// The plugin.
+    pub plugin: Arc<str>,
+    /// `next`, `decided`, or the failure.
+    pub outcome: StepOutcome,
+    /// How long the call took, in microseconds.
+    pub micros: u64,
+}
+
+/// The result of one plugin call.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepOutcome {
+    /// The plugin abstained.
+    Next,
+    /// The plugin decided.
+    Decided,
+    /// The plugin failed; `on_error` said what followed.
+    Failed {
+        /// The failure.
+        error: String,
+        /// What the host did about it.
+        on_error: OnError,
+    },
+}
+
+/// The chain's verdict on a connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Routing {
+    /// The plugin whose decision (or failure) is final; none when every
+    /// plugin abstained.
+    pub plugin: Option<Arc<str>>,
+    /// What the host does.
+    pub decision: Decision,
+    /// Each plugin asked, in order.
+    pub steps: Vec<Step>,
+}
+
+impl Routing {
+    /// Whether the final decision came from a plugin failure.
+    pub fn failed(&self) -> bool {
+        matches!(
+            self.steps.last(),
+            Some(Step {
+                outcome: StepOutcome::Failed {
+                    on_error: OnError::Deny,
+                    ..
+                },
+                ..
+            })
+        )
+    }
+}
+
+impl Snapshot {
+    /// Loads and configures every plugin, and resolves every reference.
+    pub fn build(config: Config, runtime: &Runtime) -> Result<Snapshot, SnapshotError> {
+        let mut plugins = BTreeMap::new();
+        for (name, plugin) in &config.plugins {
+            let path = config.resolve(&plugin.wasm);
+            let loaded = runtime
+                .load(name, &path, plugin)
+                .map_err(|source| SnapshotError::Plugin {
+                    name: name.clone(),
+                    source,
+                })?;
+            plugins.insert(name.clone(), Arc::new(loaded));
+        }
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|(name, listener)| {
+                // `Config::check` proved every chain entry names a plugin.
+                let chain = listener
+                    .plugins
+                    .iter()
+                    .filter_map(|p| plugins.get(p).cloned())
+                    .collect();
+                let listener = Listener {
+                    name: name.as_str().into(),
+                    config: listener.clone(),
+                    chain,
+                };
+                (name.clone(), Arc::new(listener))
+            })
+            .collect();
+        let pools = config
+            .pools
+            .iter()
+            .map(|(name, pool)| {
+                // `Config::check` proved every server parses.
+                let servers = pool.servers.iter().filter_map(|s| HostPort::parse(s).ok()).collect();
+                (
+                    name.clone(),
+                    Pool {
+                        servers,
+                        next: AtomicUsize::new(0),
+                    },
+                )
+            })
+            .collect();
+        Ok(Snapshot {
+            config,
+            listeners,
+            pools,
+        })
+    }
+
+    /// A listener by name.
+    pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listeners.get(name)
+    }
+
+    /// All listeners, by name.
+    pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.listeners.values()
+    }
+
+    /// A pool by name.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name)
+    }
+
+    /// Asks the listener's chain, in order, until a plugin decides. A failed
+    /// plugin either ends the chain with a rejection (`on_error = "deny"`) or
+    /// is skipped (`"next"`). When no plugin decides, the connection is
+    /// rejected.
+    pub fn route(&self, listener: &Listener, conn: &wit::Connection) -> Routing {
+        let mut steps = Vec::with_capacity(listener.chain.len());
+        for plugin in &listener.chain {
+            let started = Instant::now();
+            let result = plugin
+                .route(conn)
+                .and_then(|decision| Decision::from_wit(decision, self).map_err(PluginError::InvalidDecision));
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let name = Arc::clone(plugin.name());
+            match result {
+                Ok(None) => steps.push(Step {
+                    plugin: name,
+                    outcome: StepOutcome::Next,
+                    micros,
+                }),
+                Ok(Some(decision)) => {
+                    steps.push(Step {
+                        plugin: Arc::clone(&name),
+                        outcome: StepOutcome::Decided,
+                        micros,
+                    });
+                    return Routing {
+                        plugin: Some(name),
+                        decision,
+                        steps,
+                    };
+                }
+                Err(error) => {
+                    let on_error = plugin.on_error();
+                    tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, "plugin failed");
+                    let reason = format!("plugin `{name}` {error}");
+                    steps.push(Step {
+                        plugin: Arc::clone(&name),
+                        outcome: StepOutcome::Failed {
+                            error: error.to_string(),
+                            on_error,
+                        },
+                        micros,
+                    });
+                    if on_error == OnError::Deny {
+                        let decision = Decision {
+                            route: "plugin-error".into(),
+                            action: Action::Reject(reason),
+                        };
+                        return Routing {
+                            plugin: Some(name),
+                            decision,
+                            steps,
+                        };
+                    }
+                }
+            }
+        }
+        let decision = Decision {
+            route: "no-route".into(),
+            action: Action::Reject("no plugin in the chain decided".into()),
+        };
+        Routing {
+            plugin: None,
+            decision,
+            steps,
+        }
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds every plugin (and the test plugins) as wasm32-wasip2 components into
+# target/wasm32-wasip2/release/*.wasm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    rustup target add wasm32-wasip2
+fi
+cargo build --release --target wasm32-wasip2 \
+    -p static-router -p misbehave

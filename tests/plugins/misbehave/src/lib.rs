@@ -1,0 +1,73 @@
+//! A plugin that fails on purpose, for the host's fault tests. Its config picks
+//! the failure, and `only_sni` limits it to one server name so the same chain
+//! keeps serving everyone else:
+//!
+//! ```json
+//! { "mode": "trap", "only_sni": "bad.test", "pool": "good" }
+//! ```
+//!
+//! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
+//! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
+//! (return invalid decisions), `next`, `fail-configure` (refuses its config).
+//! Connections that the failure does not apply to pass through to `pool`.
+#![deny(unsafe_code)]
+
+use serde::Deserialize;
+use weir_plugin_sdk::{Connection, Decision, Level, Plugin, Target, export_plugin, parse_config};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Misbehave {
+    mode: String,
+    #[serde(default)]
+    only_sni: Option<String>,
+    #[serde(default)]
+    pool: Option<String>,
+}
+
+impl Plugin for Misbehave {
+    fn configure(&mut self, config: &str) -> Result<(), String> {
+        *self = parse_config(config)?;
+        if self.mode == "fail-configure" {
+            return Err("refusing this config on purpose".into());
+        }
+        Ok(())
+    }
+
+    fn route(&self, conn: &Connection) -> Decision {
+        let applies = match &self.only_sni {
+            Some(only) => conn.sni.as_deref() == Some(only.as_str()),
+            None => true,
+        };
+        if !applies {
+            return match &self.pool {
+                Some(pool) => Decision::passthrough("healthy", Target::pool(pool)),
+                None => Decision::next(),
+            };
+        }
+        weir_plugin_sdk::log(Level::Info, &format!("misbehaving as `{}`", self.mode));
+        match self.mode.as_str() {
+            "trap" => panic!("trapping on purpose"),
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "unknown-pool" => Decision::passthrough("bad", Target::pool("no-such-pool")),
+            "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
+            "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
+            "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            _ => Decision::next(),
+        }
+    }
+}
+
+export_plugin!(Misbehave);

@@ -1,0 +1,272 @@
+//! Helpers for weir's end-to-end tests: certificates minted on the spot,
+//! real TLS and TCP peers on loopback, the built plugins and binary, and a
+//! gateway started in-process on ephemeral ports.
+#![deny(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use weir::{Config, Gateway};
+
+/// Upper bound for any single step of a test, so a broken build fails
+/// instead of hanging CI.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The target directory cargo builds into.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
+}
+
+/// A plugin built for `wasm32-wasip2` by `scripts/build-plugins.sh`.
+pub fn plugin(crate_name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first (scripts/build-plugins.sh)",
+        path.display()
+    );
+    path
+}
+
+/// The `weir` binary of this build (`cargo build -p weir`, same profile).
+pub fn weir_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/weir
+    let path = exe.parent().and_then(Path::parent).expect("profile dir").join("weir");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p weir` first",
+        path.display()
+    );
+    path
+}
+
+/// Shared test vectors (`shared/testdata` beside the checkout, or `WEIR_TESTDATA`).
+pub fn testdata(relative: &str) -> Vec<u8> {
+    let dir = std::env::var_os("WEIR_TESTDATA").map_or_else(|| workspace().join("../shared/testdata"), PathBuf::from);
+    let path = dir.join(relative);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("test vector {}: {e}", path.display()))
+}
+
+/// Logs from the gateway go to the test's output (shown on failure).
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Starts a gateway in-process from TOML text. Listeners should bind port 0;
+/// `{static_router}` and `{misbehave}` in the text become the built plugins' paths.
+pub async fn start_gateway(toml: &str) -> Gateway {
+    init_logging();
+    let text = expand(toml);
+    let config = Config::parse(&text, &workspace().join("test.toml")).expect("test config is valid");
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+/// Replaces the plugin placeholders in a config text.
+pub fn expand(toml: &str) -> String {
+    let mut text = toml.to_owned();
+    for (placeholder, name) in [("{static_router}", "static-router"), ("{misbehave}", "misbehave")] {
+        if text.contains(placeholder) {
+            text = text.replace(placeholder, &plugin(name).display().to_string());
+        }
+    }
+    text
+}
+
+/// A CA and certificates it signs, minted for one test.
+pub struct Pki {
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The CA certificate, DER.
+    pub ca_der: CertificateDer<'static>,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+/// A certificate chain and its key.
+pub struct Identity {
+    /// End-entity certificate first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Pki {
+    /// A fresh CA named `name`.
+    pub fn new(name: &str) -> Pki {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        let ca_der = cert.der().clone();
+        let ca_pem = cert.pem();
+        Pki {
+            ca: rcgen::Issuer::new(params, key),
+            ca_der,
+            ca_pem,
+        }
+    }
+
+    /// A server certificate for `names`, signed by this CA.
+    pub fn server(&self, names: &[&str]) -> Identity {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.ca).expect("signed");
+        Identity {
+            chain: vec![cert.der().clone(), self.ca_der.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        }
+    }
+
+    /// A client config that trusts only this CA.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).expect("CA is valid");
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls server config presenting `identity`.
+pub fn server_config(identity: &Identity) -> Arc<rustls::ServerConfig> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .expect("server certificate");
+    Arc::new(config)
+}
+
+/// Connects with TLS to `addr`, asking for `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// An upstream server on loopback that runs `serve` for each connection and
+/// counts the connections it accepted.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// A plain TCP upstream.
+    pub async fn tcp<F, Fut>(serve: F) -> Upstream
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        Upstream { addr, accepted, task }
+    }
+
+    /// A rustls TLS upstream presenting `identity`.
+    pub async fn tls<F, Fut>(identity: &Identity, serve: F) -> Upstream
+    where
+        F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + Clone + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(identity));
+        Upstream::tcp(move |tcp| {
+            let acceptor = acceptor.clone();
+            let serve = serve.clone();
+            async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            }
+        })
+        .await
+    }
+
+    /// How many connections it has accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Echoes every byte back until EOF, then closes its write side.
+pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+    let (mut read, mut write) = tokio::io::split(stream);
+    let _ = tokio::io::copy(&mut read, &mut write).await;
+    let _ = write.shutdown().await;
+}
+
+/// `len` bytes of a pattern that a shifted or dropped byte cannot preserve.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+        .collect()
+}
+
+/// Reads to EOF within [`STEP`].
+pub async fn read_to_end<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, reader.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("read did not finish in time"))??;
+    Ok(out)
+}
+
+/// Waits for the gateway to close `stream` and says how: `Ok(bytes)` for an
+/// orderly close after those bytes, `Err` for a reset.
+pub async fn closed_by_peer(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    read_to_end(stream).await
+}
