@@ -21,20 +21,20 @@ use crate::addr::HostPort;
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         /// The config file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML, or a field has the wrong name or type.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Parse {
         /// The config file.
         path: PathBuf,
         /// The TOML error, with line, column and field.
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     /// The file parses but says something impossible.
     #[error("{path}: {field}: {reason}")]
@@ -180,18 +180,18 @@ mod defaults {
 impl Config {
     /// Reads, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Config::parse(&text, path)
     }
 
     /// Parses and checks config text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         config.path = path.to_owned();
         config.check()?;

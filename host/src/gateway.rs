@@ -33,14 +33,14 @@ pub enum GatewayError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     /// A listener's address could not be bound.
-    #[error("listeners.{listener}.bind: cannot listen on {addr}: {source}")]
+    #[error("listeners.{listener}.bind: cannot listen on {addr}: {error}")]
     Bind {
         /// The listener.
         listener: String,
         /// The address.
         addr: SocketAddr,
         /// What the OS said.
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -65,10 +65,10 @@ impl Gateway {
         let mut sockets = Vec::new();
         for listener in snapshot.listeners() {
             let addr = listener.config.bind;
-            let socket = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind {
+            let socket = TcpListener::bind(addr).await.map_err(|error| GatewayError::Bind {
                 listener: listener.name.to_string(),
                 addr,
-                source,
+                error,
             })?;
             sockets.push((Arc::clone(&listener.name), socket));
         }
@@ -76,13 +76,13 @@ impl Gateway {
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
         for (name, socket) in sockets {
-            let local = socket.local_addr().map_err(|source| GatewayError::Bind {
+            let local = socket.local_addr().map_err(|error| GatewayError::Bind {
                 listener: name.to_string(),
                 addr: snapshot
                     .load()
                     .listener(&name)
                     .map_or(([0, 0, 0, 0], 0).into(), |l| l.config.bind),
-                source,
+                error,
             })?;
             addrs.insert(name.to_string(), local);
             accept_tasks.push(tokio::spawn(accept_loop(name, socket, Arc::clone(&snapshot))));

@@ -21,12 +21,14 @@ use crate::plugin::{Plugin, PluginError, Runtime, wit};
 #[non_exhaustive]
 pub enum SnapshotError {
     /// A plugin failed to load or refused its config.
-    #[error("plugins.{name}: {source}")]
+    #[error("{}: plugins.{name}: {error}", config.display())]
     Plugin {
+        /// The config file that names the plugin.
+        config: std::path::PathBuf,
         /// The plugin's name in the config.
         name: String,
         /// What went wrong.
-        source: PluginError,
+        error: PluginError,
     },
 }
 
@@ -135,9 +137,10 @@ impl Snapshot {
             let path = config.resolve(&plugin.wasm);
             let loaded = runtime
                 .load(name, &path, plugin)
-                .map_err(|source| SnapshotError::Plugin {
+                .map_err(|error| SnapshotError::Plugin {
+                    config: config.path.clone(),
                     name: name.clone(),
-                    source,
+                    error,
                 })?;
             plugins.insert(name.clone(), Arc::new(loaded));
         }

@@ -1,0 +1,274 @@
+//! The `weir` binary as operators use it: `check` refuses broken configs and
+//! broken plugins with a message that names the problem, `route` prints the
+//! chain's decision as JSON without opening sockets, and `run` serves and
+//! logs one line per connection.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use weir_tests::{STEP, Upstream, expand, read_to_end, testdata, weir_binary, workspace};
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(weir_binary()).args(args).output().expect("weir runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes `toml` (placeholders expanded) to a config file in `dir`.
+fn config_file(dir: &Path, toml: &str) -> String {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, expand(toml)).expect("write config");
+    path.display().to_string()
+}
+
+const ROUTER: &str = r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+plugins = ["router"]
+
+[plugins.router]
+wasm = "{static_router}"
+config.routes."app.test" = { pool = "app" }
+config.routes."*.api.test" = { address = "127.0.0.1:9001" }
+config.default = { reject = "unknown name" }
+
+[pools.app]
+servers = ["127.0.0.1:9000"]
+"#;
+
+#[test]
+fn check_accepts_the_quickstart_config() {
+    let quickstart = workspace().join("examples/quickstart/weir.toml");
+    let out = weir(&["check", "--config", &quickstart.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("ok (1 listeners, 1 plugins, 1 pools)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn check_names_the_file_field_and_reason_of_a_broken_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        (ROUTER.replace("bind =", "bnid ="), "unknown field `bnid`"),
+        (
+            ROUTER.replace("plugins = [\"router\"]", "plugins = [\"ruoter\"]"),
+            "listeners.public.plugins: no plugin named `ruoter`",
+        ),
+        (
+            ROUTER.replace("127.0.0.1:9000", "127.0.0.1"),
+            "pools.app.servers: `127.0.0.1` is not host:port: no port",
+        ),
+        (
+            ROUTER.replace("[pools.app]", "[pools.app"),
+            "unclosed table, expected `]`",
+        ),
+        (
+            ROUTER.replace("{ pool = \"app\" }", "{ pol = \"app\" }"),
+            "plugins.router: configure refused the config: invalid plugin config: unknown field `pol`",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let path = config_file(dir.path(), &toml);
+        let out = weir(&["check", "--config", &path]);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "accepted a config that should fail with {expected}"
+        );
+        assert!(stderr.contains(&path), "the message does not name the file: {stderr}");
+        assert!(stderr.contains(expected), "expected `{expected}` in: {stderr}");
+    }
+}
+
+#[test]
+fn check_refuses_a_wasm_that_is_not_a_component() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A valid core module (no imports, no exports), and plain garbage.
+    let core_module: &[u8] = b"\0asm\x01\0\0\0";
+    for (name, bytes) in [("core.wasm", core_module), ("garbage.wasm", b"not wasm at all")] {
+        let wasm = dir.path().join(name);
+        std::fs::write(&wasm, bytes).expect("write wasm");
+        let toml = ROUTER.replace("{static_router}", &wasm.display().to_string());
+        let path = config_file(dir.path(), &toml);
+        let out = weir(&["check", "--config", &path]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{name} accepted");
+        assert!(stderr.contains("plugins.router"), "{stderr}");
+        assert!(stderr.contains(&wasm.display().to_string()), "{stderr}");
+        assert!(stderr.contains("not a loadable WebAssembly component"), "{stderr}");
+    }
+    // A missing file says so.
+    let toml = ROUTER.replace("{static_router}", "/nonexistent/plugin.wasm");
+    let out = weir(&["check", "--config", &config_file(dir.path(), &toml)]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/plugin.wasm: No such file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_a_plugin_that_refuses_its_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = ROUTER.replace(
+        "[plugins.router]",
+        "[plugins.picky]\nwasm = \"{misbehave}\"\nconfig = { mode = \"fail-configure\" }\n\n[plugins.router]",
+    );
+    let out = weir(&["check", "--config", &config_file(dir.path(), &toml)]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("plugins.picky: configure refused the config: refusing this config on purpose"),
+        "{stderr}"
+    );
+}
+
+fn route(config: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["route", "--config", config, "--listener", "public"];
+    all.extend_from_slice(args);
+    let out = weir(&all);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "not one line: {stdout}");
+    serde_json::from_str(&stdout).expect("one JSON object")
+}
+
+#[test]
+fn route_prints_the_chain_decision_as_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config_file(dir.path(), ROUTER);
+
+    let app = route(
+        &config,
+        &["--sni", "App.Test.", "--alpn", "h2,http/1.1", "--client-ip", "10.1.2.3"],
+    );
+    assert_eq!(app["plugin"], "router");
+    assert_eq!(
+        app["connection"]["sni"], "app.test",
+        "the SNI is canonicalised as on the wire"
+    );
+    assert_eq!(app["connection"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(app["connection"]["client_addr"], "10.1.2.3:0");
+    assert_eq!(app["decision"]["route"], "app.test");
+    assert_eq!(app["decision"]["action"]["passthrough"]["upstream"]["pool"], "app");
+
+    let api = route(&config, &["--sni", "v2.api.test"]);
+    assert_eq!(api["decision"]["route"], "*.api.test");
+    assert_eq!(
+        api["decision"]["action"]["passthrough"]["upstream"]["address"],
+        "127.0.0.1:9001"
+    );
+
+    let unknown = route(&config, &["--sni", "other.test"]);
+    assert_eq!(unknown["decision"]["action"]["reject"], "unknown name");
+
+    let no_sni = route(&config, &[]);
+    assert_eq!(no_sni["plugin"], serde_json::Value::Null);
+    assert_eq!(no_sni["decision"]["route"], "no-route");
+    assert_eq!(no_sni["steps"][0]["outcome"], "next");
+}
+
+#[test]
+fn route_reports_a_failing_plugin_and_what_followed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = ROUTER
+        .replace("plugins = [\"router\"]", "plugins = [\"faulty\", \"router\"]")
+        .replace("[plugins.router]", "[plugins.faulty]\nwasm = \"{misbehave}\"\nconfig = { mode = \"trap\" }\non_error = \"next\"\n\n[plugins.router]");
+    let config = config_file(dir.path(), &toml);
+    let report = route(&config, &["--sni", "app.test"]);
+    let failed = &report["steps"][0]["outcome"]["failed"];
+    assert!(
+        failed["error"].as_str().expect("error text").contains("trapped"),
+        "{report}"
+    );
+    assert_eq!(failed["on_error"], "next");
+    assert_eq!(report["plugin"], "router");
+    assert_eq!(report["decision"]["route"], "app.test");
+}
+
+#[test]
+fn route_refuses_an_unknown_listener_and_an_invalid_sni() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config_file(dir.path(), ROUTER);
+    let out = weir(&["route", "--config", &config, "--listener", "nope"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no listener named `nope` (the config has: public)"));
+    let out = weir(&["route", "--config", &config, "--listener", "public", "--sni", "a..b"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("empty label"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_logs_one_line_per_connection() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        let _ = read_to_end(&mut stream).await;
+        let _ = stream.write_all(b"pong").await;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = ROUTER
+        .replace("127.0.0.1:9000", &upstream.addr.to_string())
+        .replace("app.test", "a.example.com");
+    let config = config_file(dir.path(), &toml);
+    let mut child = tokio::process::Command::new(weir_binary())
+        .args(["run", "--config", &config])
+        .env("WEIR_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("weir run starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+
+    // The listening line carries the bound address.
+    let addr = tokio::time::timeout(STEP, async {
+        loop {
+            let line = lines.next_line().await.expect("read log").expect("weir exited early");
+            if let Some(at) = line.find("addr=") {
+                if line.contains("listening") {
+                    return line[at + 5..].split_whitespace().next().expect("address").to_owned();
+                }
+            }
+        }
+    })
+    .await
+    .expect("weir listens in time");
+
+    let hello = testdata("clienthello/openssl-tls13-sni.bin");
+    let mut client = TcpStream::connect(&addr).await.expect("connect");
+    client.write_all(&hello).await.expect("send");
+    client.shutdown().await.expect("FIN");
+    assert_eq!(read_to_end(&mut client).await.expect("answer"), b"pong");
+
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.expect("read log").expect("weir exited early");
+            if line.contains(" connection ") || line.ends_with(" connection") || line.contains("outcome=") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a connection log line");
+    for field in [
+        "listener=\"public\"".to_owned(),
+        "sni=\"a.example.com\"".to_owned(),
+        "route=\"a.example.com\"".to_owned(),
+        format!("upstream=\"{}\"", upstream.addr),
+        format!("bytes_up={}", hello.len()),
+        "bytes_down=4".to_owned(),
+        "outcome=closed".to_owned(),
+    ] {
+        assert!(line.contains(&field), "`{field}` missing from: {line}");
+    }
+    child.kill().await.expect("stop weir");
+}

@@ -1,0 +1,253 @@
+//! Passthrough end to end: a real rustls client, weir with the static-router
+//! plugin, a real rustls upstream. Nothing is terminated: the client
+//! verifies the upstream's own certificate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use weir::Gateway;
+use weir_tests::{Pki, STEP, Upstream, pattern, read_to_end, start_gateway, testdata, tls_connect};
+
+const TEN_MB: usize = 10 * 1024 * 1024;
+
+async fn gateway_to(upstream: SocketAddr, name: &str) -> Gateway {
+    start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."{name}" = {{ pool = "app" }}
+
+        [pools.app]
+        servers = ["{upstream}"]
+        "#
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_shows_the_upstream_certificate_and_relays_10mb_each_way_after_client_half_close() {
+    let pki = Pki::new("upstream CA");
+    let identity = pki.server(&["app.test"]);
+    let upstream_leaf = identity.chain[0].clone();
+    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
+    // Reads until the client half-closes, reports what it got, then answers.
+    let upstream = Upstream::tls(&identity, move |mut tls| {
+        let received_tx = received_tx.clone();
+        async move {
+            let Ok(received) = read_to_end(&mut tls).await else {
+                return;
+            };
+            let _ = received_tx.send(received);
+            let _ = tls.write_all(&pattern(TEN_MB, 2)).await;
+            let _ = tls.shutdown().await;
+        }
+    })
+    .await;
+    let gateway = gateway_to(upstream.addr, "app.test").await;
+    let addr = gateway.local_addr("public").expect("listener");
+
+    let mut client = tls_connect(addr, "app.test", pki.client_config())
+        .await
+        .expect("TLS through weir");
+    let peer_leaf = client.get_ref().1.peer_certificates().expect("peer certificates")[0].clone();
+    assert_eq!(
+        peer_leaf, upstream_leaf,
+        "the client must see the upstream's own certificate"
+    );
+
+    let sent = pattern(TEN_MB, 1);
+    client.write_all(&sent).await.expect("send 10 MB");
+    client.shutdown().await.expect("half-close");
+    let received = tokio::time::timeout(STEP, received_rx.recv())
+        .await
+        .expect("in time")
+        .expect("upstream report");
+    assert!(
+        received == sent,
+        "upstream got {} bytes, not the 10 MB sent",
+        received.len()
+    );
+    // Our write side is closed; the other direction still flows.
+    let answer = read_to_end(&mut client).await.expect("answer");
+    assert!(
+        answer == pattern(TEN_MB, 2),
+        "client got {} bytes, not the 10 MB sent",
+        answer.len()
+    );
+    assert_eq!(upstream.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_keeps_the_client_direction_flowing_after_upstream_half_close() {
+    let pki = Pki::new("upstream CA");
+    let identity = pki.server(&["app.test"]);
+    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
+    // Sends everything and half-closes first, then keeps reading.
+    let upstream = Upstream::tls(&identity, move |mut tls| {
+        let received_tx = received_tx.clone();
+        async move {
+            if tls.write_all(&pattern(TEN_MB, 3)).await.is_err() || tls.shutdown().await.is_err() {
+                return;
+            }
+            if let Ok(received) = read_to_end(&mut tls).await {
+                let _ = received_tx.send(received);
+            }
+        }
+    })
+    .await;
+    let gateway = gateway_to(upstream.addr, "app.test").await;
+    let addr = gateway.local_addr("public").expect("listener");
+
+    let mut client = tls_connect(addr, "app.test", pki.client_config())
+        .await
+        .expect("TLS through weir");
+    let answer = read_to_end(&mut client)
+        .await
+        .expect("upstream's bytes up to its close");
+    assert!(
+        answer == pattern(TEN_MB, 3),
+        "client got {} bytes, not the 10 MB sent",
+        answer.len()
+    );
+    let sent = pattern(TEN_MB, 4);
+    client.write_all(&sent).await.expect("send after upstream half-close");
+    client.shutdown().await.expect("half-close");
+    let received = tokio::time::timeout(STEP, received_rx.recv())
+        .await
+        .expect("in time")
+        .expect("upstream report");
+    assert!(
+        received == sent,
+        "upstream got {} bytes, not the 10 MB sent",
+        received.len()
+    );
+}
+
+/// The TCP-level view: the exact bytes of a real ClientHello, then a payload,
+/// and FIN in each direction, checked on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_half_close_is_propagated_in_each_direction() {
+    let hello = testdata("clienthello/openssl-tls13-sni.bin");
+    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
+    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
+        let received_tx = received_tx.clone();
+        async move {
+            // Client-first case: read to FIN, report, answer, close.
+            let Ok(received) = read_to_end(&mut stream).await else {
+                return;
+            };
+            let _ = received_tx.send(received);
+            let _ = stream.write_all(&pattern(1 << 20, 6)).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await;
+    let gateway = gateway_to(upstream.addr, "a.example.com").await;
+    let addr = gateway.local_addr("public").expect("listener");
+
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    let mut sent = hello.clone();
+    sent.extend_from_slice(&pattern(1 << 20, 5));
+    client.write_all(&sent).await.expect("send");
+    client.shutdown().await.expect("FIN");
+    let received = tokio::time::timeout(STEP, received_rx.recv())
+        .await
+        .expect("in time")
+        .expect("report");
+    assert!(
+        received == sent,
+        "upstream got {} bytes, expected {}",
+        received.len(),
+        sent.len()
+    );
+    let answer = read_to_end(&mut client).await.expect("answer after our FIN");
+    assert!(answer == pattern(1 << 20, 6));
+
+    // Upstream-first: it answers and sends FIN as soon as the hello is in.
+    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
+    let hello_len = hello.len();
+    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
+        let received_tx = received_tx.clone();
+        async move {
+            let mut first = vec![0; hello_len];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            let _ = stream.write_all(&pattern(1 << 20, 7)).await;
+            let _ = stream.shutdown().await;
+            if let Ok(rest) = read_to_end(&mut stream).await {
+                first.extend_from_slice(&rest);
+                let _ = received_tx.send(first);
+            }
+        }
+    })
+    .await;
+    let gateway = gateway_to(upstream.addr, "a.example.com").await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client.write_all(&hello).await.expect("send hello");
+    let answer = read_to_end(&mut client).await.expect("upstream bytes up to its FIN");
+    assert!(answer == pattern(1 << 20, 7));
+    // The upstream closed its side; ours still reaches it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let payload = pattern(1 << 20, 8);
+    client.write_all(&payload).await.expect("send after upstream FIN");
+    client.shutdown().await.expect("FIN");
+    let received = tokio::time::timeout(STEP, received_rx.recv())
+        .await
+        .expect("in time")
+        .expect("report");
+    let mut expected = hello;
+    expected.extend_from_slice(&payload);
+    assert!(
+        received == expected,
+        "upstream got {} bytes, expected {}",
+        received.len(),
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        // Holds the connection open without sending anything.
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    })
+    .await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        idle_timeout = "300ms"
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."a.example.com" = {{ address = "{}" }}
+        "#,
+        upstream.addr
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(&testdata("clienthello/openssl-tls13-sni.bin"))
+        .await
+        .expect("hello");
+    let started = std::time::Instant::now();
+    let rest = read_to_end(&mut client).await.expect("orderly close");
+    assert!(rest.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}, before the idle timeout"
+    );
+}

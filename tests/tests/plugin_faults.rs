@@ -1,0 +1,139 @@
+//! A plugin that fails costs the connection it failed on and nothing else:
+//! traps, endless loops and unbounded allocation are cut off by the host,
+//! invalid decisions are refused, and the gateway keeps serving.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use weir::Gateway;
+use weir_tests::{Pki, Upstream, echo, pattern, read_to_end, start_gateway, tls_connect};
+
+/// Plugin call deadline used by these tests.
+const DEADLINE: Duration = Duration::from_millis(200);
+
+/// `faulty` misbehaves (as `mode`) for `bad.test` only and abstains for the
+/// rest; `router` sends both names to the upstream, so a connection for
+/// `bad.test` reaches the upstream only if the failure is skipped.
+async fn gateway(mode: &str, on_error: &str, upstream: &Upstream) -> Gateway {
+    start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["faulty", "router"]
+
+        [plugins.faulty]
+        wasm = "{{misbehave}}"
+        config = {{ mode = "{mode}", only_sni = "bad.test" }}
+        on_error = "{on_error}"
+        timeout = "{}ms"
+        max_memory_mib = 16
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."good.test" = {{ pool = "echo" }}
+        config.routes."bad.test" = {{ pool = "echo" }}
+
+        [pools.echo]
+        servers = ["{}"]
+        "#,
+        DEADLINE.as_millis(),
+        upstream.addr
+    ))
+    .await
+}
+
+async fn echo_upstream(pki: &Pki) -> Upstream {
+    Upstream::tls(&pki.server(&["good.test", "bad.test"]), echo).await
+}
+
+/// A full TLS exchange with the echo upstream through the gateway.
+async fn exchange(gateway: &Gateway, pki: &Pki, name: &str) -> std::io::Result<()> {
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut client = tls_connect(addr, name, pki.client_config()).await?;
+    let sent = pattern(256 * 1024, 1);
+    client.write_all(&sent).await?;
+    client.shutdown().await?;
+    let back = read_to_end(&mut client).await?;
+    assert!(back == sent, "echo returned {} bytes", back.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_looping_and_hoarding_plugins_cost_only_their_connection() {
+    let pki = Pki::new("upstream CA");
+    for mode in ["trap", "loop", "alloc"] {
+        let upstream = echo_upstream(&pki).await;
+        let gateway = gateway(mode, "deny", &upstream).await;
+        // A long-lived connection opened before the failure...
+        let addr = gateway.local_addr("public").expect("listener");
+        let mut before = tls_connect(addr, "good.test", pki.client_config())
+            .await
+            .expect("good.test before");
+        before.write_all(b"first half, ").await.expect("write");
+
+        for attempt in 0..3 {
+            let started = Instant::now();
+            let refused = tls_connect(addr, "bad.test", pki.client_config()).await;
+            let took = started.elapsed();
+            assert!(refused.is_err(), "{mode}: bad.test was served");
+            assert!(
+                took < 2 * DEADLINE,
+                "{mode} attempt {attempt}: refused after {took:?}, over 2 x {DEADLINE:?}"
+            );
+        }
+        // ...keeps flowing, and new connections are served.
+        before
+            .write_all(b"second half")
+            .await
+            .expect("write after the failures");
+        before.shutdown().await.expect("half-close");
+        assert_eq!(
+            read_to_end(&mut before).await.expect("echo"),
+            b"first half, second half"
+        );
+        exchange(&gateway, &pki, "good.test")
+            .await
+            .expect("good.test after the failures");
+        assert_eq!(
+            upstream.accepted(),
+            2,
+            "{mode}: a failed connection reached the upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_decisions_are_refused() {
+    let pki = Pki::new("upstream CA");
+    for mode in ["unknown-pool", "bad-address", "bad-proxy-version", "empty-route"] {
+        let upstream = echo_upstream(&pki).await;
+        let gateway = gateway(mode, "deny", &upstream).await;
+        let addr = gateway.local_addr("public").expect("listener");
+        assert!(
+            tls_connect(addr, "bad.test", pki.client_config()).await.is_err(),
+            "{mode}: bad.test was served"
+        );
+        exchange(&gateway, &pki, "good.test")
+            .await
+            .expect("good.test still served");
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "{mode}: the invalid decision reached an upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_next_skips_the_failed_plugin() {
+    let pki = Pki::new("upstream CA");
+    let upstream = echo_upstream(&pki).await;
+    let gateway = gateway("trap", "next", &upstream).await;
+    exchange(&gateway, &pki, "bad.test")
+        .await
+        .expect("the next plugin routes bad.test");
+    exchange(&gateway, &pki, "bad.test")
+        .await
+        .expect("and again, on a fresh instance");
+    assert_eq!(upstream.accepted(), 2);
+}
