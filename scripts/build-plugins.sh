@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
-cargo build --release --target wasm32-wasip2 \
+cargo build --locked --release --target wasm32-wasip2 \
     -p static-router -p misbehave

@@ -244,13 +244,29 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
 
     let routing = snapshot.route(listener, &conn);
     record.route = Some(routing.decision.route.clone());
+    let speaks_tls = config.protocol == ListenerProtocol::Tls;
+    let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
+        (_, true) => ALERT_INTERNAL_ERROR,
+        (true, false) => ALERT_ACCESS_DENIED,
+        (false, false) => ALERT_UNRECOGNIZED_NAME,
+    };
     let target = match routing.decision.action {
-        Action::Reject(reason) => return Outcome::Rejected(reason),
+        Action::Reject(reason) => {
+            if speaks_tls {
+                send_alert(&mut client, refusal_alert).await;
+            }
+            return Outcome::Rejected(reason);
+        }
         Action::Passthrough(target) => target,
     };
     let (mut upstream, upstream_addr) = match connect(&target, snapshot, config.connect_timeout).await {
         Ok(connected) => connected,
-        Err(reason) => return Outcome::ConnectFailed(reason),
+        Err(reason) => {
+            if speaks_tls {
+                send_alert(&mut client, ALERT_INTERNAL_ERROR).await;
+            }
+            return Outcome::ConnectFailed(reason);
+        }
     };
     record.upstream = Some(upstream_addr.to_string());
     if let Err(e) = upstream.write_all(&sniffed).await {
@@ -264,6 +280,19 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
         Ok(end) => Outcome::Relayed(end),
         Err(e) => Outcome::Io(e),
     }
+}
+
+/// TLS alert descriptions (RFC 8446, 6) sent when a TLS client is refused,
+/// so that it reports why instead of a bare connection reset.
+const ALERT_ACCESS_DENIED: u8 = 49;
+const ALERT_INTERNAL_ERROR: u8 = 80;
+const ALERT_UNRECOGNIZED_NAME: u8 = 112;
+
+/// Sends a fatal alert record in the clear (the handshake has not begun), best
+/// effort and briefly: the connection is closed either way.
+async fn send_alert(client: &mut TcpStream, description: u8) {
+    let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
+    let _ = tokio::time::timeout(Duration::from_millis(100), client.write_all(&record)).await;
 }
 
 /// Why sniffing ended without a hello.

@@ -251,3 +251,42 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
         "closed after {waited:?}, before the idle timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tls_clients_are_told_why_with_an_alert() {
+    let pki = Pki::new("upstream CA");
+    // Nothing listens on the pool's address: connecting to it fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        connect_timeout = "1s"
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."blocked.test" = {{ reject = "not for you" }}
+        config.routes."down.test" = {{ address = "{closed}" }}
+        "#
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    for (name, alert) in [
+        ("blocked.test", "AccessDenied"),
+        ("unknown.test", "UnrecognisedName"),
+        ("down.test", "InternalError"),
+    ] {
+        let error = tls_connect(addr, name, pki.client_config())
+            .await
+            .expect_err(name)
+            .to_string();
+        assert!(
+            error.contains(&format!("received fatal alert: {alert}")),
+            "{name}: {error}"
+        );
+    }
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Sets everything up (the wasm32-wasip2 target, the plugins, the gateway) and
+# runs weir on examples/quickstart with demo upstreams it starts itself.
+# Ctrl-C stops it all.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+command -v cargo >/dev/null || { echo "weir needs a Rust toolchain installed with rustup (https://rustup.rs)" >&2; exit 1; }
+scripts/build-plugins.sh
+cargo build --locked -p weir -p demo-upstream
+
+run="$root/examples/quickstart/run"
+rm -rf "$run"
+mkdir -p "$run"
+target/debug/demo-upstream --dir "$run" \
+    --serve "app-1:app.localhost=127.0.0.1:9101" \
+    --serve "app-2:app.localhost=127.0.0.1:9102" \
+    --serve "api:api.localhost=127.0.0.1:9103" &
+upstreams=$!
+trap 'kill "$upstreams" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    [ -s "$run/ca.pem" ] && break
+    kill -0 "$upstreams" 2>/dev/null || { echo "the demo upstreams failed to start" >&2; exit 1; }
+    sleep 0.1
+done
+
+target/debug/weir check --config examples/quickstart/weir.toml
+cat <<MSG
+
+weir is starting on 127.0.0.1:8443. In another terminal, try:
+
+  # passthrough to the "app" pool (two servers, taken in turn); the certificate
+  # curl verifies is the upstream's own, signed by the demo CA:
+  curl --cacert $run/ca.pem --resolve app.localhost:8443:127.0.0.1 https://app.localhost:8443/
+
+  # a one-label wildcard route to a single address:
+  curl --cacert $run/ca.pem --resolve v1.api.localhost:8443:127.0.0.1 https://v1.api.localhost:8443/
+
+  # the same with openssl, showing the upstream's certificate chain:
+  openssl s_client -connect 127.0.0.1:8443 -servername app.localhost -CAfile $run/ca.pem -brief </dev/null
+
+  # a rejected name: the connection is closed before any upstream sees it:
+  curl --cacert $run/ca.pem --resolve old.localhost:8443:127.0.0.1 https://old.localhost:8443/
+
+  # ask the plugin chain without opening a socket:
+  $root/target/debug/weir route --config $root/examples/quickstart/weir.toml --listener public --sni app.localhost
+
+Each connection is logged below. Ctrl-C stops weir and the demo upstreams.
+
+MSG
+target/debug/weir run --config examples/quickstart/weir.toml
