@@ -18,6 +18,7 @@ use crate::addr::HostPort;
 use crate::config::{Config, ListenerProtocol};
 use crate::decision::{Action, Target, Upstream};
 use crate::plugin::{PluginError, Runtime, wit};
+use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Transfer, relay};
 use crate::snapshot::{Listener, Snapshot, SnapshotError};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
@@ -269,7 +270,16 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
         }
     };
     record.upstream = Some(upstream_addr.to_string());
-    if let Err(e) = upstream.write_all(&sniffed).await {
+    // The PROXY header, if any, and the sniffed bytes go out in one write.
+    let mut first = match target.proxy_protocol {
+        Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref()) {
+            Ok(header) => header,
+            Err(e) => return Outcome::Io(e),
+        },
+        None => Vec::new(),
+    };
+    first.extend_from_slice(&sniffed);
+    if let Err(e) = upstream.write_all(&first).await {
         return Outcome::Io(e);
     }
     record

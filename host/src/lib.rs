@@ -16,6 +16,7 @@ pub mod config;
 pub mod decision;
 pub mod gateway;
 pub mod plugin;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod snapshot;
 pub mod sniff;

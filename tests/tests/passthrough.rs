@@ -290,3 +290,70 @@ async fn refused_tls_clients_are_told_why_with_an_alert() {
         );
     }
 }
+
+/// The header a decision asks for goes out before the sniffed bytes, with the
+/// real client address, byte for byte as the PROXY protocol specifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_headers_carry_the_client_address() {
+    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
+    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
+        let received_tx = received_tx.clone();
+        async move {
+            if let Ok(received) = read_to_end(&mut stream).await {
+                let _ = received_tx.send(received);
+            }
+        }
+    })
+    .await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."a.example.com" = {{ address = "{0}", proxy_protocol = 1 }}
+        config.routes."b.example.com" = {{ address = "{0}", proxy_protocol = 2 }}
+        "#,
+        upstream.addr
+    ))
+    .await;
+    let gateway_addr = gateway.local_addr("public").expect("listener");
+
+    for (file, version) in [
+        ("clienthello/openssl-tls13-sni.bin", 1),
+        ("clienthello/openssl-alpn-h2-http11-sni.bin", 2),
+    ] {
+        let hello = testdata(file);
+        let mut client = TcpStream::connect(gateway_addr).await.expect("connect");
+        let client_addr = client.local_addr().expect("client address");
+        client.write_all(&hello).await.expect("send");
+        client.shutdown().await.expect("FIN");
+        let received = tokio::time::timeout(STEP, received_rx.recv())
+            .await
+            .expect("in time")
+            .expect("report");
+
+        let mut expected = if version == 1 {
+            format!(
+                "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+                client_addr.port(),
+                gateway_addr.port()
+            )
+            .into_bytes()
+        } else {
+            let sni = b"b.example.com";
+            let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            v2.extend_from_slice(&[0x21, 0x11, 0, (12 + 3 + sni.len()) as u8]);
+            v2.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
+            v2.extend_from_slice(&client_addr.port().to_be_bytes());
+            v2.extend_from_slice(&gateway_addr.port().to_be_bytes());
+            v2.extend_from_slice(&[0x02, 0, sni.len() as u8]);
+            v2.extend_from_slice(sni);
+            v2
+        };
+        expected.extend_from_slice(&hello);
+        assert_eq!(received, expected, "PROXY v{version}");
+    }
+}
