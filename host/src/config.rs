@@ -128,7 +128,8 @@ pub struct PluginConfig {
     /// What a failure of this plugin means for the connection.
     #[serde(default)]
     pub on_error: OnError,
-    /// Longest a single call into the plugin may run.
+    /// Longest a single call into the plugin may run (1 ms to 1 s). A call runs
+    /// on one of the gateway's worker threads.
     #[serde(default = "defaults::plugin_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Most linear memory one instance may grow to, in MiB.
@@ -249,8 +250,10 @@ impl Config {
         }
         for (name, plugin) in &self.plugins {
             let field = |f: &str| format!("plugins.{name}.{f}");
-            if plugin.timeout < Duration::from_millis(1) || plugin.timeout > Duration::from_secs(10) {
-                return Err(self.invalid(field("timeout"), "must be between 1ms and 10s"));
+            // A call runs on a gateway worker thread: a long deadline would let
+            // one plugin stall unrelated connections.
+            if plugin.timeout < Duration::from_millis(1) || plugin.timeout > Duration::from_secs(1) {
+                return Err(self.invalid(field("timeout"), "must be between 1ms and 1s"));
             }
             if !(1..=4096).contains(&plugin.max_memory_mib) {
                 return Err(self.invalid(field("max_memory_mib"), "must be between 1 and 4096"));

@@ -204,20 +204,40 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Listener,
 
 /// Takes a connection from sniffing to the end of its relay. Returning drops
 /// (closes) the client socket.
-async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, record: &mut Record) -> Outcome {
+async fn proxy(client: TcpStream, listener: &Listener, snapshot: &Snapshot, record: &mut Record) -> Outcome {
+    // Setup is its own future, so the hello, the plugin's view of the
+    // connection and the replay buffer are gone before the (long) relay.
+    let (client, upstream) = match connect_upstream(client, listener, snapshot, record).await {
+        Ok(pair) => pair,
+        Err(outcome) => return outcome,
+    };
+    match relay(client, upstream, listener.config.idle_timeout, &record.transfer).await {
+        Ok(end) => Outcome::Relayed(end),
+        Err(e) => Outcome::Io(e),
+    }
+}
+
+/// Sniffs, routes, connects, and writes the PROXY header and the sniffed
+/// bytes: everything before relaying.
+async fn connect_upstream(
+    mut client: TcpStream,
+    listener: &Listener,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Result<(TcpStream, TcpStream), Outcome> {
     let config = &listener.config;
     let local_addr = match client.local_addr() {
         Ok(addr) => addr,
-        Err(e) => return Outcome::Io(e),
+        Err(e) => return Err(Outcome::Io(e)),
     };
     let (sniffed, hello) = match config.protocol {
         ListenerProtocol::Plain => (Vec::new(), None),
         ListenerProtocol::Tls => match tokio::time::timeout(config.sniff_timeout, read_client_hello(&mut client)).await
         {
-            Err(_) => return Outcome::SniffTimeout,
-            Ok(Err(SniffFailure::Gone)) => return Outcome::ClientGone,
-            Ok(Err(SniffFailure::Io(e))) => return Outcome::Io(e),
-            Ok(Err(SniffFailure::Bad(e))) => return Outcome::BadHello(e),
+            Err(_) => return Err(Outcome::SniffTimeout),
+            Ok(Err(SniffFailure::Gone)) => return Err(Outcome::ClientGone),
+            Ok(Err(SniffFailure::Io(e))) => return Err(Outcome::Io(e)),
+            Ok(Err(SniffFailure::Bad(e))) => return Err(Outcome::BadHello(e)),
             Ok(Ok((bytes, hello))) => (bytes, Some(hello)),
         },
     };
@@ -256,7 +276,7 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
             if speaks_tls {
                 send_alert(&mut client, refusal_alert).await;
             }
-            return Outcome::Rejected(reason);
+            return Err(Outcome::Rejected(reason));
         }
         Action::Passthrough(target) => target,
     };
@@ -266,7 +286,7 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
             if speaks_tls {
                 send_alert(&mut client, ALERT_INTERNAL_ERROR).await;
             }
-            return Outcome::ConnectFailed(reason);
+            return Err(Outcome::ConnectFailed(reason));
         }
     };
     record.upstream = Some(upstream_addr.to_string());
@@ -274,22 +294,19 @@ async fn proxy(mut client: TcpStream, listener: &Listener, snapshot: &Snapshot, 
     let mut first = match target.proxy_protocol {
         Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref()) {
             Ok(header) => header,
-            Err(e) => return Outcome::Io(e),
+            Err(e) => return Err(Outcome::Io(e)),
         },
         None => Vec::new(),
     };
     first.extend_from_slice(&sniffed);
     if let Err(e) = upstream.write_all(&first).await {
-        return Outcome::Io(e);
+        return Err(Outcome::Io(e));
     }
     record
         .transfer
         .client_to_upstream
         .fetch_add(sniffed.len() as u64, Ordering::Relaxed);
-    match relay(client, upstream, config.idle_timeout, &record.transfer).await {
-        Ok(end) => Outcome::Relayed(end),
-        Err(e) => Outcome::Io(e),
-    }
+    Ok((client, upstream))
 }
 
 /// TLS alert descriptions (RFC 8446, 6) sent when a TLS client is refused,

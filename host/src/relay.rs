@@ -8,10 +8,11 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Bytes per read; one buffer of this size per direction.
+/// Bytes per read.
 const BUFFER_SIZE: usize = 16 * 1024;
 
 /// How a relay ended.
@@ -69,27 +70,35 @@ pub async fn relay(
 }
 
 /// Copies until `reader` reaches EOF, then shuts `writer` down (sends FIN).
-async fn copy_until_eof<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+///
+/// A buffer exists only while the socket has data ready: an idle direction
+/// holds no memory but its task, which keeps idle connections cheap.
+async fn copy_until_eof(
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
     count: &AtomicU64,
     last_activity: &AtomicU64,
     start: Instant,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER_SIZE];
+) -> io::Result<()> {
     loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            writer.shutdown().await?;
-            return Ok(());
+        reader.readable().await?;
+        let mut buf = Vec::with_capacity(BUFFER_SIZE);
+        loop {
+            buf.clear();
+            match reader.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    writer.shutdown().await?;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    writer.write_all(&buf[..n]).await?;
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    last_activity.store(millis_since(start), Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
         }
-        writer.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        last_activity.store(millis_since(start), Ordering::Relaxed);
     }
 }
 

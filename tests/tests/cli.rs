@@ -272,3 +272,35 @@ async fn run_serves_and_logs_one_line_per_connection() {
     }
     child.kill().await.expect("stop weir");
 }
+
+#[test]
+fn plugins_cannot_reach_files_sockets_or_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for mode in ["read-file", "socket", "env"] {
+        let toml = ROUTER
+            .replace("plugins = [\"router\"]", "plugins = [\"probe\"]")
+            .replace(
+                "[plugins.router]",
+                &format!(
+                    "[plugins.probe]\nwasm = \"{{misbehave}}\"\nconfig = {{ mode = \"{mode}\" }}\n\n[plugins.router]"
+                ),
+            );
+        let report = route(&config_file(dir.path(), &toml), &["--sni", "app.test"]);
+        let decision = &report["decision"];
+        assert_ne!(decision["route"], "escaped", "{mode}: {report}");
+        if mode == "env" {
+            assert_eq!(decision["action"]["reject"], "0 variables", "{report}");
+            continue;
+        }
+        // Either the call trapped on an import weir does not give, or the
+        // guest's own library reported the resource missing.
+        let failed = report["steps"][0]["outcome"]["failed"]["error"]
+            .as_str()
+            .unwrap_or_default();
+        let contained = decision["route"] == "contained";
+        assert!(
+            contained || failed.contains("which weir does not give plugins"),
+            "{mode}: {report}"
+        );
+    }
+}

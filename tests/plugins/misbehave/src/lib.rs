@@ -8,7 +8,8 @@
 //!
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
-//! (return invalid decisions), `next`, `fail-configure` (refuses its config).
+//! (return invalid decisions), `read-file`, `socket`, `env` (reach for the
+//! host), `next`, `fail-configure` (refuses its config).
 //! Connections that the failure does not apply to pass through to `pool`.
 #![deny(unsafe_code)]
 
@@ -65,6 +66,16 @@ impl Plugin for Misbehave {
             "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
             "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
             "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            // Reaching outside: each must trap or fail, never succeed.
+            "read-file" => match std::fs::read("/etc/hostname") {
+                Ok(bytes) => Decision::reject("escaped", format!("read {} bytes of a host file", bytes.len())),
+                Err(e) => Decision::reject("contained", format!("no file: {e}")),
+            },
+            "socket" => match std::net::TcpStream::connect("127.0.0.1:9") {
+                Ok(_) => Decision::reject("escaped", "opened a socket"),
+                Err(e) => Decision::reject("contained", format!("no socket: {e}")),
+            },
+            "env" => Decision::reject("env", format!("{} variables", std::env::vars_os().count())),
             _ => Decision::next(),
         }
     }
