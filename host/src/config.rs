@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::addr::HostPort;
+use crate::relay::RelayMode;
 
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,10 @@ pub struct ListenerConfig {
     /// is closed.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How passthrough bytes are moved: `auto` (copy, then `splice(2)` past
+    /// 64 KiB in a direction), `splice`, or `copy`.
+    #[serde(default)]
+    pub relay: RelayMode,
 }
 
 /// What the host does with a connection when a plugin fails (traps, runs out
@@ -306,6 +311,7 @@ mod tests {
         let listener = &config.listeners["public"];
         assert_eq!(listener.protocol, ListenerProtocol::Tls);
         assert_eq!(listener.sniff_timeout, Duration::from_secs(5));
+        assert_eq!(listener.relay, RelayMode::Auto);
         let plugin = &config.plugins["router"];
         assert_eq!(plugin.on_error, OnError::Deny);
         assert_eq!(plugin.timeout, Duration::from_millis(10));

@@ -193,13 +193,14 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Listener,
     let transfer = &record.transfer;
     let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
     let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);
+    let spliced = transfer.spliced.load(Ordering::Relaxed);
     let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let sni = record.sni.as_deref().unwrap_or("-");
     let route = record.route.as_deref().unwrap_or("-");
     let upstream = record.upstream.as_deref().unwrap_or("-");
     let listener = &*listener.name;
     let (id, client) = (record.id, record.client);
-    tracing::info!(id, listener, %client, sni, route, upstream, bytes_up, bytes_down, ms, %outcome, "connection");
+    tracing::info!(id, listener, %client, sni, route, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
 }
 
 /// Takes a connection from sniffing to the end of its relay. Returning drops
@@ -211,7 +212,8 @@ async fn proxy(client: TcpStream, listener: &Listener, snapshot: &Snapshot, reco
         Ok(pair) => pair,
         Err(outcome) => return outcome,
     };
-    match relay(client, upstream, listener.config.idle_timeout, &record.transfer).await {
+    let config = &listener.config;
+    match relay(client, upstream, config.relay, config.idle_timeout, &record.transfer).await {
         Ok(end) => Outcome::Relayed(end),
         Err(e) => Outcome::Io(e),
     }

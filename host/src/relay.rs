@@ -3,17 +3,42 @@
 //! sending (FIN), the other side's write half is shut down and the opposite
 //! direction keeps flowing. A connection with no bytes either way for the
 //! idle timeout is closed; an error in either direction closes both.
+//!
+//! Each direction starts with a userspace copy loop. On Linux, once a
+//! direction has carried [`SPLICE_AFTER`] bytes (or from the first byte, in
+//! [`RelayMode::Splice`]), it moves to `splice(2)` through a pipe, so the
+//! payload never enters userspace; short exchanges never pay for the pipe.
+//! The copy loop is the portable fallback and the reference in tests.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Bytes per read.
+/// Bytes per read in the copy loop.
 const BUFFER_SIZE: usize = 16 * 1024;
+
+/// Bytes a direction carries by copying before it switches to splice in
+/// [`RelayMode::Auto`]: below this the pipe's setup costs more than it saves.
+pub const SPLICE_AFTER: u64 = 64 * 1024;
+
+/// How a listener relays passthrough bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// Copy, then `splice(2)` once a direction has carried [`SPLICE_AFTER`]
+    /// bytes (Linux; elsewhere the same as `copy`).
+    #[default]
+    Auto,
+    /// `splice(2)` from the first byte (Linux; elsewhere the same as `copy`).
+    Splice,
+    /// Always copy through a userspace buffer.
+    Copy,
+}
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +56,20 @@ pub struct Transfer {
     pub client_to_upstream: AtomicU64,
     /// Bytes from the upstream to the client.
     pub upstream_to_client: AtomicU64,
+    /// Of both, the bytes moved by `splice(2)` rather than copied.
+    pub spliced: AtomicU64,
+}
+
+/// The shared clock of one relay's idle timeout.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(millis_since(self.start), Ordering::Relaxed);
+    }
 }
 
 /// Relays until both directions end, the connection idles out, or an error.
@@ -38,26 +77,31 @@ pub struct Transfer {
 pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
+    mode: RelayMode,
     idle_timeout: Duration,
     transfer: &Transfer,
 ) -> io::Result<RelayEnd> {
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
-    let up = copy_until_eof(
+    let up = pump(
         &mut client_read,
         &mut upstream_write,
+        mode,
         &transfer.client_to_upstream,
-        &last_activity,
-        start,
+        transfer,
+        &activity,
     );
-    let down = copy_until_eof(
+    let down = pump(
         &mut upstream_read,
         &mut client_write,
+        mode,
         &transfer.upstream_to_client,
-        &last_activity,
-        start,
+        transfer,
+        &activity,
     );
     let both = async {
         tokio::try_join!(up, down)?;
@@ -65,49 +109,197 @@ pub async fn relay(
     };
     tokio::select! {
         result = both => result,
-        () = idle_watch(&last_activity, start, idle_timeout) => Ok(RelayEnd::Idle),
+        () = idle_watch(&activity, idle_timeout) => Ok(RelayEnd::Idle),
     }
 }
 
-/// Copies until `reader` reaches EOF, then shuts `writer` down (sends FIN).
+/// One direction: copy, then splice where the mode and platform allow, until
+/// `reader` reaches EOF; then shut `writer` down (sends FIN).
+async fn pump(
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    mode: RelayMode,
+    count: &AtomicU64,
+    transfer: &Transfer,
+    activity: &Activity,
+) -> io::Result<()> {
+    let copy_limit = match mode {
+        RelayMode::Copy => None,
+        RelayMode::Auto => Some(SPLICE_AFTER),
+        RelayMode::Splice => Some(0),
+    };
+    let eof = copy(
+        reader,
+        writer,
+        copy_limit.filter(|_| splice::AVAILABLE),
+        count,
+        activity,
+    )
+    .await?;
+    if !eof {
+        splice::pump(reader, writer, count, &transfer.spliced, activity).await?;
+    }
+    writer.shutdown().await
+}
+
+/// Copies until EOF (returns true) or until `count` reaches `limit` (false).
 ///
 /// A buffer exists only while the socket has data ready: an idle direction
 /// holds no memory but its task, which keeps idle connections cheap.
-async fn copy_until_eof(
+async fn copy(
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
+    limit: Option<u64>,
     count: &AtomicU64,
-    last_activity: &AtomicU64,
-    start: Instant,
-) -> io::Result<()> {
-    loop {
+    activity: &Activity,
+) -> io::Result<bool> {
+    let reached = |count: &AtomicU64| limit.is_some_and(|limit| count.load(Ordering::Relaxed) >= limit);
+    while !reached(count) {
         reader.readable().await?;
         let mut buf = Vec::with_capacity(BUFFER_SIZE);
-        loop {
+        while !reached(count) {
             buf.clear();
             match reader.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    writer.shutdown().await?;
-                    return Ok(());
-                }
+                Ok(0) => return Ok(true),
                 Ok(n) => {
                     writer.write_all(&buf[..n]).await?;
                     count.fetch_add(n as u64, Ordering::Relaxed);
-                    last_activity.store(millis_since(start), Ordering::Relaxed);
+                    activity.touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
     }
+    Ok(false)
+}
+
+#[cfg(target_os = "linux")]
+mod splice {
+    //! Zero-copy relaying with `splice(2)`: socket → pipe → socket, through
+    //! rustix's safe wrappers. Pipes are pooled and reused; one that could
+    //! still hold bytes is closed instead.
+
+    use std::io;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
+    use tokio::io::Interest;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+    use super::Activity;
+
+    /// Splice is built in on Linux.
+    pub const AVAILABLE: bool = true;
+    /// Most bytes moved per splice call: a default pipe's capacity.
+    const CHUNK: usize = 64 * 1024;
+    /// Most idle pipes kept for reuse.
+    const POOL_MAX: usize = 1024;
+
+    /// A pipe's read and write ends.
+    struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+    fn take_pipe() -> io::Result<Pipe> {
+        if let Some(pipe) = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(pipe);
+        }
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Returns an empty pipe to the pool.
+    fn give_back(pipe: Pipe) {
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(pipe);
+        }
+    }
+
+    /// Splices from `reader` to `writer` until EOF.
+    pub async fn pump(
+        reader: &mut OwnedReadHalf,
+        writer: &mut OwnedWriteHalf,
+        count: &AtomicU64,
+        spliced: &AtomicU64,
+        activity: &Activity,
+    ) -> io::Result<()> {
+        let pipe = take_pipe()?;
+        let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+        loop {
+            // The pipe is empty here: fill it from the socket...
+            let source = reader.as_ref();
+            source.readable().await?;
+            let filled = match source.try_io(Interest::READABLE, || {
+                splice(source.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => {
+                    give_back(pipe);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // An error leaves the pipe empty too (nothing was moved), but
+                // the connection is over; the pipe is dropped with it.
+                Err(e) => return Err(e),
+            };
+            // ...then drain it into the other socket. Until it is empty the
+            // pipe may not be reused, so an error here drops (closes) it.
+            let mut pending = filled;
+            while pending > 0 {
+                let sink = writer.as_ref();
+                sink.writable().await?;
+                match sink.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_fd(), None, sink.as_fd(), None, pending, flags).map_err(io::Error::from)
+                }) {
+                    Ok(n) => pending -= n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            count.fetch_add(filled as u64, Ordering::Relaxed);
+            spliced.fetch_add(filled as u64, Ordering::Relaxed);
+            activity.touch();
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod splice {
+    //! No splice here: the copy loop carries everything.
+
+    use std::io;
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+    use super::Activity;
+
+    pub const AVAILABLE: bool = false;
+
+    pub async fn pump(
+        _: &mut OwnedReadHalf,
+        _: &mut OwnedWriteHalf,
+        _: &AtomicU64,
+        _: &AtomicU64,
+        _: &Activity,
+    ) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Resolves once no byte has moved for `idle`.
-async fn idle_watch(last_activity: &AtomicU64, start: Instant, idle: Duration) {
+async fn idle_watch(activity: &Activity, idle: Duration) {
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let deadline_ms = last_activity.load(Ordering::Relaxed).saturating_add(idle_ms);
-        let now_ms = millis_since(start);
+        let deadline_ms = activity.last_ms.load(Ordering::Relaxed).saturating_add(idle_ms);
+        let now_ms = millis_since(activity.start);
         if now_ms >= deadline_ms {
             return;
         }

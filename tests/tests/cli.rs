@@ -207,20 +207,17 @@ fn route_refuses_an_unknown_listener_and_an_invalid_sni() {
     assert!(text(&out.stderr).contains("empty label"), "{}", text(&out.stderr));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_and_logs_one_line_per_connection() {
-    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
-        let _ = read_to_end(&mut stream).await;
-        let _ = stream.write_all(b"pong").await;
-    })
-    .await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let toml = ROUTER
-        .replace("127.0.0.1:9000", &upstream.addr.to_string())
-        .replace("app.test", "a.example.com");
-    let config = config_file(dir.path(), &toml);
+/// Starts `weir run` and returns it with its log lines and the address of
+/// its `public` listener.
+async fn spawn_weir(
+    config: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    String,
+) {
     let mut child = tokio::process::Command::new(weir_binary())
-        .args(["run", "--config", &config])
+        .args(["run", "--config", config])
         .env("WEIR_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -228,7 +225,6 @@ async fn run_serves_and_logs_one_line_per_connection() {
         .spawn()
         .expect("weir run starts");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-
     // The listening line carries the bound address.
     let addr = tokio::time::timeout(STEP, async {
         loop {
@@ -242,6 +238,81 @@ async fn run_serves_and_logs_one_line_per_connection() {
     })
     .await
     .expect("weir listens in time");
+    (child, lines, addr)
+}
+
+/// The next per-connection log line.
+async fn connection_line(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.expect("read log").expect("weir exited early");
+            if line.contains("outcome=") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a connection log line")
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        if let Ok(received) = read_to_end(&mut stream).await {
+            // Echo a short or a long answer, as long as what came in.
+            let _ = stream.write_all(&received).await;
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = ROUTER
+        .replace("127.0.0.1:9000", &upstream.addr.to_string())
+        .replace("app.test", "a.example.com");
+    let (mut child, mut lines, addr) = spawn_weir(&config_file(dir.path(), &toml)).await;
+    let hello = testdata("clienthello/openssl-tls13-sni.bin");
+    for (payload, expect_splice) in [(1024, false), (4 << 20, true)] {
+        let mut sent = hello.clone();
+        sent.extend(weir_tests::pattern(payload, 3));
+        let mut client = TcpStream::connect(&addr).await.expect("connect");
+        client.write_all(&sent).await.expect("send");
+        client.shutdown().await.expect("FIN");
+        assert!(read_to_end(&mut client).await.expect("echo") == sent);
+        let line = connection_line(&mut lines).await;
+        let spliced: u64 = line
+            .split("spliced=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("spliced= in the log line");
+        if expect_splice {
+            // Past the first 64 KiB of each direction, bytes go through the pipe.
+            let bulk = 2 * sent.len() as u64 - 2 * weir::relay::SPLICE_AFTER;
+            assert!(
+                spliced >= bulk - 64 * 1024,
+                "only {spliced} of {} bytes spliced: {line}",
+                2 * sent.len()
+            );
+        } else {
+            assert_eq!(spliced, 0, "a short exchange should not pay for a pipe: {line}");
+        }
+    }
+    child.kill().await.expect("stop weir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_logs_one_line_per_connection() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        let _ = read_to_end(&mut stream).await;
+        let _ = stream.write_all(b"pong").await;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = ROUTER
+        .replace("127.0.0.1:9000", &upstream.addr.to_string())
+        .replace("app.test", "a.example.com");
+    let config = config_file(dir.path(), &toml);
+    let (mut child, mut lines, addr) = spawn_weir(&config).await;
 
     let hello = testdata("clienthello/openssl-tls13-sni.bin");
     let mut client = TcpStream::connect(&addr).await.expect("connect");
@@ -249,16 +320,7 @@ async fn run_serves_and_logs_one_line_per_connection() {
     client.shutdown().await.expect("FIN");
     assert_eq!(read_to_end(&mut client).await.expect("answer"), b"pong");
 
-    let line = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let line = lines.next_line().await.expect("read log").expect("weir exited early");
-            if line.contains(" connection ") || line.ends_with(" connection") || line.contains("outcome=") {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("a connection log line");
+    let line = connection_line(&mut lines).await;
     for field in [
         "listener=\"public\"".to_owned(),
         "sni=\"a.example.com\"".to_owned(),

@@ -13,12 +13,18 @@ use weir_tests::{Pki, STEP, Upstream, pattern, read_to_end, start_gateway, testd
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 
-async fn gateway_to(upstream: SocketAddr, name: &str) -> Gateway {
+/// Every relay mode must be byte-exact and keep half-close: `copy` is the
+/// portable loop, `splice` uses splice(2) from the first byte, `auto` switches
+/// from one to the other mid-stream.
+const RELAY_MODES: [&str; 3] = ["copy", "splice", "auto"];
+
+async fn gateway_to(upstream: SocketAddr, name: &str, relay: &str) -> Gateway {
     start_gateway(&format!(
         r#"
         [listeners.public]
         bind = "127.0.0.1:0"
         plugins = ["router"]
+        relay = "{relay}"
 
         [plugins.router]
         wasm = "{{static_router}}"
@@ -33,6 +39,12 @@ async fn gateway_to(upstream: SocketAddr, name: &str) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_shows_the_upstream_certificate_and_relays_10mb_each_way_after_client_half_close() {
+    for relay in RELAY_MODES {
+        client_half_close_case(relay).await;
+    }
+}
+
+async fn client_half_close_case(relay: &str) {
     let pki = Pki::new("upstream CA");
     let identity = pki.server(&["app.test"]);
     let upstream_leaf = identity.chain[0].clone();
@@ -50,7 +62,7 @@ async fn passthrough_shows_the_upstream_certificate_and_relays_10mb_each_way_aft
         }
     })
     .await;
-    let gateway = gateway_to(upstream.addr, "app.test").await;
+    let gateway = gateway_to(upstream.addr, "app.test", relay).await;
     let addr = gateway.local_addr("public").expect("listener");
 
     let mut client = tls_connect(addr, "app.test", pki.client_config())
@@ -86,6 +98,12 @@ async fn passthrough_shows_the_upstream_certificate_and_relays_10mb_each_way_aft
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_keeps_the_client_direction_flowing_after_upstream_half_close() {
+    for relay in RELAY_MODES {
+        upstream_half_close_case(relay).await;
+    }
+}
+
+async fn upstream_half_close_case(relay: &str) {
     let pki = Pki::new("upstream CA");
     let identity = pki.server(&["app.test"]);
     let (received_tx, mut received_rx) = mpsc::unbounded_channel();
@@ -102,7 +120,7 @@ async fn passthrough_keeps_the_client_direction_flowing_after_upstream_half_clos
         }
     })
     .await;
-    let gateway = gateway_to(upstream.addr, "app.test").await;
+    let gateway = gateway_to(upstream.addr, "app.test", relay).await;
     let addr = gateway.local_addr("public").expect("listener");
 
     let mut client = tls_connect(addr, "app.test", pki.client_config())
@@ -134,6 +152,12 @@ async fn passthrough_keeps_the_client_direction_flowing_after_upstream_half_clos
 /// and FIN in each direction, checked on the wire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_half_close_is_propagated_in_each_direction() {
+    for relay in RELAY_MODES {
+        tcp_half_close_case(relay).await;
+    }
+}
+
+async fn tcp_half_close_case(relay: &str) {
     let hello = testdata("clienthello/openssl-tls13-sni.bin");
     let (received_tx, mut received_rx) = mpsc::unbounded_channel();
     let upstream = Upstream::tcp(move |mut stream: TcpStream| {
@@ -149,7 +173,7 @@ async fn tcp_half_close_is_propagated_in_each_direction() {
         }
     })
     .await;
-    let gateway = gateway_to(upstream.addr, "a.example.com").await;
+    let gateway = gateway_to(upstream.addr, "a.example.com", relay).await;
     let addr = gateway.local_addr("public").expect("listener");
 
     let mut client = TcpStream::connect(addr).await.expect("connect");
@@ -189,7 +213,7 @@ async fn tcp_half_close_is_propagated_in_each_direction() {
         }
     })
     .await;
-    let gateway = gateway_to(upstream.addr, "a.example.com").await;
+    let gateway = gateway_to(upstream.addr, "a.example.com", relay).await;
     let addr = gateway.local_addr("public").expect("listener");
     let mut client = TcpStream::connect(addr).await.expect("connect");
     client.write_all(&hello).await.expect("send hello");
