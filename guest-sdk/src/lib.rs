@@ -1,7 +1,7 @@
 //! The weir plugin SDK: write a routing or policy plugin as a struct and one
 //! `impl`, build it for `wasm32-wasip2`, and weir loads it.
 //!
-//! ```ignore
+//! ```
 //! use weir_plugin_sdk::{export_plugin, Connection, Decision, Plugin, Target};
 //!
 //! #[derive(Default)]

@@ -140,6 +140,12 @@ pub struct PluginConfig {
     /// Most linear memory one instance may grow to, in MiB.
     #[serde(default = "defaults::plugin_memory_mib")]
     pub max_memory_mib: u32,
+    /// Keep configured instances for later calls (the default). `false` gives
+    /// every call a fresh instance, configured and then discarded, so no state
+    /// survives from one connection to the next, at the price of an
+    /// instantiation and a `configure` per call.
+    #[serde(default = "defaults::yes")]
+    pub reuse_instances: bool,
 }
 
 impl PluginConfig {
@@ -180,6 +186,9 @@ mod defaults {
     }
     pub fn plugin_memory_mib() -> u32 {
         16
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
 

@@ -217,6 +217,7 @@ impl Runtime {
             timeout: config.timeout,
             max_memory_mib: config.max_memory_mib,
             on_error: config.on_error,
+            reuse_instances: config.reuse_instances,
             idle: Mutex::new(Vec::new()),
         };
         // Configure one instance now: a refused config fails the load.
@@ -307,6 +308,7 @@ pub struct Plugin {
     timeout: Duration,
     max_memory_mib: u32,
     on_error: OnError,
+    reuse_instances: bool,
     idle: Mutex<Vec<Instance>>,
 }
 
@@ -391,6 +393,9 @@ impl Plugin {
     }
 
     fn put_back(&self, instance: Instance) {
+        if !self.reuse_instances {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if idle.len() < MAX_IDLE_INSTANCES {
             idle.push(instance);

@@ -1,0 +1,75 @@
+//! A plugin `route` call as the gateway makes it: on a warm, configured
+//! instance (the default), and with a fresh instance per call
+//! (`reuse_instances = false`), both with the static-router plugin.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use weir::Config;
+use weir::plugin::{Runtime, wit};
+
+fn router_config(reuse: bool) -> Config {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wasm = root.join("target/wasm32-wasip2/release/static_router.wasm");
+    assert!(
+        wasm.exists(),
+        "{} is missing: run scripts/build-plugins.sh",
+        wasm.display()
+    );
+    let text = format!(
+        r#"
+        [listeners.bench]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{}"
+        reuse_instances = {reuse}
+        config.routes."a.example.com" = {{ pool = "app" }}
+        config.routes."*.example.net" = {{ address = "127.0.0.1:9000" }}
+        config.default = {{ reject = "unknown" }}
+
+        [pools.app]
+        servers = ["127.0.0.1:9001"]
+        "#,
+        wasm.display()
+    );
+    Config::parse(&text, Path::new("bench.toml")).expect("bench config")
+}
+
+fn connection() -> wit::Connection {
+    wit::Connection {
+        id: 1,
+        listener: "bench".into(),
+        tenant: None,
+        client_addr: "127.0.0.1:40000".into(),
+        local_addr: "127.0.0.1:443".into(),
+        protocol: wit::Protocol::Tls,
+        sni: Some("x.example.net".into()),
+        alpn: vec!["h2".into(), "http/1.1".into()],
+        tls_versions: vec![0x0304, 0x0303],
+    }
+}
+
+fn route(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("engine");
+    let conn = connection();
+    let mut group = c.benchmark_group("plugin_route");
+    for (name, reuse) in [("warm_instance", true), ("fresh_instance", false)] {
+        let config = router_config(reuse);
+        let plugin = runtime
+            .load(
+                "router",
+                &config.resolve(&config.plugins["router"].wasm),
+                &config.plugins["router"],
+            )
+            .expect("loads");
+        plugin.route(&conn).expect("routes");
+        group.bench_function(name, |b| b.iter(|| plugin.route(black_box(&conn)).expect("routes")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route);
+criterion_main!(benches);
