@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Runs weir beside HAProxy, nginx stream and a direct connection and writes
+a Markdown report of what it measured to bench/results/.
+
+Started by bench/run.sh, which installs the proxies and builds the binaries.
+The proxy under test is pinned to CPU 0 and limited to one thread / worker;
+the TLS upstream and the load generator share CPU 1. Client throughput is
+bounded by the load generator and the upstream (both do TLS), so the proxy's
+own CPU time per connection and per GiB, read from /proc, are reported beside
+it. Every figure is the median of the repeats.
+"""
+
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+RESULTS = ROOT / "bench" / "results"
+RELEASE = ROOT / "target" / "release"
+BENCH = RELEASE / "weir-bench"
+WEIR = RELEASE / "weir"
+PLUGIN = ROOT / "target" / "wasm32-wasip2" / "release" / "static_router.wasm"
+
+UPSTREAM = ("127.0.0.1", 19443)
+SNI = "bench.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+
+QUICK = "--quick" in sys.argv
+REPEATS = 1 if QUICK else 3
+BULK_BYTES = (256 << 20) if QUICK else GIB
+RATE_SECONDS = 2 if QUICK else 5
+SERIAL_SECONDS = 1 if QUICK else 3
+IDLE_CONNS = 2000 if QUICK else 10_000
+
+
+def wait_for_port(port, process=None, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def process_tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_kib(pid):
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def client(*args):
+    """Runs the load generator on CPU 1 and returns its JSON report."""
+    out = subprocess.run(
+        ["taskset", "-c", "1", str(BENCH), *args, "--ca", str(WORK / "ca.pem")],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Target:
+    def __init__(self, name, port, command=None, version=""):
+        self.name, self.port, self.command, self.version = name, port, command, version
+        self.process = None
+
+    def start(self):
+        if self.command:
+            self.process = subprocess.Popen(
+                ["taskset", "-c", "0", *self.command],
+                stdout=subprocess.DEVNULL, stderr=open(WORK / f"{self.name}.log", "w"),
+                env={**os.environ, "TOKIO_WORKER_THREADS": "1", "WEIR_LOG": "warn"},
+            )
+            wait_for_port(self.port, self.process)
+
+    def stop(self):
+        if self.process:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def cpu(self):
+        return cpu_seconds(self.process.pid) if self.process else None
+
+    def rss(self):
+        return rss_kib(self.process.pid) if self.process else None
+
+
+def write_configs():
+    host, port = UPSTREAM
+    (WORK / "weir.toml").write_text(f"""
+[listeners.bench]
+bind = "127.0.0.1:18443"
+plugins = ["router"]
+
+[plugins.router]
+wasm = "{PLUGIN}"
+config.routes."{SNI}" = {{ pool = "upstream" }}
+config.default = {{ reject = "unknown name" }}
+
+[pools.upstream]
+servers = ["{host}:{port}"]
+""")
+    (WORK / "haproxy.cfg").write_text(f"""
+global
+    maxconn 60000
+    nbthread 1
+    log stderr format raw local0 err
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+    option splice-auto
+
+frontend bench
+    bind 127.0.0.1:18444
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend upstream if {{ req.ssl_sni -i {SNI} }}
+
+backend upstream
+    server s1 {host}:{port}
+""")
+    (WORK / "nginx.conf").write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile 100000;
+daemon off;
+pid {WORK}/nginx.pid;
+error_log stderr error;
+
+events {{
+    worker_connections 60000;
+}}
+
+stream {{
+    map $ssl_preread_server_name $upstream {{
+        {SNI} {host}:{port};
+        default 127.0.0.1:1;
+    }}
+    server {{
+        listen 127.0.0.1:18445;
+        ssl_preread on;
+        proxy_pass $upstream;
+        proxy_timeout 10m;
+    }}
+}}
+""")
+
+
+def version(command):
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def measure(target):
+    """Every workload against one target; medians of the repeats."""
+    figures = {}
+
+    def repeat(run):
+        return [run() for _ in range(REPEATS)]
+
+    for conns in (1, 64):
+        samples = []
+        for _ in range(REPEATS):
+            cpu0 = target.cpu()
+            report = client("bulk", "--target", f"127.0.0.1:{target.port}", "--conns", str(conns), "--bytes", str(BULK_BYTES))
+            cpu = target.cpu()
+            samples.append((report["mb_per_s"], None if cpu is None else (cpu - cpu0) / (report["bytes"] / GIB)))
+        figures[f"bulk{conns}_mbps"] = statistics.median(s[0] for s in samples)
+        if samples[0][1] is not None:
+            figures[f"bulk{conns}_cpu_ms_per_gib"] = statistics.median(s[1] for s in samples) * 1000
+
+    samples = []
+    for _ in range(REPEATS):
+        cpu0 = target.cpu()
+        report = client("rate", "--target", f"127.0.0.1:{target.port}", "--concurrency", "64", "--seconds", str(RATE_SECONDS))
+        cpu = target.cpu()
+        per_conn = None if cpu is None else (cpu - cpu0) / max(report["connections"], 1) * 1e6
+        samples.append((report, per_conn))
+    figures["rate_per_s"] = statistics.median(s[0]["per_second"] for s in samples)
+    figures["rate_p50_us"] = statistics.median(s[0]["p50_us"] for s in samples)
+    figures["rate_p99_us"] = statistics.median(s[0]["p99_us"] for s in samples)
+    figures["rate_errors"] = sum(s[0]["errors"] for s in samples)
+    if samples[0][1] is not None:
+        figures["rate_cpu_us_per_conn"] = statistics.median(s[1] for s in samples)
+
+    serial = repeat(lambda: client("rate", "--target", f"127.0.0.1:{target.port}", "--concurrency", "1", "--seconds", str(SERIAL_SECONDS)))
+    figures["serial_p50_us"] = statistics.median(r["p50_us"] for r in serial)
+    figures["serial_p99_us"] = statistics.median(r["p99_us"] for r in serial)
+
+    if target.process:
+        before = target.rss()
+        idle = subprocess.Popen(
+            ["taskset", "-c", "1", str(BENCH), "idle", "--target", f"127.0.0.1:{target.port}",
+             "--ca", str(WORK / "ca.pem"), "--conns", str(IDLE_CONNS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        opened = json.loads(idle.stdout.readline())
+        time.sleep(1.0)
+        after = target.rss()
+        idle.stdin.close()
+        idle.wait(timeout=60)
+        figures["idle_open"] = opened["open"]
+        figures["idle_kib_per_conn"] = (after - before) / max(opened["open"], 1)
+    return figures
+
+
+ROWS = [
+    # key, label, unit, higher is better
+    ("bulk1_mbps", "bulk, 1 connection", "MB/s", True),
+    ("bulk64_mbps", "bulk, 64 connections", "MB/s", True),
+    ("bulk1_cpu_ms_per_gib", "proxy CPU per GiB, 1 connection", "ms", False),
+    ("bulk64_cpu_ms_per_gib", "proxy CPU per GiB, 64 connections", "ms", False),
+    ("rate_per_s", "new TLS connections/s, 64 concurrent", "conn/s", True),
+    ("rate_p50_us", "connect+handshake p50, 64 concurrent", "µs", False),
+    ("rate_p99_us", "connect+handshake p99, 64 concurrent", "µs", False),
+    ("rate_cpu_us_per_conn", "proxy CPU per connection", "µs", False),
+    ("serial_p50_us", "connect+handshake p50, serial", "µs", False),
+    ("serial_p99_us", "connect+handshake p99, serial", "µs", False),
+    ("idle_kib_per_conn", f"RSS per idle connection ({IDLE_CONNS} open)", "KiB", False),
+]
+
+
+def fmt(value):
+    if value is None:
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def report(results, targets, facts):
+    names = [t.name for t in targets]
+    lines = [
+        f"# weir beside HAProxy, nginx and a direct connection — {facts['date']}",
+        "",
+        "Produced by `bench/run.sh`" + (" --quick" if QUICK else "") + f" at commit `{facts['commit']}`.",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+    ]
+    for key in ("cpu", "cores", "kernel", "weir", "haproxy", "nginx", "rustc"):
+        lines.append(f"| {key} | {facts[key]} |")
+    lines += [
+        "",
+        "Passthrough of the same TLS sessions (SNI `bench.test`, full TLS 1.3 handshake each, no resumption) "
+        "to the same rustls upstream. The proxy runs on CPU 0 with one thread (weir: one tokio worker; "
+        "HAProxy: `nbthread 1`, `option splice-auto`; nginx: one worker, `ssl_preread` + `map`); the "
+        "load generator and the upstream share CPU 1, so throughput and connection rate are bounded by "
+        "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
+        f"Figures are medians of {REPEATS} runs.",
+        "",
+        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct |",
+        "| --- |" + " --- |" * (len(names) + 3),
+    ]
+    for key, label, unit, higher in ROWS:
+        values = [results[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        arrow = "↑" if higher else "↓"
+        weir = results["weir"].get(key)
+        ratios = []
+        for other in ("haproxy", "nginx", "direct"):
+            base = results.get(other, {}).get(key)
+            ratios.append(f"{weir / base:.2f}" if weir is not None and base else "–")
+        lines.append(f"| {label} ({unit}, {arrow} better) | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
+    added = results["weir"]["serial_p50_us"] - results["direct"]["serial_p50_us"]
+    lines += [
+        "",
+        f"Added connect+handshake latency over direct, serial p50: weir {added:.0f} µs, "
+        f"HAProxy {results['haproxy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
+        f"nginx {results['nginx']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs.",
+        "",
+        "Connection-rate errors (all runs): " + ", ".join(f"{n} {results[n]['rate_errors']}" for n in names) + ".",
+        "Idle connections opened: " + ", ".join(f"{n} {results[n].get('idle_open', '–')}" for n in names if n != "direct") + ".",
+        "",
+        "Debian's HAProxy and nginx link OpenSSL 3.0; in passthrough they do no TLS work, so that does not "
+        "affect these figures (it would for termination).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    WORK.mkdir(parents=True, exist_ok=True)
+    write_configs()
+    upstream = subprocess.Popen(
+        ["taskset", "-c", "1", str(BENCH), "upstream", "--listen", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "--dir", str(WORK)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(UPSTREAM[1], upstream)
+        targets = [
+            Target("direct", UPSTREAM[1]),
+            Target("weir", 18443, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
+            Target("haproxy", 18444, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
+            Target("nginx", 18445, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
+        ]
+        results = {}
+        for target in targets:
+            print(f"== {target.name}", flush=True)
+            target.start()
+            try:
+                results[target.name] = measure(target)
+            finally:
+                target.stop()
+            print(json.dumps(results[target.name]), flush=True)
+    finally:
+        upstream.terminate()
+        upstream.wait()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    facts = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit + ("+changes" if dirty else ""),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "weir": targets[1].version,
+        "haproxy": targets[2].version,
+        "nginx": targets[3].version,
+        "rustc": version(["rustc", "--version"]),
+    }
+    text = report(results, targets, facts)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
+    path = RESULTS / f"{stamp}-{commit}{'-quick' if QUICK else ''}.md"
+    path.write_text(text)
+    (RESULTS / "latest.md").write_text(text)
+    print(text)
+    print(f"written to {path.relative_to(ROOT)} and bench/results/latest.md")
+
+
+if __name__ == "__main__":
+    main()
