@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import statistics
@@ -30,7 +31,7 @@ BENCH = RELEASE / "weir-bench"
 WEIR = RELEASE / "weir"
 PLUGIN = ROOT / "target" / "wasm32-wasip2" / "release" / "static_router.wasm"
 
-UPSTREAM = ("127.0.0.1", 19443)
+UPSTREAM = ("127.0.0.1", 10443)
 SNI = "bench.test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
@@ -40,7 +41,11 @@ REPEATS = 1 if QUICK else 3
 BULK_BYTES = (256 << 20) if QUICK else GIB
 RATE_SECONDS = 2 if QUICK else 5
 SERIAL_SECONDS = 1 if QUICK else 3
-IDLE_CONNS = 2000 if QUICK else 10_000
+# A proxy holds two descriptors per passthrough connection: where the
+# descriptor limit is below 20,000 + headroom, fewer idle connections are
+# opened (the report says how many).
+FD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+IDLE_CONNS = min(2000 if QUICK else 10_000, (FD_LIMIT - 500) // 2)
 
 
 def wait_for_port(port, process=None, timeout=10.0):
@@ -141,7 +146,7 @@ def write_configs():
     host, port = UPSTREAM
     (WORK / "weir.toml").write_text(f"""
 [listeners.bench]
-bind = "127.0.0.1:18443"
+bind = "127.0.0.1:10444"
 plugins = ["router"]
 
 [plugins.router]
@@ -154,7 +159,7 @@ servers = ["{host}:{port}"]
 """)
     (WORK / "haproxy.cfg").write_text(f"""
 global
-    maxconn 60000
+    maxconn {IDLE_CONNS + 200}
     nbthread 1
     log stderr format raw local0 err
 
@@ -166,7 +171,7 @@ defaults
     option splice-auto
 
 frontend bench
-    bind 127.0.0.1:18444
+    bind 127.0.0.1:10445
     tcp-request inspect-delay 5s
     tcp-request content accept if {{ req.ssl_hello_type 1 }}
     use_backend upstream if {{ req.ssl_sni -i {SNI} }}
@@ -177,13 +182,13 @@ backend upstream
     (WORK / "nginx.conf").write_text(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1;
-worker_rlimit_nofile 100000;
+worker_rlimit_nofile {FD_LIMIT};
 daemon off;
 pid {WORK}/nginx.pid;
 error_log stderr error;
 
 events {{
-    worker_connections 60000;
+    worker_connections {2 * IDLE_CONNS + 400};
 }}
 
 stream {{
@@ -192,7 +197,7 @@ stream {{
         default 127.0.0.1:1;
     }}
     server {{
-        listen 127.0.0.1:18445;
+        listen 127.0.0.1:10446;
         ssl_preread on;
         proxy_pass $upstream;
         proxy_timeout 10m;
@@ -348,9 +353,9 @@ def main():
         wait_for_port(UPSTREAM[1], upstream)
         targets = [
             Target("direct", UPSTREAM[1]),
-            Target("weir", 18443, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
-            Target("haproxy", 18444, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
-            Target("nginx", 18445, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
+            Target("weir", 10444, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
+            Target("haproxy", 10445, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
+            Target("nginx", 10446, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
         ]
         results = {}
         for target in targets:

@@ -27,9 +27,9 @@ pkill -x haproxy 2>/dev/null || true
 pkill -x nginx 2>/dev/null || true
 
 # Tens of thousands of loopback connections: reuse TIME_WAIT ports, widen the
-# ephemeral range, allow enough descriptors.
-sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000" || true
-ulimit -n 200000
+# ephemeral range, allow as many descriptors as the machine lets us.
+sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="16384 65000" || true
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 scripts/build-plugins.sh
 cargo build --locked --release -p weir -p weir-bench
