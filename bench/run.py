@@ -33,7 +33,6 @@ PLUGIN = ROOT / "target" / "wasm32-wasip2" / "release" / "static_router.wasm"
 
 UPSTREAM = ("127.0.0.1", 10443)
 SNI = "bench.test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 
 QUICK = "--quick" in sys.argv
@@ -80,14 +79,21 @@ def process_tree(pid):
 
 
 def cpu_seconds(pid):
-    total = 0
+    """CPU time of a process tree, all threads, in seconds. schedstat counts
+    nanoseconds on the CPU; utime/stime in /proc/PID/stat are sampled at the
+    clock tick and undercount processes that run in short bursts."""
+    total_ns = 0
     for p in process_tree(pid):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+        for task in tasks:
+            try:
+                total_ns += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total_ns / 1e9
 
 
 def rss_kib(pid):
@@ -157,6 +163,8 @@ config.default = {{ reject = "unknown name" }}
 [pools.upstream]
 servers = ["{host}:{port}"]
 """)
+    copy = (WORK / "weir.toml").read_text().replace('bind = "127.0.0.1:10444"', 'bind = "127.0.0.1:10447"\nrelay = "copy"')
+    (WORK / "weir-copy.toml").write_text(copy)
     (WORK / "haproxy.cfg").write_text(f"""
 global
     maxconn {IDLE_CONNS + 200}
@@ -312,24 +320,27 @@ def report(results, targets, facts):
         "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
         f"Figures are medians of {REPEATS} runs.",
         "",
-        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct |",
-        "| --- |" + " --- |" * (len(names) + 3),
+        "`weir` is the default relay (`auto`: copy, then `splice(2)` past 64 KiB per direction); "
+        "`weir-copy` is the same gateway with `relay = \"copy\"`.",
+        "",
+        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct | weir-copy ÷ HAProxy |",
+        "| --- |" + " --- |" * (len(names) + 4),
     ]
     for key, label, unit, higher in ROWS:
         values = [results[n].get(key) for n in names]
         if all(v is None for v in values):
             continue
         arrow = "↑" if higher else "↓"
-        weir = results["weir"].get(key)
         ratios = []
-        for other in ("haproxy", "nginx", "direct"):
-            base = results.get(other, {}).get(key)
-            ratios.append(f"{weir / base:.2f}" if weir is not None and base else "–")
+        for mine, other in (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-copy", "haproxy")):
+            value, base = results.get(mine, {}).get(key), results.get(other, {}).get(key)
+            ratios.append(f"{value / base:.2f}" if value is not None and base else "–")
         lines.append(f"| {label} ({unit}, {arrow} better) | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
     added = results["weir"]["serial_p50_us"] - results["direct"]["serial_p50_us"]
     lines += [
         "",
         f"Added connect+handshake latency over direct, serial p50: weir {added:.0f} µs, "
+        f"weir-copy {results['weir-copy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
         f"HAProxy {results['haproxy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
         f"nginx {results['nginx']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs.",
         "",
@@ -354,6 +365,7 @@ def main():
         targets = [
             Target("direct", UPSTREAM[1]),
             Target("weir", 10444, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
+            Target("weir-copy", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-copy.toml")]),
             Target("haproxy", 10445, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
             Target("nginx", 10446, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
         ]
@@ -380,8 +392,8 @@ def main():
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "weir": targets[1].version,
-        "haproxy": targets[2].version,
-        "nginx": targets[3].version,
+        "haproxy": targets[3].version,
+        "nginx": targets[4].version,
         "rustc": version(["rustc", "--version"]),
     }
     text = report(results, targets, facts)

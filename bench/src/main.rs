@@ -90,7 +90,11 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Upstream { listen, dir } => upstream(listen, dir).await,
             Command::Bulk { target, conns, bytes } => bulk(&target, conns, bytes).await,
-            Command::Rate { target, concurrency, seconds } => rate(&target, concurrency, seconds).await,
+            Command::Rate {
+                target,
+                concurrency,
+                seconds,
+            } => rate(&target, concurrency, seconds).await,
             Command::Idle { target, conns } => idle(&target, conns).await,
         }
     })
@@ -103,7 +107,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 async fn upstream(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<()> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "weir bench CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "weir bench CA");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
@@ -120,7 +126,9 @@ async fn upstream(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<()> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
     loop {
@@ -201,7 +209,9 @@ type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 async fn tls_connect(target: SocketAddr, config: &Arc<rustls::ClientConfig>, n: u64) -> std::io::Result<Tls> {
     let tcp = tcp_connect(target, n).await?;
     let name = ServerName::try_from(SNI).map_err(std::io::Error::other)?;
-    tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
 }
 
 async fn request(tls: &mut Tls, op: u8, len: u64) -> std::io::Result<()> {
@@ -262,8 +272,12 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64) -> anyhow::Resu
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (config, stop, counter, errors) =
-            (Arc::clone(&config), Arc::clone(&stop), Arc::clone(&counter), Arc::clone(&errors));
+        let (config, stop, counter, errors) = (
+            Arc::clone(&config),
+            Arc::clone(&stop),
+            Arc::clone(&counter),
+            Arc::clone(&errors),
+        );
         let addr = target.target;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();

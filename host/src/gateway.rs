@@ -124,6 +124,8 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
+                // Relayed handshake flights must not wait on Nagle.
+                let _ = stream.set_nodelay(true);
                 let snapshot = snapshot.load_full();
                 let name = Arc::clone(&name);
                 tokio::spawn(async move {

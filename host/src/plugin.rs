@@ -12,8 +12,8 @@
 //! trap: a plugin that reaches for the outside world fails its call.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -149,11 +149,77 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
+/// Ticks of no plugin call after which the epoch thread sleeps until the
+/// next call, so an idle gateway does not wake a thousand times a second.
+const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
+
+/// The clock of plugin deadlines: a thread that advances the engine's epoch
+/// every [`EPOCH_TICK`] while any plugin call may be running, and sleeps
+/// otherwise.
+///
+/// No call may run unticked (its deadline would never come): a call first
+/// counts itself in `in_flight`, then wakes the thread if `parked` is set; the
+/// thread first sets `parked`, then parks only if `in_flight` is still zero.
+/// With sequentially consistent ordering one of the two always sees the other.
+struct Ticker {
+    in_flight: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Ticker {
+    fn run(&self, engine: &Engine) {
+        let mut idle_ticks = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                idle_ticks = 0;
+            } else if idle_ticks >= IDLE_TICKS_BEFORE_PARKING {
+                self.parked.store(true, Ordering::SeqCst);
+                if self.in_flight.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::SeqCst) {
+                    std::thread::park();
+                }
+                self.parked.store(false, Ordering::SeqCst);
+                idle_ticks = 0;
+                continue;
+            } else {
+                idle_ticks += 1;
+            }
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+        }
+    }
+
+    /// Marks a plugin call as running until the guard drops.
+    fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.wake();
+        }
+        Busy(self)
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// A running plugin call, as the ticker counts it.
+struct Busy<'a>(&'a Ticker);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The engine every plugin runs on, and the clock of its deadlines.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<State>,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -172,23 +238,19 @@ impl Runtime {
         bindings::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
         link_harmless_wasi(&mut linker).map_err(engine_error)?;
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
-        let stop = Arc::clone(&stop_ticker);
-        std::thread::Builder::new()
+        let ticker = Arc::new(Ticker {
+            in_flight: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        });
+        let (ticker_engine, ticker_state) = (engine.clone(), Arc::clone(&ticker));
+        let thread = std::thread::Builder::new()
             .name("weir-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
+            .spawn(move || ticker_state.run(&ticker_engine))
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        Ok(Runtime {
-            engine,
-            linker,
-            stop_ticker,
-        })
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(Runtime { engine, linker, ticker })
     }
 
     /// Compiles, links and configures a plugin: everything that can fail
@@ -219,6 +281,7 @@ impl Runtime {
             on_error: config.on_error,
             reuse_instances: config.reuse_instances,
             idle: Mutex::new(Vec::new()),
+            ticker: Arc::clone(&self.ticker),
         };
         // Configure one instance now: a refused config fails the load.
         let instance = plugin.instantiate()?;
@@ -229,7 +292,8 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.ticker.stop.store(true, Ordering::SeqCst);
+        self.ticker.wake();
     }
 }
 
@@ -310,6 +374,7 @@ pub struct Plugin {
     on_error: OnError,
     reuse_instances: bool,
     idle: Mutex<Vec<Instance>>,
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -353,6 +418,7 @@ impl Plugin {
         &self,
         f: impl FnOnce(&bindings::WeirPlugin, &mut Store<State>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        let _busy = self.ticker.busy();
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let mut instance = match idle {
             Some(instance) => instance,
@@ -370,6 +436,7 @@ impl Plugin {
 
     /// Creates and configures a fresh instance.
     fn instantiate(&self) -> Result<Instance, PluginError> {
+        let _busy = self.ticker.busy();
         let state = State {
             plugin: Arc::clone(&self.name),
             wasi: WasiCtx::builder().build(),
