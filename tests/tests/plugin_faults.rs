@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use weir::Gateway;
-use weir_tests::{Pki, Upstream, echo, pattern, read_to_end, start_gateway, tls_connect};
+use weir_tests::{Pki, STEP, Upstream, echo, pattern, read_to_end, start_gateway, tls_connect};
 
 /// Plugin call deadline used by these tests.
 const DEADLINE: Duration = Duration::from_millis(200);
