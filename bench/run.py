@@ -44,7 +44,7 @@ SERIAL_SECONDS = 1 if QUICK else 3
 # descriptor limit is below 20,000 + headroom, fewer idle connections are
 # opened (the report says how many).
 FD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-IDLE_CONNS = min(2000 if QUICK else 10_000, (FD_LIMIT - 500) // 2)
+IDLE_CONNS = min(2000 if QUICK else 10_000, (FD_LIMIT - 1000) // 2)
 
 
 def wait_for_port(port, process=None, timeout=10.0):
@@ -163,11 +163,12 @@ config.default = {{ reject = "unknown name" }}
 [pools.upstream]
 servers = ["{host}:{port}"]
 """)
-    copy = (WORK / "weir.toml").read_text().replace('bind = "127.0.0.1:10444"', 'bind = "127.0.0.1:10447"\nrelay = "copy"')
-    (WORK / "weir-copy.toml").write_text(copy)
+    spliced = (WORK / "weir.toml").read_text().replace('bind = "127.0.0.1:10444"', 'bind = "127.0.0.1:10447"\nrelay = "auto"')
+    (WORK / "weir-auto.toml").write_text(spliced)
     (WORK / "haproxy.cfg").write_text(f"""
 global
-    maxconn {IDLE_CONNS + 200}
+    maxconn {IDLE_CONNS + 100}
+    maxpipes 128
     nbthread 1
     log stderr format raw local0 err
 
@@ -222,57 +223,70 @@ def version(command):
         return "?"
 
 
-def measure(target):
-    """Every workload against one target; medians of the repeats."""
+def measure_once(target, idle):
+    """One run of every workload against one target."""
     figures = {}
-
-    def repeat(run):
-        return [run() for _ in range(REPEATS)]
-
+    port = f"127.0.0.1:{target.port}"
     for conns in (1, 64):
-        samples = []
-        for _ in range(REPEATS):
-            cpu0 = target.cpu()
-            report = client("bulk", "--target", f"127.0.0.1:{target.port}", "--conns", str(conns), "--bytes", str(BULK_BYTES))
-            cpu = target.cpu()
-            samples.append((report["mb_per_s"], None if cpu is None else (cpu - cpu0) / (report["bytes"] / GIB)))
-        figures[f"bulk{conns}_mbps"] = statistics.median(s[0] for s in samples)
-        if samples[0][1] is not None:
-            figures[f"bulk{conns}_cpu_ms_per_gib"] = statistics.median(s[1] for s in samples) * 1000
-
-    samples = []
-    for _ in range(REPEATS):
         cpu0 = target.cpu()
-        report = client("rate", "--target", f"127.0.0.1:{target.port}", "--concurrency", "64", "--seconds", str(RATE_SECONDS))
+        bulk = client("bulk", "--target", port, "--conns", str(conns), "--bytes", str(BULK_BYTES))
         cpu = target.cpu()
-        per_conn = None if cpu is None else (cpu - cpu0) / max(report["connections"], 1) * 1e6
-        samples.append((report, per_conn))
-    figures["rate_per_s"] = statistics.median(s[0]["per_second"] for s in samples)
-    figures["rate_p50_us"] = statistics.median(s[0]["p50_us"] for s in samples)
-    figures["rate_p99_us"] = statistics.median(s[0]["p99_us"] for s in samples)
-    figures["rate_errors"] = sum(s[0]["errors"] for s in samples)
-    if samples[0][1] is not None:
-        figures["rate_cpu_us_per_conn"] = statistics.median(s[1] for s in samples)
+        figures[f"bulk{conns}_mbps"] = bulk["mb_per_s"]
+        if cpu is not None:
+            figures[f"bulk{conns}_cpu_ms_per_gib"] = (cpu - cpu0) / (bulk["bytes"] / GIB) * 1000
 
-    serial = repeat(lambda: client("rate", "--target", f"127.0.0.1:{target.port}", "--concurrency", "1", "--seconds", str(SERIAL_SECONDS)))
-    figures["serial_p50_us"] = statistics.median(r["p50_us"] for r in serial)
-    figures["serial_p99_us"] = statistics.median(r["p99_us"] for r in serial)
+    cpu0 = target.cpu()
+    rate = client("rate", "--target", port, "--concurrency", "64", "--seconds", str(RATE_SECONDS))
+    cpu = target.cpu()
+    figures["rate_per_s"] = rate["per_second"]
+    figures["rate_p50_us"] = rate["p50_us"]
+    figures["rate_p99_us"] = rate["p99_us"]
+    figures["rate_errors"] = rate["errors"]
+    if cpu is not None:
+        figures["rate_cpu_us_per_conn"] = (cpu - cpu0) / max(rate["connections"], 1) * 1e6
 
-    if target.process:
+    serial = client("rate", "--target", port, "--concurrency", "1", "--seconds", str(SERIAL_SECONDS))
+    figures["serial_p50_us"] = serial["p50_us"]
+    figures["serial_p99_us"] = serial["p99_us"]
+
+    if idle and target.process:
         before = target.rss()
-        idle = subprocess.Popen(
-            ["taskset", "-c", "1", str(BENCH), "idle", "--target", f"127.0.0.1:{target.port}",
+        holder = subprocess.Popen(
+            ["taskset", "-c", "1", str(BENCH), "idle", "--target", port,
              "--ca", str(WORK / "ca.pem"), "--conns", str(IDLE_CONNS)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
-        opened = json.loads(idle.stdout.readline())
+        opened = json.loads(holder.stdout.readline())
         time.sleep(1.0)
         after = target.rss()
-        idle.stdin.close()
-        idle.wait(timeout=60)
+        holder.stdin.close()
+        holder.wait(timeout=60)
         figures["idle_open"] = opened["open"]
         figures["idle_kib_per_conn"] = (after - before) / max(opened["open"], 1)
     return figures
+
+
+def measure(targets):
+    """Every workload against every target, REPEATS times, the targets taken
+    in turn within each repeat so that all of them see the same machine
+    state; medians of the repeats (errors summed)."""
+    samples = {t.name: [] for t in targets}
+    for round_ in range(REPEATS):
+        for target in targets:
+            print(f"== run {round_ + 1}/{REPEATS}: {target.name}", flush=True)
+            target.start()
+            try:
+                samples[target.name].append(measure_once(target, idle=round_ == 0))
+            finally:
+                target.stop()
+    results = {}
+    for name, runs in samples.items():
+        keys = {k for run in runs for k in run}
+        results[name] = {
+            k: (sum if k == "rate_errors" else statistics.median)([run[k] for run in runs if k in run]) for k in keys
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    return results
 
 
 ROWS = [
@@ -318,12 +332,13 @@ def report(results, targets, facts):
         "HAProxy: `nbthread 1`, `option splice-auto`; nginx: one worker, `ssl_preread` + `map`); the "
         "load generator and the upstream share CPU 1, so throughput and connection rate are bounded by "
         "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
-        f"Figures are medians of {REPEATS} runs.",
+        f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
+        "(idle memory: first run only).",
         "",
-        "`weir` is the default relay (`auto`: copy, then `splice(2)` past 64 KiB per direction); "
-        "`weir-copy` is the same gateway with `relay = \"copy\"`.",
+        "`weir` uses its default relay (`copy`); `weir-auto` is the same gateway with `relay = \"auto\"` "
+        "(copy, then `splice(2)` once a direction has carried 64 KiB).",
         "",
-        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct | weir-copy ÷ HAProxy |",
+        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct | weir-auto ÷ HAProxy |",
         "| --- |" + " --- |" * (len(names) + 4),
     ]
     for key, label, unit, higher in ROWS:
@@ -332,7 +347,7 @@ def report(results, targets, facts):
             continue
         arrow = "↑" if higher else "↓"
         ratios = []
-        for mine, other in (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-copy", "haproxy")):
+        for mine, other in (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy")):
             value, base = results.get(mine, {}).get(key), results.get(other, {}).get(key)
             ratios.append(f"{value / base:.2f}" if value is not None and base else "–")
         lines.append(f"| {label} ({unit}, {arrow} better) | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
@@ -340,7 +355,7 @@ def report(results, targets, facts):
     lines += [
         "",
         f"Added connect+handshake latency over direct, serial p50: weir {added:.0f} µs, "
-        f"weir-copy {results['weir-copy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
+        f"weir-auto {results['weir-auto']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
         f"HAProxy {results['haproxy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
         f"nginx {results['nginx']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs.",
         "",
@@ -365,19 +380,11 @@ def main():
         targets = [
             Target("direct", UPSTREAM[1]),
             Target("weir", 10444, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
-            Target("weir-copy", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-copy.toml")]),
+            Target("weir-auto", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-auto.toml")]),
             Target("haproxy", 10445, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
             Target("nginx", 10446, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
         ]
-        results = {}
-        for target in targets:
-            print(f"== {target.name}", flush=True)
-            target.start()
-            try:
-                results[target.name] = measure(target)
-            finally:
-                target.stop()
-            print(json.dumps(results[target.name]), flush=True)
+        results = measure(targets)
     finally:
         upstream.terminate()
         upstream.wait()

@@ -102,8 +102,8 @@ pub struct ListenerConfig {
     /// is closed.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How passthrough bytes are moved: `auto` (copy, then `splice(2)` past
-    /// 64 KiB in a direction), `splice`, or `copy`.
+    /// How passthrough bytes are moved: `copy` (the default), `auto` (copy,
+    /// then `splice(2)` past 64 KiB in a direction), or `splice`.
     #[serde(default)]
     pub relay: RelayMode,
 }
@@ -320,7 +320,7 @@ mod tests {
         let listener = &config.listeners["public"];
         assert_eq!(listener.protocol, ListenerProtocol::Tls);
         assert_eq!(listener.sniff_timeout, Duration::from_secs(5));
-        assert_eq!(listener.relay, RelayMode::Auto);
+        assert_eq!(listener.relay, RelayMode::Copy);
         let plugin = &config.plugins["router"];
         assert_eq!(plugin.on_error, OnError::Deny);
         assert_eq!(plugin.timeout, Duration::from_millis(10));

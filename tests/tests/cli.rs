@@ -268,7 +268,8 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
     let dir = tempfile::tempdir().expect("temp dir");
     let toml = ROUTER
         .replace("127.0.0.1:9000", &upstream.addr.to_string())
-        .replace("app.test", "a.example.com");
+        .replace("app.test", "a.example.com")
+        .replace("plugins = [\"router\"]", "plugins = [\"router\"]\nrelay = \"auto\"");
     let (mut child, mut lines, addr) = spawn_weir(&config_file(dir.path(), &toml)).await;
     let hello = testdata("clienthello/openssl-tls13-sni.bin");
     for (payload, expect_splice) in [(1024, false), (4 << 20, true)] {
