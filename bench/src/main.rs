@@ -9,7 +9,7 @@
 //! many bytes. `I`: the connection stays idle until the client closes it.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -148,41 +148,32 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result
     tls.read_exact(&mut header).await?;
     let len = u64::from_be_bytes(header[1..].try_into().unwrap_or_default());
     let mut buf = vec![0u8; 64 * 1024];
-    match header[0] {
-        b'U' => {
-            let mut left = len;
-            while left > 0 {
-                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                let n = tls.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                left -= n as u64;
+    if matches!(header[0], b'U' | b'E') {
+        let echo = header[0] == b'E';
+        let mut left = len;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = tls.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
+            if echo {
+                tls.write_all(&buf[..n]).await?;
+                tls.flush().await?;
+            }
+            left -= n as u64;
+        }
+        if !echo {
             tls.write_all(b"K").await?;
             tls.flush().await?;
         }
-        b'E' => {
-            let mut left = len;
-            while left > 0 {
-                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                let n = tls.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                tls.write_all(&buf[..n]).await?;
-                tls.flush().await?;
-                left -= n as u64;
-            }
-        }
-        _ => {}
     }
     // Hold until the client closes.
     while tls.read(&mut buf).await? > 0 {}
     tls.shutdown().await
 }
 
-fn client_config(ca: &PathBuf) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let cert = CertificateDer::from_pem_file(ca).with_context(|| format!("read {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert)?;

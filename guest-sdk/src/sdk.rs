@@ -14,7 +14,6 @@ pub mod __bindings {
     });
 }
 
-use __bindings::weir::plugin::host;
 pub use __bindings::weir::plugin::host::Level;
 pub use __bindings::weir::plugin::types::{
     Action, After, Attestation, ClientAuth, Connection, Decision, Peer, Protocol, Side, Target, Termination, Upstream,
@@ -66,7 +65,7 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, S
 /// a plugin's unit tests) the line goes to stderr.
 pub fn log(level: Level, message: &str) {
     #[cfg(target_arch = "wasm32")]
-    host::log(level, message);
+    __bindings::weir::plugin::host::log(level, message);
     #[cfg(not(target_arch = "wasm32"))]
     eprintln!("[{level:?}] {message}");
 }
@@ -210,5 +209,9 @@ macro_rules! export_plugin {
 
             $crate::__bindings::__export_bindings!(Export);
         };
+        // Natively the plugin is only unit-tested: name it, so it does not
+        // look unused.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn() -> $plugin = <$plugin as ::std::default::Default>::default;
     };
 }

@@ -244,13 +244,13 @@ impl Config {
                     return Err(self.invalid(field("plugins"), format!("no plugin named `{plugin}`")));
                 }
             }
-            if let Some(other) = binds.insert(listener.bind, name) {
-                if listener.bind.port() != 0 {
-                    return Err(self.invalid(
-                        field("bind"),
-                        format!("{} is also the address of listener `{other}`", listener.bind),
-                    ));
-                }
+            if let Some(other) = binds.insert(listener.bind, name)
+                && listener.bind.port() != 0
+            {
+                return Err(self.invalid(
+                    field("bind"),
+                    format!("{} is also the address of listener `{other}`", listener.bind),
+                ));
             }
             for (what, value) in [
                 ("sniff_timeout", listener.sniff_timeout),

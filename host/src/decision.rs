@@ -94,10 +94,11 @@ impl Target {
             wit::Upstream::Pool(name) => return Err(format!("unknown pool `{name}`")),
             wit::Upstream::Address(addr) => Upstream::Address(HostPort::parse(&addr).map_err(|e| e.to_string())?),
         };
-        if let Some(version) = target.proxy_protocol {
-            if version != 1 && version != 2 {
-                return Err(format!("PROXY protocol version {version} (only 1 and 2 exist)"));
-            }
+        if let Some(version) = target.proxy_protocol
+            && version != 1
+            && version != 2
+        {
+            return Err(format!("PROXY protocol version {version} (only 1 and 2 exist)"));
         }
         Ok(Target {
             upstream,

@@ -2,7 +2,7 @@
 //! plugin chain how it would route a connection.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -99,7 +99,7 @@ fn init_logging() {
         .init();
 }
 
-fn build_snapshot(path: &PathBuf) -> anyhow::Result<Snapshot> {
+fn build_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
     let config = Config::load(path)?;
     let runtime = Runtime::new()?;
     Ok(Snapshot::build(config, &runtime)?)

@@ -100,10 +100,10 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Sniffed, SniffError> {
         let body_start = pos + RECORD_HEADER_LEN;
         let body = &buf[body_start..buf.len().min(body_start + record_len)];
         handshake.extend_from_slice(body);
-        if let Some(&kind) = handshake.first() {
-            if kind != HANDSHAKE_CLIENT_HELLO {
-                return Err(SniffError::NotClientHello(kind));
-            }
+        if let Some(&kind) = handshake.first()
+            && kind != HANDSHAKE_CLIENT_HELLO
+        {
+            return Err(SniffError::NotClientHello(kind));
         }
         let mut hello_missing = usize::MAX;
         if handshake.len() >= 4 {
@@ -131,25 +131,25 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Sniffed, SniffError> {
 /// oversized records are refused without waiting for more bytes.
 fn check_record_header(header: &[u8], first: bool) -> Result<(), SniffError> {
     let not_tls = || SniffError::NotTls(header.to_vec());
-    if let Some(&content_type) = header.first() {
-        if content_type != CONTENT_TYPE_HANDSHAKE {
-            return Err(if first {
-                not_tls()
-            } else {
-                SniffError::Interleaved(content_type)
-            });
-        }
+    if let Some(&content_type) = header.first()
+        && content_type != CONTENT_TYPE_HANDSHAKE
+    {
+        return Err(if first {
+            not_tls()
+        } else {
+            SniffError::Interleaved(content_type)
+        });
     }
     // Record versions 3.0 to 3.4; TLS 1.3 hellos still say 3.1 here.
-    if let Some(&major) = header.get(1) {
-        if major != 3 {
-            return Err(not_tls());
-        }
+    if let Some(&major) = header.get(1)
+        && major != 3
+    {
+        return Err(not_tls());
     }
-    if let Some(&minor) = header.get(2) {
-        if minor > 4 {
-            return Err(not_tls());
-        }
+    if let Some(&minor) = header.get(2)
+        && minor > 4
+    {
+        return Err(not_tls());
     }
     if header.len() == RECORD_HEADER_LEN {
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));

@@ -12,6 +12,7 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weir::{Config, Gateway};
 
@@ -240,6 +241,30 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An upstream that reports each connection's bytes, up to the client's FIN,
+/// on the returned channel.
+pub async fn recording_upstream() -> (Upstream, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(bytes) = read_to_end(&mut stream).await {
+                let _ = tx.send(bytes);
+            }
+        }
+    })
+    .await;
+    (upstream, rx)
+}
+
+/// The next report an upstream sent on `rx`, within [`STEP`].
+pub async fn next_report(rx: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    tokio::time::timeout(STEP, rx.recv())
+        .await
+        .expect("the upstream reported in time")
+        .expect("the upstream is still running")
 }
 
 /// Echoes every byte back until EOF, then closes its write side.

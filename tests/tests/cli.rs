@@ -229,10 +229,10 @@ async fn spawn_weir(
     let addr = tokio::time::timeout(STEP, async {
         loop {
             let line = lines.next_line().await.expect("read log").expect("weir exited early");
-            if let Some(at) = line.find("addr=") {
-                if line.contains("listening") {
-                    return line[at + 5..].split_whitespace().next().expect("address").to_owned();
-                }
+            if let Some(at) = line.find("addr=")
+                && line.contains("listening")
+            {
+                return line[at + 5..].split_whitespace().next().expect("address").to_owned();
             }
         }
     })

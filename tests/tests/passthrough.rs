@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use weir::Gateway;
-use weir_tests::{Pki, STEP, Upstream, pattern, read_to_end, start_gateway, testdata, tls_connect};
+use weir_tests::{
+    Pki, Upstream, next_report, pattern, read_to_end, recording_upstream, start_gateway, testdata, tls_connect,
+};
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 
@@ -77,20 +79,17 @@ async fn client_half_close_case(relay: &str) {
     let sent = pattern(TEN_MB, 1);
     client.write_all(&sent).await.expect("send 10 MB");
     client.shutdown().await.expect("half-close");
-    let received = tokio::time::timeout(STEP, received_rx.recv())
-        .await
-        .expect("in time")
-        .expect("upstream report");
+    let received = next_report(&mut received_rx).await;
     assert!(
         received == sent,
-        "upstream got {} bytes, not the 10 MB sent",
+        "{relay}: upstream got {} bytes, not the 10 MB sent",
         received.len()
     );
     // Our write side is closed; the other direction still flows.
     let answer = read_to_end(&mut client).await.expect("answer");
     assert!(
         answer == pattern(TEN_MB, 2),
-        "client got {} bytes, not the 10 MB sent",
+        "{relay}: client got {} bytes, not the 10 MB sent",
         answer.len()
     );
     assert_eq!(upstream.accepted(), 1);
@@ -131,19 +130,16 @@ async fn upstream_half_close_case(relay: &str) {
         .expect("upstream's bytes up to its close");
     assert!(
         answer == pattern(TEN_MB, 3),
-        "client got {} bytes, not the 10 MB sent",
+        "{relay}: client got {} bytes, not the 10 MB sent",
         answer.len()
     );
     let sent = pattern(TEN_MB, 4);
     client.write_all(&sent).await.expect("send after upstream half-close");
     client.shutdown().await.expect("half-close");
-    let received = tokio::time::timeout(STEP, received_rx.recv())
-        .await
-        .expect("in time")
-        .expect("upstream report");
+    let received = next_report(&mut received_rx).await;
     assert!(
         received == sent,
-        "upstream got {} bytes, not the 10 MB sent",
+        "{relay}: upstream got {} bytes, not the 10 MB sent",
         received.len()
     );
 }
@@ -181,13 +177,10 @@ async fn tcp_half_close_case(relay: &str) {
     sent.extend_from_slice(&pattern(1 << 20, 5));
     client.write_all(&sent).await.expect("send");
     client.shutdown().await.expect("FIN");
-    let received = tokio::time::timeout(STEP, received_rx.recv())
-        .await
-        .expect("in time")
-        .expect("report");
+    let received = next_report(&mut received_rx).await;
     assert!(
         received == sent,
-        "upstream got {} bytes, expected {}",
+        "{relay}: upstream got {} bytes, expected {}",
         received.len(),
         sent.len()
     );
@@ -224,15 +217,12 @@ async fn tcp_half_close_case(relay: &str) {
     let payload = pattern(1 << 20, 8);
     client.write_all(&payload).await.expect("send after upstream FIN");
     client.shutdown().await.expect("FIN");
-    let received = tokio::time::timeout(STEP, received_rx.recv())
-        .await
-        .expect("in time")
-        .expect("report");
+    let received = next_report(&mut received_rx).await;
     let mut expected = hello;
     expected.extend_from_slice(&payload);
     assert!(
         received == expected,
-        "upstream got {} bytes, expected {}",
+        "{relay}: upstream got {} bytes, expected {}",
         received.len(),
         expected.len()
     );
@@ -319,16 +309,7 @@ async fn refused_tls_clients_are_told_why_with_an_alert() {
 /// real client address, byte for byte as the PROXY protocol specifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_headers_carry_the_client_address() {
-    let (received_tx, mut received_rx) = mpsc::unbounded_channel();
-    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
-        let received_tx = received_tx.clone();
-        async move {
-            if let Ok(received) = read_to_end(&mut stream).await {
-                let _ = received_tx.send(received);
-            }
-        }
-    })
-    .await;
+    let (upstream, mut received_rx) = recording_upstream().await;
     let gateway = start_gateway(&format!(
         r#"
         [listeners.public]
@@ -354,10 +335,7 @@ async fn proxy_protocol_headers_carry_the_client_address() {
         let client_addr = client.local_addr().expect("client address");
         client.write_all(&hello).await.expect("send");
         client.shutdown().await.expect("FIN");
-        let received = tokio::time::timeout(STEP, received_rx.recv())
-            .await
-            .expect("in time")
-            .expect("report");
+        let received = next_report(&mut received_rx).await;
 
         let mut expected = if version == 1 {
             format!(

@@ -9,22 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use weir::Gateway;
-use weir_tests::{STEP, Upstream, pattern, read_to_end, start_gateway, testdata};
-
-/// An upstream that reports every connection's bytes up to FIN.
-async fn recording_upstream() -> (Upstream, mpsc::UnboundedReceiver<Vec<u8>>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let upstream = Upstream::tcp(move |mut stream: TcpStream| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(bytes) = read_to_end(&mut stream).await {
-                let _ = tx.send(bytes);
-            }
-        }
-    })
-    .await;
-    (upstream, rx)
-}
+use weir_tests::{STEP, Upstream, next_report, pattern, recording_upstream, start_gateway, testdata};
 
 /// A gateway where *everything* routable goes to `upstream`: named hosts,
 /// hellos without SNI and unknown names alike. Anything that does not reach
@@ -51,10 +36,7 @@ async fn catch_all_gateway(upstream: &Upstream, sniff_timeout: &str) -> Gateway 
 }
 
 async fn expect_bytes(rx: &mut mpsc::UnboundedReceiver<Vec<u8>>, expected: &[u8], what: &str) {
-    let got = tokio::time::timeout(STEP, rx.recv())
-        .await
-        .expect("in time")
-        .expect("upstream report");
+    let got = next_report(rx).await;
     assert!(
         got == expected,
         "{what}: upstream got {} bytes, expected {}",

@@ -68,10 +68,11 @@ impl Entry {
         if self.reject.is_some() && self.proxy_protocol.is_some() {
             return Err(format!("route `{key}`: `proxy_protocol` makes no sense with `reject`"));
         }
-        if let Some(version) = self.proxy_protocol {
-            if version != 1 && version != 2 {
-                return Err(format!("route `{key}`: proxy_protocol must be 1 or 2, got {version}"));
-            }
+        if let Some(version) = self.proxy_protocol
+            && version != 1
+            && version != 2
+        {
+            return Err(format!("route `{key}`: proxy_protocol must be 1 or 2, got {version}"));
         }
         Ok(())
     }
