@@ -17,4 +17,12 @@ fi
 scripts/build-plugins.sh
 # The CLI tests run the binary; same profile as the tests, so nothing is built twice.
 cargo build --locked -p weir
-cargo test --locked --workspace
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --workspace 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run: cargo's last line belongs to whichever
+# target ran last (often a crate without doc tests).
+awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i - 1); if ($i ~ /^failed;?$/) f += $(i - 1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

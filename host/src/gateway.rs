@@ -66,25 +66,19 @@ impl Gateway {
         let mut sockets = Vec::new();
         for listener in snapshot.listeners() {
             let addr = listener.config.bind;
-            let socket = TcpListener::bind(addr).await.map_err(|error| GatewayError::Bind {
+            let bind_error = |error| GatewayError::Bind {
                 listener: listener.name.to_string(),
                 addr,
                 error,
-            })?;
-            sockets.push((Arc::clone(&listener.name), socket));
+            };
+            let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
+            let local = socket.local_addr().map_err(bind_error)?;
+            sockets.push((Arc::clone(&listener.name), local, socket));
         }
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
-        for (name, socket) in sockets {
-            let local = socket.local_addr().map_err(|error| GatewayError::Bind {
-                listener: name.to_string(),
-                addr: snapshot
-                    .load()
-                    .listener(&name)
-                    .map_or(([0, 0, 0, 0], 0).into(), |l| l.config.bind),
-                error,
-            })?;
+        for (name, local, socket) in sockets {
             addrs.insert(name.to_string(), local);
             accept_tasks.push(tokio::spawn(accept_loop(name, socket, Arc::clone(&snapshot))));
         }
