@@ -102,6 +102,10 @@ pub struct ListenerConfig {
     /// is closed.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Once either side of a relayed connection has sent FIN, no byte for
+    /// this long closes it (the idle timeout still applies if shorter).
+    #[serde(default = "defaults::half_close_timeout", with = "humantime_serde")]
+    pub half_close_timeout: Duration,
     /// How passthrough bytes are moved: `copy` (the default), `auto` (copy,
     /// then `splice(2)` past 64 KiB in a direction), or `splice`.
     #[serde(default)]
@@ -181,6 +185,9 @@ mod defaults {
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(600)
     }
+    pub fn half_close_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
     pub fn plugin_timeout() -> Duration {
         Duration::from_millis(10)
     }
@@ -256,6 +263,7 @@ impl Config {
                 ("sniff_timeout", listener.sniff_timeout),
                 ("connect_timeout", listener.connect_timeout),
                 ("idle_timeout", listener.idle_timeout),
+                ("half_close_timeout", listener.half_close_timeout),
             ] {
                 if value.is_zero() {
                     return Err(self.invalid(field(what), "must be longer than zero"));

@@ -19,7 +19,7 @@ use crate::config::{Config, ListenerProtocol};
 use crate::decision::{Action, Target, Upstream};
 use crate::plugin::{PluginError, Runtime, wit};
 use crate::proxy_protocol;
-use crate::relay::{RelayEnd, Transfer, relay};
+use crate::relay::{RelayEnd, Timeouts, Transfer, relay};
 use crate::snapshot::{Listener, Snapshot, SnapshotError};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
 
@@ -153,6 +153,7 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Relayed(RelayEnd::Closed) => f.write_str("closed"),
             Outcome::Relayed(RelayEnd::Idle) => f.write_str("idle-timeout"),
+            Outcome::Relayed(RelayEnd::HalfCloseTimeout) => f.write_str("half-close-timeout"),
             Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
             Outcome::ClientGone => f.write_str("client-closed: before its ClientHello was complete"),
             Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
@@ -209,7 +210,11 @@ async fn proxy(client: TcpStream, listener: &Listener, snapshot: &Snapshot, reco
         Err(outcome) => return outcome,
     };
     let config = &listener.config;
-    match relay(client, upstream, config.relay, config.idle_timeout, &record.transfer).await {
+    let timeouts = Timeouts {
+        idle: config.idle_timeout,
+        half_close: config.half_close_timeout,
+    };
+    match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
         Ok(end) => Outcome::Relayed(end),
         Err(e) => Outcome::Io(e),
     }

@@ -1,8 +1,11 @@
 //! Moves bytes both ways between a client and an upstream until both
 //! directions have ended, propagating half-close: when one side stops
 //! sending (FIN), the other side's write half is shut down and the opposite
-//! direction keeps flowing. A connection with no bytes either way for the
-//! idle timeout is closed; an error in either direction closes both.
+//! direction keeps flowing, for as long as it stays busy: once either side has
+//! sent FIN, the half-close timeout (usually shorter) replaces the idle
+//! timeout, so half-closed connections cannot pile up. A connection with no
+//! bytes either way for the idle timeout is closed; an error in either
+//! direction closes both.
 //!
 //! Each direction starts with a userspace copy loop. On Linux, with
 //! [`RelayMode::Auto`] once a direction has carried [`SPLICE_AFTER`] bytes
@@ -12,13 +15,14 @@
 //! portable fallback and the reference in tests.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
 
 /// Bytes per read in the copy loop.
 const BUFFER_SIZE: usize = 16 * 1024;
@@ -54,6 +58,9 @@ pub enum RelayEnd {
     Closed,
     /// No byte moved for the idle timeout.
     Idle,
+    /// One side had finished, and the other moved no byte for the
+    /// half-close timeout.
+    HalfCloseTimeout,
 }
 
 /// What a relay moved.
@@ -71,12 +78,30 @@ pub struct Transfer {
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Either side has sent FIN.
+    half_closed: AtomicBool,
+    /// Wakes the idle watch when `half_closed` changes its deadline.
+    changed: Notify,
 }
 
 impl Activity {
     fn touch(&self) {
         self.last_ms.store(millis_since(self.start), Ordering::Relaxed);
     }
+
+    fn half_close(&self) {
+        self.half_closed.store(true, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+}
+
+/// How long a relayed connection may sit without traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// No byte in either direction for this long closes the connection.
+    pub idle: Duration,
+    /// Once either side has sent FIN, no byte for this long closes it.
+    pub half_close: Duration,
 }
 
 /// Relays until both directions end, the connection idles out, or an error.
@@ -85,12 +110,14 @@ pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     mode: RelayMode,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     transfer: &Transfer,
 ) -> io::Result<RelayEnd> {
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
+        half_closed: AtomicBool::new(false),
+        changed: Notify::new(),
     };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
@@ -116,7 +143,7 @@ pub async fn relay(
     };
     tokio::select! {
         result = both => result,
-        () = idle_watch(&activity, idle_timeout) => Ok(RelayEnd::Idle),
+        end = idle_watch(&activity, timeouts) => Ok(end),
     }
 }
 
@@ -146,6 +173,7 @@ async fn pump(
     if !eof {
         splice::pump(reader, writer, count, &transfer.spliced, activity).await?;
     }
+    activity.half_close();
     writer.shutdown().await
 }
 
@@ -304,16 +332,29 @@ mod splice {
     }
 }
 
-/// Resolves once no byte has moved for `idle`.
-async fn idle_watch(activity: &Activity, idle: Duration) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+/// Resolves once no byte has moved for the idle timeout, or, after a
+/// half-close, for the half-close timeout; says which.
+async fn idle_watch(activity: &Activity, timeouts: Timeouts) -> RelayEnd {
+    let as_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let deadline_ms = activity.last_ms.load(Ordering::Relaxed).saturating_add(idle_ms);
+        let half_closed = activity.half_closed.load(Ordering::Relaxed);
+        let limit_ms = match half_closed {
+            true => as_ms(timeouts.half_close.min(timeouts.idle)),
+            false => as_ms(timeouts.idle),
+        };
+        let deadline_ms = activity.last_ms.load(Ordering::Relaxed).saturating_add(limit_ms);
         let now_ms = millis_since(activity.start);
         if now_ms >= deadline_ms {
-            return;
+            return if half_closed {
+                RelayEnd::HalfCloseTimeout
+            } else {
+                RelayEnd::Idle
+            };
         }
-        tokio::time::sleep(Duration::from_millis(deadline_ms - now_ms)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(deadline_ms - now_ms)) => {}
+            () = activity.changed.notified() => {}
+        }
     }
 }
 

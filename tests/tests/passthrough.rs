@@ -359,3 +359,49 @@ async fn proxy_protocol_headers_carry_the_client_address() {
         assert_eq!(received, expected, "PROXY v{version}");
     }
 }
+
+/// After one side's FIN the other may not hold the connection for the whole
+/// idle timeout: the half-close timeout bounds the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_lingers_only_for_the_half_close_timeout() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        // Takes the client's FIN, then neither sends nor closes.
+        let _ = read_to_end(&mut stream).await;
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    })
+    .await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        idle_timeout = "10s"
+        half_close_timeout = "300ms"
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."a.example.com" = {{ address = "{}" }}
+        "#,
+        upstream.addr
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(&testdata("clienthello/openssl-tls13-sni.bin"))
+        .await
+        .expect("hello");
+    client.shutdown().await.expect("FIN");
+    let started = std::time::Instant::now();
+    let rest = read_to_end(&mut client).await.expect("orderly close");
+    assert!(rest.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}, before the half-close timeout"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after {waited:?}: the idle timeout, not the half-close one"
+    );
+}
