@@ -229,44 +229,6 @@ async fn tcp_half_close_case(relay: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_connection_is_closed_after_the_idle_timeout() {
-    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
-        // Holds the connection open without sending anything.
-        let mut sink = Vec::new();
-        let _ = stream.read_to_end(&mut sink).await;
-    })
-    .await;
-    let gateway = start_gateway(&format!(
-        r#"
-        [listeners.public]
-        bind = "127.0.0.1:0"
-        plugins = ["router"]
-        idle_timeout = "300ms"
-
-        [plugins.router]
-        wasm = "{{static_router}}"
-        config.routes."a.example.com" = {{ address = "{}" }}
-        "#,
-        upstream.addr
-    ))
-    .await;
-    let addr = gateway.local_addr("public").expect("listener");
-    let mut client = TcpStream::connect(addr).await.expect("connect");
-    client
-        .write_all(&testdata("clienthello/openssl-tls13-sni.bin"))
-        .await
-        .expect("hello");
-    let started = std::time::Instant::now();
-    let rest = read_to_end(&mut client).await.expect("orderly close");
-    assert!(rest.is_empty());
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250),
-        "closed after {waited:?}, before the idle timeout"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_tls_clients_are_told_why_with_an_alert() {
     let pki = Pki::new("upstream CA");
     // Nothing listens on the pool's address: connecting to it fails.
@@ -360,14 +322,14 @@ async fn proxy_protocol_headers_carry_the_client_address() {
     }
 }
 
-/// After one side's FIN the other may not hold the connection for the whole
-/// idle timeout: the half-close timeout bounds the linger.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_closed_connection_lingers_only_for_the_half_close_timeout() {
+/// How long the gateway keeps a connection whose upstream never sends nor
+/// closes, with `timeouts` (TOML lines) on the listener; `client_fin` half-
+/// closes from the client side first.
+async fn time_until_closed(timeouts: &str, client_fin: bool) -> Duration {
     let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
-        // Takes the client's FIN, then neither sends nor closes.
+        // Takes whatever comes, up to a FIN, then holds the connection silently.
         let _ = read_to_end(&mut stream).await;
-        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
     })
     .await;
     let gateway = start_gateway(&format!(
@@ -375,8 +337,7 @@ async fn a_half_closed_connection_lingers_only_for_the_half_close_timeout() {
         [listeners.public]
         bind = "127.0.0.1:0"
         plugins = ["router"]
-        idle_timeout = "10s"
-        half_close_timeout = "300ms"
+        {timeouts}
 
         [plugins.router]
         wasm = "{{static_router}}"
@@ -391,11 +352,33 @@ async fn a_half_closed_connection_lingers_only_for_the_half_close_timeout() {
         .write_all(&testdata("clienthello/openssl-tls13-sni.bin"))
         .await
         .expect("hello");
-    client.shutdown().await.expect("FIN");
+    if client_fin {
+        client.shutdown().await.expect("FIN");
+    }
     let started = std::time::Instant::now();
     let rest = read_to_end(&mut client).await.expect("orderly close");
     assert!(rest.is_empty());
-    let waited = started.elapsed();
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let waited = time_until_closed("idle_timeout = \"300ms\"", false).await;
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}, before the idle timeout"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after {waited:?}, long after the idle timeout"
+    );
+}
+
+/// After one side's FIN the other may not hold the connection for the whole
+/// idle timeout: the half-close timeout bounds the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_lingers_only_for_the_half_close_timeout() {
+    let waited = time_until_closed("idle_timeout = \"10s\"\nhalf_close_timeout = \"300ms\"", true).await;
     assert!(
         waited >= Duration::from_millis(250),
         "closed after {waited:?}, before the half-close timeout"
