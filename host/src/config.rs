@@ -102,6 +102,13 @@ pub struct ListenerConfig {
     /// is closed.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Source ranges (CIDR) of load balancers that put a PROXY protocol v1
+    /// or v2 header in front of every connection. A connection from these
+    /// ranges must begin with one, and its source and destination become the
+    /// connection's client and local addresses (for plugins, PROXY headers
+    /// sent upstream, and logs). A header from any other source is refused.
+    #[serde(default)]
+    pub accept_proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Once either side of a relayed connection has sent FIN, no byte for
     /// this long closes it (the idle timeout still applies if shorter).
     #[serde(default = "defaults::half_close_timeout", with = "humantime_serde")]

@@ -143,6 +143,7 @@ enum Outcome {
     SniffTimeout,
     ClientGone,
     BadHello(SniffError),
+    BadProxyHeader(String),
     Rejected(String),
     ConnectFailed(String),
     Io(io::Error),
@@ -155,7 +156,8 @@ impl std::fmt::Display for Outcome {
             Outcome::Relayed(RelayEnd::Idle) => f.write_str("idle-timeout"),
             Outcome::Relayed(RelayEnd::HalfCloseTimeout) => f.write_str("half-close-timeout"),
             Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
-            Outcome::ClientGone => f.write_str("client-closed: before its ClientHello was complete"),
+            Outcome::ClientGone => f.write_str("client-closed: before its first bytes were complete"),
+            Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
             Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
             Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
@@ -229,18 +231,38 @@ async fn connect_upstream(
     record: &mut Record,
 ) -> Result<(TcpStream, TcpStream), Outcome> {
     let config = &listener.config;
-    let local_addr = match client.local_addr() {
+    let mut local_addr = match client.local_addr() {
         Ok(addr) => addr,
         Err(e) => return Err(Outcome::Io(e)),
     };
+    // One deadline for everything before routing: PROXY header and hello.
+    let deadline = tokio::time::Instant::now() + config.sniff_timeout;
+    let peer = record.client.ip().to_canonical();
+    let trusted = config.accept_proxy_protocol_from.iter().any(|net| net.contains(&peer));
+    let mut preread = Vec::new();
+    if trusted {
+        let (received, rest) = match tokio::time::timeout_at(deadline, read_proxy_header(&mut client)).await {
+            Err(_) => return Err(Outcome::SniffTimeout),
+            Ok(Err(failure)) => return Err(failure.into()),
+            Ok(Ok(header)) => header,
+        };
+        if let Some((source, destination)) = received.addresses {
+            record.client = source;
+            local_addr = destination;
+        }
+        preread = rest;
+    }
     let (sniffed, hello) = match config.protocol {
-        ListenerProtocol::Plain => (Vec::new(), None),
-        ListenerProtocol::Tls => match tokio::time::timeout(config.sniff_timeout, read_client_hello(&mut client)).await
+        ListenerProtocol::Plain => (preread, None),
+        ListenerProtocol::Tls => match tokio::time::timeout_at(deadline, read_client_hello(&mut client, preread)).await
         {
             Err(_) => return Err(Outcome::SniffTimeout),
-            Ok(Err(SniffFailure::Gone)) => return Err(Outcome::ClientGone),
-            Ok(Err(SniffFailure::Io(e))) => return Err(Outcome::Io(e)),
-            Ok(Err(SniffFailure::Bad(e))) => return Err(Outcome::BadHello(e)),
+            Ok(Err(SniffFailure::Bad(SniffError::NotTls(first)))) if proxy_protocol::looks_like_header(&first) => {
+                return Err(Outcome::BadProxyHeader(format!(
+                    "a PROXY header from {peer}, which accept_proxy_protocol_from does not trust"
+                )));
+            }
+            Ok(Err(failure)) => return Err(failure.into()),
             Ok(Ok((bytes, hello))) => (bytes, Some(hello)),
         },
     };
@@ -325,21 +347,58 @@ async fn send_alert(client: &mut TcpStream, description: u8) {
     let _ = tokio::time::timeout(Duration::from_millis(100), client.write_all(&record)).await;
 }
 
-/// Why sniffing ended without a hello.
+/// Why reading the first bytes (PROXY header, hello) ended without them.
 enum SniffFailure {
-    /// The client closed before its hello was complete.
+    /// The client closed before they were complete.
     Gone,
     /// The bytes are not a hello weir accepts.
     Bad(SniffError),
+    /// The bytes are not a PROXY header weir accepts.
+    BadProxy(String),
     /// The socket failed.
     Io(io::Error),
+}
+
+impl From<SniffFailure> for Outcome {
+    fn from(failure: SniffFailure) -> Outcome {
+        match failure {
+            SniffFailure::Gone => Outcome::ClientGone,
+            SniffFailure::Bad(e) => Outcome::BadHello(e),
+            SniffFailure::BadProxy(reason) => Outcome::BadProxyHeader(reason),
+            SniffFailure::Io(e) => Outcome::Io(e),
+        }
+    }
+}
+
+/// Reads a PROXY header from a trusted load balancer; returns it and the
+/// bytes that followed it (the client's own stream, to be sniffed and
+/// replayed).
+async fn read_proxy_header(client: &mut TcpStream) -> Result<(proxy_protocol::Received, Vec<u8>), SniffFailure> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = client.read(&mut chunk).await.map_err(SniffFailure::Io)?;
+        if n == 0 {
+            return Err(SniffFailure::Gone);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match proxy_protocol::decode(&buf) {
+            Ok(Some(received)) => {
+                let rest = buf.split_off(received.len);
+                return Ok((received, rest));
+            }
+            Ok(None) => {}
+            Err(reason) => return Err(SniffFailure::BadProxy(reason)),
+        }
+    }
 }
 
 /// Reads until the ClientHello is complete and returns every byte read, to
 /// be replayed unchanged. The parser says how many bytes it needs, so a hello
 /// trickling in one byte per segment is not re-parsed for every byte.
-async fn read_client_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), SniffFailure> {
-    let mut buf = Vec::with_capacity(1024);
+async fn read_client_hello(client: &mut TcpStream, already: Vec<u8>) -> Result<(Vec<u8>, ClientHello), SniffFailure> {
+    let mut buf = already;
+    buf.reserve(1024);
     let mut chunk = [0u8; 2048];
     let mut needed = 1;
     loop {

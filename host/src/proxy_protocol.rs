@@ -1,11 +1,96 @@
-//! PROXY protocol headers sent to upstreams (HAProxy's PROXY protocol v1 and
-//! v2), so a backend behind passthrough still learns the client's address.
-//! The encoding is the `ppp` crate's.
+//! PROXY protocol headers (HAProxy's PROXY protocol v1 and v2): sent to
+//! upstreams, so a backend behind passthrough still learns the client's
+//! address, and read from trusted load balancers in front of weir. The wire
+//! format is the `ppp` crate's.
 
 use std::io;
 use std::net::SocketAddr;
 
+use ppp::PartialResult;
 use ppp::v2::{Builder, Command, Protocol, Type, Version};
+
+/// Longest PROXY header accepted from a load balancer (v1 is at most 107
+/// bytes; v2 carries TLVs, which weir reads past).
+pub const MAX_HEADER_LEN: usize = 4096;
+
+/// A PROXY header read from a load balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes the header took; what follows is the client's own stream.
+    pub len: usize,
+    /// The client's (source) and the original destination address, when the
+    /// header carries them (not for v1 UNKNOWN, v2 LOCAL or non-IP families).
+    pub addresses: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// Longest v1 header, CRLF included (the specification's limit).
+const V1_MAX_LEN: usize = 107;
+
+/// Parses the PROXY header at the start of `buf`. `Ok(None)`: more bytes are
+/// needed. Errors are final and say what is wrong.
+///
+/// v1 is a text line, so it is framed here (up to CRLF) before `ppp` parses
+/// it: `ppp` reads some prefixes of a valid line as errors and some short
+/// complete lines as merely incomplete.
+pub fn decode(buf: &[u8]) -> Result<Option<Received>, String> {
+    if b"PROXY ".starts_with(&buf[..buf.len().min(6)]) {
+        let Some(end) = buf.windows(2).position(|pair| pair == b"\r\n") else {
+            return match buf.len() >= V1_MAX_LEN {
+                true => Err(format!("PROXY v1 header longer than {V1_MAX_LEN} bytes")),
+                false => Ok(None),
+            };
+        };
+        let line = &buf[..end + 2];
+        let header = ppp::v1::Header::try_from(line).map_err(|e| format!("malformed PROXY header (v1): {e}"))?;
+        let addresses = match header.addresses {
+            ppp::v1::Addresses::Tcp4(a) => Some((
+                SocketAddr::new(a.source_address.into(), a.source_port),
+                SocketAddr::new(a.destination_address.into(), a.destination_port),
+            )),
+            ppp::v1::Addresses::Tcp6(a) => Some((
+                SocketAddr::new(a.source_address.into(), a.source_port),
+                SocketAddr::new(a.destination_address.into(), a.destination_port),
+            )),
+            ppp::v1::Addresses::Unknown => None,
+        };
+        return Ok(Some(Received {
+            len: line.len(),
+            addresses,
+        }));
+    }
+    let parsed = ppp::v2::Header::try_from(buf);
+    if parsed.is_incomplete() {
+        if buf.len() >= MAX_HEADER_LEN {
+            return Err(format!("PROXY header longer than {MAX_HEADER_LEN} bytes"));
+        }
+        return Ok(None);
+    }
+    let header = parsed.map_err(|e| format!("malformed PROXY header (v2): {e}"))?;
+    let addresses = match (header.command, header.addresses) {
+        (Command::Local, _) => None,
+        (_, ppp::v2::Addresses::IPv4(a)) => Some((
+            SocketAddr::new(a.source_address.into(), a.source_port),
+            SocketAddr::new(a.destination_address.into(), a.destination_port),
+        )),
+        (_, ppp::v2::Addresses::IPv6(a)) => Some((
+            SocketAddr::new(a.source_address.into(), a.source_port),
+            SocketAddr::new(a.destination_address.into(), a.destination_port),
+        )),
+        _ => None,
+    };
+    Ok(Some(Received {
+        len: header.len(),
+        addresses,
+    }))
+}
+
+/// Whether `first` (the first bytes of a connection) is where a PROXY header
+/// would start: to name the problem when one arrives from an untrusted source.
+pub fn looks_like_header(first: &[u8]) -> bool {
+    const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    let prefix = |sig: &[u8]| !first.is_empty() && sig.starts_with(&first[..first.len().min(sig.len())]);
+    prefix(b"PROXY ") || prefix(V2_SIGNATURE)
+}
 
 /// Encodes the header a decision asked for: `client` is the connection's
 /// source, `local` the gateway address it reached. Version 2 also carries the
@@ -57,6 +142,56 @@ mod tests {
         assert_eq!(mapped, b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 443\r\n");
         let mixed = encode(1, addr("192.0.2.1:1000"), addr("[2001:db8::2]:443"), None).expect("encodes");
         assert_eq!(mixed, b"PROXY UNKNOWN\r\n");
+    }
+
+    #[test]
+    fn headers_decode_to_addresses_and_length() {
+        let client = addr("203.0.113.7:4242");
+        let vip = addr("198.51.100.1:443");
+        for version in [1, 2] {
+            let mut wire = encode(version, client, vip, Some("a.example")).expect("encodes");
+            let len = wire.len();
+            wire.extend_from_slice(b"\x16\x03\x01 and the hello");
+            let received = decode(&wire).expect("valid").expect("complete");
+            assert_eq!(
+                received,
+                Received {
+                    len,
+                    addresses: Some((client, vip))
+                },
+                "v{version}"
+            );
+            for end in 0..len {
+                assert_eq!(decode(&wire[..end]), Ok(None), "v{version} prefix {end}");
+            }
+        }
+        let unknown = decode(b"PROXY UNKNOWN\r\nrest").expect("valid").expect("complete");
+        assert_eq!(
+            unknown,
+            Received {
+                len: 15,
+                addresses: None
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        assert!(
+            decode(b"PROXY TCP4 1.2.3.4\r\n")
+                .expect_err("short")
+                .contains("malformed PROXY header")
+        );
+        assert!(
+            decode(b"\x16\x03\x01\x02\x00\x01").is_err(),
+            "a TLS hello is not a PROXY header"
+        );
+        assert!(decode(&[b'P'; 200]).is_err());
+        assert!(looks_like_header(b"PROXY TCP4"));
+        assert!(looks_like_header(b"\r\n\r\n\0"));
+        assert!(looks_like_header(b"PRO"));
+        assert!(!looks_like_header(b"\x16\x03\x01"));
+        assert!(!looks_like_header(b""));
     }
 
     #[test]
