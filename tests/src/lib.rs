@@ -289,9 +289,3 @@ pub async fn read_to_end<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Resul
         .map_err(|_| std::io::Error::other("read did not finish in time"))??;
     Ok(out)
 }
-
-/// Waits for the gateway to close `stream` and says how: `Ok(bytes)` for an
-/// orderly close after those bytes, `Err` for a reset.
-pub async fn closed_by_peer(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    read_to_end(stream).await
-}
