@@ -62,6 +62,14 @@ pub struct Config {
     /// Named groups of upstream servers that decisions can target.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Certificates (chain and key) the gateway presents, by name: to
+    /// clients when it terminates TLS, to upstreams as a client certificate.
+    #[serde(default)]
+    pub certificates: BTreeMap<String, CertificateConfig>,
+    /// Trust anchors, by name: CA bundles that verify client certificates
+    /// and upstreams, and pinned upstream certificate fingerprints.
+    #[serde(default)]
+    pub cas: BTreeMap<String, CaConfig>,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -75,6 +83,11 @@ pub enum ListenerProtocol {
     /// A TLS ClientHello; anything else is closed.
     #[default]
     Tls,
+    /// PostgreSQL clients: an SSLRequest is answered `S` and the
+    /// ClientHello that follows is routed (`postgres-tls`); a ClientHello
+    /// first (PostgreSQL 17 direct TLS) is routed as `tls`; a StartupMessage
+    /// without TLS is routed as `plain`.
+    Postgres,
     /// Nothing is sniffed; plugins route on addresses alone.
     Plain,
 }
@@ -117,6 +130,66 @@ pub struct ListenerConfig {
     /// then `splice(2)` past 64 KiB in a direction), or `splice`.
     #[serde(default)]
     pub relay: RelayMode,
+    /// Deadline for the TLS handshake with the client when the gateway
+    /// terminates, counted from the routing decision.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// TLS settings used when a decision terminates TLS on this listener.
+    #[serde(default)]
+    pub tls: ListenerTls,
+}
+
+/// A listener's TLS settings for terminated connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Lowest TLS version accepted from clients.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Cipher suites offered, by their IANA names (e.g.
+    /// `TLS13_AES_128_GCM_SHA256`, `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`),
+    /// in order of preference. Empty means rustls's defaults.
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
+    /// ALPN protocols offered to clients when a decision names none.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// The chain, end-entity certificate first, relative to the config file.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 RSA or SEC1 EC), relative to the
+    /// config file.
+    pub key: PathBuf,
+}
+
+/// A trust anchor: a CA bundle, pinned certificate fingerprints, or both (then
+/// both must hold).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// PEM file of CA certificates, relative to the config file.
+    pub file: Option<PathBuf>,
+    /// SHA-256 fingerprints (hex, colons allowed) of accepted upstream
+    /// end-entity certificates. Only for verifying upstreams.
+    #[serde(default)]
+    pub pin_sha256: Vec<String>,
 }
 
 /// What the host does with a connection when a plugin fails (traps, runs out
@@ -195,6 +268,9 @@ mod defaults {
     pub fn half_close_timeout() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn plugin_timeout() -> Duration {
         Duration::from_millis(10)
     }
@@ -271,11 +347,14 @@ impl Config {
                 ("connect_timeout", listener.connect_timeout),
                 ("idle_timeout", listener.idle_timeout),
                 ("half_close_timeout", listener.half_close_timeout),
+                ("handshake_timeout", listener.handshake_timeout),
             ] {
                 if value.is_zero() {
                     return Err(self.invalid(field(what), "must be longer than zero"));
                 }
             }
+            crate::tls::check_listener(&listener.tls)
+                .map_err(|(f, reason)| self.invalid(field(&format!("tls.{f}")), reason))?;
         }
         for (name, plugin) in &self.plugins {
             let field = |f: &str| format!("plugins.{name}.{f}");
@@ -293,6 +372,15 @@ impl Config {
                 .is_some_and(|c| !matches!(c, toml::Value::String(_) | toml::Value::Table(_)))
             {
                 return Err(self.invalid(field("config"), "must be a table or a string"));
+            }
+        }
+        for (name, ca) in &self.cas {
+            let field = |f: &str| format!("cas.{name}.{f}");
+            if ca.file.is_none() && ca.pin_sha256.is_empty() {
+                return Err(self.invalid(format!("cas.{name}"), "give `file`, `pin_sha256`, or both"));
+            }
+            for pin in &ca.pin_sha256 {
+                crate::tls::parse_pin(pin).map_err(|reason| self.invalid(field("pin_sha256"), reason))?;
             }
         }
         for (name, pool) in &self.pools {

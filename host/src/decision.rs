@@ -26,6 +26,8 @@ pub struct Decision {
 pub enum Action {
     /// Forward the client's bytes untouched.
     Passthrough(Target),
+    /// Terminate TLS at the gateway.
+    Terminate(Termination),
     /// Close the connection, for this reason.
     Reject(String),
 }
@@ -37,6 +39,61 @@ pub struct Target {
     pub upstream: Upstream,
     /// PROXY protocol version to send first, if any.
     pub proxy_protocol: Option<u8>,
+}
+
+/// How the gateway terminates TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Termination {
+    /// The certificate to present; chosen by SNI when absent.
+    pub certificate: Option<String>,
+    /// Which client certificates are asked for.
+    pub client_auth: ClientAuth,
+    /// ALPN protocols offered to the client; the listener's when empty.
+    pub alpn: Vec<String>,
+    /// What happens to the decrypted stream.
+    pub then: After,
+}
+
+/// Which client certificates a termination asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    /// None.
+    None,
+    /// Verified against this CA when sent.
+    Optional(String),
+    /// Required, verified against this CA.
+    Required(String),
+}
+
+/// What happens after termination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum After {
+    /// Forward the decrypted bytes.
+    Plain(Target),
+    /// Open a TLS connection to the target and forward through it.
+    Reencrypt(Target, UpstreamTls),
+}
+
+impl After {
+    /// The upstream target either way.
+    pub fn target(&self) -> &Target {
+        match self {
+            After::Plain(target) | After::Reencrypt(target, _) => target,
+        }
+    }
+}
+
+/// How the gateway authenticates an upstream it re-encrypts to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// Name to send and verify; the client's SNI when absent.
+    pub server_name: Option<String>,
+    /// Trust anchor (CA bundle and/or pins); the system roots when absent.
+    pub ca: Option<String>,
+    /// Certificate presented to the upstream.
+    pub client_cert: Option<String>,
 }
 
 /// A pool by name, or one address.
@@ -57,7 +114,16 @@ fn display<S: serde::Serializer>(value: &HostPort, s: S) -> Result<S::Ok, S::Err
 pub trait Known {
     /// Whether a pool of this name exists.
     fn has_pool(&self, name: &str) -> bool;
+    /// Whether a certificate of this name exists.
+    fn has_certificate(&self, name: &str) -> bool;
+    /// Whether a trust anchor of this name exists, and if so whether it has
+    /// a CA bundle (pins alone cannot verify clients).
+    fn ca(&self, name: &str) -> Option<bool>;
 }
+
+/// Attested verification is the RA-TLS layer's; until it is present a
+/// decision asking for it is refused rather than quietly weakened.
+const NO_ATTESTATION: &str = "attested verification (RA-TLS) is not available in this build";
 
 impl Decision {
     /// Validates a plugin's decision. `Ok(None)` is `next`.
@@ -66,9 +132,7 @@ impl Decision {
             wit::Action::Next => return Ok(None),
             wit::Action::Passthrough(target) => Action::Passthrough(Target::from_wit(target, known)?),
             wit::Action::Reject(reason) => Action::Reject(reason),
-            wit::Action::Terminate(_) => {
-                return Err("terminate: this gateway has no certificates to terminate TLS with".into());
-            }
+            wit::Action::Terminate(termination) => Action::Terminate(Termination::from_wit(termination, known)?),
         };
         let route = decision.route;
         if route.is_empty() {
@@ -84,6 +148,69 @@ impl Decision {
             return Err(format!("the route name {route:?} contains control characters"));
         }
         Ok(Some(Decision { route, action }))
+    }
+}
+
+impl Termination {
+    fn from_wit(t: wit::Termination, known: &dyn Known) -> Result<Termination, String> {
+        if let Some(name) = &t.certificate
+            && !known.has_certificate(name)
+        {
+            return Err(format!("unknown certificate `{name}`"));
+        }
+        let client_ca = |name: String| match known.ca(&name) {
+            Some(true) => Ok(name),
+            Some(false) => Err(format!(
+                "client authentication needs a CA bundle, and CA `{name}` has only pins"
+            )),
+            None => Err(format!("unknown CA `{name}`")),
+        };
+        let client_auth = match t.client_auth {
+            wit::ClientAuth::None => ClientAuth::None,
+            wit::ClientAuth::Optional(ca) => ClientAuth::Optional(client_ca(ca)?),
+            wit::ClientAuth::Required(ca) => ClientAuth::Required(client_ca(ca)?),
+            wit::ClientAuth::Attested => return Err(format!("client-auth attested: {NO_ATTESTATION}")),
+        };
+        crate::tls::alpn_list(&t.alpn)?;
+        let then = match t.then {
+            wit::After::Plain(target) => After::Plain(Target::from_wit(target, known)?),
+            wit::After::Reencrypt((target, tls)) => {
+                After::Reencrypt(Target::from_wit(target, known)?, UpstreamTls::from_wit(tls, known)?)
+            }
+        };
+        Ok(Termination {
+            certificate: t.certificate,
+            client_auth,
+            alpn: t.alpn,
+            then,
+        })
+    }
+}
+
+impl UpstreamTls {
+    fn from_wit(tls: wit::UpstreamTls, known: &dyn Known) -> Result<UpstreamTls, String> {
+        if tls.attested {
+            return Err(format!("upstream-tls attested: {NO_ATTESTATION}"));
+        }
+        if let Some(name) = &tls.server_name {
+            rustls::pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| format!("upstream server-name `{name}` is neither a DNS name nor an IP address"))?;
+        }
+        if let Some(name) = &tls.ca
+            && known.ca(name).is_none()
+        {
+            return Err(format!("unknown CA `{name}`"));
+        }
+        if let Some(name) = &tls.client_cert
+            && !known.has_certificate(name)
+        {
+            return Err(format!("unknown certificate `{name}`"));
+        }
+        Ok(UpstreamTls {
+            server_name: tls.server_name,
+            ca: tls.ca,
+            client_cert: tls.client_cert,
+        })
     }
 }
 
@@ -115,6 +242,113 @@ mod tests {
     impl Known for Pools {
         fn has_pool(&self, name: &str) -> bool {
             name == "app"
+        }
+        fn has_certificate(&self, name: &str) -> bool {
+            name == "site"
+        }
+        fn ca(&self, name: &str) -> Option<bool> {
+            match name {
+                "clients" => Some(true),
+                "pinned" => Some(false),
+                _ => None,
+            }
+        }
+    }
+
+    fn terminate(certificate: Option<&str>, client_auth: wit::ClientAuth, then: wit::After) -> wit::Decision {
+        wit::Decision {
+            route: "t".into(),
+            action: wit::Action::Terminate(wit::Termination {
+                certificate: certificate.map(Into::into),
+                client_auth,
+                alpn: vec!["h2".into()],
+                then,
+            }),
+        }
+    }
+
+    fn upstream_tls(ca: Option<&str>, client_cert: Option<&str>, server_name: Option<&str>) -> wit::UpstreamTls {
+        wit::UpstreamTls {
+            server_name: server_name.map(Into::into),
+            ca: ca.map(Into::into),
+            client_cert: client_cert.map(Into::into),
+            attested: false,
+        }
+    }
+
+    fn pool() -> wit::Target {
+        wit::Target {
+            upstream: wit::Upstream::Pool("app".into()),
+            proxy_protocol: None,
+        }
+    }
+
+    #[test]
+    fn terminations_are_checked_against_the_snapshot() {
+        let good = terminate(
+            Some("site"),
+            wit::ClientAuth::Required("clients".into()),
+            wit::After::Reencrypt((pool(), upstream_tls(Some("pinned"), Some("site"), Some("db.internal")))),
+        );
+        let decision = Decision::from_wit(good, &Pools).expect("valid").expect("not next");
+        let Action::Terminate(t) = decision.action else {
+            panic!("not a termination: {decision:?}")
+        };
+        assert_eq!(t.client_auth, ClientAuth::Required("clients".into()));
+        assert_eq!(t.then.target().upstream, Upstream::Pool("app".into()));
+        let cases = [
+            (
+                terminate(Some("nope"), wit::ClientAuth::None, wit::After::Plain(pool())),
+                "unknown certificate `nope`",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::Required("nope".into()),
+                    wit::After::Plain(pool()),
+                ),
+                "unknown CA `nope`",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::Optional("pinned".into()),
+                    wit::After::Plain(pool()),
+                ),
+                "has only pins",
+            ),
+            (
+                terminate(None, wit::ClientAuth::Attested, wit::After::Plain(pool())),
+                "not available",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::None,
+                    wit::After::Reencrypt((pool(), upstream_tls(Some("nope"), None, None))),
+                ),
+                "unknown CA `nope`",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::None,
+                    wit::After::Reencrypt((pool(), upstream_tls(None, Some("nope"), None))),
+                ),
+                "unknown certificate `nope`",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::None,
+                    wit::After::Reencrypt((pool(), upstream_tls(None, None, Some("bad name!")))),
+                ),
+                "neither a DNS name",
+            ),
+        ];
+        for (decision, expected) in cases {
+            let err = Decision::from_wit(decision, &Pools).expect_err(expected);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
         }
     }
 

@@ -15,13 +15,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::addr::HostPort;
+use rustls::pki_types::ServerName;
+
 use crate::config::{Config, ListenerProtocol};
-use crate::decision::{Action, Target, Upstream};
+use crate::decision::{Action, After, ClientAuth, Target, Termination, Upstream, UpstreamTls};
 use crate::plugin::{PluginError, Runtime, wit};
+use crate::postgres::{self, First, PostgresError};
 use crate::proxy_protocol;
-use crate::relay::{RelayEnd, Timeouts, Transfer, relay};
+use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
+use crate::rewind::Rewind;
 use crate::snapshot::{Listener, Snapshot, SnapshotError};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
+use crate::tls::{Admission, TerminateError, describe_peer};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +148,12 @@ enum Outcome {
     SniffTimeout,
     ClientGone,
     BadHello(SniffError),
+    BadStartup(PostgresError),
     BadProxyHeader(String),
     Rejected(String),
+    HandshakeTimeout,
+    HandshakeFailed(io::Error),
+    Denied(String),
     ConnectFailed(String),
     Io(io::Error),
 }
@@ -159,8 +168,12 @@ impl std::fmt::Display for Outcome {
             Outcome::ClientGone => f.write_str("client-closed: before its first bytes were complete"),
             Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
             Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
+            Outcome::BadStartup(e) => write!(f, "bad-startup: {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
             Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
+            Outcome::HandshakeTimeout => f.write_str("handshake-timeout: the client's TLS handshake took too long"),
+            Outcome::HandshakeFailed(e) => write!(f, "handshake-failed: {e}"),
+            Outcome::Denied(reason) => write!(f, "denied: {reason:?}"),
             Outcome::ConnectFailed(reason) => write!(f, "connect-failed: {reason}"),
             Outcome::Io(e) => write!(f, "io-error: {e}"),
         }
@@ -174,17 +187,19 @@ struct Record {
     client: SocketAddr,
     sni: Option<String>,
     route: Option<String>,
+    mode: Option<&'static str>,
     upstream: Option<String>,
     transfer: Transfer,
 }
 
-async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Listener, snapshot: &Snapshot) {
+async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Listener>, snapshot: &Snapshot) {
     let mut record = Record {
         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
         started: Instant::now(),
         client: client_addr,
         sni: None,
         route: None,
+        mode: None,
         upstream: None,
         transfer: Transfer::default(),
     };
@@ -196,40 +211,83 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Listener,
     let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let sni = record.sni.as_deref().unwrap_or("-");
     let route = record.route.as_deref().unwrap_or("-");
+    let mode = record.mode.unwrap_or("-");
     let upstream = record.upstream.as_deref().unwrap_or("-");
     let listener = &*listener.name;
     let (id, client) = (record.id, record.client);
-    tracing::info!(id, listener, %client, sni, route, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
+    tracing::info!(id, listener, %client, sni, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
+}
+
+/// What the client sent before routing, and how.
+struct Front {
+    client: TcpStream,
+    local_addr: SocketAddr,
+    /// Every byte read that the upstream (or rustls) has yet to see.
+    sniffed: Vec<u8>,
+    protocol: wit::Protocol,
+    hello: ClientHello,
+}
+
+impl Front {
+    /// Whether the client is speaking TLS, so refusals can be TLS alerts.
+    fn speaks_tls(&self) -> bool {
+        self.protocol != wit::Protocol::Plain
+    }
+
+    /// Tells a client that is about to be closed why, in its own protocol:
+    /// a TLS alert, or a PostgreSQL ErrorResponse to a client without TLS.
+    async fn refuse(&mut self, listener: &Listener, alert: u8, reason: &str) {
+        if self.speaks_tls() {
+            send_alert(&mut self.client, alert).await;
+        } else if listener.config.protocol == ListenerProtocol::Postgres {
+            let message = postgres::error_response(&format!("weir: {reason}"));
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.client.write_all(&message)).await;
+        }
+    }
 }
 
 /// Takes a connection from sniffing to the end of its relay. Returning drops
 /// (closes) the client socket.
-async fn proxy(client: TcpStream, listener: &Listener, snapshot: &Snapshot, record: &mut Record) -> Outcome {
-    // Setup is its own future, so the hello, the plugin's view of the
-    // connection and the replay buffer are gone before the (long) relay.
-    let (client, upstream) = match connect_upstream(client, listener, snapshot, record).await {
-        Ok(pair) => pair,
+async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot, record: &mut Record) -> Outcome {
+    let mut front = match read_front(client, listener, record).await {
+        Ok(front) => front,
         Err(outcome) => return outcome,
     };
-    let config = &listener.config;
-    let timeouts = Timeouts {
-        idle: config.idle_timeout,
-        half_close: config.half_close_timeout,
+    record.sni.clone_from(&front.hello.sni);
+    let conn = wit::Connection {
+        id: record.id,
+        listener: listener.name.to_string(),
+        tenant: None,
+        client_addr: record.client.to_string(),
+        local_addr: front.local_addr.to_string(),
+        protocol: front.protocol,
+        sni: front.hello.sni.clone(),
+        alpn: std::mem::take(&mut front.hello.alpn),
+        tls_versions: std::mem::take(&mut front.hello.versions),
     };
-    match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
-        Ok(end) => Outcome::Relayed(end),
-        Err(e) => Outcome::Io(e),
+    let routing = snapshot.route(listener, &conn);
+    record.route = Some(routing.decision.route.clone());
+    let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
+        (_, true) => ALERT_INTERNAL_ERROR,
+        (true, false) => ALERT_ACCESS_DENIED,
+        (false, false) => ALERT_UNRECOGNIZED_NAME,
+    };
+    match routing.decision.action {
+        Action::Reject(reason) => {
+            front.refuse(listener, refusal_alert, &reason).await;
+            Outcome::Rejected(reason)
+        }
+        Action::Passthrough(target) => {
+            record.mode = Some("passthrough");
+            passthrough(front, &target, listener, snapshot, record).await
+        }
+        Action::Terminate(termination) => terminate(front, conn, &termination, listener, snapshot, record).await,
     }
 }
 
-/// Sniffs, routes, connects, and writes the PROXY header and the sniffed
-/// bytes: everything before relaying.
-async fn connect_upstream(
-    mut client: TcpStream,
-    listener: &Listener,
-    snapshot: &Snapshot,
-    record: &mut Record,
-) -> Result<(TcpStream, TcpStream), Outcome> {
+/// Reads the PROXY header (from trusted sources) and the client's first
+/// bytes, all under the listener's sniff deadline.
+async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Record) -> Result<Front, Outcome> {
     let config = &listener.config;
     let mut local_addr = match client.local_addr() {
         Ok(addr) => addr,
@@ -252,70 +310,98 @@ async fn connect_upstream(
         }
         preread = rest;
     }
-    let (sniffed, hello) = match config.protocol {
-        ListenerProtocol::Plain => (preread, None),
-        ListenerProtocol::Tls => match tokio::time::timeout_at(deadline, read_client_hello(&mut client, preread)).await
-        {
-            Err(_) => return Err(Outcome::SniffTimeout),
-            Ok(Err(SniffFailure::Bad(SniffError::NotTls(first)))) if proxy_protocol::looks_like_header(&first) => {
-                return Err(Outcome::BadProxyHeader(format!(
-                    "a PROXY header from {peer}, which accept_proxy_protocol_from does not trust"
-                )));
-            }
-            Ok(Err(failure)) => return Err(failure.into()),
-            Ok(Ok((bytes, hello))) => (bytes, Some(hello)),
-        },
+    let read = match config.protocol {
+        ListenerProtocol::Plain => Ok((preread, wit::Protocol::Plain, None)),
+        ListenerProtocol::Tls => tokio::time::timeout_at(deadline, read_client_hello(&mut client, preread))
+            .await
+            .map_err(|_| Outcome::SniffTimeout)?
+            .map(|(bytes, hello)| (bytes, wit::Protocol::Tls, Some(hello))),
+        ListenerProtocol::Postgres => tokio::time::timeout_at(deadline, read_postgres(&mut client, preread))
+            .await
+            .map_err(|_| Outcome::SniffTimeout)?,
     };
-    let protocol = match config.protocol {
-        ListenerProtocol::Tls => wit::Protocol::Tls,
-        ListenerProtocol::Plain => wit::Protocol::Plain,
+    let (sniffed, protocol, hello) = match read {
+        Ok(read) => read,
+        Err(SniffFailure::Bad(SniffError::NotTls(first))) if proxy_protocol::looks_like_header(&first) => {
+            return Err(Outcome::BadProxyHeader(format!(
+                "a PROXY header from {peer}, which accept_proxy_protocol_from does not trust"
+            )));
+        }
+        Err(failure) => return Err(failure.into()),
     };
     let hello = hello.unwrap_or(ClientHello {
         sni: None,
         alpn: Vec::new(),
         versions: Vec::new(),
     });
-    record.sni.clone_from(&hello.sni);
-    let conn = wit::Connection {
-        id: record.id,
-        listener: listener.name.to_string(),
-        tenant: None,
-        client_addr: record.client.to_string(),
-        local_addr: local_addr.to_string(),
+    Ok(Front {
+        client,
+        local_addr,
+        sniffed,
         protocol,
-        sni: hello.sni,
-        alpn: hello.alpn,
-        tls_versions: hello.versions,
-    };
+        hello,
+    })
+}
 
-    let routing = snapshot.route(listener, &conn);
-    record.route = Some(routing.decision.route.clone());
-    let speaks_tls = config.protocol == ListenerProtocol::Tls;
-    let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
-        (_, true) => ALERT_INTERNAL_ERROR,
-        (true, false) => ALERT_ACCESS_DENIED,
-        (false, false) => ALERT_UNRECOGNIZED_NAME,
-    };
-    let target = match routing.decision.action {
-        Action::Reject(reason) => {
-            if speaks_tls {
-                send_alert(&mut client, refusal_alert).await;
-            }
-            return Err(Outcome::Rejected(reason));
-        }
-        Action::Passthrough(target) => target,
-    };
-    let (mut upstream, upstream_addr) = match connect(&target, snapshot, config.connect_timeout).await {
-        Ok(connected) => connected,
-        Err(reason) => {
-            if speaks_tls {
-                send_alert(&mut client, ALERT_INTERNAL_ERROR).await;
-            }
-            return Err(Outcome::ConnectFailed(reason));
+/// Passthrough: connect, introduce the client (PROXY header; for PostgreSQL
+/// TLS, weir's own SSLRequest, which must be answered `S`), replay the sniffed
+/// bytes, relay.
+async fn passthrough(
+    mut front: Front,
+    target: &Target,
+    listener: &Listener,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Outcome {
+    let config = &listener.config;
+    let ssl_request = front.protocol == wit::Protocol::PostgresTls;
+    let mut upstream = match open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record).await {
+        Ok(upstream) => upstream,
+        Err(outcome) => {
+            front
+                .refuse(listener, ALERT_INTERNAL_ERROR, "no upstream is reachable")
+                .await;
+            return outcome;
         }
     };
+    if let Err(e) = upstream.write_all(&front.sniffed).await {
+        return Outcome::Io(e);
+    }
+    record
+        .transfer
+        .client_to_upstream
+        .fetch_add(front.sniffed.len() as u64, Ordering::Relaxed);
+    // The hello and the replay buffer are not needed during the relay.
+    let client = front.client;
+    drop(front.sniffed);
+    let timeouts = Timeouts {
+        idle: config.idle_timeout,
+        half_close: config.half_close_timeout,
+    };
+    match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
+        Ok(end) => Outcome::Relayed(end),
+        Err(e) => Outcome::Io(e),
+    }
+}
+
+/// Connects to the target and sends what precedes the client's own bytes:
+/// the PROXY header, and with `ssl_request` (a PostgreSQL upstream that is
+/// to speak TLS) an SSLRequest whose answer must be exactly `S`; all within
+/// the connect deadline.
+async fn open_upstream(
+    target: &Target,
+    ssl_request: bool,
+    local_addr: SocketAddr,
+    listener: &Listener,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Result<TcpStream, Outcome> {
+    let config = &listener.config;
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let (mut upstream, upstream_addr) = connect(target, snapshot, deadline)
+        .await
+        .map_err(Outcome::ConnectFailed)?;
     record.upstream = Some(upstream_addr.to_string());
-    // The PROXY header, if any, and the sniffed bytes go out in one write.
     let mut first = match target.proxy_protocol {
         Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref()) {
             Ok(header) => header,
@@ -323,15 +409,156 @@ async fn connect_upstream(
         },
         None => Vec::new(),
     };
-    first.extend_from_slice(&sniffed);
-    if let Err(e) = upstream.write_all(&first).await {
+    if ssl_request {
+        first.extend_from_slice(&postgres::SSL_REQUEST);
+        let answer = async {
+            upstream.write_all(&first).await?;
+            let mut answer = [0u8; 64];
+            let n = upstream.read(&mut answer).await?;
+            Ok::<_, io::Error>(answer[..n].to_vec())
+        };
+        let checked = match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err("no answer to the SSLRequest before the connect deadline".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(answer)) => postgres::check_answer(&answer),
+        };
+        if let Err(reason) = checked {
+            return Err(Outcome::ConnectFailed(format!("{upstream_addr}: {reason}")));
+        }
+    } else if let Err(e) = upstream.write_all(&first).await {
         return Err(Outcome::Io(e));
     }
-    record
-        .transfer
-        .client_to_upstream
-        .fetch_add(sniffed.len() as u64, Ordering::Relaxed);
-    Ok((client, upstream))
+    Ok(upstream)
+}
+
+/// Termination: TLS handshake with the client (client authentication and
+/// `admit` inside it), then plain or re-encrypted to the target.
+async fn terminate(
+    mut front: Front,
+    conn: wit::Connection,
+    termination: &Termination,
+    listener: &Arc<Listener>,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Outcome {
+    let reencrypting = matches!(termination.then, After::Reencrypt(..));
+    record.mode = Some(if reencrypting { "reencrypt" } else { "terminate" });
+    if !front.speaks_tls() {
+        let reason = "the decision terminates TLS, but this client did not start TLS";
+        front.refuse(listener, ALERT_INTERNAL_ERROR, reason).await;
+        return Outcome::Rejected(reason.into());
+    }
+    let admission = match termination.client_auth {
+        ClientAuth::None => None,
+        _ => Some(Arc::new(Admission::new(Arc::clone(listener), conn.clone()))),
+    };
+    let sni = conn.sni.as_deref();
+    let server_config =
+        match snapshot
+            .tls()
+            .server_config(&listener.name, &listener.tls, termination, sni, admission.clone())
+        {
+            Ok(config) => config,
+            Err(e) => {
+                let alert = match e {
+                    TerminateError::NoCertificate(_) => ALERT_UNRECOGNIZED_NAME,
+                    TerminateError::Config(_) => ALERT_INTERNAL_ERROR,
+                };
+                front.refuse(listener, alert, &e.to_string()).await;
+                return Outcome::Rejected(e.to_string());
+            }
+        };
+    let config = &listener.config;
+    let client = Rewind::new(std::mem::take(&mut front.sniffed), front.client);
+    let accept = tokio_rustls::TlsAcceptor::from(server_config).accept(client);
+    let mut tls = match tokio::time::timeout(config.handshake_timeout, accept).await {
+        Err(_) => return Outcome::HandshakeTimeout,
+        Ok(Err(e)) => {
+            return match admission.and_then(|a| a.outcome()) {
+                Some(Err(reason)) => Outcome::Denied(reason),
+                _ => Outcome::HandshakeFailed(e),
+            };
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    // A resumed session skips certificate verification, and with it the
+    // `admit` inside the handshake: ask the plugins now.
+    if let Some(admission) = &admission
+        && admission.outcome().is_none()
+        && let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first)
+        && let Err(reason) = admission.check(wit::Side::Client, &cert.clone())
+    {
+        let _ = tls.shutdown().await;
+        return Outcome::Denied(reason);
+    }
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let target = termination.then.target();
+    let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
+    let upstream = match open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record).await {
+        Ok(upstream) => upstream,
+        Err(outcome) => {
+            let _ = tls.shutdown().await;
+            return outcome;
+        }
+    };
+    let timeouts = Timeouts {
+        idle: config.idle_timeout,
+        half_close: config.half_close_timeout,
+    };
+    let ended = match &termination.then {
+        After::Plain(_) => relay_streams(tls, upstream, timeouts, &record.transfer).await,
+        After::Reencrypt(_, upstream_tls) => {
+            let upstream = match reencrypt(upstream, upstream_tls, &conn, alpn.as_deref(), listener, snapshot).await {
+                Ok(upstream) => upstream,
+                Err(outcome) => {
+                    let _ = tls.shutdown().await;
+                    return outcome;
+                }
+            };
+            relay_streams(tls, upstream, timeouts, &record.transfer).await
+        }
+    };
+    match ended {
+        Ok(end) => Outcome::Relayed(end),
+        Err(e) => Outcome::Io(e),
+    }
+}
+
+/// The TLS handshake with an upstream, then the plugins' `admit` on its
+/// certificate.
+async fn reencrypt(
+    upstream: TcpStream,
+    upstream_tls: &UpstreamTls,
+    conn: &wit::Connection,
+    alpn: Option<&[u8]>,
+    listener: &Listener,
+    snapshot: &Snapshot,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Outcome> {
+    let peer_ip = upstream.peer_addr().map(|a| a.ip());
+    let name = match (&upstream_tls.server_name, &conn.sni, peer_ip) {
+        (Some(name), _, _) | (None, Some(name), _) => ServerName::try_from(name.clone()),
+        (None, None, Ok(ip)) => Ok(ServerName::IpAddress(ip.into())),
+        (None, None, Err(e)) => return Err(Outcome::Io(e)),
+    };
+    let name = name.map_err(|e| Outcome::ConnectFailed(format!("upstream server name: {e}")))?;
+    let client_config = snapshot
+        .tls()
+        .client_config(upstream_tls, alpn)
+        .map_err(|reason| Outcome::ConnectFailed(format!("upstream TLS: {reason}")))?;
+    let connect = tokio_rustls::TlsConnector::from(client_config).connect(name, upstream);
+    let tls = match tokio::time::timeout(listener.config.handshake_timeout, connect).await {
+        Err(_) => return Err(Outcome::ConnectFailed("upstream TLS handshake timed out".into())),
+        Ok(Err(e)) => return Err(Outcome::ConnectFailed(format!("upstream TLS handshake: {e}"))),
+        Ok(Ok(tls)) => tls,
+    };
+    let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first) else {
+        return Err(Outcome::ConnectFailed("the upstream presented no certificate".into()));
+    };
+    let admitted = describe_peer(cert).and_then(|peer| listener.admit(conn, wit::Side::Upstream, &peer));
+    match admitted {
+        Ok(()) => Ok(tls),
+        Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),
+    }
 }
 
 /// TLS alert descriptions (RFC 8446, 6) sent when a TLS client is refused,
@@ -353,6 +580,8 @@ enum SniffFailure {
     Gone,
     /// The bytes are not a hello weir accepts.
     Bad(SniffError),
+    /// The bytes are not a PostgreSQL start weir accepts.
+    Postgres(PostgresError),
     /// The bytes are not a PROXY header weir accepts.
     BadProxy(String),
     /// The socket failed.
@@ -364,6 +593,7 @@ impl From<SniffFailure> for Outcome {
         match failure {
             SniffFailure::Gone => Outcome::ClientGone,
             SniffFailure::Bad(e) => Outcome::BadHello(e),
+            SniffFailure::Postgres(e) => Outcome::BadStartup(e),
             SniffFailure::BadProxy(reason) => Outcome::BadProxyHeader(reason),
             SniffFailure::Io(e) => Outcome::Io(e),
         }
@@ -421,9 +651,56 @@ async fn read_client_hello(client: &mut TcpStream, already: Vec<u8>) -> Result<(
     }
 }
 
+/// Reads a PostgreSQL client's start: an SSLRequest is answered `S` (only
+/// when nothing followed it) and the ClientHello after it read; a
+/// GSSENCRequest is answered `N` and the next message read; a ClientHello
+/// first is direct TLS; a StartupMessage or CancelRequest is plain.
+async fn read_postgres(
+    client: &mut TcpStream,
+    already: Vec<u8>,
+) -> Result<(Vec<u8>, wit::Protocol, Option<ClientHello>), SniffFailure> {
+    let mut buf = already;
+    let mut chunk = [0u8; 512];
+    loop {
+        match postgres::classify(&buf).map_err(SniffFailure::Postgres)? {
+            First::Incomplete(_) => {
+                let n = client.read(&mut chunk).await.map_err(SniffFailure::Io)?;
+                if n == 0 {
+                    return Err(SniffFailure::Gone);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            First::Tls => {
+                let (bytes, hello) = read_client_hello(client, buf).await?;
+                return Ok((bytes, wit::Protocol::Tls, Some(hello)));
+            }
+            First::SslRequest { trailing: 0 } => {
+                client.write_all(b"S").await.map_err(SniffFailure::Io)?;
+                let (bytes, hello) = read_client_hello(client, Vec::new()).await?;
+                return Ok((bytes, wit::Protocol::PostgresTls, Some(hello)));
+            }
+            First::SslRequest { trailing } => {
+                return Err(SniffFailure::Postgres(PostgresError::BytesAfterSslRequest(trailing)));
+            }
+            First::GssEncRequest { trailing: 0 } => {
+                client.write_all(b"N").await.map_err(SniffFailure::Io)?;
+                buf.clear();
+            }
+            First::GssEncRequest { trailing } => {
+                return Err(SniffFailure::Postgres(PostgresError::BytesAfterGssEncRequest(trailing)));
+            }
+            First::Plain => return Ok((buf, wit::Protocol::Plain, None)),
+        }
+    }
+}
+
 /// Connects to the target: a pool's servers in turn, or the one address,
 /// all within one connect deadline.
-async fn connect(target: &Target, snapshot: &Snapshot, timeout: Duration) -> Result<(TcpStream, HostPort), String> {
+async fn connect(
+    target: &Target,
+    snapshot: &Snapshot,
+    deadline: tokio::time::Instant,
+) -> Result<(TcpStream, HostPort), String> {
     let candidates: Vec<&HostPort> = match &target.upstream {
         Upstream::Address(addr) => vec![addr],
         Upstream::Pool(name) => match snapshot.pool(name) {
@@ -431,7 +708,6 @@ async fn connect(target: &Target, snapshot: &Snapshot, timeout: Duration) -> Res
             None => return Err(format!("pool `{name}` vanished")),
         },
     };
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut failures = Vec::new();
     for server in candidates {
         let attempt = async {
@@ -448,7 +724,7 @@ async fn connect(target: &Target, snapshot: &Snapshot, timeout: Duration) -> Res
             }
             Ok(Err(e)) => failures.push(format!("{server}: {e}")),
             Err(_) => {
-                failures.push(format!("{server}: no answer within {timeout:?}"));
+                failures.push(format!("{server}: no answer before the connect deadline"));
                 break;
             }
         }

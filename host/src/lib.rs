@@ -1,11 +1,13 @@
 //! weir: a TLS gateway whose routing and policy decisions are made by
 //! WebAssembly plugins behind one WIT contract (`wit/weir.wit`).
 //!
-//! The host owns sockets, sniffing and relaying; plugins only decide. A
+//! The host owns sockets, sniffing, TLS and relaying; plugins only decide. A
 //! connection flows through [`gateway`]: its first bytes are parsed by
-//! [`sniff`], the listener's plugin chain in the current [`snapshot`] decides
-//! (plugins run in [`plugin`]), the decision is validated ([`decision`]), and
-//! the bytes are [`relay`]ed untouched.
+//! [`sniff`] (after [`postgres`]'s SSLRequest on PostgreSQL listeners), the
+//! listener's plugin chain in the current [`snapshot`] decides (plugins run in
+//! [`plugin`]), the decision is validated ([`decision`]), and the bytes are
+//! [`relay`]ed untouched, or TLS is terminated (and re-encrypted) with the
+//! certificates and trust anchors of [`tls`].
 //!
 //! Unsafe code is denied crate-wide; the only exception is the module that
 //! wasmtime's `bindgen!` generates for the WIT contract.
@@ -16,10 +18,13 @@ pub mod config;
 pub mod decision;
 pub mod gateway;
 pub mod plugin;
+pub mod postgres;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod rewind;
 pub mod snapshot;
 pub mod sniff;
+pub mod tls;
 
 #[cfg(test)]
 mod testdata;

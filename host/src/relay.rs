@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
@@ -85,6 +85,15 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            half_closed: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
     fn touch(&self) {
         self.last_ms.store(millis_since(self.start), Ordering::Relaxed);
     }
@@ -113,12 +122,7 @@ pub async fn relay(
     timeouts: Timeouts,
     transfer: &Transfer,
 ) -> io::Result<RelayEnd> {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        half_closed: AtomicBool::new(false),
-        changed: Notify::new(),
-    };
+    let activity = Activity::new();
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     let up = pump(
@@ -137,14 +141,84 @@ pub async fn relay(
         transfer,
         &activity,
     );
+    both_ways(up, down, &activity, timeouts).await
+}
+
+/// Relays between any two streams (TLS on either side) by copying, with
+/// the same half-close and timeout rules as [`relay`]. A peer that closes its
+/// TCP connection without a TLS close_notify counts as having finished.
+pub async fn relay_streams<C, U>(
+    client: C,
+    upstream: U,
+    timeouts: Timeouts,
+    transfer: &Transfer,
+) -> io::Result<RelayEnd>
+where
+    C: AsyncRead + AsyncWrite,
+    U: AsyncRead + AsyncWrite,
+{
+    let activity = Activity::new();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let up = pump_stream(
+        &mut client_read,
+        &mut upstream_write,
+        &transfer.client_to_upstream,
+        &activity,
+    );
+    let down = pump_stream(
+        &mut upstream_read,
+        &mut client_write,
+        &transfer.upstream_to_client,
+        &activity,
+    );
+    both_ways(up, down, &activity, timeouts).await
+}
+
+/// Runs both directions until both end, an error ends either, or the
+/// connection idles out.
+async fn both_ways(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+    activity: &Activity,
+    timeouts: Timeouts,
+) -> io::Result<RelayEnd> {
     let both = async {
         tokio::try_join!(up, down)?;
         Ok(RelayEnd::Closed)
     };
     tokio::select! {
         result = both => result,
-        end = idle_watch(&activity, timeouts) => Ok(end),
+        end = idle_watch(activity, timeouts) => Ok(end),
     }
+}
+
+/// One direction between generic streams: copy until EOF, then shut the
+/// writer down (FIN, or close_notify and FIN for TLS).
+async fn pump_stream<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            // TLS without close_notify: the peer is gone all the same.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        writer.write_all(&buf[..n]).await?;
+        // TLS streams buffer records until flushed.
+        writer.flush().await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+    activity.half_close();
+    writer.shutdown().await
 }
 
 /// One direction: copy, then splice where the mode and platform allow, until

@@ -15,6 +15,7 @@ use crate::addr::HostPort;
 use crate::config::{Config, ListenerConfig, OnError};
 use crate::decision::{Action, Decision, Known};
 use crate::plugin::{Plugin, PluginError, Runtime, wit};
+use crate::tls::{ListenerSettings, TlsMaterial, check_listener};
 
 /// Why a snapshot could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,16 @@ pub enum SnapshotError {
         /// What went wrong.
         error: PluginError,
     },
+    /// A certificate, CA or TLS setting could not be loaded.
+    #[error("{}: {field}: {reason}", config.display())]
+    Tls {
+        /// The config file.
+        config: std::path::PathBuf,
+        /// The dotted path of the field.
+        field: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// A listener's settings and its plugin chain.
@@ -39,7 +50,32 @@ pub struct Listener {
     pub name: Arc<str>,
     /// Its settings.
     pub config: ListenerConfig,
+    /// TLS settings for terminated connections.
+    pub tls: ListenerSettings,
     chain: Vec<Arc<Plugin>>,
+}
+
+impl Listener {
+    /// Asks every plugin of the chain whether to admit an authenticated
+    /// peer. The first deny is the answer; a failing plugin denies, unless
+    /// its `on_error` is `next`, which skips it.
+    pub fn admit(&self, conn: &wit::Connection, side: wit::Side, peer: &wit::Peer) -> Result<(), String> {
+        for plugin in &self.chain {
+            let name = plugin.name();
+            match plugin.admit(conn, side, peer) {
+                Ok(wit::Verdict::Allow) => {}
+                Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
+                Err(error) => {
+                    let on_error = plugin.on_error();
+                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, "plugin failed in admit");
+                    if on_error == OnError::Deny {
+                        return Err(format!("plugin `{name}` {error}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A named set of servers, tried in turn from a rotating start.
@@ -65,11 +101,20 @@ pub struct Snapshot {
     pub config: Config,
     listeners: BTreeMap<String, Arc<Listener>>,
     pools: BTreeMap<String, Pool>,
+    tls: TlsMaterial,
 }
 
 impl Known for Snapshot {
     fn has_pool(&self, name: &str) -> bool {
         self.pools.contains_key(name)
+    }
+
+    fn has_certificate(&self, name: &str) -> bool {
+        self.tls.has_certificate(name)
+    }
+
+    fn ca(&self, name: &str) -> Option<bool> {
+        self.tls.ca(name)
     }
 }
 
@@ -132,6 +177,12 @@ impl Routing {
 impl Snapshot {
     /// Loads and configures every plugin, and resolves every reference.
     pub fn build(config: Config, runtime: &Runtime) -> Result<Snapshot, SnapshotError> {
+        let tls_error = |(field, reason): crate::tls::Invalid| SnapshotError::Tls {
+            config: config.path.clone(),
+            field,
+            reason,
+        };
+        let tls = TlsMaterial::load(&config).map_err(tls_error)?;
         let mut plugins = BTreeMap::new();
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);
@@ -148,6 +199,8 @@ impl Snapshot {
             .listeners
             .iter()
             .map(|(name, listener)| {
+                let settings = check_listener(&listener.tls)
+                    .map_err(|(field, reason)| tls_error((format!("listeners.{name}.tls.{field}"), reason)))?;
                 // `Config::check` proved every chain entry names a plugin.
                 let chain = listener
                     .plugins
@@ -157,11 +210,12 @@ impl Snapshot {
                 let listener = Listener {
                     name: name.as_str().into(),
                     config: listener.clone(),
+                    tls: settings,
                     chain,
                 };
-                (name.clone(), Arc::new(listener))
+                Ok((name.clone(), Arc::new(listener)))
             })
-            .collect();
+            .collect::<Result<_, SnapshotError>>()?;
         let pools = config
             .pools
             .iter()
@@ -181,6 +235,7 @@ impl Snapshot {
             config,
             listeners,
             pools,
+            tls,
         })
     }
 
@@ -192,6 +247,11 @@ impl Snapshot {
     /// All listeners, by name.
     pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
         self.listeners.values()
+    }
+
+    /// Certificates, trust anchors and the TLS configs built from them.
+    pub fn tls(&self) -> &TlsMaterial {
+        &self.tls
     }
 
     /// A pool by name.

@@ -1,0 +1,848 @@
+//! TLS at the gateway: certificates and trust anchors loaded from the config,
+//! server configs for terminated connections (certificate by name or by SNI,
+//! client authentication ending in the plugins' `admit`), and client configs
+//! for re-encryption (CA bundle, pinned fingerprints, client certificate).
+//!
+//! Resumption is bound to what a session was issued under: every distinct
+//! termination (listener, certificates, client authentication, ALPN) gets its
+//! own session cache and ticket key, and one snapshot's are never shared with
+//! another's. A ticket therefore cannot carry a client past a different
+//! route's client authentication, a changed CA, or a reload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme, SupportedProtocolVersion,
+};
+use weir_plugin_sdk::names::{self, Pattern};
+
+use crate::config::{Config, ListenerTls, TlsVersion};
+use crate::decision::{ClientAuth, Termination, UpstreamTls};
+use crate::plugin::wit;
+use crate::snapshot::Listener;
+
+/// Sessions kept per termination for ID-based (TLS 1.2) resumption.
+const SESSION_CACHE_SIZE: usize = 4096;
+/// Most distinct terminations whose configs are kept; beyond this a config is
+/// built per connection (and cannot resume).
+const MAX_CACHED_CONFIGS: usize = 1024;
+
+/// A field of the config and what is wrong with it.
+pub type Invalid = (String, String);
+
+static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The crypto provider everything here uses.
+fn base_provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// A listener's TLS settings, resolved.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    provider: Arc<CryptoProvider>,
+    versions: &'static [&'static SupportedProtocolVersion],
+    alpn: Vec<Vec<u8>>,
+}
+
+/// Checks a listener's TLS settings and resolves them. Errors name the field
+/// under `tls`.
+pub fn check_listener(tls: &ListenerTls) -> Result<ListenerSettings, Invalid> {
+    let invalid = |field: &str, reason: String| (field.to_owned(), reason);
+    let versions: &'static [&'static SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => rustls::ALL_VERSIONS,
+        TlsVersion::Tls13 => TLS13_ONLY,
+    };
+    let mut provider = base_provider();
+    if !tls.cipher_suites.is_empty() {
+        let mut suites = Vec::new();
+        for name in &tls.cipher_suites {
+            let found = rustls::crypto::ring::ALL_CIPHER_SUITES
+                .iter()
+                .find(|s| s.suite().as_str() == Some(name.as_str()));
+            match found {
+                Some(suite) => suites.push(*suite),
+                None => {
+                    let known: Vec<&str> = rustls::crypto::ring::ALL_CIPHER_SUITES
+                        .iter()
+                        .filter_map(|s| s.suite().as_str())
+                        .collect();
+                    return Err(invalid(
+                        "cipher_suites",
+                        format!("unknown cipher suite `{name}` (known: {})", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        if !suites.iter().any(|s| versions.contains(&s.version())) {
+            return Err(invalid(
+                "cipher_suites",
+                "none of these suites works with the TLS versions min_version allows".into(),
+            ));
+        }
+        provider.cipher_suites = suites;
+    }
+    let alpn = alpn_list(&tls.alpn).map_err(|reason| invalid("alpn", reason))?;
+    Ok(ListenerSettings {
+        provider: Arc::new(provider),
+        versions,
+        alpn,
+    })
+}
+
+/// ALPN protocol names as bytes; each must be 1 to 255 bytes.
+pub fn alpn_list(names: &[String]) -> Result<Vec<Vec<u8>>, String> {
+    names
+        .iter()
+        .map(|name| match name.len() {
+            1..=255 => Ok(name.as_bytes().to_vec()),
+            len => Err(format!("ALPN protocol names are 1 to 255 bytes, got {len}")),
+        })
+        .collect()
+}
+
+/// Parses a SHA-256 fingerprint written as hex, with or without colons.
+pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+    let digits: String = text.chars().filter(|c| *c != ':').collect();
+    let bad = || format!("`{text}` is not a SHA-256 fingerprint (64 hex digits, colons allowed)");
+    if digits.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(digits.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A named certificate and the names it covers.
+#[derive(Debug)]
+struct Certificate {
+    name: Arc<str>,
+    key: Arc<CertifiedKey>,
+}
+
+/// A named trust anchor.
+#[derive(Debug)]
+struct Ca {
+    roots: Option<Arc<RootCertStore>>,
+    pins: Vec<[u8; 32]>,
+}
+
+/// Which certificates a termination may present, in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ServerKey {
+    listener: Arc<str>,
+    certificates: Vec<Arc<str>>,
+    client_auth: ClientAuth,
+    alpn: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    ca: Option<String>,
+    client_cert: Option<String>,
+    alpn: Option<Vec<u8>>,
+}
+
+/// A server config and what a per-connection variant needs from it.
+#[derive(Clone)]
+struct ServerEntry {
+    config: Arc<ServerConfig>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    resolver: Arc<Candidates>,
+}
+
+/// Certificates and trust anchors from one config, and the rustls configs
+/// built from them as connections need them.
+pub struct TlsMaterial {
+    certificates: BTreeMap<String, Arc<Certificate>>,
+    exact: HashMap<String, Vec<Arc<Certificate>>>,
+    wildcard: HashMap<String, Vec<Arc<Certificate>>>,
+    cas: BTreeMap<String, Ca>,
+    servers: Mutex<HashMap<ServerKey, ServerEntry>>,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("certificates", &self.certificates.keys().collect::<Vec<_>>())
+            .field("cas", &self.cas.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    /// Loads every certificate and trust anchor the config names. Errors name
+    /// the field and say what is wrong (unreadable file, no certificate in
+    /// it, a key that does not match, ...).
+    pub fn load(config: &Config) -> Result<TlsMaterial, Invalid> {
+        let provider = base_provider();
+        let mut material = TlsMaterial {
+            certificates: BTreeMap::new(),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            cas: BTreeMap::new(),
+            servers: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+        };
+        for (name, cert) in &config.certificates {
+            let field = |f: &str| format!("certificates.{name}.{f}");
+            let cert_path = config.resolve(&cert.cert);
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+                .and_then(Iterator::collect)
+                .map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+            let Some(leaf) = chain.first() else {
+                return Err((
+                    field("cert"),
+                    format!("{}: no certificate in the file", cert_path.display()),
+                ));
+            };
+            let names = dns_names(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+            let key_path = config.resolve(&cert.key);
+            let key = PrivateKeyDer::from_pem_file(&key_path)
+                .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let key = provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let certified = CertifiedKey::new(chain, key);
+            certified
+                .keys_match()
+                .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let certificate = Arc::new(Certificate {
+                name: name.as_str().into(),
+                key: Arc::new(certified),
+            });
+            for pattern in names {
+                let index = match pattern {
+                    Pattern::Exact(name) => material.exact.entry(name),
+                    Pattern::Wildcard(suffix) => material.wildcard.entry(suffix),
+                };
+                index.or_default().push(Arc::clone(&certificate));
+            }
+            material.certificates.insert(name.clone(), certificate);
+        }
+        for (name, ca) in &config.cas {
+            let field = format!("cas.{name}.file");
+            let roots = match &ca.file {
+                None => None,
+                Some(file) => {
+                    let path = config.resolve(file);
+                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+                        .and_then(Iterator::collect)
+                        .map_err(|e| (field.clone(), format!("{}: {e}", path.display())))?;
+                    let mut store = RootCertStore::empty();
+                    for cert in certs {
+                        store
+                            .add(cert)
+                            .map_err(|e| (field.clone(), format!("{}: {e}", path.display())))?;
+                    }
+                    if store.is_empty() {
+                        return Err((field, format!("{}: no certificate in the file", path.display())));
+                    }
+                    Some(Arc::new(store))
+                }
+            };
+            // `Config::check` proved every pin parses.
+            let pins = ca.pin_sha256.iter().filter_map(|p| parse_pin(p).ok()).collect();
+            material.cas.insert(name.clone(), Ca { roots, pins });
+        }
+        Ok(material)
+    }
+
+    /// Whether a certificate of this name exists.
+    pub fn has_certificate(&self, name: &str) -> bool {
+        self.certificates.contains_key(name)
+    }
+
+    /// Whether a trust anchor of this name exists, and whether it has a CA
+    /// bundle (needed to verify client certificates).
+    pub fn ca(&self, name: &str) -> Option<bool> {
+        self.cas.get(name).map(|ca| ca.roots.is_some())
+    }
+
+    /// The certificates for a server name: exact names first, then one-label
+    /// wildcards.
+    fn by_sni(&self, sni: &str) -> Option<&Vec<Arc<Certificate>>> {
+        self.exact.get(sni).or_else(|| {
+            let (_, parent) = names::split_first_label(sni)?;
+            self.wildcard.get(parent)
+        })
+    }
+
+    /// The server config for a terminated connection. With client
+    /// authentication the config is this connection's own, so that the
+    /// plugins' `admit` runs inside the handshake (a deny is an alert); its
+    /// session cache and ticket key are still the termination's.
+    pub fn server_config(
+        &self,
+        listener: &Arc<str>,
+        settings: &ListenerSettings,
+        termination: &Termination,
+        sni: Option<&str>,
+        admission: Option<Arc<Admission>>,
+    ) -> Result<Arc<ServerConfig>, TerminateError> {
+        let certificates: Vec<Arc<Certificate>> = match &termination.certificate {
+            // Validation proved the name exists.
+            Some(name) => self.certificates.get(name).cloned().into_iter().collect(),
+            None => match sni.and_then(|sni| self.by_sni(sni)) {
+                Some(found) => found.clone(),
+                None => return Err(TerminateError::NoCertificate(sni.map(str::to_owned))),
+            },
+        };
+        let alpn = match termination.alpn.is_empty() {
+            true => settings.alpn.clone(),
+            false => termination.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        };
+        let key = ServerKey {
+            listener: Arc::clone(listener),
+            certificates: certificates.iter().map(|c| Arc::clone(&c.name)).collect(),
+            client_auth: termination.client_auth.clone(),
+            alpn,
+        };
+        let cached = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let entry = self.build_server(settings, &key, certificates)?;
+                let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+                if servers.len() < MAX_CACHED_CONFIGS {
+                    servers.insert(key, entry.clone());
+                }
+                entry
+            }
+        };
+        match (entry.verifier, admission) {
+            (Some(verifier), Some(admission)) => {
+                let verifier = Arc::new(Admitting {
+                    inner: verifier,
+                    admission,
+                });
+                let mut config = ServerConfig::builder_with_provider(Arc::clone(&settings.provider))
+                    .with_protocol_versions(settings.versions)
+                    .map_err(|e| TerminateError::Config(e.to_string()))?
+                    .with_client_cert_verifier(verifier)
+                    .with_cert_resolver(entry.resolver);
+                config.alpn_protocols.clone_from(&entry.config.alpn_protocols);
+                config.session_storage = Arc::clone(&entry.config.session_storage);
+                config.ticketer = Arc::clone(&entry.config.ticketer);
+                Ok(Arc::new(config))
+            }
+            _ => Ok(entry.config),
+        }
+    }
+
+    fn build_server(
+        &self,
+        settings: &ListenerSettings,
+        key: &ServerKey,
+        certificates: Vec<Arc<Certificate>>,
+    ) -> Result<ServerEntry, TerminateError> {
+        let config_error = |e: rustls::Error| TerminateError::Config(e.to_string());
+        let provider = Arc::clone(&settings.provider);
+        let verifier: Option<Arc<dyn ClientCertVerifier>> = match &key.client_auth {
+            ClientAuth::None => None,
+            ClientAuth::Optional(ca) | ClientAuth::Required(ca) => {
+                let roots = self
+                    .cas
+                    .get(ca)
+                    .and_then(|ca| ca.roots.clone())
+                    .ok_or_else(|| TerminateError::Config(format!("CA `{ca}` has no `file`")))?;
+                let builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider));
+                let builder = match key.client_auth {
+                    ClientAuth::Optional(_) => builder.allow_unauthenticated(),
+                    _ => builder,
+                };
+                Some(builder.build().map_err(|e| TerminateError::Config(e.to_string()))?)
+            }
+        };
+        let resolver = Arc::new(Candidates(certificates.iter().map(|c| Arc::clone(&c.key)).collect()));
+        let builder = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(settings.versions)
+            .map_err(config_error)?;
+        let builder = match &verifier {
+            Some(verifier) => builder.with_client_cert_verifier(Arc::clone(verifier)),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols.clone_from(&key.alpn);
+        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(config_error)?;
+        Ok(ServerEntry {
+            config: Arc::new(config),
+            verifier,
+            resolver,
+        })
+    }
+
+    /// The client config for re-encrypting to an upstream, offering `alpn`
+    /// (the protocol negotiated with the client, if any).
+    pub fn client_config(&self, upstream: &UpstreamTls, alpn: Option<&[u8]>) -> Result<Arc<ClientConfig>, String> {
+        let key = ClientKey {
+            ca: upstream.ca.clone(),
+            client_cert: upstream.client_cert.clone(),
+            alpn: alpn.map(<[u8]>::to_vec),
+        };
+        if let Some(config) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Arc::clone(config));
+        }
+        let provider = Arc::new(base_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match &key.ca {
+            None => WebPkiServerVerifier::builder_with_provider(system_roots()?, Arc::clone(&provider))
+                .build()
+                .map_err(|e| e.to_string())?,
+            Some(name) => {
+                let ca = self.cas.get(name).ok_or_else(|| format!("CA `{name}` vanished"))?;
+                let chain = match &ca.roots {
+                    Some(roots) => Some(
+                        WebPkiServerVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(&provider))
+                            .build()
+                            .map_err(|e| e.to_string())?,
+                    ),
+                    None => None,
+                };
+                match (chain, ca.pins.is_empty()) {
+                    (Some(chain), true) => chain,
+                    (chain, _) => Arc::new(Pinned {
+                        chain,
+                        pins: ca.pins.clone(),
+                        algorithms: provider.signature_verification_algorithms,
+                    }),
+                }
+            }
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &key.client_cert {
+            None => builder.with_no_client_auth(),
+            Some(name) => {
+                let cert = self
+                    .certificates
+                    .get(name)
+                    .ok_or_else(|| format!("certificate `{name}` vanished"))?;
+                builder.with_client_cert_resolver(Arc::new(Presents(Arc::clone(&cert.key))))
+            }
+        };
+        config.alpn_protocols = key.alpn.iter().cloned().collect();
+        let config = Arc::new(config);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.len() < MAX_CACHED_CONFIGS {
+            clients.insert(key, Arc::clone(&config));
+        }
+        Ok(config)
+    }
+}
+
+/// Why a terminated connection could not get a server config.
+#[derive(Debug, thiserror::Error)]
+pub enum TerminateError {
+    /// No certificate was named and none covers the server name.
+    #[error("no certificate covers {}", .0.as_deref().map_or_else(|| "a connection without SNI".to_owned(), |s| format!("`{s}`")))]
+    NoCertificate(Option<String>),
+    /// rustls refused the settings.
+    #[error("TLS settings: {0}")]
+    Config(String),
+}
+
+/// The system's CA certificates, loaded once.
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let loaded = rustls_native_certs::load_native_certs();
+            let mut store = RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(loaded.certs);
+            match added {
+                0 => Err("no system CA certificates found; name a CA for the upstream".into()),
+                _ => Ok(Arc::new(store)),
+            }
+        })
+        .clone()
+}
+
+/// DNS names (SANs) a certificate covers, as patterns.
+fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<Pattern>, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name
+                && let Ok(pattern) = Pattern::parse(dns)
+            {
+                out.push(pattern);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Picks, among certificates for one name, the first whose key can sign
+/// with a scheme the client offers (so an ECDSA and an RSA certificate can
+/// serve the same name).
+#[derive(Debug)]
+struct Candidates(Vec<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Candidates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let schemes = hello.signature_schemes();
+        self.0
+            .iter()
+            .find(|c| c.key.choose_scheme(schemes).is_some())
+            .or_else(|| self.0.first())
+            .cloned()
+    }
+}
+
+/// Presents one certificate to upstreams that ask for one.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Presents {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies an upstream by pinned end-entity fingerprint, after its chain
+/// when a CA bundle is also given. Without a bundle the pin is the whole
+/// identity: names and validity dates are not checked.
+#[derive(Debug)]
+struct Pinned {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    pins: Vec<[u8; 32]>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(chain) = &self.chain {
+            chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        }
+        let seen = fingerprint(end_entity);
+        if self.pins.contains(&seen) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let reason = format!("certificate SHA-256 {} is not pinned", hex(&seen));
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(std::io::Error::other(reason)),
+        ))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The plugin chain's say on one connection's authenticated peers.
+pub struct Admission {
+    listener: Arc<Listener>,
+    conn: wit::Connection,
+    outcome: Mutex<Option<Result<(), String>>>,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("conn", &self.conn.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// The chain of `listener` will judge peers of `conn`.
+    pub fn new(listener: Arc<Listener>, conn: wit::Connection) -> Admission {
+        Admission {
+            listener,
+            conn,
+            outcome: Mutex::new(None),
+        }
+    }
+
+    /// Describes the certificate and asks every plugin of the chain; the
+    /// first refusal is the answer. Remembers the outcome.
+    pub fn check(&self, side: wit::Side, end_entity: &CertificateDer<'_>) -> Result<(), String> {
+        let outcome = describe_peer(end_entity).and_then(|peer| self.listener.admit(&self.conn, side, &peer));
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        outcome
+    }
+
+    /// What the last check said, if one ran.
+    pub fn outcome(&self) -> Option<Result<(), String>> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Client authentication that ends in the plugins' `admit`: after the CA
+/// check passes, a plugin's deny fails the handshake with `access_denied`.
+#[derive(Debug)]
+struct Admitting {
+    inner: Arc<dyn ClientCertVerifier>,
+    admission: Arc<Admission>,
+}
+
+impl ClientCertVerifier for Admitting {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        match self.admission.check(wit::Side::Client, end_entity) {
+            Ok(()) => Ok(verified),
+            Err(_) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What plugins see of an authenticated certificate: its subject (RFC 4514),
+/// its DNS and IP subjectAltNames (other SAN types are not identities weir
+/// vouches for), and its SHA-256 fingerprint.
+pub fn describe_peer(der: &CertificateDer<'_>) -> Result<wit::Peer, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable peer certificate: {e}"))?;
+    let mut sans = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => sans.push((*dns).to_owned()),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => sans.push(Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default()).to_string()),
+                    16 => sans.push(Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default()).to_string()),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(wit::Peer {
+        subject: rfc4514(cert.subject()),
+        sans,
+        fingerprint: fingerprint(der).to_vec(),
+        attestation: None,
+    })
+}
+
+/// A distinguished name as RFC 4514 writes it: last RDN first, `,` between
+/// RDNs, `+` inside one, special characters escaped, non-string values as
+/// `#` and the hex of their DER.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use x509_parser::der_parser::asn1_rs::ToDer;
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<_> = name.iter().collect();
+    rdns.into_iter()
+        .rev()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let oid = attr.attr_type();
+                    let key = match x509_parser::objects::oid2abbrev(oid, registry) {
+                        Ok(abbrev) => abbrev.to_owned(),
+                        Err(_) => oid.to_id_string(),
+                    };
+                    let value = match attr.as_str() {
+                        Ok(text) => escape_rfc4514(text),
+                        Err(_) => format!("#{}", hex(&attr.attr_value().to_der_vec().unwrap_or_default())),
+                    };
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn escape_rfc4514(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse_with_or_without_colons() {
+        let plain = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let pin = parse_pin(plain).expect("valid");
+        assert_eq!(pin[1], 0x11);
+        assert_eq!(pin[31], 0xff);
+        let colons: Vec<String> = plain
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into())
+            .collect();
+        assert_eq!(parse_pin(&colons.join(":")), Ok(pin));
+        for bad in ["", "00", &plain[2..], &format!("{plain}00"), &plain.replace('0', "g")] {
+            assert!(parse_pin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listener_settings_are_checked() {
+        let ok = ListenerTls {
+            min_version: TlsVersion::Tls13,
+            cipher_suites: vec!["TLS13_CHACHA20_POLY1305_SHA256".into()],
+            alpn: vec!["h2".into()],
+        };
+        let settings = check_listener(&ok).expect("valid");
+        assert_eq!(settings.provider.cipher_suites.len(), 1);
+        assert_eq!(settings.alpn, vec![b"h2".to_vec()]);
+        let unknown = ListenerTls {
+            cipher_suites: vec!["TLS_RSA_WITH_RC4_128_MD5".into()],
+            ..ok.clone()
+        };
+        let (field, reason) = check_listener(&unknown).expect_err("unknown suite");
+        assert_eq!(field, "cipher_suites");
+        assert!(reason.contains("TLS_RSA_WITH_RC4_128_MD5"), "{reason}");
+        let only12 = ListenerTls {
+            cipher_suites: vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()],
+            ..ok.clone()
+        };
+        assert!(check_listener(&only12).is_err());
+        let empty_alpn = ListenerTls {
+            alpn: vec![String::new()],
+            ..ok
+        };
+        assert_eq!(check_listener(&empty_alpn).expect_err("empty").0, "alpn");
+    }
+
+    #[test]
+    fn distinguished_names_follow_rfc_4514() {
+        assert_eq!(escape_rfc4514("a,b+c"), "a\\,b\\+c");
+        assert_eq!(escape_rfc4514("#x "), "\\#x\\ ");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["client.example".into()]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CountryName, "DE");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Weir, Inc");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "client one");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::Rfc822Name("ops@example.com".try_into().expect("email")));
+        let cert = params.self_signed(&key).expect("cert");
+        let peer = describe_peer(cert.der()).expect("describes");
+        assert_eq!(peer.subject, "CN=client one,O=Weir\\, Inc,C=DE");
+        assert_eq!(peer.sans, vec!["client.example".to_owned(), "127.0.0.1".to_owned()]);
+        assert_eq!(peer.fingerprint, fingerprint(cert.der()).to_vec());
+    }
+}
