@@ -128,6 +128,67 @@ impl Target {
     }
 }
 
+impl Termination {
+    /// Terminate TLS, then forward the decrypted bytes to `target`. The
+    /// certificate is chosen by SNI, no client certificate is asked for, and
+    /// the listener's ALPN protocols are offered; the `with_*` methods change
+    /// that.
+    pub fn plain(target: Target) -> Termination {
+        Termination {
+            certificate: None,
+            client_auth: ClientAuth::None,
+            alpn: Vec::new(),
+            then: After::Plain(target),
+        }
+    }
+
+    /// Terminate TLS, then open a new TLS connection to `target` as
+    /// `upstream` says and forward through it.
+    pub fn reencrypt(target: Target, upstream: UpstreamTls) -> Termination {
+        Termination {
+            then: After::Reencrypt((target, upstream)),
+            ..Termination::plain(Target::pool(""))
+        }
+    }
+
+    /// Present the certificate the host's config names `name`.
+    pub fn with_certificate(mut self, name: impl Into<String>) -> Termination {
+        self.certificate = Some(name.into());
+        self
+    }
+
+    /// Ask for client certificates as `client_auth` says.
+    pub fn with_client_auth(mut self, client_auth: ClientAuth) -> Termination {
+        self.client_auth = client_auth;
+        self
+    }
+
+    /// Offer these ALPN protocols to the client.
+    pub fn with_alpn<S: Into<String>>(mut self, alpn: impl IntoIterator<Item = S>) -> Termination {
+        self.alpn = alpn.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+impl UpstreamTls {
+    /// Verify the upstream with the system roots under the client's SNI,
+    /// present no certificate.
+    pub fn new() -> UpstreamTls {
+        UpstreamTls {
+            server_name: None,
+            ca: None,
+            client_cert: None,
+            attested: false,
+        }
+    }
+}
+
+impl Default for UpstreamTls {
+    fn default() -> UpstreamTls {
+        UpstreamTls::new()
+    }
+}
+
 impl Connection {
     /// A TLS connection as a test would build it: only the SNI and ALPN set.
     pub fn for_test(sni: Option<&str>, alpn: &[&str]) -> Connection {

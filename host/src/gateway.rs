@@ -470,10 +470,14 @@ async fn terminate(
         };
     let config = &listener.config;
     let client = Rewind::new(std::mem::take(&mut front.sniffed), front.client);
-    let accept = tokio_rustls::TlsAcceptor::from(server_config).accept(client);
+    let accept = tokio_rustls::TlsAcceptor::from(server_config)
+        .accept(client)
+        .into_fallible();
     let mut tls = match tokio::time::timeout(config.handshake_timeout, accept).await {
         Err(_) => return Outcome::HandshakeTimeout,
-        Ok(Err(e)) => {
+        Ok(Err((e, client))) => {
+            // rustls has queued its alert; let it reach the client.
+            linger_close(client).await;
             return match admission.and_then(|a| a.outcome()) {
                 Some(Err(reason)) => Outcome::Denied(reason),
                 _ => Outcome::HandshakeFailed(e),
@@ -572,6 +576,22 @@ const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 async fn send_alert(client: &mut TcpStream, description: u8) {
     let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
     let _ = tokio::time::timeout(Duration::from_millis(100), client.write_all(&record)).await;
+}
+
+/// Closes gracefully: FIN after whatever was written, then a short wait for
+/// the client's own close. Closing with unread bytes would send a reset,
+/// which can destroy the alert the client has yet to read.
+async fn linger_close<S: AsyncReadExt + AsyncWriteExt + Unpin>(mut stream: S) {
+    let drain = async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 }
 
 /// Why reading the first bytes (PROXY header, hello) ended without them.

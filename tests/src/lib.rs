@@ -111,6 +111,10 @@ pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
     /// The private key.
     pub key: PrivateKeyDer<'static>,
+    /// The chain, PEM.
+    pub chain_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
 }
 
 impl Pki {
@@ -131,6 +135,15 @@ impl Pki {
         }
     }
 
+    fn identity(&self, cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> Identity {
+        Identity {
+            chain: vec![cert.der().clone(), self.ca_der.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            chain_pem: format!("{}{}", cert.pem(), self.ca_pem),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A server certificate for `names`, signed by this CA.
     pub fn server(&self, names: &[&str]) -> Identity {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -138,22 +151,91 @@ impl Pki {
             rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         let cert = params.signed_by(&key, &self.ca).expect("signed");
-        Identity {
-            chain: vec![cert.der().clone(), self.ca_der.clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        }
+        self.identity(&cert, &key)
+    }
+
+    /// A client certificate (CN `name`, EKU clientAuth) signed by this CA.
+    pub fn client(&self, name: &str) -> Identity {
+        self.client_with_usage(name, vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    /// A certificate for `name` with exactly these extended key usages.
+    pub fn client_with_usage(&self, name: &str, usages: Vec<rcgen::ExtendedKeyUsagePurpose>) -> Identity {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = usages;
+        let cert = params.signed_by(&key, &self.ca).expect("signed");
+        self.identity(&cert, &key)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).expect("CA is valid");
+        roots
     }
 
     /// A client config that trusts only this CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone()).expect("CA is valid");
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
-            .with_root_certificates(roots)
+            .with_root_certificates(self.roots())
             .with_no_client_auth();
         Arc::new(config)
+    }
+
+    /// A client config that trusts only this CA and presents `identity`.
+    pub fn client_config_with(&self, identity: &Identity) -> Arc<rustls::ClientConfig> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .expect("client certificate");
+        Arc::new(config)
+    }
+
+    /// A server config presenting `identity` that requires a client
+    /// certificate signed by this CA.
+    pub fn server_config_requiring_clients(&self, identity: &Identity) -> Arc<rustls::ServerConfig> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()), provider())
+            .build()
+            .expect("client verifier");
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+            .expect("server certificate");
+        Arc::new(config)
+    }
+
+    /// Writes the CA certificate as `<name>.pem` in `dir`; returns its path.
+    pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, &self.ca_pem).expect("write CA");
+        path
+    }
+}
+
+impl Identity {
+    /// Writes the chain and key as `<name>.pem` and `<name>-key.pem` in `dir`;
+    /// returns both paths.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert, &self.chain_pem).expect("write chain");
+        std::fs::write(&key, &self.key_pem).expect("write key");
+        (cert, key)
+    }
+
+    /// SHA-256 of the end-entity certificate, as hex.
+    pub fn fingerprint_hex(&self) -> String {
+        weir::tls::fingerprint(&self.chain[0])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -218,7 +300,16 @@ impl Upstream {
         F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + Clone + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(identity));
+        Upstream::tls_with(server_config(identity), serve).await
+    }
+
+    /// A rustls TLS upstream with this server config.
+    pub async fn tls_with<F, Fut>(config: Arc<rustls::ServerConfig>, serve: F) -> Upstream
+    where
+        F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + Clone + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         Upstream::tcp(move |tcp| {
             let acceptor = acceptor.clone();
             let serve = serve.clone();
@@ -267,6 +358,55 @@ pub async fn next_report(rx: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
         .expect("the upstream is still running")
 }
 
+/// Reads one line and answers `upstream heard: <line>` (an HTTP request gets
+/// its request line answered as an HTTP/1.1 response body), then closes.
+pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+    answer_with(stream, String::new()).await;
+}
+
+/// Like [`answer`], with `note` appended to the answer.
+pub async fn answer_with<S: AsyncRead + AsyncWrite + Unpin>(stream: S, note: String) {
+    use tokio::io::AsyncBufReadExt as _;
+    let (read, mut write) = tokio::io::split(stream);
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let Ok(Some(line)) = lines.next_line().await else {
+        return;
+    };
+    let body = format!("upstream heard: {line}{note}\n");
+    let reply = if line.starts_with("GET ") {
+        while let Ok(Some(header)) = lines.next_line().await {
+            if header.is_empty() {
+                break;
+            }
+        }
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        body
+    };
+    let _ = write.write_all(reply.as_bytes()).await;
+    let _ = write.flush().await;
+    let _ = write.shutdown().await;
+}
+
+/// Connects with TLS, sends `line` and a newline, and reads to EOF.
+pub async fn tls_exchange(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+    line: &str,
+) -> std::io::Result<String> {
+    let mut tls = tokio::time::timeout(STEP, tls_connect(addr, sni, config))
+        .await
+        .map_err(|_| std::io::Error::other("handshake did not finish in time"))??;
+    tls.write_all(format!("{line}\n").as_bytes()).await?;
+    tls.flush().await?;
+    let bytes = read_to_end(&mut tls).await?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Echoes every byte back until EOF, then closes its write side.
 pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
     let (mut read, mut write) = tokio::io::split(stream);
@@ -288,4 +428,85 @@ pub async fn read_to_end<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Resul
         .await
         .map_err(|_| std::io::Error::other("read did not finish in time"))??;
     Ok(out)
+}
+
+/// `weir run` as a child process, with its log lines.
+pub struct WeirProcess {
+    /// The process; killed when dropped.
+    pub child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    addrs: std::collections::BTreeMap<String, SocketAddr>,
+}
+
+impl WeirProcess {
+    /// Starts `weir run --config <config>` and waits until every listener
+    /// the config defines is listening.
+    pub async fn spawn(config: &Path) -> WeirProcess {
+        use tokio::io::AsyncBufReadExt as _;
+        let listeners = Config::load(config).expect("the config is valid").listeners.len();
+        let mut child = tokio::process::Command::new(weir_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("WEIR_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("weir run starts");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut addrs = std::collections::BTreeMap::new();
+        tokio::time::timeout(STEP, async {
+            while addrs.len() < listeners {
+                let line = lines.next_line().await.expect("read log").expect("weir exited early");
+                if line.contains("listening") {
+                    let field = |name: &str| {
+                        let at = line.find(&format!("{name}="))? + name.len() + 1;
+                        line[at..]
+                            .split_whitespace()
+                            .next()
+                            .map(|v| v.trim_matches('"').to_owned())
+                    };
+                    let name = field("listener").expect("listener name");
+                    let addr = field("addr").expect("address").parse().expect("an address");
+                    addrs.insert(name, addr);
+                }
+            }
+        })
+        .await
+        .expect("weir listens in time");
+        WeirProcess { child, lines, addrs }
+    }
+
+    /// Where a listener is bound.
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    /// The next per-connection log line.
+    pub async fn connection_line(&mut self) -> String {
+        tokio::time::timeout(STEP, async {
+            loop {
+                let line = self
+                    .lines
+                    .next_line()
+                    .await
+                    .expect("read log")
+                    .expect("weir exited early");
+                if line.contains("outcome=") {
+                    return line;
+                }
+            }
+        })
+        .await
+        .expect("a connection log line")
+    }
+}
+
+/// Writes `toml` (with the plugin placeholders expanded) as `weir.toml` in
+/// `dir`; returns its path.
+pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, expand(toml)).expect("write config");
+    path
 }

@@ -4,12 +4,11 @@
 //! logs one line per connection.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use weir_tests::{STEP, Upstream, expand, read_to_end, testdata, weir_binary, workspace};
+use weir_tests::{Upstream, WeirProcess, read_to_end, testdata, weir_binary, workspace, write_config};
 
 fn weir(args: &[&str]) -> Output {
     Command::new(weir_binary()).args(args).output().expect("weir runs")
@@ -21,9 +20,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// Writes `toml` (placeholders expanded) to a config file in `dir`.
 fn config_file(dir: &Path, toml: &str) -> String {
-    let path = dir.join("weir.toml");
-    std::fs::write(&path, expand(toml)).expect("write config");
-    path.display().to_string()
+    write_config(dir, toml).display().to_string()
 }
 
 const ROUTER: &str = r#"
@@ -207,54 +204,6 @@ fn route_refuses_an_unknown_listener_and_an_invalid_sni() {
     assert!(text(&out.stderr).contains("empty label"), "{}", text(&out.stderr));
 }
 
-/// Starts `weir run` and returns it with its log lines and the address of
-/// its `public` listener.
-async fn spawn_weir(
-    config: &str,
-) -> (
-    tokio::process::Child,
-    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
-    String,
-) {
-    let mut child = tokio::process::Command::new(weir_binary())
-        .args(["run", "--config", config])
-        .env("WEIR_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("weir run starts");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    // The listening line carries the bound address.
-    let addr = tokio::time::timeout(STEP, async {
-        loop {
-            let line = lines.next_line().await.expect("read log").expect("weir exited early");
-            if let Some(at) = line.find("addr=")
-                && line.contains("listening")
-            {
-                return line[at + 5..].split_whitespace().next().expect("address").to_owned();
-            }
-        }
-    })
-    .await
-    .expect("weir listens in time");
-    (child, lines, addr)
-}
-
-/// The next per-connection log line.
-async fn connection_line(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>) -> String {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let line = lines.next_line().await.expect("read log").expect("weir exited early");
-            if line.contains("outcome=") {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("a connection log line")
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
@@ -270,7 +219,8 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
         .replace("127.0.0.1:9000", &upstream.addr.to_string())
         .replace("app.test", "a.example.com")
         .replace("plugins = [\"router\"]", "plugins = [\"router\"]\nrelay = \"auto\"");
-    let (mut child, mut lines, addr) = spawn_weir(&config_file(dir.path(), &toml)).await;
+    let mut weir = WeirProcess::spawn(Path::new(&config_file(dir.path(), &toml))).await;
+    let addr = weir.addr("public");
     let hello = testdata("clienthello/openssl-tls13-sni.bin");
     for (payload, expect_splice) in [(1024, false), (4 << 20, true)] {
         let mut sent = hello.clone();
@@ -279,7 +229,7 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
         client.write_all(&sent).await.expect("send");
         client.shutdown().await.expect("FIN");
         assert!(read_to_end(&mut client).await.expect("echo") == sent);
-        let line = connection_line(&mut lines).await;
+        let line = weir.connection_line().await;
         let spliced: u64 = line
             .split("spliced=")
             .nth(1)
@@ -298,7 +248,7 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
             assert_eq!(spliced, 0, "a short exchange should not pay for a pipe: {line}");
         }
     }
-    child.kill().await.expect("stop weir");
+    weir.child.kill().await.expect("stop weir");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +263,8 @@ async fn run_serves_and_logs_one_line_per_connection() {
         .replace("127.0.0.1:9000", &upstream.addr.to_string())
         .replace("app.test", "a.example.com");
     let config = config_file(dir.path(), &toml);
-    let (mut child, mut lines, addr) = spawn_weir(&config).await;
+    let mut weir = WeirProcess::spawn(Path::new(&config)).await;
+    let addr = weir.addr("public");
 
     let hello = testdata("clienthello/openssl-tls13-sni.bin");
     let mut client = TcpStream::connect(&addr).await.expect("connect");
@@ -321,7 +272,7 @@ async fn run_serves_and_logs_one_line_per_connection() {
     client.shutdown().await.expect("FIN");
     assert_eq!(read_to_end(&mut client).await.expect("answer"), b"pong");
 
-    let line = connection_line(&mut lines).await;
+    let line = weir.connection_line().await;
     for field in [
         "listener=\"public\"".to_owned(),
         "sni=\"a.example.com\"".to_owned(),
@@ -333,7 +284,7 @@ async fn run_serves_and_logs_one_line_per_connection() {
     ] {
         assert!(line.contains(&field), "`{field}` missing from: {line}");
     }
-    child.kill().await.expect("stop weir");
+    weir.child.kill().await.expect("stop weir");
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! `static-router`: a table from server name to a passthrough target or a
-//! rejection. The quickstart and the tests route with it.
+//! `static-router`: a table from server name to a target (passed through,
+//! or behind TLS the gateway terminates) or a rejection. The quickstart and
+//! the tests route with it.
 //!
 //! Config (JSON, or a TOML table in weir's config):
 //!
@@ -8,7 +9,11 @@
 //!   "routes": {
 //!     "app.localhost":     { "pool": "app" },
 //!     "*.demo.localhost":  { "address": "127.0.0.1:9443", "proxy_protocol": 2 },
-//!     "old.localhost":     { "reject": "moved to app.localhost" }
+//!     "old.localhost":     { "reject": "moved to app.localhost" },
+//!     "web.localhost":     { "pool": "web", "terminate": { "certificate": "site", "alpn": ["http/1.1"] } },
+//!     "db.localhost":      { "pool": "db", "terminate": {
+//!         "client_auth": "required", "client_ca": "clients", "clients": ["CN=alice"],
+//!         "reencrypt": { "ca": "db-ca", "server_name": "db.internal", "client_cert": "gateway" } } }
 //!   },
 //!   "no_sni": { "pool": "default" },
 //!   "default": { "reject": "unknown server name" }
@@ -20,13 +25,23 @@
 //! `default`. Absent `no_sni` / `default` mean `next`: the next plugin in the
 //! chain decides. The route name in each decision is the table key that
 //! matched (`no_sni` / `default` for those two).
+//!
+//! `terminate` makes the gateway end TLS and send the decrypted stream to the
+//! target, or with `reencrypt` open its own TLS connection to it (verified by
+//! the named `ca`, the system roots when absent). `certificate`, `client_ca`,
+//! `ca` and `client_cert` are names from weir's config. With `clients`, a
+//! client certificate is admitted only if its subject (RFC 4514) or one of its
+//! DNS / IP names is listed.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
 use weir_plugin_sdk::names::Pattern;
-use weir_plugin_sdk::{Connection, Decision, Plugin, Target, export_plugin, parse_config};
+use weir_plugin_sdk::{
+    ClientAuth, Connection, Decision, Peer, Plugin, Side, Target, Termination, UpstreamTls, Verdict, export_plugin,
+    parse_config,
+};
 
 /// What one table entry does.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -40,6 +55,99 @@ struct Entry {
     proxy_protocol: Option<u8>,
     /// Reject with this reason.
     reject: Option<String>,
+    /// Terminate TLS instead of passing it through.
+    terminate: Option<Terminate>,
+}
+
+/// How the gateway terminates a route's TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Terminate {
+    /// Certificate name; by SNI when absent.
+    certificate: Option<String>,
+    /// `none` (default), `optional` or `required`.
+    #[serde(default)]
+    client_auth: ClientAuthMode,
+    /// CA that verifies client certificates.
+    client_ca: Option<String>,
+    /// Admitted client subjects or names; everyone verified when absent.
+    clients: Option<Vec<String>>,
+    /// ALPN protocols to offer; the listener's when empty.
+    #[serde(default)]
+    alpn: Vec<String>,
+    /// Re-encrypt to the target instead of sending it plaintext.
+    reencrypt: Option<Reencrypt>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ClientAuthMode {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+/// How the gateway speaks TLS to the target.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reencrypt {
+    server_name: Option<String>,
+    ca: Option<String>,
+    client_cert: Option<String>,
+}
+
+impl Terminate {
+    fn termination(&self, target: Target) -> Termination {
+        let termination = match &self.reencrypt {
+            None => Termination::plain(target),
+            Some(r) => Termination::reencrypt(
+                target,
+                UpstreamTls {
+                    server_name: r.server_name.clone(),
+                    ca: r.ca.clone(),
+                    client_cert: r.client_cert.clone(),
+                    attested: false,
+                },
+            ),
+        };
+        let ca = self.client_ca.clone().unwrap_or_default();
+        let client_auth = match self.client_auth {
+            ClientAuthMode::None => ClientAuth::None,
+            ClientAuthMode::Optional => ClientAuth::Optional(ca),
+            ClientAuthMode::Required => ClientAuth::Required(ca),
+        };
+        let termination = termination.with_client_auth(client_auth).with_alpn(self.alpn.clone());
+        match &self.certificate {
+            Some(name) => termination.with_certificate(name),
+            None => termination,
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<(), String> {
+        match (self.client_auth, &self.client_ca) {
+            (ClientAuthMode::None, Some(_)) => Err(format!(
+                "route `{key}`: `client_ca` needs client_auth `optional` or `required`"
+            )),
+            (ClientAuthMode::Optional | ClientAuthMode::Required, None) => {
+                Err(format!("route `{key}`: client_auth needs a `client_ca`"))
+            }
+            (ClientAuthMode::None, None) if self.clients.is_some() => Err(format!(
+                "route `{key}`: `clients` needs client_auth `optional` or `required`"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `peer` is one of the listed clients (anyone, without a list).
+    fn admits(&self, peer: &Peer) -> bool {
+        match &self.clients {
+            None => true,
+            Some(clients) => clients
+                .iter()
+                .any(|c| *c == peer.subject || peer.sans.iter().any(|san| san.eq_ignore_ascii_case(c))),
+        }
+    }
 }
 
 impl Entry {
@@ -55,7 +163,10 @@ impl Entry {
             Some(version) => target.with_proxy_protocol(version),
             None => target,
         };
-        Decision::passthrough(route, target)
+        match &self.terminate {
+            Some(terminate) => Decision::terminate(route, terminate.termination(target)),
+            None => Decision::passthrough(route, target),
+        }
     }
 
     fn validate(&self, key: &str) -> Result<(), String> {
@@ -67,6 +178,12 @@ impl Entry {
         }
         if self.reject.is_some() && self.proxy_protocol.is_some() {
             return Err(format!("route `{key}`: `proxy_protocol` makes no sense with `reject`"));
+        }
+        if let Some(terminate) = &self.terminate {
+            if self.reject.is_some() {
+                return Err(format!("route `{key}`: `terminate` makes no sense with `reject`"));
+            }
+            terminate.validate(key)?;
         }
         if let Some(version) = self.proxy_protocol
             && version != 1
@@ -127,20 +244,38 @@ impl Plugin for StaticRouter {
     }
 
     fn route(&self, conn: &Connection) -> Decision {
+        match self.lookup(conn) {
+            Some((key, entry)) => entry.decision(key),
+            None => Decision::next(),
+        }
+    }
+
+    /// A client certificate must be listed in its route's `clients`.
+    fn admit(&self, conn: &Connection, side: Side, peer: &Peer) -> Verdict {
+        let terminate = self.lookup(conn).and_then(|(_, entry)| entry.terminate.as_ref());
+        match (side, terminate) {
+            (Side::Client, Some(terminate)) if !terminate.admits(peer) => {
+                Verdict::Deny(format!("client `{}` is not listed for this route", peer.subject))
+            }
+            _ => Verdict::Allow,
+        }
+    }
+}
+
+impl StaticRouter {
+    /// The entry for a connection and its route name: exact name, then
+    /// wildcard, then `default`; `no_sni` without a server name.
+    fn lookup(&self, conn: &Connection) -> Option<(&str, &Entry)> {
         let Some(sni) = conn.sni.as_deref() else {
-            return match &self.no_sni {
-                Some(entry) => entry.decision("no_sni"),
-                None => Decision::next(),
-            };
+            return self.no_sni.as_ref().map(|entry| ("no_sni", entry));
         };
         let found = self.exact.get(sni).or_else(|| {
             let (_, parent) = weir_plugin_sdk::names::split_first_label(sni)?;
             self.wildcard.get(parent)
         });
-        match (found, &self.default) {
-            (Some((key, entry)), _) => entry.decision(key),
-            (None, Some(entry)) => entry.decision("default"),
-            (None, None) => Decision::next(),
+        match found {
+            Some((key, entry)) => Some((key.as_str(), entry)),
+            None => self.default.as_ref().map(|entry| ("default", entry)),
         }
     }
 }
@@ -206,6 +341,59 @@ mod tests {
     }
 
     #[test]
+    fn terminations_and_their_client_lists() {
+        let r = router(
+            r#"{"routes": {
+                "web.example": {"pool": "web", "terminate": {"certificate": "site", "alpn": ["h2"]}},
+                "db.example": {"address": "10.0.0.5:5432", "terminate": {
+                    "client_auth": "required", "client_ca": "clients", "clients": ["CN=alice", "bob.example"],
+                    "reencrypt": {"ca": "db-ca", "server_name": "db.internal"}}}
+            }}"#,
+        );
+        assert_eq!(
+            route(&r, Some("web.example")),
+            Decision::terminate(
+                "web.example",
+                Termination::plain(Target::pool("web"))
+                    .with_certificate("site")
+                    .with_alpn(["h2"])
+            )
+        );
+        let upstream = UpstreamTls {
+            server_name: Some("db.internal".into()),
+            ca: Some("db-ca".into()),
+            ..UpstreamTls::new()
+        };
+        assert_eq!(
+            route(&r, Some("db.example")),
+            Decision::terminate(
+                "db.example",
+                Termination::reencrypt(Target::address("10.0.0.5:5432"), upstream)
+                    .with_client_auth(ClientAuth::Required("clients".into()))
+            )
+        );
+        let conn = Connection::for_test(Some("db.example"), &[]);
+        let peer = |subject: &str, sans: &[&str]| Peer {
+            subject: subject.into(),
+            sans: sans.iter().map(|s| (*s).to_owned()).collect(),
+            fingerprint: vec![0; 32],
+            attestation: None,
+        };
+        assert_eq!(r.admit(&conn, Side::Client, &peer("CN=alice", &[])), Verdict::Allow);
+        assert_eq!(
+            r.admit(&conn, Side::Client, &peer("CN=robert", &["Bob.Example"])),
+            Verdict::Allow
+        );
+        assert_eq!(
+            r.admit(&conn, Side::Client, &peer("CN=mallory", &["mallory.example"])),
+            Verdict::Deny("client `CN=mallory` is not listed for this route".into())
+        );
+        assert_eq!(r.admit(&conn, Side::Upstream, &peer("CN=db", &[])), Verdict::Allow);
+        let web = Connection::for_test(Some("web.example"), &[]);
+        assert_eq!(r.admit(&web, Side::Client, &peer("CN=anyone", &[])), Verdict::Allow);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_route_named() {
         let cases = [
             (r#"{"routes": {"a": {}}}"#, "route `a`: give exactly one"),
@@ -226,6 +414,18 @@ mod tests {
                 "the same name as another route",
             ),
             (r#"{"routes": {"a": {"pol": "p"}}}"#, "unknown field `pol`"),
+            (
+                r#"{"routes": {"a": {"pool": "p", "terminate": {"client_auth": "required"}}}}"#,
+                "route `a`: client_auth needs a `client_ca`",
+            ),
+            (
+                r#"{"routes": {"a": {"pool": "p", "terminate": {"clients": ["CN=x"]}}}}"#,
+                "`clients` needs client_auth",
+            ),
+            (
+                r#"{"routes": {"a": {"reject": "no", "terminate": {}}}}"#,
+                "`terminate` makes no sense with `reject`",
+            ),
             (r#"{"route": {}}"#, "unknown field `route`"),
             ("not json", "invalid plugin config"),
         ];

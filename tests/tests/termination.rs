@@ -1,0 +1,460 @@
+//! TLS ended at the gateway: terminate then plain, terminate then
+//! re-encrypt (CA, pinned fingerprint, client certificate upstream), client
+//! certificates verified and admitted by the plugins, resumption bound to
+//! the termination it was issued under, and the listener's TLS options —
+//! reached by curl, openssl s_client and rustls clients.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use weir_tests::{
+    Identity, Pki, STEP, Upstream, WeirProcess, answer, answer_with, read_to_end, tls_connect, tls_exchange,
+    write_config,
+};
+
+/// The path as a TOML string value.
+fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// A `[certificates.<name>]` section for an identity written into `dir`.
+fn certificate_section(dir: &Path, name: &str, identity: &Identity) -> String {
+    let (cert, key) = identity.write(dir, name);
+    format!(
+        "[certificates.{name}]\ncert = {}\nkey = {}\n",
+        toml_path(&cert),
+        toml_path(&key)
+    )
+}
+
+/// Runs `openssl s_client` against `addr` asking for `sni`, verifying with
+/// `ca`, sends `line`, and returns (stdout, stderr).
+async fn s_client(addr: std::net::SocketAddr, sni: &str, ca: &Path, extra: &[&str], line: &str) -> (String, String) {
+    let mut child = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", sni])
+        .args(["-CAfile", &ca.display().to_string(), "-verify_return_error"])
+        .args(["-verify_hostname", sni, "-brief", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write");
+    let output = tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .expect("openssl finishes")
+        .expect("output");
+    drop(stdin);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_openssl_reach_a_plain_upstream_through_termination() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("weir site CA");
+    let ca = pki.write_ca(dir.path(), "ca");
+    let upstream = Upstream::tcp(answer).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."web.test" = {{ address = "{up}", terminate = {{ certificate = "site" }} }}
+            config.routes."*.web.test" = {{ address = "{up}", terminate = {{}} }}
+
+            {site}
+            "#,
+            up = upstream.addr,
+            site = certificate_section(dir.path(), "site", &pki.server(&["web.test", "*.web.test"])),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+
+    let curl = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert", &ca.display().to_string()])
+        .args(["--resolve", &format!("web.test:{}:127.0.0.1", addr.port())])
+        .arg(format!("https://web.test:{}/hello", addr.port()))
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    let body = String::from_utf8_lossy(&curl.stdout);
+    assert_eq!(
+        body,
+        "upstream heard: GET /hello HTTP/1.1\n",
+        "curl stderr: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let line = weir.connection_line().await;
+    assert!(line.contains(r#"mode="terminate""#), "{line}");
+    assert!(line.contains(r#"route="web.test""#), "{line}");
+
+    // A name covered only by the wildcard SAN: the certificate is chosen by SNI.
+    let (stdout, stderr) = s_client(addr, "a.web.test", &ca, &[], "hello through weir").await;
+    assert_eq!(stdout, "upstream heard: hello through weir\n", "stderr: {stderr}");
+    assert!(stderr.contains("Verification: OK"), "{stderr}");
+    assert!(stderr.contains("CN = web.test"), "not weir's certificate: {stderr}");
+    assert!(weir.connection_line().await.contains("route=\"*.web.test\""));
+    assert_eq!(upstream.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencryption_verifies_the_upstream_and_presents_weirs_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let site_pki = Pki::new("weir site CA");
+    let backend_pki = Pki::new("backend CA");
+    let backend = backend_pki.server(&["backend.internal"]);
+    let gateway_cert = backend_pki.client("weir-gateway");
+    let expected = gateway_cert.chain[0].clone();
+    let upstream = Upstream::tls_with(backend_pki.server_config_requiring_clients(&backend), move |tls| {
+        let seen = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+        let note = match seen {
+            Some(cert) if cert == expected => " (from weir-gateway)".to_owned(),
+            other => format!(" (from someone else: {other:?})"),
+        };
+        answer_with(tls, note)
+    })
+    .await;
+    let pinned_upstream = Upstream::tls(&backend, answer).await;
+    let wrong_pin = "00".repeat(32);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            [plugins.router.config.routes."web.test"]
+            address = "{up}"
+            terminate = {{ reencrypt = {{ ca = "backend", server_name = "backend.internal", client_cert = "gateway" }} }}
+            [plugins.router.config.routes."pinned.web.test"]
+            address = "{pinned}"
+            terminate = {{ reencrypt = {{ ca = "pinned" }} }}
+            [plugins.router.config.routes."wrongpin.web.test"]
+            address = "{pinned}"
+            terminate = {{ reencrypt = {{ ca = "wrong" }} }}
+            [plugins.router.config.routes."unverified.web.test"]
+            address = "{pinned}"
+            terminate = {{ reencrypt = {{ ca = "site" }} }}
+
+            [cas.backend]
+            file = {backend_ca}
+            [cas.site]
+            file = {site_ca}
+            [cas.pinned]
+            pin_sha256 = ["{pin}"]
+            [cas.wrong]
+            pin_sha256 = ["{wrong_pin}"]
+
+            {site}
+            {gateway}
+            "#,
+            up = upstream.addr,
+            pinned = pinned_upstream.addr,
+            backend_ca = toml_path(&backend_pki.write_ca(dir.path(), "backend-ca")),
+            site_ca = toml_path(&site_pki.write_ca(dir.path(), "site-ca")),
+            pin = backend.fingerprint_hex(),
+            site = certificate_section(dir.path(), "site", &site_pki.server(&["web.test", "*.web.test"])),
+            gateway = certificate_section(dir.path(), "gateway", &gateway_cert),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let site_ca = dir.path().join("site-ca.pem");
+
+    let (stdout, stderr) = s_client(addr, "web.test", &site_ca, &[], "ping").await;
+    assert_eq!(stdout, "upstream heard: ping (from weir-gateway)\n", "stderr: {stderr}");
+    assert!(
+        stderr.contains("CN = web.test"),
+        "the client must see weir's certificate: {stderr}"
+    );
+    let line = weir.connection_line().await;
+    assert!(line.contains(r#"mode="reencrypt""#), "{line}");
+    assert!(line.contains(&format!("upstream=\"{}\"", upstream.addr)), "{line}");
+
+    let client = site_pki.client_config();
+    let reply = tls_exchange(addr, "pinned.web.test", Arc::clone(&client), "pinned")
+        .await
+        .expect("the pinned upstream is reached");
+    assert_eq!(reply, "upstream heard: pinned\n");
+    weir.connection_line().await;
+
+    for (sni, reason) in [
+        ("wrongpin.web.test", "is not pinned"),
+        ("unverified.web.test", "UnknownIssuer"),
+    ] {
+        let reply = tls_exchange(addr, sni, Arc::clone(&client), "hi").await;
+        assert!(reply.as_deref().unwrap_or_default().is_empty(), "{sni}: {reply:?}");
+        let line = weir.connection_line().await;
+        assert!(
+            line.contains("connect-failed") && line.contains(reason),
+            "{sni}: {line}"
+        );
+    }
+    assert_eq!(pinned_upstream.accepted(), 3, "one TCP connection per attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_verified_then_admitted_by_the_plugins() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let site_pki = Pki::new("weir site CA");
+    let client_pki = Pki::new("client CA");
+    let other_pki = Pki::new("some other CA");
+    let upstream = Upstream::tcp(answer).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            [plugins.router.config.routes."mtls.test"]
+            address = "{up}"
+            terminate = {{ client_auth = "required", client_ca = "clients", clients = ["CN=alice"] }}
+
+            [cas.clients]
+            file = {clients}
+
+            {site}
+            "#,
+            up = upstream.addr,
+            clients = toml_path(&client_pki.write_ca(dir.path(), "clients")),
+            site = certificate_section(dir.path(), "site", &site_pki.server(&["mtls.test"])),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+
+    // Alice, signed by the client CA and listed: served, by openssl too.
+    let alice = client_pki.client("alice");
+    let reply = tls_exchange(addr, "mtls.test", site_pki.client_config_with(&alice), "hi").await;
+    assert_eq!(reply.expect("alice is served"), "upstream heard: hi\n");
+    assert!(weir.connection_line().await.contains("outcome=closed"));
+    let (cert, key) = alice.write(dir.path(), "alice");
+    let site_ca = site_pki.write_ca(dir.path(), "site-ca");
+    let (stdout, stderr) = s_client(
+        addr,
+        "mtls.test",
+        &site_ca,
+        &["-cert", &cert.display().to_string(), "-key", &key.display().to_string()],
+        "from openssl",
+    )
+    .await;
+    assert_eq!(stdout, "upstream heard: from openssl\n", "stderr: {stderr}");
+    weir.connection_line().await;
+    assert_eq!(upstream.accepted(), 2);
+
+    // Refused: no certificate, another CA, the email-protection EKU only,
+    // and a valid certificate the plugin does not admit.
+    let cases = [
+        (site_pki.client_config(), "handshake-failed", "certificate"),
+        (
+            site_pki.client_config_with(&other_pki.client("alice")),
+            "handshake-failed",
+            "UnknownIssuer",
+        ),
+        (
+            site_pki.client_config_with(
+                &client_pki.client_with_usage("alice", vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection]),
+            ),
+            "handshake-failed",
+            "does not allow extended key usage for client authentication",
+        ),
+        (
+            site_pki.client_config_with(&client_pki.client("bob")),
+            "denied",
+            r#"plugin `router` denied: client `CN=bob` is not listed for this route"#,
+        ),
+    ];
+    for (client, outcome, reason) in cases {
+        let reply = tls_exchange(addr, "mtls.test", client, "let me in").await;
+        let line = weir.connection_line().await;
+        assert!(
+            line.contains(&format!("outcome={outcome}")) && line.replace('\\', "").contains(reason),
+            "expected {outcome} / {reason}: {line}"
+        );
+        match reply {
+            Err(e) if outcome == "denied" => assert!(e.to_string().contains("AccessDenied"), "{e}"),
+            Err(_) => {}
+            Ok(text) => assert!(text.is_empty(), "a refused client got {text:?}"),
+        }
+    }
+    assert_eq!(upstream.accepted(), 2, "no refused client reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumption_does_not_carry_a_client_past_another_terminations_client_auth() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let site_pki = Pki::new("weir site CA");
+    let client_pki = Pki::new("client CA");
+    let open_upstream = Upstream::tcp(answer).await;
+    let strict_upstream = Upstream::tcp(answer).await;
+    let gateway = weir_tests::start_gateway(&format!(
+        r#"
+        [listeners.open]
+        bind = "127.0.0.1:0"
+        plugins = ["open"]
+        [listeners.strict]
+        bind = "127.0.0.1:0"
+        plugins = ["strict"]
+
+        [plugins.open]
+        wasm = "{{static_router}}"
+        config.routes."web.test" = {{ address = "{open}", terminate = {{}} }}
+        [plugins.strict]
+        wasm = "{{static_router}}"
+        config.routes."web.test" = {{ address = "{strict}", terminate = {{ client_auth = "required", client_ca = "clients" }} }}
+
+        [cas.clients]
+        file = {clients}
+
+        {site}
+        "#,
+        open = open_upstream.addr,
+        strict = strict_upstream.addr,
+        clients = toml_path(&client_pki.write_ca(dir.path(), "clients")),
+        site = certificate_section(dir.path(), "site", &site_pki.server(&["web.test"])),
+    ))
+    .await;
+    let open = gateway.local_addr("open").expect("open listener");
+    let strict = gateway.local_addr("strict").expect("strict listener");
+
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(site_pki.ca_der.clone()).expect("CA");
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[version])
+                .expect("version")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        // The open termination issues a session and honours it.
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut tls = tls_connect(open, "web.test", Arc::clone(&client))
+                .await
+                .expect("handshake");
+            tls.write_all(b"hi\n").await.expect("write");
+            tls.flush().await.expect("flush");
+            assert_eq!(read_to_end(&mut tls).await.expect("answer"), b"upstream heard: hi\n");
+            kinds.push(tls.get_ref().1.handshake_kind());
+        }
+        assert_eq!(
+            kinds,
+            [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)],
+            "{version:?}"
+        );
+        // The same session offered to the strict termination does not
+        // resume: a full handshake demands a certificate this client lacks.
+        let reply = tls_exchange(strict, "web.test", Arc::clone(&client), "sneak").await;
+        assert!(
+            reply.as_deref().unwrap_or_default().is_empty(),
+            "{version:?}: {reply:?}"
+        );
+    }
+    assert_eq!(strict_upstream.accepted(), 0);
+    // A client with a certificate is served by the strict one.
+    let reply = tls_exchange(
+        strict,
+        "web.test",
+        site_pki.client_config_with(&client_pki.client("carol")),
+        "hi",
+    )
+    .await;
+    assert_eq!(reply.expect("carol is served"), "upstream heard: hi\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_tls_options_and_alpn_are_enforced() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("weir site CA");
+    let upstream = Upstream::tcp(answer).await;
+    let gateway = weir_tests::start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        tls = {{ min_version = "1.3", alpn = ["h2", "http/1.1"] }}
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."web.test" = {{ address = "{up}", terminate = {{}} }}
+        config.routes."grpc.web.test" = {{ address = "{up}", terminate = {{ alpn = ["h2"] }} }}
+        config.routes."nocert.test" = {{ address = "{up}", terminate = {{}} }}
+
+        {site}
+        "#,
+        up = upstream.addr,
+        site = certificate_section(dir.path(), "site", &pki.server(&["web.test", "*.web.test"])),
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let with = |alpn: &[&str], versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).expect("CA");
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(config)
+    };
+    let tls13 = &[&rustls::version::TLS13][..];
+
+    // The listener's ALPN list, in the client's terms.
+    let tls = tls_connect(addr, "web.test", with(&["http/1.1"], tls13))
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // The decision's ALPN list replaces the listener's.
+    let tls = tls_connect(addr, "grpc.web.test", with(&["h2", "http/1.1"], tls13))
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let refused = tls_connect(addr, "grpc.web.test", with(&["http/1.1"], tls13)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("NoApplicationProtocol")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    // TLS 1.2 is below the listener's minimum.
+    let old = tls_connect(addr, "web.test", with(&[], &[&rustls::version::TLS12])).await;
+    assert!(
+        old.as_ref().is_err_and(|e| e.to_string().contains("ProtocolVersion")),
+        "{:?}",
+        old.map(|_| ())
+    );
+    // No certificate covers the name: unrecognized_name, before any handshake.
+    let nocert = tls_connect(addr, "nocert.test", with(&[], tls13)).await;
+    assert!(
+        nocert
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("UnrecognisedName")),
+        "{:?}",
+        nocert.map(|_| ())
+    );
+}
