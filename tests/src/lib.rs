@@ -510,3 +510,155 @@ pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     std::fs::write(&path, expand(toml)).expect("write config");
     path
 }
+
+/// A real PostgreSQL server on loopback, with TLS, in a temporary
+/// directory; stopped when dropped. Run as the `postgres` user when the
+/// tests run as root (PostgreSQL refuses to run as root).
+pub struct Postgres {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// The directory holding `initdb` and `postgres`: `WEIR_PG_BINDIR`, or
+    /// the newest `/usr/lib/postgresql/*/bin` (Debian's layout).
+    fn bindir() -> PathBuf {
+        if let Some(dir) = std::env::var_os("WEIR_PG_BINDIR") {
+            return PathBuf::from(dir);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path().join("bin"))
+            .filter(|bin| bin.join("initdb").exists())
+            .collect();
+        found.sort_by_key(|bin| {
+            bin.parent()
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+        });
+        found
+            .pop()
+            .expect("PostgreSQL is installed (.ci/run installs postgresql-15)")
+    }
+
+    /// The `postgres` user's id when the tests run as root (and must hand
+    /// the cluster to it); `None` otherwise.
+    fn run_as() -> Option<u32> {
+        let id = |args: &[&str]| {
+            std::process::Command::new("id")
+                .args(args)
+                .output()
+                .ok()
+                .and_then(|out| String::from_utf8(out.stdout).ok())
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        };
+        match id(&["-u"]) {
+            Some(0) => Some(id(&["-u", "postgres"]).expect("a `postgres` user (the postgresql package creates it)")),
+            _ => None,
+        }
+    }
+
+    /// `program`, run as the `postgres` user when we are root.
+    fn command(program: &Path, as_postgres: bool) -> std::process::Command {
+        if as_postgres {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+
+    /// Initialises a cluster that trusts loopback clients, gives it
+    /// `identity` as its TLS certificate, starts it and waits until it
+    /// answers a query.
+    pub fn start(identity: &Identity) -> Postgres {
+        use std::os::unix::fs::PermissionsExt as _;
+        let bindir = Postgres::bindir();
+        let uid = Postgres::run_as();
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let hand_over = |path: &Path| {
+            if let Some(uid) = uid {
+                std::os::unix::fs::chown(path, Some(uid), None).expect("chown to postgres");
+            }
+        };
+        hand_over(&data);
+        let status = Postgres::command(&bindir.join("initdb"), uid.is_some())
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("initdb runs");
+        assert!(status.success(), "initdb failed");
+        let (cert, key) = identity.write(&data, "server");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        hand_over(&cert);
+        hand_over(&key);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Postgres::command(&bindir.join("postgres"), uid.is_some())
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&data)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on", "-c", "fsync=off"])
+            .args(["-c", "ssl_cert_file=server.pem", "-c", "ssl_key_file=server-key.pem"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("postgres starts");
+        let server = Postgres { port, child, _dir: dir };
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let direct = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
+            if psql(&direct, "select 1").is_ok_and(|out| out == "1") {
+                return server;
+            }
+            assert!(std::time::Instant::now() < deadline, "postgres did not come up in time");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Fast shutdown (SIGINT) ends the backends too; kill if it lingers.
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one query with `psql` on a libpq connection string; returns its
+/// unaligned, tuples-only output, or psql's error text.
+pub fn psql(conninfo: &str, query: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-tA", "-c", query, conninfo])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .map_err(|e| format!("psql: {e} (.ci/run installs postgresql-client-15)"))?;
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
