@@ -634,15 +634,24 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Fast shutdown (SIGINT) ends the backends too; kill if it lingers.
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+        // Fast shutdown (SIGINT) of the postmaster ends the backends too. The
+        // child may be `runuser`, which does not pass signals on: the
+        // postmaster's own pid is the first line of `postmaster.pid`.
+        let pid_file = self._dir.path().join("data/postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_owned));
+        if let Some(pid) = &postmaster {
+            let _ = std::process::Command::new("kill").args(["-INT", pid]).status();
+        }
+        for _ in 0..200 {
+            if !pid_file.exists() && matches!(self.child.try_wait(), Ok(Some(_))) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(pid) = &postmaster {
+            let _ = std::process::Command::new("kill").args(["-KILL", pid]).status();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
