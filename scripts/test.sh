@@ -4,12 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the tests run: the openssl command-line client.
-if ! command -v openssl >/dev/null; then
+# Real peers the tests run: the openssl and curl clients, and PostgreSQL 15
+# (server and psql). Debian package names; only what is missing is installed.
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v psql >/dev/null || missing+=(postgresql-client-15)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq openssl
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
     else
-        echo "the tests need the openssl command (apt-get install openssl)" >&2
+        echo "the tests need: ${missing[*]} (apt-get install ${missing[*]})" >&2
         exit 1
     fi
 fi

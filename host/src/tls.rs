@@ -225,8 +225,13 @@ impl TlsMaterial {
             };
             let names = dns_names(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
             let key_path = config.resolve(&cert.key);
-            let key = PrivateKeyDer::from_pem_file(&key_path)
-                .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+                let reason = match e {
+                    rustls::pki_types::pem::Error::NoItemsFound => "no private key in the file".to_owned(),
+                    other => other.to_string(),
+                };
+                (field("key"), format!("{}: {reason}", key_path.display()))
+            })?;
             let key = provider
                 .key_provider
                 .load_private_key(key)

@@ -154,6 +154,25 @@ impl Pki {
         self.identity(&cert, &key)
     }
 
+    /// A server certificate for `names` with a 2048-bit RSA key (made by
+    /// the openssl command: ring cannot generate RSA keys), signed by this
+    /// CA. Its subject is `CN=<first name> (RSA)`.
+    pub fn server_rsa(&self, names: &[&str]) -> Identity {
+        let out = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+            .output()
+            .expect("openssl is installed (.ci/run installs it)");
+        let pem = String::from_utf8(out.stdout).expect("PEM");
+        let key = rcgen::KeyPair::from_pem(&pem).expect("an RSA key rcgen can sign with");
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{} (RSA)", names[0]));
+        let cert = params.signed_by(&key, &self.ca).expect("signed");
+        self.identity(&cert, &key)
+    }
+
     /// A client certificate (CN `name`, EKU clientAuth) signed by this CA.
     pub fn client(&self, name: &str) -> Identity {
         self.client_with_usage(name, vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth])

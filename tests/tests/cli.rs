@@ -86,6 +86,71 @@ fn check_names_the_file_field_and_reason_of_a_broken_config() {
 }
 
 #[test]
+fn check_names_broken_certificates_cas_and_tls_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = weir_tests::Pki::new("check CA");
+    let (cert, key) = pki.server(&["a.test"]).write(dir.path(), "site");
+    let (_, other_key) = pki.server(&["b.test"]).write(dir.path(), "other");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    let section = |cert: &Path, key: &Path| {
+        format!(
+            "{ROUTER}\n[certificates.site]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    };
+    let good = section(&cert, &key);
+    let cases = [
+        (
+            section(&dir.path().join("missing.pem"), &key),
+            "certificates.site.cert: ",
+        ),
+        (section(&empty, &key), "certificates.site.cert: "),
+        (section(&cert, &other_key), "certificates.site.key: "),
+        (
+            format!("{good}\n[cas.clients]\n"),
+            "cas.clients: give `file`, `pin_sha256`, or both",
+        ),
+        (
+            format!("{good}\n[cas.clients]\npin_sha256 = [\"abc\"]\n"),
+            "cas.clients.pin_sha256: `abc` is not a SHA-256 fingerprint",
+        ),
+        (
+            format!("{good}\n[cas.clients]\nfile = {:?}\n", empty.display().to_string()),
+            "cas.clients.file: ",
+        ),
+        (
+            good.replace(
+                "plugins = [\"router\"]",
+                "plugins = [\"router\"]\ntls.cipher_suites = [\"RC4\"]",
+            ),
+            "listeners.public.tls.cipher_suites: unknown cipher suite `RC4`",
+        ),
+        (
+            good.replace(
+                "plugins = [\"router\"]",
+                "plugins = [\"router\"]\ntls.min_version = \"1.1\"",
+            ),
+            "unknown variant `1.1`",
+        ),
+    ];
+    let path = config_file(dir.path(), &good);
+    let out = weir(&["check", "--config", &path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (toml, expected) in cases {
+        let path = config_file(dir.path(), &toml);
+        let out = weir(&["check", "--config", &path]);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "accepted a config that should fail with {expected}"
+        );
+        assert!(stderr.contains(expected), "expected `{expected}` in: {stderr}");
+    }
+}
+
+#[test]
 fn check_refuses_a_wasm_that_is_not_a_component() {
     let dir = tempfile::tempdir().expect("temp dir");
     // A valid core module (no imports, no exports), and plain garbage.

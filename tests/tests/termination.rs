@@ -458,3 +458,42 @@ async fn listener_tls_options_and_alpn_are_enforced() {
         nocert.map(|_| ())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ecdsa_and_an_rsa_certificate_serve_one_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("weir site CA");
+    let ca = pki.write_ca(dir.path(), "ca");
+    let upstream = Upstream::tcp(answer).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."web.test" = {{ address = "{up}", terminate = {{}} }}
+
+            {ecdsa}
+            {rsa}
+            "#,
+            up = upstream.addr,
+            ecdsa = certificate_section(dir.path(), "a-ecdsa", &pki.server(&["web.test"])),
+            rsa = certificate_section(dir.path(), "b-rsa", &pki.server_rsa(&["web.test"])),
+        ),
+    );
+    let weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    // A client that can verify either gets the first certificate (ECDSA)...
+    let (stdout, stderr) = s_client(addr, "web.test", &ca, &[], "any").await;
+    assert_eq!(stdout, "upstream heard: any\n", "{stderr}");
+    assert!(stderr.contains("Signature type: ECDSA"), "{stderr}");
+    // ...one that accepts only RSA signatures gets the RSA one.
+    let (stdout, stderr) = s_client(addr, "web.test", &ca, &["-sigalgs", "rsa_pss_rsae_sha256"], "rsa").await;
+    assert_eq!(stdout, "upstream heard: rsa\n", "{stderr}");
+    assert!(stderr.contains("CN = web.test (RSA)"), "{stderr}");
+    assert!(stderr.contains("Signature type: RSA-PSS"), "{stderr}");
+}
