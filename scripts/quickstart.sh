@@ -16,7 +16,9 @@ mkdir -p "$run"
 target/debug/demo-upstream --dir "$run" \
     --serve "app-1:app.localhost=127.0.0.1:9101" \
     --serve "app-2:app.localhost=127.0.0.1:9102" \
-    --serve "api:api.localhost=127.0.0.1:9103" &
+    --serve "api:api.localhost=127.0.0.1:9103" \
+    --plain "web=127.0.0.1:9104" \
+    --certificate "weir=web.localhost,secure.localhost" &
 upstreams=$!
 trap 'kill "$upstreams" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
@@ -39,6 +41,14 @@ weir is starting on 127.0.0.1:8443. In another terminal, try:
 
   # the same with openssl, showing the upstream's certificate chain:
   openssl s_client -connect 127.0.0.1:8443 -servername app.localhost -CAfile $run/ca.pem -brief </dev/null
+
+  # terminated by weir (the certificate curl verifies is weir's), then sent on
+  # in plaintext to a plain HTTP server:
+  curl --cacert $run/ca.pem --resolve web.localhost:8443:127.0.0.1 https://web.localhost:8443/
+
+  # terminated by weir, then re-encrypted to the "app" pool (weir verifies the
+  # upstream's certificate against the demo CA):
+  echo hello | openssl s_client -connect 127.0.0.1:8443 -servername secure.localhost -CAfile $run/ca.pem -brief -ign_eof
 
   # a rejected name: the connection is closed before any upstream sees it:
   curl --cacert $run/ca.pem --resolve old.localhost:8443:127.0.0.1 https://old.localhost:8443/

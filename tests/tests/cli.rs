@@ -40,7 +40,23 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn check_accepts_the_quickstart_config() {
-    let quickstart = workspace().join("examples/quickstart/weir.toml");
+    // The quickstart script mints its certificates into `run/` beside the
+    // config; here a copy of the config gets its own.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).expect("run dir");
+    let pki = weir_tests::Pki::new("quickstart test CA");
+    pki.write_ca(&run, "ca");
+    pki.server(&["web.localhost", "secure.localhost"]).write(&run, "weir");
+    let original =
+        std::fs::read_to_string(workspace().join("examples/quickstart/weir.toml")).expect("quickstart config");
+    let wasm = weir_tests::plugin("static-router").display().to_string();
+    let quickstart = dir.path().join("weir.toml");
+    std::fs::write(
+        &quickstart,
+        original.replace("../../target/wasm32-wasip2/release/static_router.wasm", &wasm),
+    )
+    .expect("write config");
     let out = weir(&["check", "--config", &quickstart.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

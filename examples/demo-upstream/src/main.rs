@@ -1,8 +1,10 @@
 //! Demo upstreams for the quickstart: TLS servers that each present their own
-//! certificate (signed by a CA written to `--dir`) and answer any HTTP
-//! request, or any line, with who they are. Because the certificate is the
-//! upstream's, a client that verifies it against that CA proves weir passed
-//! the connection through without terminating it.
+//! certificate (signed by a CA written to `--dir`), and plaintext servers, all
+//! answering any HTTP request, or any line, with who they are. Because a TLS
+//! server's certificate is its own, a client that verifies it against that CA
+//! proves weir passed the connection through without terminating it. The same
+//! CA signs the certificates weir itself presents where it terminates
+//! (`--certificate`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,8 +24,16 @@ struct Args {
     dir: PathBuf,
     /// A server as LABEL:NAME=ADDR, e.g. `app-1:app.localhost=127.0.0.1:9101`.
     /// Its certificate covers NAME and *.NAME.
-    #[arg(long = "serve", required = true)]
+    #[arg(long = "serve")]
     servers: Vec<String>,
+    /// A plaintext server as LABEL=ADDR, e.g. `web=127.0.0.1:9104`.
+    #[arg(long = "plain")]
+    plain: Vec<String>,
+    /// A certificate for weir to present, as FILE=NAME[,NAME...]: writes
+    /// `FILE.pem` (chain) and `FILE-key.pem` to `--dir`, covering exactly
+    /// those names.
+    #[arg(long = "certificate")]
+    certificates: Vec<String>,
 }
 
 struct Server {
@@ -67,15 +77,38 @@ async fn main() -> anyhow::Result<()> {
     let ca_path = args.dir.join("ca.pem");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
+    // A certificate for `names`, with this common name.
+    let mint = |names: Vec<String>, common_name: String| -> anyhow::Result<(rcgen::Certificate, rcgen::KeyPair)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        Ok((params.signed_by(&key, &issuer)?, key))
+    };
+    for spec in &args.certificates {
+        let (file, names) = spec.split_once('=').context("expected FILE=NAME[,NAME...]")?;
+        let names: Vec<String> = names.split(',').map(str::to_owned).collect();
+        let (cert, key) = mint(names, format!("{file} (weir)"))?;
+        std::fs::write(args.dir.join(format!("{file}.pem")), cert.pem() + &ca_cert.pem())?;
+        std::fs::write(args.dir.join(format!("{file}-key.pem")), key.serialize_pem())?;
+    }
+
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tasks = Vec::new();
+    for spec in &args.plain {
+        let (label, addr) = spec.split_once('=').context("expected LABEL=ADDR")?;
+        let addr: SocketAddr = addr.parse().with_context(|| format!("`{addr}` is not ip:port"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for {label}"))?;
+        println!("demo upstream {label} (plaintext) on {addr}");
+        let greeting = Arc::new(format!(
+            "hello from {label} ({addr}), in plaintext: weir ended the client's TLS session\n"
+        ));
+        tasks.push(tokio::spawn(serve(listener, None, greeting)));
+    }
     for server in servers {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec![server.name.clone(), format!("*.{}", server.name)])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{} ({})", server.name, server.label));
-        let cert = params.signed_by(&key, &issuer)?;
+        let names = vec![server.name.clone(), format!("*.{}", server.name)];
+        let (cert, key) = mint(names, format!("{} ({})", server.name, server.label))?;
         let tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -89,28 +122,13 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {} for {}", server.addr, server.label))?;
         println!("demo upstream {} ({}) on {}", server.label, server.name, server.addr);
         let greeting = Arc::new(format!(
-            "hello from {} ({}, {}): this TLS session ends here, at the upstream, not at weir\n",
+            "hello from {} ({}, {}): this TLS session ends here, at the upstream, with its own certificate\n",
             server.label, server.name, server.addr
         ));
-        tasks.push(tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let greeting = Arc::clone(&greeting);
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                    // Wait for a request (or a line), then answer as HTTP/1.1.
-                    let mut buf = [0u8; 4096];
-                    let _ = tls.read(&mut buf).await;
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-                        greeting.len(),
-                        greeting
-                    );
-                    let _ = tls.write_all(response.as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                });
-            }
-        }));
+        tasks.push(tokio::spawn(serve(listener, Some(acceptor), greeting)));
+    }
+    if tasks.is_empty() {
+        bail!("nothing to serve: give --serve or --plain");
     }
     // Written last: its presence tells the quickstart script the servers are up.
     std::fs::write(&ca_path, ca_cert.pem())?;
@@ -118,4 +136,36 @@ async fn main() -> anyhow::Result<()> {
         task.await?;
     }
     Ok(())
+}
+
+/// Accepts connections (with TLS when `acceptor` is given) and answers each
+/// request, or line, with `greeting` as an HTTP/1.1 response.
+async fn serve(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAcceptor>, greeting: Arc<String>) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let acceptor = acceptor.clone();
+        let greeting = Arc::clone(&greeting);
+        tokio::spawn(async move {
+            match acceptor {
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        answer(tls, &greeting).await;
+                    }
+                }
+                None => answer(tcp, &greeting).await,
+            }
+        });
+    }
+}
+
+async fn answer<S: AsyncReadExt + AsyncWriteExt + Unpin>(mut stream: S, greeting: &str) {
+    // Wait for a request (or a line), then answer as HTTP/1.1.
+    let mut buf = [0u8; 4096];
+    let _ = stream.read(&mut buf).await;
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        greeting.len(),
+        greeting
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
