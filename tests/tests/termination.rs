@@ -497,3 +497,77 @@ async fn an_ecdsa_and_an_rsa_certificate_serve_one_name() {
     assert!(stderr.contains("CN = web.test (RSA)"), "{stderr}");
     assert!(stderr.contains("Signature type: RSA-PSS"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_plugin_of_the_chain_must_admit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let site_pki = Pki::new("weir site CA");
+    let backend_pki = Pki::new("backend CA");
+    let client_pki = Pki::new("client CA");
+    let upstream = Upstream::tls(&backend_pki.server(&["backend.internal"]), answer).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router", "gatekeeper", "trapper"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            [plugins.router.config.routes."*.web.test"]
+            address = "{up}"
+            terminate = {{ client_auth = "optional", client_ca = "clients", reencrypt = {{ ca = "backend", server_name = "backend.internal" }} }}
+
+            [plugins.gatekeeper]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "deny-upstream", only_sni = "deny.web.test" }}
+
+            [plugins.trapper]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "trap-admit", only_sni = "trap.web.test" }}
+
+            [cas.backend]
+            file = {backend_ca}
+            [cas.clients]
+            file = {clients}
+
+            {site}
+            "#,
+            up = upstream.addr,
+            backend_ca = toml_path(&backend_pki.write_ca(dir.path(), "backend-ca")),
+            clients = toml_path(&client_pki.write_ca(dir.path(), "clients")),
+            site = certificate_section(dir.path(), "site", &site_pki.server(&["*.web.test"])),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let with_cert = site_pki.client_config_with(&client_pki.client("dave"));
+
+    let reply = tls_exchange(addr, "ok.web.test", Arc::clone(&with_cert), "hi").await;
+    assert_eq!(reply.expect("admitted by all"), "upstream heard: hi\n");
+    assert!(weir.connection_line().await.contains("outcome=closed"));
+
+    // One plugin's deny of the upstream ends the connection.
+    let reply = tls_exchange(addr, "deny.web.test", Arc::clone(&with_cert), "hi").await;
+    assert!(reply.as_deref().unwrap_or_default().is_empty(), "{reply:?}");
+    let line = weir.connection_line().await.replace('\\', "");
+    assert!(
+        line.contains("denied")
+            && line.contains("plugin `gatekeeper` denied: upstream `CN=backend.internal` is not trusted here"),
+        "{line}"
+    );
+
+    // A plugin that traps in admit denies the client (on_error = deny)...
+    let reply = tls_exchange(addr, "trap.web.test", Arc::clone(&with_cert), "hi").await;
+    assert!(
+        reply.as_ref().is_err_and(|e| e.to_string().contains("AccessDenied")),
+        "{reply:?}"
+    );
+    let line = weir.connection_line().await;
+    assert!(line.contains("denied") && line.contains("plugin `trapper`"), "{line}");
+    // ...but a client without a certificate (optional) is never admitted by
+    // anyone: no peer, no admit.
+    let reply = tls_exchange(addr, "trap.web.test", site_pki.client_config(), "anonymous").await;
+    assert_eq!(reply.expect("no certificate, no admit"), "upstream heard: anonymous\n");
+}

@@ -9,12 +9,14 @@
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
 //! (return invalid decisions), `read-file`, `socket`, `env` (reach for the
-//! host), `next`, `fail-configure` (refuses its config).
+//! host), `next`, `fail-configure` (refuses its config); in `admit`,
+//! `deny-upstream` (denies upstream peers) and `trap-admit` (panics on client
+//! peers).
 //! Connections that the failure does not apply to pass through to `pool`.
 #![deny(unsafe_code)]
 
 use serde::Deserialize;
-use weir_plugin_sdk::{Connection, Decision, Level, Plugin, Target, export_plugin, parse_config};
+use weir_plugin_sdk::{Connection, Decision, Level, Peer, Plugin, Side, Target, Verdict, export_plugin, parse_config};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,11 +37,18 @@ impl Plugin for Misbehave {
         Ok(())
     }
 
+    fn admit(&self, conn: &Connection, side: Side, peer: &Peer) -> Verdict {
+        match (self.mode.as_str(), side) {
+            ("deny-upstream", Side::Upstream) if self.applies(conn) => {
+                Verdict::Deny(format!("upstream `{}` is not trusted here", peer.subject))
+            }
+            ("trap-admit", Side::Client) if self.applies(conn) => panic!("trapping in admit on purpose"),
+            _ => Verdict::Allow,
+        }
+    }
+
     fn route(&self, conn: &Connection) -> Decision {
-        let applies = match &self.only_sni {
-            Some(only) => conn.sni.as_deref() == Some(only.as_str()),
-            None => true,
-        };
+        let applies = self.applies(conn);
         if !applies {
             return match &self.pool {
                 Some(pool) => Decision::passthrough("healthy", Target::pool(pool)),
@@ -77,6 +86,15 @@ impl Plugin for Misbehave {
             },
             "env" => Decision::reject("env", format!("{} variables", std::env::vars_os().count())),
             _ => Decision::next(),
+        }
+    }
+}
+
+impl Misbehave {
+    fn applies(&self, conn: &Connection) -> bool {
+        match &self.only_sni {
+            Some(only) => conn.sni.as_deref() == Some(only.as_str()),
+            None => true,
         }
     }
 }
