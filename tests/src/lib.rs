@@ -77,7 +77,8 @@ pub fn init_logging() {
 }
 
 /// Starts a gateway in-process from TOML text. Listeners should bind port 0;
-/// `{static_router}` and `{misbehave}` in the text become the built plugins' paths.
+/// `{static_router}`, `{dstack_router}` and `{misbehave}` in the text become the
+/// built plugins' paths.
 pub async fn start_gateway(toml: &str) -> Gateway {
     init_logging();
     let text = expand(toml);
@@ -88,7 +89,11 @@ pub async fn start_gateway(toml: &str) -> Gateway {
 /// Replaces the plugin placeholders in a config text.
 pub fn expand(toml: &str) -> String {
     let mut text = toml.to_owned();
-    for (placeholder, name) in [("{static_router}", "static-router"), ("{misbehave}", "misbehave")] {
+    for (placeholder, name) in [
+        ("{static_router}", "static-router"),
+        ("{dstack_router}", "dstack-router"),
+        ("{misbehave}", "misbehave"),
+    ] {
         if text.contains(placeholder) {
             text = text.replace(placeholder, &plugin(name).display().to_string());
         }

@@ -38,31 +38,42 @@ config.default = { reject = "unknown name" }
 servers = ["127.0.0.1:9000"]
 "#;
 
-#[test]
-fn check_accepts_the_quickstart_config() {
-    // The quickstart script mints its certificates into `run/` beside the
-    // config; here a copy of the config gets its own.
+/// Checks a copy of an example config whose `run/` directory (written by
+/// the example's script) holds a CA and the certificates `certificates`
+/// (file name, names covered) minted here, with the built plugins.
+fn check_example(example: &str, certificates: &[(&str, &[&str])], expected: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = dir.path().join("run");
     std::fs::create_dir(&run).expect("run dir");
-    let pki = weir_tests::Pki::new("quickstart test CA");
+    let pki = weir_tests::Pki::new("example test CA");
     pki.write_ca(&run, "ca");
-    pki.server(&["web.localhost", "secure.localhost"]).write(&run, "weir");
-    let original =
-        std::fs::read_to_string(workspace().join("examples/quickstart/weir.toml")).expect("quickstart config");
-    let wasm = weir_tests::plugin("static-router").display().to_string();
-    let quickstart = dir.path().join("weir.toml");
-    std::fs::write(
-        &quickstart,
-        original.replace("../../target/wasm32-wasip2/release/static_router.wasm", &wasm),
-    )
-    .expect("write config");
-    let out = weir(&["check", "--config", &quickstart.display().to_string()]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("ok (1 listeners, 1 plugins, 1 pools)"),
-        "{}",
-        text(&out.stdout)
+    for (file, names) in certificates {
+        pki.server(names).write(&run, file);
+    }
+    let mut config =
+        std::fs::read_to_string(workspace().join("examples").join(example).join("weir.toml")).expect("example config");
+    for plugin in ["static-router", "dstack-router"] {
+        let file = format!("../../target/wasm32-wasip2/release/{}.wasm", plugin.replace('-', "_"));
+        config = config.replace(&file, &weir_tests::plugin(plugin).display().to_string());
+    }
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = weir(&["check", "--config", &path.display().to_string()]);
+    assert!(out.status.success(), "{example}: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(expected), "{example}: {}", text(&out.stdout));
+}
+
+#[test]
+fn check_accepts_the_example_configs() {
+    check_example(
+        "quickstart",
+        &[("weir", &["web.localhost", "secure.localhost"])],
+        "ok (1 listeners, 1 plugins, 1 pools)",
+    );
+    check_example(
+        "dstack",
+        &[("wildcard", &["*.dstack.localhost"])],
+        "ok (1 listeners, 1 plugins, 0 pools)",
     );
 }
 

@@ -1,0 +1,135 @@
+//! dstack-router end to end: an `s` name reaches the app's own TLS server, a
+//! bare port is terminated with the base domain's wildcard certificate and
+//! reaches a plain server, a `g` name negotiates h2 with the client (curl)
+//! and carries an HTTP/2 exchange to a plaintext h2 server, and a custom
+//! domain is passed through to its app.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::net::TcpStream;
+use weir_tests::{Pki, STEP, Upstream, WeirProcess, answer, tls_exchange, write_config};
+
+fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// A plaintext HTTP/2 server (prior knowledge, as behind a terminating
+/// gateway) answering every request with its protocol version and path.
+async fn h2c_upstream() -> Upstream {
+    Upstream::tcp(|stream: TcpStream| async move {
+        let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+            let body = format!("{:?} {}\n", request.version(), request.uri().path());
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dstack_names_reach_their_apps() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gateway_pki = Pki::new("gateway CA");
+    let app_pki = Pki::new("app's own CA");
+    let app_tls = Upstream::tls(&app_pki.server(&["*.dstack.test", "shop.test"]), answer).await;
+    let app_plain = Upstream::tcp(answer).await;
+    let app_h2 = h2c_upstream().await;
+    let (cert, key) = gateway_pki.server(&["*.dstack.test"]).write(dir.path(), "wildcard");
+    let app = "3327603e03f5bd1f830812ca4a789277fc31f577";
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["dstack"]
+            tls.alpn = ["http/1.1"]
+
+            [plugins.dstack]
+            wasm = "{{dstack_router}}"
+            config.base_domains."dstack.test" = {{ certificate = "wildcard" }}
+            config.apps.{app}.instances = {{ instance1 = "127.0.0.1" }}
+            config.custom_domains."shop.test" = "{app}:{tls_port}"
+
+            [certificates.wildcard]
+            cert = {cert}
+            key = {key}
+            "#,
+            tls_port = app_tls.addr.port(),
+            cert = toml_path(&cert),
+            key = toml_path(&key),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+
+    // `s`: passthrough, so only the app's CA verifies what the client sees.
+    let sni = format!("{app}-{}s.dstack.test", app_tls.addr.port());
+    let reply = tls_exchange(addr, &sni, app_pki.client_config(), "to the app").await;
+    assert_eq!(reply.expect("passthrough"), "upstream heard: to the app\n");
+    let line = weir.connection_line().await;
+    assert!(line.contains(r#"mode="passthrough""#), "{line}");
+    assert!(
+        line.contains(&format!(r#"route="{app}-{}s""#, app_tls.addr.port())),
+        "{line}"
+    );
+
+    // A bare port: terminated with the wildcard certificate, plain upstream.
+    let sni = format!("{app}-{}.dstack.test", app_plain.addr.port());
+    let reply = tls_exchange(addr, &sni, gateway_pki.client_config(), "terminated").await;
+    assert_eq!(reply.expect("terminated"), "upstream heard: terminated\n");
+    assert!(weir.connection_line().await.contains(r#"mode="terminate""#));
+
+    // `g`: curl negotiates h2 with weir; the h2 frames reach a plaintext h2 server.
+    let ca = gateway_pki.write_ca(dir.path(), "gateway-ca");
+    let host = format!("instance1-{}g.dstack.test", app_h2.addr.port());
+    let curl = tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2",
+                "--max-time",
+                "20",
+                "--cacert",
+                &ca.display().to_string(),
+            ])
+            .args(["-w", "%{http_version}"])
+            .args(["--resolve", &format!("{host}:{}:127.0.0.1", addr.port())])
+            .arg(format!("https://{host}:{}/helloworld.Greeter/SayHello", addr.port()))
+            .output(),
+    )
+    .await
+    .expect("curl finishes")
+    .expect("curl is installed (.ci/run installs it)");
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "HTTP/2.0 /helloworld.Greeter/SayHello\n2",
+        "curl stderr: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let line = weir.connection_line().await;
+    assert!(line.contains(r#"mode="terminate""#) && line.contains("g\""), "{line}");
+
+    // A custom domain: passthrough to the app.
+    let reply = tls_exchange(addr, "shop.test", app_pki.client_config(), "shopping").await;
+    assert_eq!(reply.expect("custom domain"), "upstream heard: shopping\n");
+    weir.connection_line().await;
+
+    // An invalid name is refused with the reason in the log.
+    let reply = tls_exchange(
+        addr,
+        &format!("{app}-443sg.dstack.test"),
+        Arc::clone(&gateway_pki.client_config()),
+        "x",
+    )
+    .await;
+    assert!(reply.is_err(), "{reply:?}");
+    let line = weir.connection_line().await;
+    assert!(line.contains("combines `s` (passthrough) and `g` (gRPC)"), "{line}");
+}
