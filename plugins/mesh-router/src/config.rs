@@ -17,7 +17,11 @@ pub struct Dynamic {
     pub tcp: Tcp,
     #[serde(default)]
     pub tls: Tls,
+    /// Read so that a whole Traefik file is accepted; routed by other proxies.
+    #[allow(dead_code)]
     pub http: Option<IgnoredAny>,
+    /// As `http`.
+    #[allow(dead_code)]
     pub udp: Option<IgnoredAny>,
 }
 
@@ -134,10 +138,15 @@ pub struct TlsOptions {
     #[serde(default)]
     pub curve_preferences: Vec<String>,
     pub client_auth: Option<ClientAuth>,
+    /// Either value is honoured: weir never presents a certificate for a name
+    /// none of its certificates covers (Traefik's strict behaviour).
+    #[allow(dead_code)]
     #[serde(default)]
     pub sni_strict: bool,
     #[serde(default)]
     pub alpn_protocols: Vec<String>,
+    /// Ignored by Go's TLS since Go 1.18, and so by Traefik; weir likewise.
+    #[allow(dead_code)]
     pub prefer_server_cipher_suites: Option<IgnoredAny>,
     pub disable_session_tickets: Option<IgnoredAny>,
 }

@@ -37,8 +37,8 @@
 //! The route name of every decision is the router's name.
 #![deny(unsafe_code)]
 
-pub mod config;
-pub mod rule;
+mod config;
+mod rule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
