@@ -214,6 +214,10 @@ pub struct PluginConfig {
     /// passed verbatim. Absent means an empty string.
     #[serde(default)]
     pub config: Option<toml::Value>,
+    /// A file whose text is handed to `configure` verbatim, in place of
+    /// `config` (e.g. a Traefik dynamic configuration for mesh-router).
+    /// Relative to the config file; read whenever the config is loaded.
+    pub config_file: Option<PathBuf>,
     /// What a failure of this plugin means for the connection.
     #[serde(default)]
     pub on_error: OnError,
@@ -233,14 +237,17 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
-    /// The string handed to `configure`.
-    pub fn config_string(&self) -> String {
-        match &self.config {
+    /// The string handed to `configure`: `config_file`'s text, or `config`.
+    pub fn config_string(&self) -> std::io::Result<String> {
+        if let Some(file) = &self.config_file {
+            return std::fs::read_to_string(file);
+        }
+        Ok(match &self.config {
             None => String::new(),
             Some(toml::Value::String(verbatim)) => verbatim.clone(),
             // A TOML value always serialises to JSON: same data model.
             Some(table) => serde_json::to_string(table).unwrap_or_default(),
-        }
+        })
     }
 }
 
@@ -300,6 +307,16 @@ impl Config {
         })?;
         config.path = path.to_owned();
         config.check()?;
+        let resolved: Vec<(String, PathBuf)> = config
+            .plugins
+            .iter()
+            .filter_map(|(name, p)| p.config_file.as_ref().map(|f| (name.clone(), config.resolve(f))))
+            .collect();
+        for (name, file) in resolved {
+            if let Some(plugin) = config.plugins.get_mut(&name) {
+                plugin.config_file = Some(file);
+            }
+        }
         Ok(config)
     }
 
@@ -373,6 +390,9 @@ impl Config {
             {
                 return Err(self.invalid(field("config"), "must be a table or a string"));
             }
+            if plugin.config.is_some() && plugin.config_file.is_some() {
+                return Err(self.invalid(field("config_file"), "give `config` or `config_file`, not both"));
+            }
         }
         for (name, ca) in &self.cas {
             let field = |f: &str| format!("cas.{name}.{f}");
@@ -428,7 +448,10 @@ mod tests {
         assert_eq!(plugin.on_error, OnError::Deny);
         assert_eq!(plugin.timeout, Duration::from_millis(10));
         assert_eq!(plugin.max_memory_mib, 16);
-        assert_eq!(plugin.config_string(), r#"{"routes":{"a.example":{"pool":"app"}}}"#);
+        assert_eq!(
+            plugin.config_string().expect("inline"),
+            r#"{"routes":{"a.example":{"pool":"app"}}}"#
+        );
         assert_eq!(config.resolve(&plugin.wasm), Path::new("/etc/weir/static_router.wasm"));
     }
 
@@ -469,6 +492,9 @@ mod tests {
             r#"config = "tcp:\n  routers: {}""#,
         );
         let config = parse(&text).expect("valid");
-        assert_eq!(config.plugins["router"].config_string(), "tcp:\n  routers: {}");
+        assert_eq!(
+            config.plugins["router"].config_string().expect("inline"),
+            "tcp:\n  routers: {}"
+        );
     }
 }

@@ -260,6 +260,10 @@ impl Runtime {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
+        let config_text = config.config_string().map_err(|e| PluginError::Read {
+            path: config.config_file.clone().unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
         let component = Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile {
             path: path.to_owned(),
             reason: format!("{e:#}"),
@@ -275,7 +279,7 @@ impl Runtime {
         let plugin = Plugin {
             name: name.into(),
             pre,
-            config: config.config_string(),
+            config: config_text,
             timeout: config.timeout,
             max_memory_mib: config.max_memory_mib,
             on_error: config.on_error,

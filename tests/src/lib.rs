@@ -77,8 +77,8 @@ pub fn init_logging() {
 }
 
 /// Starts a gateway in-process from TOML text. Listeners should bind port 0;
-/// `{static_router}`, `{dstack_router}` and `{misbehave}` in the text become the
-/// built plugins' paths.
+/// `{static_router}`, `{dstack_router}`, `{mesh_router}` and `{misbehave}` in the
+/// text become the built plugins' paths.
 pub async fn start_gateway(toml: &str) -> Gateway {
     init_logging();
     let text = expand(toml);
@@ -92,6 +92,7 @@ pub fn expand(toml: &str) -> String {
     for (placeholder, name) in [
         ("{static_router}", "static-router"),
         ("{dstack_router}", "dstack-router"),
+        ("{mesh_router}", "mesh-router"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {

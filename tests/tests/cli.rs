@@ -50,9 +50,16 @@ fn check_example(example: &str, certificates: &[(&str, &[&str])], expected: &str
     for (file, names) in certificates {
         pki.server(names).write(&run, file);
     }
-    let mut config =
-        std::fs::read_to_string(workspace().join("examples").join(example).join("weir.toml")).expect("example config");
-    for plugin in ["static-router", "dstack-router"] {
+    let source = workspace().join("examples").join(example);
+    let mut config = std::fs::read_to_string(source.join("weir.toml")).expect("example config");
+    // Files the config names beside it (e.g. a plugin's config_file).
+    for entry in std::fs::read_dir(&source).expect("example dir").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+            std::fs::copy(&path, dir.path().join(entry.file_name())).expect("copy");
+        }
+    }
+    for plugin in ["static-router", "dstack-router", "mesh-router"] {
         let file = format!("../../target/wasm32-wasip2/release/{}.wasm", plugin.replace('-', "_"));
         config = config.replace(&file, &weir_tests::plugin(plugin).display().to_string());
     }
@@ -73,6 +80,11 @@ fn check_accepts_the_example_configs() {
     check_example(
         "dstack",
         &[("wildcard", &["*.dstack.localhost"])],
+        "ok (1 listeners, 1 plugins, 0 pools)",
+    );
+    check_example(
+        "mesh",
+        &[("web", &["web.mesh.localhost", "admin.mesh.localhost"])],
         "ok (1 listeners, 1 plugins, 0 pools)",
     );
 }
@@ -97,6 +109,20 @@ fn check_names_the_file_field_and_reason_of_a_broken_config() {
         (
             ROUTER.replace("{ pool = \"app\" }", "{ pol = \"app\" }"),
             "plugins.router: configure refused the config: invalid plugin config: unknown field `pol`",
+        ),
+        (
+            ROUTER.replace("wasm =", "config_file = \"routes.json\"\nwasm ="),
+            "plugins.router.config_file: give `config` or `config_file`, not both",
+        ),
+        (
+            ROUTER
+                .replace(
+                    "config.routes.\"app.test\" = { pool = \"app\" }\n",
+                    "config_file = \"missing.json\"\n",
+                )
+                .replace("config.routes.\"*.api.test\" = { address = \"127.0.0.1:9001\" }\n", "")
+                .replace("config.default = { reject = \"unknown name\" }\n", ""),
+            "missing.json: No such file or directory",
         ),
     ];
     for (toml, expected) in cases {
