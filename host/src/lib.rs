@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod attest;
 pub mod config;
 pub mod decision;
 pub mod gateway;

@@ -1,0 +1,193 @@
+use super::*;
+use crate::testdata;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 2025-07-01, inside the sample collateral's validity window.
+const IN_WINDOW: u64 = 1_751_328_000;
+/// 2026-01-01, after it.
+const AFTER_WINDOW: u64 = 1_767_225_600;
+
+#[test]
+fn the_sample_quote_yields_its_documented_values() {
+    let quote = testdata::read("attestation/tdx_quote_v4.bin");
+    let report = parse_quote(&quote).expect("parses");
+    assert_eq!(report.version, 4);
+    assert!(!report.td15);
+    assert_eq!(
+        hex(&report.mrtd),
+        "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+    );
+    assert_eq!(report.rtmr[3], [0u8; 48]);
+    assert_eq!(report.report_data.as_slice(), &quote[568..632]);
+    assert_eq!(report.td_attributes.as_slice(), &quote[168..176]);
+    assert_eq!(report.rtmr[0].as_slice(), &quote[376..424]);
+    assert_eq!(
+        u32::from_le_bytes([quote[632], quote[633], quote[634], quote[635]]),
+        4300
+    );
+    for file in [
+        "attestation/dstack_tdx_quote_v4.bin",
+        "attestation/tdx_quote_v4_outdated.bin",
+    ] {
+        parse_quote(&testdata::read(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    let dstack = parse_quote(&testdata::read("attestation/dstack_tdx_quote_v4.bin")).expect("parses");
+    assert_eq!(dstack.rtmr[3], [0u8; 48]);
+    assert!(
+        dstack.report_data.iter().all(|b| b.is_ascii()),
+        "REPORTDATA is ASCII text"
+    );
+}
+
+#[test]
+fn a_v5_quote_shifts_the_body_and_names_its_type() {
+    let v4 = testdata::read("attestation/tdx_quote_v4.bin");
+    // The same report as a v5 TD 1.0 body: version 5, then body type 2 and size 584.
+    let mut v5 = v4[..48].to_vec();
+    v5[0] = 5;
+    v5.extend_from_slice(&2u16.to_le_bytes());
+    v5.extend_from_slice(&584u32.to_le_bytes());
+    v5.extend_from_slice(&v4[48..]);
+    let report = parse_quote(&v5).expect("v5 parses");
+    assert_eq!(
+        report,
+        TdReport {
+            version: 5,
+            ..parse_quote(&v4).expect("v4")
+        }
+    );
+    // TD 1.5: 64 more bytes of body.
+    let mut td15 = v5[..54].to_vec();
+    td15[48..50].copy_from_slice(&3u16.to_le_bytes());
+    td15[50..54].copy_from_slice(&648u32.to_le_bytes());
+    td15.extend_from_slice(&v4[48..632]);
+    td15.extend_from_slice(&[0u8; 64]);
+    td15.extend_from_slice(&v4[632..]);
+    let report = parse_quote(&td15).expect("TD 1.5 parses");
+    assert!(report.td15);
+    assert_eq!(report.mrtd.as_slice(), &v4[184..232]);
+    let mut bad_type = v5.clone();
+    bad_type[48] = 9;
+    assert_eq!(parse_quote(&bad_type), Err(AttestError::BodyType(9)));
+    let mut bad_size = v5;
+    bad_size[50] = 1;
+    assert!(matches!(parse_quote(&bad_size), Err(AttestError::BodySize { .. })));
+}
+
+#[test]
+fn malformed_quotes_are_typed_errors() {
+    let quote = testdata::read("attestation/tdx_quote_v4.bin");
+    // The signature section ends at 636 + 4300; the sample carries 70 bytes of padding after it.
+    for cut in [0, 1, 47, 48, 200, 631, 635, 636 + 4299] {
+        let err = parse_quote(&quote[..cut]).expect_err("truncated");
+        assert!(matches!(err, AttestError::Truncated { .. }), "cut at {cut}: {err}");
+    }
+    let mut v3 = quote.clone();
+    v3[0] = 3;
+    assert_eq!(parse_quote(&v3), Err(AttestError::QuoteVersion(3)));
+    let mut sgx = quote.clone();
+    sgx[4] = 0;
+    assert_eq!(parse_quote(&sgx), Err(AttestError::NotTdx(0)));
+    let mut huge_signature = quote.clone();
+    huge_signature[632..636].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        parse_quote(&huge_signature),
+        Err(AttestError::Truncated { .. })
+    ));
+    assert!(matches!(
+        parse_quote(&vec![0u8; MAX_QUOTE + 1]),
+        Err(AttestError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn the_dstack_attestation_decodes_and_replays_to_rtmr3() {
+    let bytes = testdata::read("attestation/dstack_attestation_v0.bin");
+    let attestation = decode_attestation(&bytes).expect("decodes");
+    assert_eq!(attestation.quote.len(), 5010);
+    assert_eq!(attestation.events.len(), 33);
+    assert_eq!(attestation.runtime_events.len(), 9);
+    assert_eq!(attestation.report_data, [0u8; 64]);
+    assert!(attestation.config.starts_with('{'));
+    let names: Vec<&str> = attestation.runtime_events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "system-preparing",
+            "app-id",
+            "compose-hash",
+            "instance-id",
+            "boot-mr-done",
+            "os-image-hash",
+            "key-provider",
+            "storage-fs",
+            "system-ready"
+        ]
+    );
+    let report = parse_quote(&attestation.quote).expect("its quote parses");
+    assert_eq!(replay_rtmr3(&attestation.events).expect("replays"), report.rtmr[3]);
+    // A changed payload no longer replays to RTMR3.
+    let mut tampered = attestation.events.clone();
+    let app_id = tampered.iter_mut().find(|e| e.name == "app-id").expect("app-id event");
+    app_id.payload[0] ^= 1;
+    assert_ne!(replay_rtmr3(&tampered).expect("replays"), report.rtmr[3]);
+}
+
+#[test]
+fn malformed_attestations_are_typed_errors() {
+    let bytes = testdata::read("attestation/dstack_attestation_v0.bin");
+    for cut in [0, 1, 2, 3, 100, 5013, 6000, bytes.len() - 65, bytes.len() - 1] {
+        let err = decode_attestation(&bytes[..cut]).expect_err("truncated");
+        assert!(
+            matches!(err, AttestError::Truncated { .. } | AttestError::Compact(_)),
+            "cut at {cut}: {err}"
+        );
+    }
+    let mut v1 = bytes.clone();
+    v1[0] = 1;
+    assert_eq!(decode_attestation(&v1).err(), Some(AttestError::AttestationVersion(1)));
+    let mut other = bytes.clone();
+    other[1] = 2;
+    assert_eq!(decode_attestation(&other).err(), Some(AttestError::QuoteVariant(2)));
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(decode_attestation(&trailing).err(), Some(AttestError::Trailing(1)));
+    // A length prefix claiming 1 GiB of quote.
+    let mut huge = vec![0u8, 0u8, 0b11, 0, 0, 0, 0x40];
+    huge.extend_from_slice(&[0u8; 16]);
+    assert!(matches!(decode_attestation(&huge), Err(AttestError::TooLarge { .. })));
+    assert!(matches!(
+        decode_attestation(&vec![0u8; MAX_ATTESTATION + 1]),
+        Err(AttestError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn dcap_verification_depends_on_the_collateral_window() {
+    let quote = testdata::read("attestation/tdx_quote_v4.bin");
+    let collateral = testdata::dir().join("attestation/tdx_quote_v4_collateral.json");
+    let verifier = Verifier::load(&[collateral]).expect("collateral loads");
+    let inside = verifier.verify(&quote, IN_WINDOW);
+    assert_eq!(
+        inside,
+        Verification {
+            verified: true,
+            tcb_status: Some("UpToDate".into()),
+            reason: None
+        }
+    );
+    let after = verifier.verify(&quote, AFTER_WINDOW);
+    assert!(!after.verified);
+    assert!(after.reason.as_deref().is_some_and(|r| !r.is_empty()), "{after:?}");
+    // A tampered report fails its signature.
+    let mut tampered = quote.clone();
+    tampered[184] ^= 1;
+    assert!(!verifier.verify(&tampered, IN_WINDOW).verified);
+    // Without collateral nothing is verified, and it says why.
+    let none = Verifier::default().verify(&quote, IN_WINDOW);
+    assert_eq!(none.reason.as_deref(), Some("no DCAP collateral is configured"));
+    assert!(Verifier::load(&[testdata::dir().join("attestation/tdx_quote_v4.bin")]).is_err());
+}
