@@ -7,4 +7,4 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 cargo build --locked --release --target wasm32-wasip2 \
-    -p static-router -p dstack-router -p mesh-router -p misbehave
+    -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave

@@ -450,7 +450,7 @@ fn parse_event_log_json(bytes: &[u8]) -> Result<Vec<Event>, AttestError> {
     }
     let hex = |s: &str| -> Result<Vec<u8>, AttestError> {
         let s = s.trim_start_matches("0x");
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return Err(AttestError::EventLog(format!("odd-length hex `{s}`")));
         }
         (0..s.len())
@@ -581,7 +581,7 @@ impl RaTls {
 fn unwrap_octet_string(value: &[u8]) -> &[u8] {
     use x509_parser::der_parser::der::parse_der_octetstring;
     match parse_der_octetstring(value) {
-        Ok((rest, object)) if rest.is_empty() => object.as_slice().unwrap_or(value),
+        Ok(([], object)) => object.as_slice().unwrap_or(value),
         _ => value,
     }
 }
@@ -646,6 +646,39 @@ impl Verifier {
             tcb_status: None,
             reason: Some(reasons.join("; ")),
         }
+    }
+}
+
+/// What weir requires of every attestation before plugins see it: the
+/// key binding (checked by [`RaTls::from_certificate`]), no debug TD unless
+/// allowed; and what it reports: the quote verified against collateral.
+#[derive(Debug, Default)]
+pub struct AttestationPolicy {
+    verifier: Verifier,
+    allow_debug: bool,
+}
+
+impl AttestationPolicy {
+    /// A policy verifying with `verifier`.
+    pub fn new(verifier: Verifier, allow_debug: bool) -> AttestationPolicy {
+        AttestationPolicy { verifier, allow_debug }
+    }
+
+    /// Reads and checks the attestation of an RA-TLS certificate (DER), and
+    /// verifies its quote as of now.
+    pub fn examine(&self, der: &[u8]) -> Result<wit::Attestation, String> {
+        let ratls = RaTls::from_certificate(der).map_err(|e| e.to_string())?;
+        if ratls.report.debug() && !self.allow_debug {
+            return Err("the TD runs in debug mode (attestation.allow_debug is false)".into());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let verification = self.verifier.verify(&ratls.quote, now);
+        if let Some(reason) = &verification.reason {
+            tracing::debug!(%reason, "attestation not verified");
+        }
+        Ok(ratls.to_wit(&verification))
     }
 }
 

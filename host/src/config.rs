@@ -70,6 +70,9 @@ pub struct Config {
     /// and upstreams, and pinned upstream certificate fingerprints.
     #[serde(default)]
     pub cas: BTreeMap<String, CaConfig>,
+    /// How RA-TLS attestations are checked.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -177,6 +180,21 @@ pub struct CertificateConfig {
     /// The private key (PKCS#8, PKCS#1 RSA or SEC1 EC), relative to the
     /// config file.
     pub key: PathBuf,
+}
+
+/// How the attestations in RA-TLS certificates are checked.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// DCAP collateral files (JSON), relative to the config file. A quote
+    /// verifies when one of them verifies it; with none, every attestation
+    /// is reported unverified.
+    #[serde(default)]
+    pub collateral: Vec<PathBuf>,
+    /// Accept TDs that run with the debug attribute (never in production:
+    /// the host can read a debug TD's memory).
+    #[serde(default)]
+    pub allow_debug: bool,
 }
 
 /// A trust anchor: a CA bundle, pinned certificate fingerprints, or both (then

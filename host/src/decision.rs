@@ -64,6 +64,8 @@ pub enum ClientAuth {
     Optional(String),
     /// Required, verified against this CA.
     Required(String),
+    /// A self-signed RA-TLS certificate whose attestation binds its key.
+    Attested,
 }
 
 /// What happens after termination.
@@ -94,6 +96,9 @@ pub struct UpstreamTls {
     pub ca: Option<String>,
     /// Certificate presented to the upstream.
     pub client_cert: Option<String>,
+    /// The upstream must present an RA-TLS certificate whose attestation
+    /// binds its key.
+    pub attested: bool,
 }
 
 /// A pool by name, or one address.
@@ -120,10 +125,6 @@ pub trait Known {
     /// a CA bundle (pins alone cannot verify clients).
     fn ca(&self, name: &str) -> Option<bool>;
 }
-
-/// Attested verification is the RA-TLS layer's; until it is present a
-/// decision asking for it is refused rather than quietly weakened.
-const NO_ATTESTATION: &str = "attested verification (RA-TLS) is not available in this build";
 
 impl Decision {
     /// Validates a plugin's decision. `Ok(None)` is `next`.
@@ -169,7 +170,7 @@ impl Termination {
             wit::ClientAuth::None => ClientAuth::None,
             wit::ClientAuth::Optional(ca) => ClientAuth::Optional(client_ca(ca)?),
             wit::ClientAuth::Required(ca) => ClientAuth::Required(client_ca(ca)?),
-            wit::ClientAuth::Attested => return Err(format!("client-auth attested: {NO_ATTESTATION}")),
+            wit::ClientAuth::Attested => ClientAuth::Attested,
         };
         crate::tls::alpn_list(&t.alpn)?;
         let then = match t.then {
@@ -189,8 +190,8 @@ impl Termination {
 
 impl UpstreamTls {
     fn from_wit(tls: wit::UpstreamTls, known: &dyn Known) -> Result<UpstreamTls, String> {
-        if tls.attested {
-            return Err(format!("upstream-tls attested: {NO_ATTESTATION}"));
+        if tls.attested && tls.ca.is_some() {
+            return Err("upstream-tls: an attested upstream is identified by its attestation; drop `ca`".into());
         }
         if let Some(name) = &tls.server_name {
             rustls::pki_types::ServerName::try_from(name.as_str())
@@ -210,6 +211,7 @@ impl UpstreamTls {
             server_name: tls.server_name,
             ca: tls.ca,
             client_cert: tls.client_cert,
+            attested: tls.attested,
         })
     }
 }
@@ -318,8 +320,18 @@ mod tests {
                 "has only pins",
             ),
             (
-                terminate(None, wit::ClientAuth::Attested, wit::After::Plain(pool())),
-                "not available",
+                terminate(
+                    None,
+                    wit::ClientAuth::None,
+                    wit::After::Reencrypt((
+                        pool(),
+                        wit::UpstreamTls {
+                            attested: true,
+                            ..upstream_tls(Some("pinned"), None, None)
+                        },
+                    )),
+                ),
+                "drop `ca`",
             ),
             (
                 terminate(

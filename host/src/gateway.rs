@@ -26,7 +26,7 @@ use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{Listener, Snapshot, SnapshotError};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
-use crate::tls::{Admission, TerminateError, describe_peer};
+use crate::tls::{Admission, TerminateError, describe};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -490,10 +490,13 @@ async fn terminate(
     if let Some(admission) = &admission
         && admission.outcome().is_none()
         && let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first)
-        && let Err(reason) = admission.check(wit::Side::Client, &cert.clone())
     {
-        let _ = tls.shutdown().await;
-        return Outcome::Denied(reason);
+        let attestation =
+            (termination.client_auth == ClientAuth::Attested).then(|| snapshot.tls().attestation().examine(cert));
+        if let Err(reason) = admission.check(wit::Side::Client, describe(cert, attestation)) {
+            let _ = tls.shutdown().await;
+            return Outcome::Denied(reason);
+        }
     }
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let target = termination.then.target();
@@ -558,7 +561,10 @@ async fn reencrypt(
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first) else {
         return Err(Outcome::ConnectFailed("the upstream presented no certificate".into()));
     };
-    let admitted = describe_peer(cert).and_then(|peer| listener.admit(conn, wit::Side::Upstream, &peer));
+    let attestation = upstream_tls
+        .attested
+        .then(|| snapshot.tls().attestation().examine(cert));
+    let admitted = describe(cert, attestation).and_then(|peer| listener.admit(conn, wit::Side::Upstream, &peer));
     match admitted {
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),

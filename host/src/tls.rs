@@ -28,6 +28,7 @@ use rustls::{
 };
 use weir_plugin_sdk::names::{self, Pattern};
 
+use crate::attest::{AttestationPolicy, Verifier};
 use crate::config::{Config, ListenerTls, TlsVersion};
 use crate::decision::{ClientAuth, Termination, UpstreamTls};
 use crate::plugin::wit;
@@ -167,6 +168,7 @@ struct ClientKey {
     ca: Option<String>,
     client_cert: Option<String>,
     alpn: Option<Vec<u8>>,
+    attested: bool,
 }
 
 /// A server config and what a per-connection variant needs from it.
@@ -175,6 +177,8 @@ struct ServerEntry {
     config: Arc<ServerConfig>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
     resolver: Arc<Candidates>,
+    /// Set for attested client authentication.
+    attestation: Option<Arc<AttestationPolicy>>,
 }
 
 /// Certificates and trust anchors from one config, and the rustls configs
@@ -184,6 +188,7 @@ pub struct TlsMaterial {
     exact: HashMap<String, Vec<Arc<Certificate>>>,
     wildcard: HashMap<String, Vec<Arc<Certificate>>>,
     cas: BTreeMap<String, Ca>,
+    attestation: Arc<AttestationPolicy>,
     servers: Mutex<HashMap<ServerKey, ServerEntry>>,
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
@@ -208,9 +213,18 @@ impl TlsMaterial {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
             cas: BTreeMap::new(),
+            attestation: Arc::default(),
             servers: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         };
+        let collateral: Vec<_> = config
+            .attestation
+            .collateral
+            .iter()
+            .map(|f| config.resolve(f))
+            .collect();
+        let verifier = Verifier::load(&collateral).map_err(|e| ("attestation.collateral".to_owned(), e))?;
+        material.attestation = Arc::new(AttestationPolicy::new(verifier, config.attestation.allow_debug));
         for (name, cert) in &config.certificates {
             let field = |f: &str| format!("certificates.{name}.{f}");
             let cert_path = config.resolve(&cert.cert);
@@ -279,6 +293,11 @@ impl TlsMaterial {
             material.cas.insert(name.clone(), Ca { roots, pins });
         }
         Ok(material)
+    }
+
+    /// How RA-TLS attestations are checked.
+    pub fn attestation(&self) -> &Arc<AttestationPolicy> {
+        &self.attestation
     }
 
     /// Whether a certificate of this name exists.
@@ -352,7 +371,8 @@ impl TlsMaterial {
             (Some(verifier), Some(admission)) => {
                 let verifier = Arc::new(Admitting {
                     inner: verifier,
-                    admission,
+                    admission: Some(admission),
+                    attestation: entry.attestation,
                 });
                 let mut config = ServerConfig::builder_with_provider(Arc::clone(&settings.provider))
                     .with_protocol_versions(settings.versions)
@@ -378,6 +398,9 @@ impl TlsMaterial {
         let provider = Arc::clone(&settings.provider);
         let verifier: Option<Arc<dyn ClientCertVerifier>> = match &key.client_auth {
             ClientAuth::None => None,
+            ClientAuth::Attested => Some(Arc::new(AttestedClient {
+                algorithms: provider.signature_verification_algorithms,
+            })),
             ClientAuth::Optional(ca) | ClientAuth::Required(ca) => {
                 let roots = self
                     .cas
@@ -408,6 +431,7 @@ impl TlsMaterial {
             config: Arc::new(config),
             verifier,
             resolver,
+            attestation: (key.client_auth == ClientAuth::Attested).then(|| Arc::clone(&self.attestation)),
         })
     }
 
@@ -418,12 +442,17 @@ impl TlsMaterial {
             ca: upstream.ca.clone(),
             client_cert: upstream.client_cert.clone(),
             alpn: alpn.map(<[u8]>::to_vec),
+            attested: upstream.attested,
         };
         if let Some(config) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(Arc::clone(config));
         }
         let provider = Arc::new(base_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match &key.ca {
+            None if key.attested => Arc::new(AttestedServer {
+                policy: Arc::clone(&self.attestation),
+                algorithms: provider.signature_verification_algorithms,
+            }),
             None => WebPkiServerVerifier::builder_with_provider(system_roots()?, Arc::clone(&provider))
                 .build()
                 .map_err(|e| e.to_string())?,
@@ -573,10 +602,7 @@ impl ServerCertVerifier for Pinned {
         if self.pins.contains(&seen) {
             return Ok(ServerCertVerified::assertion());
         }
-        let reason = format!("certificate SHA-256 {} is not pinned", hex(&seen));
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
-            Arc::new(std::io::Error::other(reason)),
-        ))))
+        Err(refused(format!("certificate SHA-256 {} is not pinned", hex(&seen))))
     }
 
     fn verify_tls12_signature(
@@ -627,10 +653,11 @@ impl Admission {
         }
     }
 
-    /// Describes the certificate and asks every plugin of the chain; the
-    /// first refusal is the answer. Remembers the outcome.
-    pub fn check(&self, side: wit::Side, end_entity: &CertificateDer<'_>) -> Result<(), String> {
-        let outcome = describe_peer(end_entity).and_then(|peer| self.listener.admit(&self.conn, side, &peer));
+    /// Asks every plugin of the chain about a described peer (or records
+    /// why it could not be described); the first refusal is the answer.
+    /// Remembers the outcome.
+    pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
+        let outcome = peer.and_then(|peer| self.listener.admit(&self.conn, side, &peer));
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
     }
@@ -642,11 +669,13 @@ impl Admission {
 }
 
 /// Client authentication that ends in the plugins' `admit`: after the CA
-/// check passes, a plugin's deny fails the handshake with `access_denied`.
+/// (or attestation) check passes, a plugin's deny fails the handshake with
+/// `access_denied`.
 #[derive(Debug)]
 struct Admitting {
     inner: Arc<dyn ClientCertVerifier>,
-    admission: Arc<Admission>,
+    admission: Option<Arc<Admission>>,
+    attestation: Option<Arc<AttestationPolicy>>,
 }
 
 impl ClientCertVerifier for Admitting {
@@ -669,7 +698,11 @@ impl ClientCertVerifier for Admitting {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        match self.admission.check(wit::Side::Client, end_entity) {
+        let Some(admission) = &self.admission else {
+            return Ok(verified);
+        };
+        let attestation = self.attestation.as_ref().map(|policy| policy.examine(end_entity));
+        match admission.check(wit::Side::Client, describe(end_entity, attestation)) {
             Ok(()) => Ok(verified),
             Err(_) => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
@@ -698,6 +731,124 @@ impl ClientCertVerifier for Admitting {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// A peer's description with its attestation, when it has one; an
+/// attestation that failed its checks fails the description.
+pub fn describe(der: &[u8], attestation: Option<Result<wit::Attestation, String>>) -> Result<wit::Peer, String> {
+    let mut peer = describe_peer(&CertificateDer::from(der))?;
+    if let Some(attestation) = attestation {
+        peer.attestation = Some(attestation.map_err(|e| format!("RA-TLS: {e}"))?);
+    }
+    Ok(peer)
+}
+
+/// RA-TLS client certificates: self-signed, so no chain to check; the
+/// handshake's signature proves possession of the key, and the attestation
+/// must bind that key. The full attestation check (debug policy, quote
+/// verification) and the plugins' `admit` follow in [`Admitting`].
+#[derive(Debug)]
+struct AttestedClient {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AttestedClient {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        crate::attest::RaTls::from_certificate(end_entity).map_err(|e| refused(format!("RA-TLS: {e}")))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// RA-TLS upstreams: the certificate's attestation, fully checked, is its
+/// identity (names and chains do not apply to a self-signed TD key).
+#[derive(Debug)]
+struct AttestedServer {
+    policy: Arc<AttestationPolicy>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AttestedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.policy
+            .examine(end_entity)
+            .map_err(|e| refused(format!("RA-TLS: {e}")))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A certificate refused for `reason`.
+fn refused(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(std::io::Error::other(
+        reason,
+    )))))
 }
 
 /// What plugins see of an authenticated certificate: its subject (RFC 4514),

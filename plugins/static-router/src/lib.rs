@@ -31,7 +31,9 @@
 //! the named `ca`, the system roots when absent). `certificate`, `client_ca`,
 //! `ca` and `client_cert` are names from weir's config. With `clients`, a
 //! client certificate is admitted only if its subject (RFC 4514) or one of its
-//! DNS / IP names is listed.
+//! DNS / IP names is listed. `client_auth = "attested"` asks for an RA-TLS
+//! certificate (no `client_ca`), and `reencrypt.attested` requires one from
+//! the upstream; pair them with the attestation-allowlist plugin.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
@@ -65,7 +67,8 @@ struct Entry {
 struct Terminate {
     /// Certificate name; by SNI when absent.
     certificate: Option<String>,
-    /// `none` (default), `optional` or `required`.
+    /// `none` (default), `optional`, `required` (with `client_ca`) or
+    /// `attested` (an RA-TLS certificate).
     #[serde(default)]
     client_auth: ClientAuthMode,
     /// CA that verifies client certificates.
@@ -86,6 +89,7 @@ enum ClientAuthMode {
     None,
     Optional,
     Required,
+    Attested,
 }
 
 /// How the gateway speaks TLS to the target.
@@ -95,6 +99,8 @@ struct Reencrypt {
     server_name: Option<String>,
     ca: Option<String>,
     client_cert: Option<String>,
+    #[serde(default)]
+    attested: bool,
 }
 
 impl Terminate {
@@ -107,7 +113,7 @@ impl Terminate {
                     server_name: r.server_name.clone(),
                     ca: r.ca.clone(),
                     client_cert: r.client_cert.clone(),
-                    attested: false,
+                    attested: r.attested,
                 },
             ),
         };
@@ -116,6 +122,7 @@ impl Terminate {
             ClientAuthMode::None => ClientAuth::None,
             ClientAuthMode::Optional => ClientAuth::Optional(ca),
             ClientAuthMode::Required => ClientAuth::Required(ca),
+            ClientAuthMode::Attested => ClientAuth::Attested,
         };
         let termination = termination.with_client_auth(client_auth).with_alpn(self.alpn.clone());
         match &self.certificate {
@@ -126,6 +133,9 @@ impl Terminate {
 
     fn validate(&self, key: &str) -> Result<(), String> {
         match (self.client_auth, &self.client_ca) {
+            (ClientAuthMode::Attested, Some(_)) => Err(format!(
+                "route `{key}`: `client_ca` makes no sense with client_auth `attested`"
+            )),
             (ClientAuthMode::None, Some(_)) => Err(format!(
                 "route `{key}`: `client_ca` needs client_auth `optional` or `required`"
             )),
