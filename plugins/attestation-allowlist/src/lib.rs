@@ -120,7 +120,7 @@ pub struct AttestationAllowlist {
 
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     let text = text.trim_start_matches("0x");
-    if text.is_empty() || text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if text.is_empty() || !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("`{text}` is not hex"));
     }
     (0..text.len())
@@ -233,11 +233,10 @@ impl Rule {
             (Some(_), None) => false,
         };
         let tenant_ok = self.tenant.is_none() || self.tenant == conn.tenant;
-        let side_ok = match (self.side, side) {
-            (None, _) => true,
-            (Some(SideFilter::Client), Side::Client) | (Some(SideFilter::Upstream), Side::Upstream) => true,
-            _ => false,
-        };
+        let side_ok = matches!(
+            (self.side, side),
+            (None, _) | (Some(SideFilter::Client), Side::Client) | (Some(SideFilter::Upstream), Side::Upstream)
+        );
         sni_ok && tenant_ok && side_ok
     }
 
