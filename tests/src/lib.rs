@@ -93,6 +93,7 @@ pub fn expand(toml: &str) -> String {
         ("{static_router}", "static-router"),
         ("{dstack_router}", "dstack-router"),
         ("{mesh_router}", "mesh-router"),
+        ("{attestation_allowlist}", "attestation-allowlist"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {
@@ -694,5 +695,48 @@ pub fn psql(conninfo: &str, query: &str) -> Result<String, String> {
     match out.status.success() {
         true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
         false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// A simulated RA-TLS certificate, for tests and local development without
+/// TDX hardware: self-signed, carrying a dstack attestation
+/// (`1.3.6.1.4.1.62397.1.8`, SCALE `VersionedAttestation::V0`) built from the
+/// real sample quote with `mrtd` written in and REPORTDATA set to bind this
+/// certificate's key. The key binding holds, but the quote's signature no
+/// longer covers its body, so weir reports the attestation **unverified**.
+pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
+    use rcgen::PublicKeyData as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut binding = ring::digest::Context::new(&ring::digest::SHA512);
+    binding.update(b"ratls-cert:");
+    binding.update(&key.subject_public_key_info());
+    let mut quote = testdata("attestation/tdx_quote_v4.bin");
+    quote[184..232].copy_from_slice(&mrtd);
+    quote[568..632].copy_from_slice(binding.finish().as_ref());
+    // VersionedAttestation::V0, AttestationQuote::DstackTdx, the quote, no
+    // event log, no runtime events, the report data, an empty config.
+    let mut attestation = vec![0u8, 0u8];
+    let len = u16::try_from(quote.len()).expect("quote below 16 KiB") << 2 | 1;
+    attestation.extend_from_slice(&len.to_le_bytes());
+    attestation.extend_from_slice(&quote);
+    attestation.extend_from_slice(&[0, 0]);
+    attestation.extend_from_slice(&quote[568..632]);
+    attestation.push(0);
+    // The extension value is a DER OCTET STRING, as dstack writes it.
+    let mut der = vec![0x04, 0x82];
+    der.extend_from_slice(&u16::try_from(attestation.len()).expect("fits").to_be_bytes());
+    der.extend_from_slice(&attestation);
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 4, 1, 62397, 1, 8],
+        der,
+    ));
+    let cert = params.self_signed(&key).expect("self-signed");
+    Identity {
+        chain: vec![cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        chain_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
     }
 }
