@@ -191,3 +191,86 @@ fn dcap_verification_depends_on_the_collateral_window() {
     assert_eq!(none.reason.as_deref(), Some("no DCAP collateral is configured"));
     assert!(Verifier::load(&[testdata::dir().join("attestation/tdx_quote_v4.bin")]).is_err());
 }
+
+/// A self-signed certificate with these extensions (OID arcs, value), and
+/// its SubjectPublicKeyInfo.
+fn certificate(extensions: &[(&[u64], Vec<u8>)]) -> (Vec<u8>, Vec<u8>, rcgen::KeyPair) {
+    use rcgen::PublicKeyData as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["tee.test".to_owned()]).expect("params");
+    for (oid, value) in extensions {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(oid, value.clone()));
+    }
+    let cert = params.self_signed(&key).expect("cert");
+    (cert.der().to_vec(), key.subject_public_key_info(), key)
+}
+
+fn octet_string(content: &[u8]) -> Vec<u8> {
+    let mut der = vec![0x04, 0x82];
+    der.extend_from_slice(&u16::try_from(content.len()).expect("small").to_be_bytes());
+    der.extend_from_slice(content);
+    der
+}
+
+fn binding(spki: &[u8]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
+    ctx.update(b"ratls-cert:");
+    ctx.update(spki);
+    ctx.finish().as_ref().to_vec()
+}
+
+const ATTESTATION: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 8];
+const QUOTE: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 1];
+const EVENT_LOG: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 2];
+const APP_ID: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 3];
+
+#[test]
+fn a_certificate_whose_attestation_binds_another_key_is_refused() {
+    // The real dstack attestation binds all-zero report data, not our key.
+    let blob = testdata::read("attestation/dstack_attestation_v0.bin");
+    let (der, _, _) = certificate(&[(ATTESTATION, octet_string(&blob))]);
+    assert_eq!(RaTls::from_certificate(&der).err(), Some(AttestError::Binding));
+    let (plain, _, _) = certificate(&[]);
+    assert_eq!(RaTls::from_certificate(&plain).err(), Some(AttestError::Missing));
+    assert!(matches!(
+        RaTls::from_certificate(b"not a certificate"),
+        Err(AttestError::Certificate(_))
+    ));
+}
+
+#[test]
+fn the_legacy_extensions_are_read_and_bound() {
+    // The key first, then the quote that binds it.
+    use rcgen::PublicKeyData as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut quote = testdata::read("attestation/tdx_quote_v4.bin");
+    quote[568..632].copy_from_slice(&binding(&key.subject_public_key_info()));
+    let log = br#"[{"imr":3,"event_type":134217729,"digest":"","event":"app-id","event_payload":"aabb"}]"#;
+    let mut params = rcgen::CertificateParams::new(vec!["tee.test".to_owned()]).expect("params");
+    for (oid, value) in [
+        (QUOTE, quote.clone()),
+        (EVENT_LOG, log.to_vec()),
+        (APP_ID, vec![0xaa, 0xbb]),
+    ] {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(oid, octet_string(&value)));
+    }
+    let der = params.self_signed(&key).expect("cert").der().to_vec();
+    let ratls = RaTls::from_certificate(&der).expect("bound");
+    assert_eq!(ratls.quote, quote);
+    assert_eq!(ratls.app_id, Some(vec![0xaa, 0xbb]));
+    assert_eq!(ratls.events.len(), 1);
+    // The sample's RTMR3 is zero; one app-id event does not replay to it.
+    assert!(!ratls.rtmr3_matches);
+    let seen = ratls.to_wit(&Verification {
+        verified: false,
+        tcb_status: None,
+        reason: None,
+    });
+    assert!(seen.runtime_events.is_empty(), "unreplayed events are not handed on");
+    assert_eq!(seen.mrtd.as_slice(), &quote[184..232]);
+    assert!(!seen.debug);
+}
