@@ -73,6 +73,11 @@ pub struct Config {
     /// How RA-TLS attestations are checked.
     #[serde(default)]
     pub attestation: AttestationConfig,
+    /// The admin HTTP server (metrics, status, reload); off when absent.
+    pub admin: Option<AdminConfig>,
+    /// When the config is read again.
+    #[serde(default)]
+    pub reload: ReloadConfig,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -182,6 +187,38 @@ pub struct CertificateConfig {
     pub key: PathBuf,
 }
 
+/// The admin HTTP server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on; keep it on loopback or a management network.
+    #[serde(default = "defaults::admin_bind")]
+    pub bind: SocketAddr,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// When the config is read again.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Reload when the config file or a file it names changes.
+    #[serde(default = "defaults::yes")]
+    pub watch: bool,
+    /// Quiet time after the last file event before reloading.
+    #[serde(default = "defaults::debounce", with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> ReloadConfig {
+        ReloadConfig {
+            watch: true,
+            debounce: defaults::debounce(),
+        }
+    }
+}
+
 /// How the attestations in RA-TLS certificates are checked.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,7 +260,7 @@ pub enum OnError {
 }
 
 /// One plugin: a WebAssembly component and its settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Path of the `.wasm` component, relative to the config file.
@@ -292,6 +329,12 @@ mod defaults {
     }
     pub fn half_close_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn admin_bind() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9900))
+    }
+    pub fn debounce() -> Duration {
+        Duration::from_millis(50)
     }
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)

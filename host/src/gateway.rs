@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -59,7 +61,45 @@ pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     addrs: BTreeMap<String, SocketAddr>,
     accept_tasks: Vec<JoinHandle<()>>,
-    _runtime: Arc<Runtime>,
+    runtime: Arc<Runtime>,
+    config_path: PathBuf,
+    reloads: tokio::sync::Mutex<ReloadStatus>,
+    stats: BTreeMap<String, Arc<ListenerStats>>,
+}
+
+/// Connection counts of one listener.
+#[derive(Debug, Default, Serialize)]
+pub struct ListenerStats {
+    /// Connections in progress.
+    pub active: AtomicU64,
+    /// Connections accepted since start.
+    pub total: AtomicU64,
+}
+
+/// What reloads have done so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadStatus {
+    /// Successful reloads.
+    pub succeeded: u64,
+    /// Failed reloads (the previous snapshot stayed).
+    pub failed: u64,
+    /// The latest one.
+    pub last: Option<ReloadReport>,
+}
+
+/// One reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// What asked for it: `file`, `SIGHUP`, `api`.
+    pub trigger: String,
+    /// When it finished, seconds since the Unix epoch.
+    pub at: u64,
+    /// How long building the snapshot took, in milliseconds.
+    pub millis: u64,
+    /// Why it failed; `None` when the new snapshot is in use.
+    pub error: Option<String>,
+    /// Plugins loaded anew (the others were kept, instances and all).
+    pub reloaded_plugins: Vec<String>,
 }
 
 impl Gateway {
@@ -80,19 +120,187 @@ impl Gateway {
             let local = socket.local_addr().map_err(bind_error)?;
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
+        let config_path = snapshot.config.path.clone();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
+        let mut stats = BTreeMap::new();
         for (name, local, socket) in sockets {
             addrs.insert(name.to_string(), local);
-            accept_tasks.push(tokio::spawn(accept_loop(name, socket, Arc::clone(&snapshot))));
+            let listener_stats = Arc::new(ListenerStats::default());
+            stats.insert(name.to_string(), Arc::clone(&listener_stats));
+            accept_tasks.push(tokio::spawn(accept_loop(
+                name,
+                socket,
+                Arc::clone(&snapshot),
+                listener_stats,
+            )));
         }
         Ok(Gateway {
             snapshot,
             addrs,
             accept_tasks,
-            _runtime: runtime,
+            runtime,
+            config_path,
+            reloads: tokio::sync::Mutex::new(ReloadStatus::default()),
+            stats,
         })
+    }
+
+    /// Reads the config file again and builds a new snapshot from it, off
+    /// the accept path; on success new connections use it, connections in
+    /// flight keep theirs. Any failure (unreadable or invalid config, a
+    /// plugin that does not load or refuses its config, a certificate that
+    /// does not load, a listener added, removed or moved) keeps the current
+    /// snapshot and is returned, logged and counted. Reloads run one at a
+    /// time.
+    pub async fn reload(&self, trigger: &str) -> ReloadReport {
+        let mut status = self.reloads.lock().await;
+        let started = Instant::now();
+        let old = self.snapshot.load_full();
+        let result = match Config::load(&self.config_path) {
+            Err(e) => Err(e.to_string()),
+            Ok(config) => match same_listeners(&old.config, &config) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let runtime = Arc::clone(&self.runtime);
+                    let previous = Arc::clone(&old);
+                    tokio::task::spawn_blocking(move || Snapshot::rebuild(config, &runtime, Some(&previous)))
+                        .await
+                        .map_err(|e| format!("the reload task failed: {e}"))
+                        .and_then(|built| built.map_err(|e| e.to_string()))
+                }
+            },
+        };
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let report = match result {
+            Ok(new) => {
+                let reloaded_plugins: Vec<String> = new
+                    .plugins()
+                    .iter()
+                    .filter(|(name, plugin)| old.plugins().get(*name).is_none_or(|o| !Arc::ptr_eq(o, plugin)))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                self.snapshot.store(Arc::new(new));
+                status.succeeded += 1;
+                tracing::info!(trigger, millis, reloaded = ?reloaded_plugins, "reloaded");
+                ReloadReport {
+                    trigger: trigger.into(),
+                    at,
+                    millis,
+                    error: None,
+                    reloaded_plugins,
+                }
+            }
+            Err(error) => {
+                status.failed += 1;
+                tracing::error!(trigger, %error, "reload failed; the previous config stays in use");
+                ReloadReport {
+                    trigger: trigger.into(),
+                    at,
+                    millis,
+                    error: Some(error),
+                    reloaded_plugins: Vec::new(),
+                }
+            }
+        };
+        let result = if report.error.is_none() { "ok" } else { "error" };
+        crate::metrics::METRICS
+            .reloads
+            .get_or_create(&crate::metrics::ReloadLabels { result })
+            .inc();
+        status.last = Some(report.clone());
+        report
+    }
+
+    /// What reloads have done so far.
+    pub async fn reload_status(&self) -> ReloadStatus {
+        self.reloads.lock().await.clone()
+    }
+
+    /// Connection counts by listener.
+    pub fn stats(&self) -> &BTreeMap<String, Arc<ListenerStats>> {
+        &self.stats
+    }
+
+    /// Every file the current config depends on: itself, plugin `.wasm` and
+    /// config files, certificates, keys, CA bundles, collateral.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let snapshot = self.snapshot.load();
+        let config = &snapshot.config;
+        let mut files = vec![self.config_path.clone()];
+        for plugin in config.plugins.values() {
+            files.push(config.resolve(&plugin.wasm));
+            files.extend(plugin.config_file.clone());
+        }
+        for cert in config.certificates.values() {
+            files.push(config.resolve(&cert.cert));
+            files.push(config.resolve(&cert.key));
+        }
+        files.extend(
+            config
+                .cas
+                .values()
+                .filter_map(|ca| ca.file.as_ref())
+                .map(|f| config.resolve(f)),
+        );
+        files.extend(config.attestation.collateral.iter().map(|f| config.resolve(f)));
+        files
+    }
+
+    /// Watches every file the config depends on and reloads when one
+    /// changes; bursts of events (an editor's write-rename-chmod, a build
+    /// writing several plugins) become one reload after they settle for
+    /// `debounce`. Runs until the gateway is dropped.
+    pub fn watch(self: &Arc<Self>, debounce: Duration) -> Result<JoinHandle<()>, String> {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Reading a file (as a reload does) is not a change.
+            if let Ok(event) = event
+                && !matches!(event.kind, notify::EventKind::Access(_))
+            {
+                let _ = tx.send(event.paths);
+            }
+        })
+        .map_err(|e| format!("cannot watch files: {e}"))?;
+        let gateway = Arc::downgrade(self);
+        let mut watched = watch_set(&self.watched_files());
+        for dir in watched.keys() {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+        }
+        Ok(tokio::spawn(async move {
+            while let Some(paths) = rx.recv().await {
+                if !touches(&watched, &paths) {
+                    continue;
+                }
+                // Let the burst settle.
+                loop {
+                    match tokio::time::timeout(debounce, rx.recv()).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                let Some(gateway) = gateway.upgrade() else { return };
+                gateway.reload("file").await;
+                let now = watch_set(&gateway.watched_files());
+                for dir in now.keys().filter(|d| !watched.contains_key(*d)) {
+                    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch");
+                    }
+                }
+                for dir in watched.keys().filter(|d| !now.contains_key(*d)) {
+                    let _ = watcher.unwatch(dir);
+                }
+                watched = now;
+            }
+        }))
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -119,7 +327,50 @@ impl Drop for Gateway {
     }
 }
 
-async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>) {
+/// Checks that a new config binds the same listeners to the same
+/// addresses: sockets are bound once, at start.
+fn same_listeners(old: &Config, new: &Config) -> Result<(), String> {
+    for (name, listener) in &new.listeners {
+        match old.listeners.get(name) {
+            None => return Err(format!("listeners.{name} is new: restart weir to bind it")),
+            Some(before) if before.bind != listener.bind => {
+                return Err(format!(
+                    "listeners.{name}.bind changed from {} to {}: restart weir to move it",
+                    before.bind, listener.bind
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    match old.listeners.keys().find(|name| !new.listeners.contains_key(*name)) {
+        Some(gone) => Err(format!("listeners.{gone} was removed: restart weir to unbind it")),
+        None => Ok(()),
+    }
+}
+
+/// Watched files grouped by directory (watched non-recursively, so that
+/// files replaced by rename are seen), with absolute paths.
+fn watch_set(files: &[PathBuf]) -> BTreeMap<PathBuf, Vec<PathBuf>> {
+    let mut set: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+    for file in files {
+        let absolute = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+        if let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) {
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+            set.entry(dir.clone()).or_default().push(dir.join(name));
+        }
+    }
+    set
+}
+
+fn touches(watched: &BTreeMap<PathBuf, Vec<PathBuf>>, paths: &[PathBuf]) -> bool {
+    paths.iter().any(|path| {
+        path.parent()
+            .and_then(|dir| watched.get(dir))
+            .is_some_and(|files| files.iter().any(|f| f == path))
+    })
+}
+
+async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>, stats: Arc<ListenerStats>) {
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
@@ -127,9 +378,13 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                 let _ = stream.set_nodelay(true);
                 let snapshot = snapshot.load_full();
                 let name = Arc::clone(&name);
+                let stats = Arc::clone(&stats);
                 tokio::spawn(async move {
                     if let Some(listener) = snapshot.listener(&name).cloned() {
+                        stats.total.fetch_add(1, Ordering::Relaxed);
+                        stats.active.fetch_add(1, Ordering::Relaxed);
                         handle(stream, client, &listener, &snapshot).await;
+                        stats.active.fetch_sub(1, Ordering::Relaxed);
                     }
                 });
             }
@@ -156,6 +411,40 @@ enum Outcome {
     Denied(String),
     ConnectFailed(String),
     Io(io::Error),
+}
+
+impl Outcome {
+    /// A short label for metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Relayed(RelayEnd::Closed) => "closed",
+            Outcome::Relayed(RelayEnd::Idle) => "idle-timeout",
+            Outcome::Relayed(RelayEnd::HalfCloseTimeout) => "half-close-timeout",
+            Outcome::SniffTimeout => "sniff-timeout",
+            Outcome::ClientGone => "client-closed",
+            Outcome::BadHello(_) => "bad-hello",
+            Outcome::BadStartup(_) => "bad-startup",
+            Outcome::BadProxyHeader(_) => "bad-proxy-header",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::HandshakeTimeout => "handshake-timeout",
+            Outcome::HandshakeFailed(_) => "handshake-failed",
+            Outcome::Denied(_) => "denied",
+            Outcome::ConnectFailed(_) => "connect-failed",
+            Outcome::Io(_) => "io-error",
+        }
+    }
+
+    /// For a connection refused before routing, why.
+    fn sniff_failure(&self) -> Option<&'static str> {
+        match self {
+            Outcome::SniffTimeout => Some("timeout"),
+            Outcome::ClientGone => Some("client-closed"),
+            Outcome::BadHello(_) => Some("bad-hello"),
+            Outcome::BadStartup(_) => Some("bad-startup"),
+            Outcome::BadProxyHeader(_) => Some("bad-proxy-header"),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Outcome {
@@ -203,10 +492,37 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         upstream: None,
         transfer: Transfer::default(),
     };
+    let metrics = &crate::metrics::METRICS;
+    let listener_labels = crate::metrics::ListenerLabels {
+        listener: listener.name.to_string(),
+    };
+    let active = metrics.active.get_or_create(&listener_labels).clone();
+    active.inc();
     let outcome = proxy(client, listener, snapshot, &mut record).await;
+    active.dec();
     let transfer = &record.transfer;
     let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
     let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);
+    for (direction, bytes) in [("up", bytes_up), ("down", bytes_down)] {
+        let labels = crate::metrics::BytesLabels {
+            listener: listener_labels.listener.clone(),
+            direction,
+        };
+        metrics.bytes.get_or_create(&labels).inc_by(bytes);
+    }
+    if let Some(reason) = outcome.sniff_failure() {
+        let labels = crate::metrics::SniffLabels {
+            listener: listener_labels.listener.clone(),
+            reason,
+        };
+        metrics.sniff_failures.get_or_create(&labels).inc();
+    }
+    let labels = crate::metrics::ConnectionLabels {
+        listener: listener_labels.listener,
+        route: record.route.clone().unwrap_or_else(|| "-".into()),
+        outcome: outcome.kind().into(),
+    };
+    metrics.connections.get_or_create(&labels).inc();
     let spliced = transfer.spliced.load(Ordering::Relaxed);
     let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let sni = record.sni.as_deref().unwrap_or("-");

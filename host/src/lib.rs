@@ -14,10 +14,12 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod attest;
 pub mod config;
 pub mod decision;
 pub mod gateway;
+pub mod metrics;
 pub mod plugin;
 pub mod postgres;
 pub mod proxy_protocol;

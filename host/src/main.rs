@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -90,16 +91,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal; log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    match std::env::var("WEIR_LOG_FORMAT").as_deref() {
+        // One JSON object per line, for log pipelines.
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok("text") | Err(_) => {
+            // Colour only for a person at a terminal; log files and journald get plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .init();
+        }
+        Ok(other) => bail!("WEIR_LOG_FORMAT must be `text` or `json`, not `{other}`"),
+    }
+    Ok(())
 }
 
 fn build_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
@@ -122,28 +135,48 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
-    init_logging();
+    use tokio::signal::unix::{SignalKind, signal};
+    init_logging()?;
     let config = Config::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let gateway = Gateway::start(config).await?;
+        let gateway = Arc::new(Gateway::start(config).await?);
         for (name, addr) in gateway.local_addrs() {
             tracing::info!(listener = name.as_str(), %addr, "listening");
         }
-        shutdown_signal().await?;
+        let snapshot = gateway.snapshot();
+        let _watch = match snapshot.config.reload.watch {
+            true => Some(
+                gateway
+                    .watch(snapshot.config.reload.debounce)
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            false => None,
+        };
+        if let Some(admin) = &snapshot.config.admin {
+            let (addr, _) = weir::admin::serve(Arc::clone(&gateway), admin.bind, admin.token.clone())
+                .await
+                .with_context(|| format!("admin.bind: cannot listen on {}", admin.bind))?;
+            tracing::info!(%addr, "admin listening");
+        }
+        drop(snapshot);
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        loop {
+            tokio::select! {
+                result = tokio::signal::ctrl_c() => {
+                    result.context("cannot watch SIGINT")?;
+                    break;
+                }
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    gateway.reload("SIGHUP").await;
+                }
+            }
+        }
         tracing::info!("shutting down");
-        drop(gateway);
         Ok(())
     })
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT"),
-        _ = term.recv() => Ok(()),
-    }
 }
 
 /// What `weir route` prints.

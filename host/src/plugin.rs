@@ -11,6 +11,7 @@
 //! environment. Every other import (files, sockets, stdio) is linked to a
 //! trap: a plugin that reaches for the outside world fails its call.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -72,6 +73,9 @@ pub enum PluginError {
         /// What wasmtime said.
         reason: String,
     },
+    /// Not an error: [`Runtime::load_reusing`] found nothing changed.
+    #[error("unchanged")]
+    Unchanged,
     /// The plugin's `configure` refused its config.
     #[error("configure refused the config: {0}")]
     Configure(String),
@@ -220,7 +224,13 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<State>,
     ticker: Arc<Ticker>,
+    /// Compiled components by SHA-256 of their bytes, so a reload that
+    /// keeps a `.wasm` file does not compile it again.
+    compiled: Mutex<HashMap<[u8; 32], Component>>,
 }
+
+/// Most compiled components kept for reuse.
+const MAX_COMPILED: usize = 64;
 
 impl Runtime {
     /// Sets up the engine, the host imports and the epoch ticker thread.
@@ -250,12 +260,30 @@ impl Runtime {
             .spawn(move || ticker_state.run(&ticker_engine))
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let _ = ticker.thread.set(thread.thread().clone());
-        Ok(Runtime { engine, linker, ticker })
+        Ok(Runtime {
+            engine,
+            linker,
+            ticker,
+            compiled: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Compiles, links and configures a plugin: everything that can fail
     /// happens here, before any connection depends on it.
     pub fn load(&self, name: &str, path: &Path, config: &PluginConfig) -> Result<Plugin, PluginError> {
+        self.load_reusing(name, path, config, None)
+    }
+
+    /// Like [`load`](Runtime::load), but returns `previous` itself when it was
+    /// loaded from the same bytes with the same settings and config text, so
+    /// a reload keeps its configured instances.
+    pub fn load_reusing(
+        &self,
+        name: &str,
+        path: &Path,
+        config: &PluginConfig,
+        previous: Option<&Arc<Plugin>>,
+    ) -> Result<Plugin, PluginError> {
         let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -264,10 +292,40 @@ impl Runtime {
             path: config.config_file.clone().unwrap_or_default(),
             reason: e.to_string(),
         })?;
-        let component = Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile {
-            path: path.to_owned(),
-            reason: format!("{e:#}"),
-        })?;
+        let sha256 = {
+            let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            let mut out = [0u8; 32];
+            out.copy_from_slice(digest.as_ref());
+            out
+        };
+        if let Some(previous) = previous
+            && previous.sha256 == sha256
+            && previous.settings == *config
+            && previous.config == config_text
+        {
+            return Err(PluginError::Unchanged);
+        }
+        let cached = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sha256)
+            .cloned();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile {
+                    path: path.to_owned(),
+                    reason: format!("{e:#}"),
+                })?;
+                let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                if compiled.len() >= MAX_COMPILED {
+                    compiled.clear();
+                }
+                compiled.insert(sha256, component.clone());
+                component
+            }
+        };
         let mut linker = self.linker.clone();
         let link_error = |e: wasmtime::Error| PluginError::Link {
             path: path.to_owned(),
@@ -279,6 +337,10 @@ impl Runtime {
         let plugin = Plugin {
             name: name.into(),
             pre,
+            wasm: path.to_owned(),
+            sha256,
+            settings: config.clone(),
+            loaded_at: std::time::SystemTime::now(),
             config: config_text,
             timeout: config.timeout,
             max_memory_mib: config.max_memory_mib,
@@ -372,6 +434,10 @@ struct Instance {
 pub struct Plugin {
     name: Arc<str>,
     pre: bindings::WeirPluginPre<State>,
+    wasm: PathBuf,
+    sha256: [u8; 32],
+    settings: PluginConfig,
+    loaded_at: std::time::SystemTime,
     config: String,
     timeout: Duration,
     max_memory_mib: u32,
@@ -390,6 +456,19 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+impl PluginError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Timeout(_) => "timeout",
+            PluginError::OutOfMemory(_) => "memory",
+            PluginError::Trap(_) => "trap",
+            PluginError::InvalidDecision(_) => "invalid-decision",
+            _ => "load",
+        }
+    }
+}
+
 impl Plugin {
     /// The plugin's name in the config.
     pub fn name(&self) -> &Arc<str> {
@@ -399,6 +478,21 @@ impl Plugin {
     /// What a failure of this plugin means for the connection.
     pub fn on_error(&self) -> OnError {
         self.on_error
+    }
+
+    /// The `.wasm` file it was loaded from.
+    pub fn wasm(&self) -> &Path {
+        &self.wasm
+    }
+
+    /// SHA-256 of the `.wasm` bytes: the plugin's version.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> std::time::SystemTime {
+        self.loaded_at
     }
 
     /// Asks the plugin to route a connection.

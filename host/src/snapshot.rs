@@ -62,7 +62,10 @@ impl Listener {
     pub fn admit(&self, conn: &wit::Connection, side: wit::Side, peer: &wit::Peer) -> Result<(), String> {
         for plugin in &self.chain {
             let name = plugin.name();
-            match plugin.admit(conn, side, peer) {
+            let started = Instant::now();
+            let verdict = plugin.admit(conn, side, peer);
+            observe(plugin, started, verdict.as_ref().err());
+            match verdict {
                 Ok(wit::Verdict::Allow) => {}
                 Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
                 Err(error) => {
@@ -86,6 +89,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The servers as configured.
+    pub fn server_list(&self) -> &[HostPort] {
+        &self.servers
+    }
+
     /// The servers in the order to try them for the next connection: each
     /// connection starts one further along than the previous one.
     pub fn servers(&self) -> impl Iterator<Item = &HostPort> {
@@ -102,6 +110,9 @@ pub struct Snapshot {
     listeners: BTreeMap<String, Arc<Listener>>,
     pools: BTreeMap<String, Pool>,
     tls: TlsMaterial,
+    plugins: BTreeMap<String, Arc<Plugin>>,
+    /// When it was built.
+    pub built_at: std::time::SystemTime,
 }
 
 impl Known for Snapshot {
@@ -174,9 +185,35 @@ impl Routing {
     }
 }
 
+/// Records a plugin call's duration, and its failure if it failed.
+fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
+    let metrics = &crate::metrics::METRICS;
+    let labels = crate::metrics::PluginLabels {
+        plugin: plugin.name().to_string(),
+    };
+    metrics
+        .plugin_calls
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(error) = error {
+        let labels = crate::metrics::FailureLabels {
+            plugin: labels.plugin,
+            kind: error.kind(),
+        };
+        metrics.plugin_failures.get_or_create(&labels).inc();
+    }
+}
+
 impl Snapshot {
     /// Loads and configures every plugin, and resolves every reference.
     pub fn build(config: Config, runtime: &Runtime) -> Result<Snapshot, SnapshotError> {
+        Snapshot::rebuild(config, runtime, None)
+    }
+
+    /// Builds a snapshot that keeps `previous`'s plugins wherever their bytes,
+    /// settings and config are unchanged (instances and all), and compiles
+    /// only what changed.
+    pub fn rebuild(config: Config, runtime: &Runtime, previous: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
         let tls_error = |(field, reason): crate::tls::Invalid| SnapshotError::Tls {
             config: config.path.clone(),
             field,
@@ -186,14 +223,23 @@ impl Snapshot {
         let mut plugins = BTreeMap::new();
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);
-            let loaded = runtime
-                .load(name, &path, plugin)
-                .map_err(|error| SnapshotError::Plugin {
+            let old = previous.and_then(|p| p.plugins.get(name));
+            let loaded = match runtime.load_reusing(name, &path, plugin, old) {
+                Ok(loaded) => Arc::new(loaded),
+                Err(PluginError::Unchanged) => old.cloned().ok_or_else(|| SnapshotError::Plugin {
                     config: config.path.clone(),
                     name: name.clone(),
-                    error,
-                })?;
-            plugins.insert(name.clone(), Arc::new(loaded));
+                    error: PluginError::Unchanged,
+                })?,
+                Err(error) => {
+                    return Err(SnapshotError::Plugin {
+                        config: config.path.clone(),
+                        name: name.clone(),
+                        error,
+                    });
+                }
+            };
+            plugins.insert(name.clone(), loaded);
         }
         let listeners = config
             .listeners
@@ -236,6 +282,8 @@ impl Snapshot {
             listeners,
             pools,
             tls,
+            plugins,
+            built_at: std::time::SystemTime::now(),
         })
     }
 
@@ -254,6 +302,16 @@ impl Snapshot {
         &self.tls
     }
 
+    /// Every loaded plugin, by name.
+    pub fn plugins(&self) -> &BTreeMap<String, Arc<Plugin>> {
+        &self.plugins
+    }
+
+    /// Every pool, by name.
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+
     /// A pool by name.
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.get(name)
@@ -270,6 +328,7 @@ impl Snapshot {
             let result = plugin
                 .route(conn)
                 .and_then(|decision| Decision::from_wit(decision, self).map_err(PluginError::InvalidDecision));
+            observe(plugin, started, result.as_ref().err());
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let name = Arc::clone(plugin.name());
             match result {

@@ -460,7 +460,9 @@ pub async fn read_to_end<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Resul
 pub struct WeirProcess {
     /// The process; killed when dropped.
     pub child: tokio::process::Child,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// Log lines, read from stderr by a task as they come, so that a busy
+    /// weir never blocks on a full pipe.
+    lines: mpsc::UnboundedReceiver<String>,
     addrs: std::collections::BTreeMap<String, SocketAddr>,
 }
 
@@ -480,12 +482,20 @@ impl WeirProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("weir run starts");
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                // Once nobody listens any more, the lines are dropped, but
+                // the pipe keeps being drained.
+                let _ = tx.send(line);
+            }
+        });
         let mut addrs = std::collections::BTreeMap::new();
         tokio::time::timeout(STEP, async {
             while addrs.len() < listeners {
-                let line = lines.next_line().await.expect("read log").expect("weir exited early");
-                if line.contains("listening") {
+                let line = lines.recv().await.expect("weir exited early");
+                if line.contains("listening") && line.contains("listener=") {
                     let field = |name: &str| {
                         let at = line.find(&format!("{name}="))? + name.len() + 1;
                         line[at..]
@@ -504,6 +514,20 @@ impl WeirProcess {
         WeirProcess { child, lines, addrs }
     }
 
+    /// Waits for a log line containing `needle` and returns it.
+    pub async fn line_containing(&mut self, needle: &str) -> String {
+        tokio::time::timeout(STEP, async {
+            loop {
+                let line = self.lines.recv().await.expect("weir exited early");
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a log line containing {needle:?}"))
+    }
+
     /// Where a listener is bound.
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.addrs[listener]
@@ -513,12 +537,7 @@ impl WeirProcess {
     pub async fn connection_line(&mut self) -> String {
         tokio::time::timeout(STEP, async {
             loop {
-                let line = self
-                    .lines
-                    .next_line()
-                    .await
-                    .expect("read log")
-                    .expect("weir exited early");
+                let line = self.lines.recv().await.expect("weir exited early");
                 if line.contains("outcome=") {
                     return line;
                 }

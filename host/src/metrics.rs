@@ -1,0 +1,153 @@
+//! The gateway's Prometheus metrics, process-wide, served by the admin
+//! server at `GET /metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of finished connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// The listener.
+    pub listener: String,
+    /// The decision's route name, `-` before one.
+    pub route: String,
+    /// How it ended: `closed`, `rejected`, `denied`, `connect-failed`, ...
+    pub outcome: String,
+}
+
+/// A listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// The listener.
+    pub listener: String,
+}
+
+/// Bytes of one direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// The listener.
+    pub listener: String,
+    /// `up` (client to upstream) or `down`.
+    pub direction: &'static str,
+}
+
+/// A plugin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// The plugin's name.
+    pub plugin: String,
+}
+
+/// A plugin failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// The plugin's name.
+    pub plugin: String,
+    /// `trap`, `timeout`, `memory` or `invalid-decision`.
+    pub kind: &'static str,
+}
+
+/// A refused first flight.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SniffLabels {
+    /// The listener.
+    pub listener: String,
+    /// `timeout`, `client-closed`, `bad-hello`, `bad-startup`, `bad-proxy-header`.
+    pub reason: &'static str,
+}
+
+/// A reload's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Every metric weir exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Finished connections.
+    pub connections: Family<ConnectionLabels, Counter>,
+    /// Connections in progress.
+    pub active: Family<ListenerLabels, Gauge>,
+    /// Bytes relayed.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// Plugin call durations.
+    pub plugin_calls: Family<PluginLabels, Histogram>,
+    /// Plugin failures.
+    pub plugin_failures: Family<FailureLabels, Counter>,
+    /// Connections refused before routing.
+    pub sniff_failures: Family<SniffLabels, Counter>,
+    /// Reloads.
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weir");
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        let active = Family::<ListenerLabels, Gauge>::default();
+        let bytes = Family::<BytesLabels, Counter>::default();
+        let plugin_calls = Family::<PluginLabels, Histogram>::new_with_constructor(|| {
+            // 1 µs .. ~1 s
+            Histogram::new(exponential_buckets(1e-6, 4.0, 11))
+        });
+        let plugin_failures = Family::<FailureLabels, Counter>::default();
+        let sniff_failures = Family::<SniffLabels, Counter>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Finished connections by listener, route and outcome",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections in progress by listener",
+            active.clone(),
+        );
+        registry.register("bytes", "Bytes relayed by listener and direction", bytes.clone());
+        registry.register(
+            "plugin_call_seconds",
+            "Duration of plugin calls (route and admit)",
+            plugin_calls.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Plugin traps, timeouts, memory refusals and invalid decisions",
+            plugin_failures.clone(),
+        );
+        registry.register(
+            "sniff_failures",
+            "Connections closed before routing, by reason",
+            sniff_failures.clone(),
+        );
+        registry.register("reloads", "Config reloads by result", reloads.clone());
+        Metrics {
+            registry,
+            connections,
+            active,
+            bytes,
+            plugin_calls,
+            plugin_failures,
+            sniff_failures,
+            reloads,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

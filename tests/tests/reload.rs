@@ -1,0 +1,220 @@
+//! Hot reload under load: while new connections arrive continuously and
+//! long-lived streams carry data, the config is rewritten 50 times (and a
+//! broken config and a broken plugin are dropped in). No connection may be
+//! refused or reset, every stream must stay byte-exact, and new connections
+//! must follow each new config. The admin API reports the reloads.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use weir_tests::{STEP, Upstream, WeirProcess, plugin};
+
+/// Answers every line with `<tag> <line>`, until EOF.
+async fn tagged(tag: &'static str) -> Upstream {
+    Upstream::tcp(move |stream: TcpStream| async move {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if write.write_all(format!("{tag} {line}\n").as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = write.shutdown().await;
+    })
+    .await
+}
+
+fn config(dir: &Path, wasm: &Path, target: std::net::SocketAddr, admin: bool) -> String {
+    let admin = if admin { "[admin]\nbind = \"127.0.0.1:0\"\n" } else { "" };
+    format!(
+        r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+protocol = "plain"
+plugins = ["router"]
+
+[plugins.router]
+wasm = {wasm:?}
+config.no_sni = {{ address = "{target}" }}
+
+[reload]
+debounce = "20ms"
+
+{admin}"#,
+        wasm = wasm.display().to_string(),
+    )
+    .replace("{dir}", &dir.display().to_string())
+}
+
+/// Writes a file the way editors and deploy tools do: a new file renamed
+/// over the old one.
+fn replace(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_load_drop_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let blue = tagged("blue").await;
+    let green = tagged("green").await;
+    let wasm = dir.path().join("router.wasm");
+    let original = std::fs::read(plugin("static-router")).expect("plugin");
+    std::fs::write(&wasm, &original).expect("copy plugin");
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, config(dir.path(), &wasm, blue.addr, true)).expect("config");
+    let mut weir = WeirProcess::spawn(&path).await;
+    let addr = weir.addr("public");
+    let admin_line = weir.line_containing("admin listening").await;
+    let admin = admin_line
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("admin address")
+        .to_owned();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let made = Arc::new(AtomicU64::new(0));
+    // The tag the latest new connection saw, and when.
+    let latest = Arc::new(Mutex::new(("blue".to_owned(), Instant::now())));
+
+    // Long-lived streams: a line every 5 ms, each answered by blue.
+    let mut streams = Vec::new();
+    for n in 0..4 {
+        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+        streams.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("stream connects");
+            let (read, mut write) = stream.into_split();
+            let mut replies = BufReader::new(read).lines();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let line = format!("stream {n} line {sent}");
+                write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .expect("stream write");
+                match replies.next_line().await {
+                    Ok(Some(reply)) if reply == format!("blue {line}") => {}
+                    other => failures.lock().await.push(format!("stream {n}: {other:?} for {line}")),
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        }));
+    }
+    // New connections, continuously, from 8 loops.
+    let mut loops = Vec::new();
+    for _ in 0..8 {
+        let (stop, failures, made, latest) = (
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&made),
+            Arc::clone(&latest),
+        );
+        loops.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let result = async {
+                    let mut stream = TcpStream::connect(addr).await?;
+                    stream.write_all(b"ping\n").await?;
+                    stream.shutdown().await?;
+                    let mut reply = String::new();
+                    stream.read_to_string(&mut reply).await?;
+                    Ok::<_, std::io::Error>(reply)
+                };
+                match tokio::time::timeout(STEP, result).await {
+                    Ok(Ok(reply)) if reply == "blue ping\n" || reply == "green ping\n" => {
+                        made.fetch_add(1, Ordering::Relaxed);
+                        let tag = reply.split_whitespace().next().unwrap_or_default().to_owned();
+                        *latest.lock().await = (tag, Instant::now());
+                    }
+                    other => failures.lock().await.push(format!("connection: {other:?}")),
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    let mut delays = Vec::new();
+    for i in 0..50 {
+        let (target, tag) = if i % 2 == 0 {
+            (green.addr, "green")
+        } else {
+            (blue.addr, "blue")
+        };
+        if i % 10 == 5 {
+            // A broken config, then a broken plugin: both refused, nothing changes.
+            let before = latest.lock().await.0.clone();
+            replace(&path, b"[listeners.public\nthis is not TOML");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            replace(&wasm, b"not a component");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(latest.lock().await.0, before, "a broken reload changed the routing");
+            replace(&wasm, &original);
+        }
+        let written = Instant::now();
+        replace(&path, config(dir.path(), &wasm, target, true).as_bytes());
+        loop {
+            let (seen, at) = latest.lock().await.clone();
+            if seen == tag && at > written {
+                delays.push(at - written);
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "reload {i} not followed: still {seen}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for task in loops {
+        task.await.expect("connection loop");
+    }
+    let mut lines = 0;
+    for stream in streams {
+        lines += stream.await.expect("stream task");
+    }
+    let failures = failures.lock().await;
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let made = made.load(Ordering::Relaxed);
+    let rate = made as f64 / elapsed.as_secs_f64();
+    delays.sort();
+    eprintln!(
+        "{made} connections in {elapsed:?} ({rate:.0}/s), {lines} stream lines; \
+         new policy followed after p50 {:?}, max {:?}",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    assert!(
+        rate >= 500.0,
+        "the load was {rate:.0} connections/s, below the 500/s this test promises"
+    );
+
+    // The admin API saw it all: 50 good reloads at least, the broken ones failed.
+    let mut stream = TcpStream::connect(&admin).await.expect("admin");
+    stream
+        .write_all(b"GET /api/reload HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    let body = response.split("\r\n\r\n").nth(1).expect("body");
+    let status: serde_json::Value = serde_json::from_str(body.trim()).expect("JSON");
+    assert!(status["succeeded"].as_u64().unwrap_or(0) >= 50, "{status}");
+    assert!(status["failed"].as_u64().unwrap_or(0) >= 10, "{status}");
+    weir.child.kill().await.expect("stop weir");
+}
