@@ -436,3 +436,38 @@ fn plugins_cannot_reach_files_sockets_or_the_environment() {
         );
     }
 }
+
+#[test]
+fn run_logs_json_when_asked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = config_file(dir.path(), &ROUTER.replace("127.0.0.1:9000", "127.0.0.1:9"));
+    let mut child = Command::new(weir_binary())
+        .args(["run", "--config", &path])
+        .env("WEIR_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .next()
+        .expect("a log line")
+        .expect("readable");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["fields"]["message"], "listening", "{first}");
+    assert_eq!(line["fields"]["listener"], "public", "{first}");
+    assert_eq!(line["level"], "INFO");
+
+    let out = Command::new(weir_binary())
+        .args(["run", "--config", &path])
+        .env("WEIR_LOG_FORMAT", "yaml")
+        .output()
+        .expect("weir runs");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("WEIR_LOG_FORMAT must be `text` or `json`, not `yaml`"),
+        "{}",
+        text(&out.stderr)
+    );
+}

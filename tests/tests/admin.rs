@@ -1,0 +1,124 @@
+//! The admin API as an operator's tools use it: a bearer token, JSON
+//! answers, Prometheus metrics that count what happened, reloads on demand
+//! that report their errors, and JSON log lines on request.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weir_tests::{Upstream, WeirProcess, answer, write_config};
+
+/// One HTTP/1.1 request; returns (status, body).
+async fn http(admin: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    let status = response[9..12].parse().expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_reports_and_reloads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(answer).await;
+    let text = format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ address = "{}" }}
+
+        [reload]
+        watch = false
+
+        [admin]
+        bind = "127.0.0.1:0"
+        token = "s3cret"
+        "#,
+        upstream.addr
+    );
+    let config = write_config(dir.path(), &text);
+    let mut weir = WeirProcess::spawn(&config).await;
+    let line = weir.line_containing("admin listening").await;
+    let admin = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("addr")
+        .to_owned();
+    let token = Some("s3cret");
+
+    assert_eq!(http(&admin, "GET", "/metrics", None).await.0, 401);
+    assert_eq!(http(&admin, "GET", "/metrics", Some("wrong")).await.0, 401);
+    let (status, body) = http(&admin, "GET", "/nope", token).await;
+    assert_eq!((status, body.trim()), (404, r#"{"error":"no such endpoint: /nope"}"#));
+    assert_eq!(http(&admin, "DELETE", "/api/reload", token).await.0, 405);
+
+    // One connection, then the counters say so.
+    let mut client = TcpStream::connect(weir.addr("public")).await.expect("connect");
+    client.write_all(b"hello\n").await.expect("write");
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).await.expect("reply");
+    assert_eq!(reply, "upstream heard: hello\n");
+    drop(client);
+    weir.connection_line().await;
+    let (status, metrics) = http(&admin, "GET", "/metrics", token).await;
+    assert_eq!(status, 200);
+    for expected in [
+        r#"weir_connections_total{listener="public",route="no_sni",outcome="closed"} 1"#,
+        r#"weir_bytes_total{listener="public",direction="up"} 6"#,
+        r#"weir_bytes_total{listener="public",direction="down"} 22"#,
+        r#"weir_plugin_call_seconds_count{plugin="router"} 1"#,
+        r#"weir_connections_active{listener="public"} 0"#,
+    ] {
+        assert!(metrics.contains(expected), "missing `{expected}` in:\n{metrics}");
+    }
+    let (_, connections) = http(&admin, "GET", "/api/connections", token).await;
+    let connections: serde_json::Value = serde_json::from_str(&connections).expect("JSON");
+    assert_eq!(connections["listeners"]["public"]["total"], 1);
+    let (_, plugins) = http(&admin, "GET", "/api/plugins", token).await;
+    let plugins: serde_json::Value = serde_json::from_str(&plugins).expect("JSON");
+    assert_eq!(plugins["plugins"][0]["name"], "router");
+    assert_eq!(plugins["plugins"][0]["sha256"].as_str().map(str::len), Some(64));
+
+    // A reload of a broken config is refused with its reason; the old
+    // config keeps serving; a good one then succeeds.
+    std::fs::write(&config, "[listeners.public\n").expect("break config");
+    let (status, report) = http(&admin, "POST", "/api/reload", token).await;
+    assert_eq!(status, 422, "{report}");
+    assert!(report.contains("weir.toml"), "{report}");
+    assert!(
+        weir.line_containing("reload failed")
+            .await
+            .contains("previous config stays")
+    );
+    let mut client = TcpStream::connect(weir.addr("public")).await.expect("still serving");
+    client.write_all(b"again\n").await.expect("write");
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).await.expect("reply");
+    assert_eq!(reply, "upstream heard: again\n");
+    write_config(dir.path(), &text);
+    let (status, report) = http(&admin, "POST", "/api/reload", token).await;
+    assert_eq!(status, 200, "{report}");
+    let (_, status) = http(&admin, "GET", "/api/reload", token).await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(
+        (status["succeeded"].as_u64(), status["failed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let (_, metrics) = http(&admin, "GET", "/metrics", token).await;
+    assert!(metrics.contains(r#"weir_reloads_total{result="error"} 1"#), "{metrics}");
+    weir.child.kill().await.expect("stop");
+}
