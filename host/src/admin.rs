@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/plugins` | each plugin: wasm path, SHA-256, load time, on_error |
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
+//! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
 //! | `GET /api/connections` | active and total connections by listener |
 //! | `GET /api/reload` | reload counts and the latest reload |
 //! | `POST /api/reload` | reloads now; 200 with the report, or 422 with the error |
@@ -153,6 +154,28 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                 }),
             )
         }
+        (&Method::GET, "/api/tenants") => {
+            let snapshot = gateway.snapshot();
+            let tenants: serde_json::Map<_, _> = snapshot
+                .config
+                .tenants
+                .iter()
+                .map(|(name, tenant)| {
+                    let active = snapshot.tenants().get(name).map_or(0, |t| t.active());
+                    (
+                        name.clone(),
+                        json!({
+                            "domains": tenant.domains,
+                            "plugins": tenant.plugins,
+                            "pools": tenant.pools,
+                            "active": active,
+                            "max_connections": tenant.max_connections,
+                        }),
+                    )
+                })
+                .collect();
+            json_reply(StatusCode::OK, &json!({ "tenants": tenants }))
+        }
         (&Method::GET, "/api/connections") => {
             let listeners: serde_json::Map<_, _> = gateway
                 .stats()
@@ -178,7 +201,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
             };
             json_reply(status, &json!(report))
         }
-        (_, "/metrics" | "/api/plugins" | "/api/routes" | "/api/connections" | "/api/reload") => {
+        (_, "/metrics" | "/api/plugins" | "/api/routes" | "/api/tenants" | "/api/connections" | "/api/reload") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),

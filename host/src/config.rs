@@ -73,6 +73,10 @@ pub struct Config {
     /// How RA-TLS attestations are checked.
     #[serde(default)]
     pub attestation: AttestationConfig,
+    /// Tenants: who owns which server names, and what their plugins may
+    /// route to.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// The admin HTTP server (metrics, status, reload); off when absent.
     pub admin: Option<AdminConfig>,
     /// When the config is read again.
@@ -185,6 +189,38 @@ pub struct CertificateConfig {
     /// The private key (PKCS#8, PKCS#1 RSA or SEC1 EC), relative to the
     /// config file.
     pub key: PathBuf,
+}
+
+/// A tenant: the server names it owns, its plugin chain, what its
+/// decisions may name, and its limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Domain suffixes: a connection whose SNI is one of these or lies below
+    /// one belongs to the tenant (the longest match among all tenants wins).
+    pub domains: Vec<String>,
+    /// The tenant's plugin chain, used instead of the listener's for its
+    /// connections. Its plugins may not be used by anyone else.
+    pub plugins: Vec<String>,
+    /// Pools its decisions may name.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// IP ranges its decisions may name as addresses (DNS names are refused).
+    #[serde(default)]
+    pub upstreams: Vec<ipnet::IpNet>,
+    /// Certificates its terminations may present (also when chosen by SNI).
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// CAs its decisions may name.
+    #[serde(default)]
+    pub cas: Vec<String>,
+    /// Most connections of the tenant at once; more are refused at once.
+    pub max_connections: Option<usize>,
+    /// Largest `max_memory_mib` its plugins may have.
+    pub max_plugin_memory_mib: Option<u32>,
+    /// Longest `timeout` its plugins may have.
+    #[serde(default, with = "humantime_serde")]
+    pub max_plugin_timeout: Option<Duration>,
 }
 
 /// The admin HTTP server.
@@ -397,6 +433,83 @@ impl Config {
         }
     }
 
+    fn check_tenants(&self) -> Result<(), ConfigError> {
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        let mut plugin_users: BTreeMap<&str, String> = BTreeMap::new();
+        for (name, listener) in &self.listeners {
+            for plugin in &listener.plugins {
+                plugin_users.insert(plugin, format!("listener `{name}`"));
+            }
+        }
+        for (name, tenant) in &self.tenants {
+            let field = |f: &str| format!("tenants.{name}.{f}");
+            if tenant.domains.is_empty() {
+                return Err(self.invalid(field("domains"), "a tenant needs at least one domain"));
+            }
+            for domain in &tenant.domains {
+                let canonical = match weir_plugin_sdk::names::Pattern::parse(domain) {
+                    Ok(weir_plugin_sdk::names::Pattern::Exact(name)) => name,
+                    Ok(_) => {
+                        return Err(self.invalid(field("domains"), format!("`{domain}`: write a suffix without `*.`")));
+                    }
+                    Err(e) => return Err(self.invalid(field("domains"), format!("`{domain}`: {e}"))),
+                };
+                if let Some(other) = owners.insert(canonical, name) {
+                    return Err(self.invalid(field("domains"), format!("`{domain}` is also tenant `{other}`'s")));
+                }
+            }
+            if tenant.plugins.is_empty() {
+                return Err(self.invalid(field("plugins"), "the plugin chain is empty"));
+            }
+            for plugin in &tenant.plugins {
+                let Some(settings) = self.plugins.get(plugin) else {
+                    return Err(self.invalid(field("plugins"), format!("no plugin named `{plugin}`")));
+                };
+                if let Some(user) = plugin_users.insert(plugin, format!("tenant `{name}`")) {
+                    return Err(self.invalid(
+                        field("plugins"),
+                        format!("plugin `{plugin}` is also used by {user}; a tenant's plugins are its own"),
+                    ));
+                }
+                if let Some(max) = tenant.max_plugin_memory_mib
+                    && settings.max_memory_mib > max
+                {
+                    return Err(self.invalid(
+                        format!("plugins.{plugin}.max_memory_mib"),
+                        format!(
+                            "{} MiB exceeds tenant `{name}`'s max_plugin_memory_mib of {max}",
+                            settings.max_memory_mib
+                        ),
+                    ));
+                }
+                if let Some(max) = tenant.max_plugin_timeout
+                    && settings.timeout > max
+                {
+                    return Err(self.invalid(
+                        format!("plugins.{plugin}.timeout"),
+                        format!(
+                            "{:?} exceeds tenant `{name}`'s max_plugin_timeout of {max:?}",
+                            settings.timeout
+                        ),
+                    ));
+                }
+            }
+            for (what, names, known) in [
+                ("pools", &tenant.pools, self.pools.keys().collect::<Vec<_>>()),
+                ("certificates", &tenant.certificates, self.certificates.keys().collect()),
+                ("cas", &tenant.cas, self.cas.keys().collect()),
+            ] {
+                if let Some(missing) = names.iter().find(|n| !known.contains(n)) {
+                    return Err(self.invalid(field(what), format!("no {what} entry named `{missing}`")));
+                }
+            }
+            if tenant.max_connections == Some(0) {
+                return Err(self.invalid(field("max_connections"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
             return Err(self.invalid("listeners".into(), "no listener is configured"));
@@ -464,6 +577,7 @@ impl Config {
                 crate::tls::parse_pin(pin).map_err(|reason| self.invalid(field("pin_sha256"), reason))?;
             }
         }
+        self.check_tenants()?;
         for (name, pool) in &self.pools {
             let field = format!("pools.{name}.servers");
             if pool.servers.is_empty() {

@@ -124,6 +124,11 @@ pub trait Known {
     /// Whether a trust anchor of this name exists, and if so whether it has
     /// a CA bundle (pins alone cannot verify clients).
     fn ca(&self, name: &str) -> Option<bool>;
+    /// Whether a decision may name this address; the error says why not.
+    fn check_address(&self, addr: &HostPort) -> Result<(), String> {
+        let _ = addr;
+        Ok(())
+    }
 }
 
 impl Decision {
@@ -221,7 +226,11 @@ impl Target {
         let upstream = match target.upstream {
             wit::Upstream::Pool(name) if known.has_pool(&name) => Upstream::Pool(name),
             wit::Upstream::Pool(name) => return Err(format!("unknown pool `{name}`")),
-            wit::Upstream::Address(addr) => Upstream::Address(HostPort::parse(&addr).map_err(|e| e.to_string())?),
+            wit::Upstream::Address(addr) => {
+                let addr = HostPort::parse(&addr).map_err(|e| e.to_string())?;
+                known.check_address(&addr)?;
+                Upstream::Address(addr)
+            }
         };
         if let Some(version) = target.proxy_protocol
             && version != 1

@@ -26,7 +26,7 @@ use crate::postgres::{self, First, PostgresError};
 use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
 use crate::rewind::Rewind;
-use crate::snapshot::{Listener, Snapshot, SnapshotError};
+use crate::snapshot::{Listener, Snapshot, SnapshotError, Tenant};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
 use crate::tls::{Admission, TerminateError, describe};
 
@@ -475,6 +475,7 @@ struct Record {
     started: Instant,
     client: SocketAddr,
     sni: Option<String>,
+    tenant: Option<Arc<str>>,
     route: Option<String>,
     mode: Option<&'static str>,
     upstream: Option<String>,
@@ -487,6 +488,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         started: Instant::now(),
         client: client_addr,
         sni: None,
+        tenant: None,
         route: None,
         mode: None,
         upstream: None,
@@ -527,11 +529,12 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let sni = record.sni.as_deref().unwrap_or("-");
     let route = record.route.as_deref().unwrap_or("-");
+    let tenant = record.tenant.as_deref().unwrap_or("-");
     let mode = record.mode.unwrap_or("-");
     let upstream = record.upstream.as_deref().unwrap_or("-");
     let listener = &*listener.name;
     let (id, client) = (record.id, record.client);
-    tracing::info!(id, listener, %client, sni, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
+    tracing::info!(id, listener, %client, sni, tenant, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
 }
 
 /// What the client sent before routing, and how.
@@ -581,7 +584,30 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
         alpn: std::mem::take(&mut front.hello.alpn),
         tls_versions: std::mem::take(&mut front.hello.versions),
     };
-    let routing = snapshot.route(listener, &conn);
+    let mut conn = conn;
+    let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
+    let _slot = match &tenant {
+        None => None,
+        Some(tenant) => {
+            conn.tenant = Some(tenant.name.to_string());
+            record.tenant = Some(Arc::clone(&tenant.name));
+            match tenant.admit_connection() {
+                Ok(slot) => Some(slot),
+                Err(reason) => {
+                    crate::metrics::METRICS
+                        .tenant_limited
+                        .get_or_create(&crate::metrics::TenantLabels {
+                            tenant: tenant.name.to_string(),
+                        })
+                        .inc();
+                    record.route = Some("tenant-limit".into());
+                    front.refuse(listener, ALERT_INTERNAL_ERROR, &reason).await;
+                    return Outcome::Rejected(reason);
+                }
+            }
+        }
+    };
+    let routing = snapshot.route(listener, tenant.as_deref(), &conn);
     record.route = Some(routing.decision.route.clone());
     let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
         (_, true) => ALERT_INTERNAL_ERROR,
@@ -597,7 +623,9 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
             record.mode = Some("passthrough");
             passthrough(front, &target, listener, snapshot, record).await
         }
-        Action::Terminate(termination) => terminate(front, conn, &termination, listener, snapshot, record).await,
+        Action::Terminate(termination) => {
+            terminate(front, conn, &termination, listener, tenant.as_deref(), snapshot, record).await
+        }
     }
 }
 
@@ -754,9 +782,11 @@ async fn terminate(
     conn: wit::Connection,
     termination: &Termination,
     listener: &Arc<Listener>,
+    tenant: Option<&Tenant>,
     snapshot: &Snapshot,
     record: &mut Record,
 ) -> Outcome {
+    let chain = tenant.map_or(listener.chain(), Tenant::chain);
     let reencrypting = matches!(termination.then, After::Reencrypt(..));
     record.mode = Some(if reencrypting { "reencrypt" } else { "terminate" });
     if !front.speaks_tls() {
@@ -766,24 +796,27 @@ async fn terminate(
     }
     let admission = match termination.client_auth {
         ClientAuth::None => None,
-        _ => Some(Arc::new(Admission::new(Arc::clone(listener), conn.clone()))),
+        _ => Some(Arc::new(Admission::new(chain, conn.clone()))),
     };
     let sni = conn.sni.as_deref();
-    let server_config =
-        match snapshot
-            .tls()
-            .server_config(&listener.name, &listener.tls, termination, sni, admission.clone())
-        {
-            Ok(config) => config,
-            Err(e) => {
-                let alert = match e {
-                    TerminateError::NoCertificate(_) => ALERT_UNRECOGNIZED_NAME,
-                    TerminateError::Config(_) => ALERT_INTERNAL_ERROR,
-                };
-                front.refuse(listener, alert, &e.to_string()).await;
-                return Outcome::Rejected(e.to_string());
-            }
-        };
+    let server_config = match snapshot.tls().server_config(
+        &listener.name,
+        &listener.tls,
+        termination,
+        sni,
+        tenant.map(Tenant::certificates),
+        admission.clone(),
+    ) {
+        Ok(config) => config,
+        Err(e) => {
+            let alert = match e {
+                TerminateError::NoCertificate(_) => ALERT_UNRECOGNIZED_NAME,
+                TerminateError::Config(_) => ALERT_INTERNAL_ERROR,
+            };
+            front.refuse(listener, alert, &e.to_string()).await;
+            return Outcome::Rejected(e.to_string());
+        }
+    };
     let config = &listener.config;
     let client = Rewind::new(std::mem::take(&mut front.sniffed), front.client);
     let accept = tokio_rustls::TlsAcceptor::from(server_config)
@@ -831,7 +864,17 @@ async fn terminate(
     let ended = match &termination.then {
         After::Plain(_) => relay_streams(tls, upstream, timeouts, &record.transfer).await,
         After::Reencrypt(_, upstream_tls) => {
-            let upstream = match reencrypt(upstream, upstream_tls, &conn, alpn.as_deref(), listener, snapshot).await {
+            let upstream = match reencrypt(
+                upstream,
+                upstream_tls,
+                &conn,
+                alpn.as_deref(),
+                listener,
+                chain,
+                snapshot,
+            )
+            .await
+            {
                 Ok(upstream) => upstream,
                 Err(outcome) => {
                     let _ = tls.shutdown().await;
@@ -855,6 +898,7 @@ async fn reencrypt(
     conn: &wit::Connection,
     alpn: Option<&[u8]>,
     listener: &Listener,
+    chain: &[Arc<crate::plugin::Plugin>],
     snapshot: &Snapshot,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Outcome> {
     let peer_ip = upstream.peer_addr().map(|a| a.ip());
@@ -880,7 +924,8 @@ async fn reencrypt(
     let attestation = upstream_tls
         .attested
         .then(|| snapshot.tls().attestation().examine(cert));
-    let admitted = describe(cert, attestation).and_then(|peer| listener.admit(conn, wit::Side::Upstream, &peer));
+    let admitted =
+        describe(cert, attestation).and_then(|peer| crate::snapshot::admit(chain, conn, wit::Side::Upstream, &peer));
     match admitted {
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),

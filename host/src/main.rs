@@ -190,6 +190,8 @@ struct RouteReport<'a> {
 
 #[derive(Serialize)]
 struct ConnectionReport<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
     client_addr: &'a str,
     local_addr: &'a str,
     protocol: &'static str,
@@ -245,10 +247,14 @@ fn route(
             vec![0x0304, 0x0303]
         },
     };
-    let routing = snapshot.route(listener, &conn);
+    let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
+    let mut conn = conn;
+    conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
+    let routing = snapshot.route(listener, tenant.as_deref(), &conn);
     let report = RouteReport {
         listener: listener_name,
         connection: ConnectionReport {
+            tenant: conn.tenant.as_deref(),
             client_addr: &conn.client_addr,
             local_addr: &conn.local_addr,
             protocol: protocol_name,

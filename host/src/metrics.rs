@@ -62,6 +62,13 @@ pub struct SniffLabels {
     pub reason: &'static str,
 }
 
+/// A tenant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// The tenant's name.
+    pub tenant: String,
+}
+
 /// A reload's result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -86,6 +93,10 @@ pub struct Metrics {
     pub sniff_failures: Family<SniffLabels, Counter>,
     /// Reloads.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Tenant decisions that named something outside the tenant.
+    pub tenant_violations: Family<TenantLabels, Counter>,
+    /// Tenant connections refused at the tenant's connection limit.
+    pub tenant_limited: Family<TenantLabels, Counter>,
 }
 
 /// The process's metrics.
@@ -104,6 +115,18 @@ impl Metrics {
         let plugin_failures = Family::<FailureLabels, Counter>::default();
         let sniff_failures = Family::<SniffLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
+        let tenant_violations = Family::<TenantLabels, Counter>::default();
+        let tenant_limited = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "tenant_violations",
+            "Tenant decisions naming a pool, address, certificate or CA outside the tenant",
+            tenant_violations.clone(),
+        );
+        registry.register(
+            "tenant_limited",
+            "Tenant connections refused at the tenant's connection limit",
+            tenant_limited.clone(),
+        );
         registry.register(
             "connections",
             "Finished connections by listener, route and outcome",
@@ -140,6 +163,8 @@ impl Metrics {
             plugin_failures,
             sniff_failures,
             reloads,
+            tenant_violations,
+            tenant_limited,
         }
     }
 

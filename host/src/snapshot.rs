@@ -56,29 +56,124 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Asks every plugin of the chain whether to admit an authenticated
-    /// peer. The first deny is the answer; a failing plugin denies, unless
-    /// its `on_error` is `next`, which skips it.
-    pub fn admit(&self, conn: &wit::Connection, side: wit::Side, peer: &wit::Peer) -> Result<(), String> {
-        for plugin in &self.chain {
-            let name = plugin.name();
-            let started = Instant::now();
-            let verdict = plugin.admit(conn, side, peer);
-            observe(plugin, started, verdict.as_ref().err());
-            match verdict {
-                Ok(wit::Verdict::Allow) => {}
-                Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
-                Err(error) => {
-                    let on_error = plugin.on_error();
-                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, "plugin failed in admit");
-                    if on_error == OnError::Deny {
-                        return Err(format!("plugin `{name}` {error}"));
-                    }
+    /// The listener's plugin chain.
+    pub fn chain(&self) -> &[Arc<Plugin>] {
+        &self.chain
+    }
+}
+
+/// A tenant: the names it owns, its chain, what its decisions may name.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Its name in the config.
+    pub name: Arc<str>,
+    chain: Vec<Arc<Plugin>>,
+    pools: std::collections::BTreeSet<String>,
+    upstreams: Vec<ipnet::IpNet>,
+    certificates: std::collections::BTreeSet<String>,
+    cas: std::collections::BTreeSet<String>,
+    max_connections: Option<usize>,
+    /// Its connections in progress; carried across reloads.
+    active: Arc<AtomicUsize>,
+}
+
+/// A tenant connection in progress; dropping it frees the slot.
+#[derive(Debug)]
+pub struct TenantSlot(Arc<AtomicUsize>);
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Tenant {
+    /// The tenant's plugin chain.
+    pub fn chain(&self) -> &[Arc<Plugin>] {
+        &self.chain
+    }
+
+    /// Its connections in progress.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The certificates it may present.
+    pub fn certificates(&self) -> &std::collections::BTreeSet<String> {
+        &self.certificates
+    }
+
+    /// Takes a connection slot, or says the tenant is at its limit.
+    pub fn admit_connection(&self) -> Result<TenantSlot, String> {
+        let taken = self.active.fetch_add(1, Ordering::AcqRel);
+        let slot = TenantSlot(Arc::clone(&self.active));
+        match self.max_connections {
+            Some(max) if taken >= max => Err(format!("tenant `{}` is at its limit of {max} connections", self.name)),
+            _ => Ok(slot),
+        }
+    }
+}
+
+/// What a tenant's decisions may name: a subset of the snapshot.
+struct TenantScope<'a> {
+    snapshot: &'a Snapshot,
+    tenant: &'a Tenant,
+}
+
+impl Known for TenantScope<'_> {
+    fn has_pool(&self, name: &str) -> bool {
+        self.tenant.pools.contains(name) && self.snapshot.has_pool(name)
+    }
+
+    fn has_certificate(&self, name: &str) -> bool {
+        self.tenant.certificates.contains(name) && self.snapshot.has_certificate(name)
+    }
+
+    fn ca(&self, name: &str) -> Option<bool> {
+        self.snapshot.ca(name).filter(|_| self.tenant.cas.contains(name))
+    }
+
+    fn check_address(&self, addr: &HostPort) -> Result<(), String> {
+        match addr.socket_addr() {
+            Some(socket)
+                if self
+                    .tenant
+                    .upstreams
+                    .iter()
+                    .any(|net| net.contains(&socket.ip().to_canonical())) =>
+            {
+                Ok(())
+            }
+            _ => Err(format!(
+                "address `{addr}` is outside tenant `{}`'s upstream ranges",
+                self.tenant.name
+            )),
+        }
+    }
+}
+
+/// Asks every plugin of a chain whether to admit an authenticated peer. The
+/// first deny is the answer; a failing plugin denies, unless its
+/// `on_error` is `next`, which skips it.
+pub fn admit(chain: &[Arc<Plugin>], conn: &wit::Connection, side: wit::Side, peer: &wit::Peer) -> Result<(), String> {
+    for plugin in chain {
+        let name = plugin.name();
+        let started = Instant::now();
+        let verdict = plugin.admit(conn, side, peer);
+        observe(plugin, started, verdict.as_ref().err());
+        match verdict {
+            Ok(wit::Verdict::Allow) => {}
+            Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
+            Err(error) => {
+                let on_error = plugin.on_error();
+                tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, "plugin failed in admit");
+                if on_error == OnError::Deny {
+                    return Err(format!("plugin `{name}` {error}"));
                 }
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// A named set of servers, tried in turn from a rotating start.
@@ -111,6 +206,9 @@ pub struct Snapshot {
     pools: BTreeMap<String, Pool>,
     tls: TlsMaterial,
     plugins: BTreeMap<String, Arc<Plugin>>,
+    tenants: BTreeMap<String, Arc<Tenant>>,
+    /// Domain suffix → tenant name.
+    domains: std::collections::HashMap<String, String>,
     /// When it was built.
     pub built_at: std::time::SystemTime,
 }
@@ -277,12 +375,38 @@ impl Snapshot {
                 )
             })
             .collect();
+        let mut tenants = BTreeMap::new();
+        let mut domains = std::collections::HashMap::new();
+        for (name, tenant) in &config.tenants {
+            // `Config::check` proved every name and reference.
+            let active = previous
+                .and_then(|p| p.tenants.get(name))
+                .map_or_else(Arc::default, |t| Arc::clone(&t.active));
+            for domain in &tenant.domains {
+                if let Ok(canonical) = weir_plugin_sdk::names::canonicalize(domain.as_bytes()) {
+                    domains.insert(canonical, name.clone());
+                }
+            }
+            let tenant = Tenant {
+                name: name.as_str().into(),
+                chain: tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect(),
+                pools: tenant.pools.iter().cloned().collect(),
+                upstreams: tenant.upstreams.clone(),
+                certificates: tenant.certificates.iter().cloned().collect(),
+                cas: tenant.cas.iter().cloned().collect(),
+                max_connections: tenant.max_connections,
+                active,
+            };
+            tenants.insert(name.clone(), Arc::new(tenant));
+        }
         Ok(Snapshot {
             config,
             listeners,
             pools,
             tls,
             plugins,
+            tenants,
+            domains,
             built_at: std::time::SystemTime::now(),
         })
     }
@@ -317,17 +441,51 @@ impl Snapshot {
         self.pools.get(name)
     }
 
-    /// Asks the listener's chain, in order, until a plugin decides. A failed
-    /// plugin either ends the chain with a rejection (`on_error = "deny"`) or
-    /// is skipped (`"next"`). When no plugin decides, the connection is
-    /// rejected.
-    pub fn route(&self, listener: &Listener, conn: &wit::Connection) -> Routing {
-        let mut steps = Vec::with_capacity(listener.chain.len());
-        for plugin in &listener.chain {
+    /// The tenant owning a server name: the longest of all tenants' domain
+    /// suffixes that the name is, or lies below.
+    pub fn tenant_for(&self, sni: Option<&str>) -> Option<&Arc<Tenant>> {
+        let mut name = sni?;
+        loop {
+            if let Some(tenant) = self.domains.get(name) {
+                return self.tenants.get(tenant);
+            }
+            name = weir_plugin_sdk::names::split_first_label(name)?.1;
+        }
+    }
+
+    /// Every tenant, by name.
+    pub fn tenants(&self) -> &BTreeMap<String, Arc<Tenant>> {
+        &self.tenants
+    }
+
+    /// Asks the chain — the tenant's for a tenant's connection, else the
+    /// listener's — in order, until a plugin decides. A failed plugin either
+    /// ends the chain with a rejection (`on_error = "deny"`) or is skipped
+    /// (`"next"`). A tenant's decision that names something outside the
+    /// tenant is a failure of its plugin. When no plugin decides, the
+    /// connection is rejected.
+    pub fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
+        let chain = tenant.map_or(&listener.chain, |t| &t.chain);
+        let mut steps = Vec::with_capacity(chain.len());
+        for plugin in chain {
             let started = Instant::now();
-            let result = plugin
-                .route(conn)
-                .and_then(|decision| Decision::from_wit(decision, self).map_err(PluginError::InvalidDecision));
+            let result = plugin.route(conn).and_then(|decision| {
+                let validated = match tenant {
+                    Some(tenant) => Decision::from_wit(decision, &TenantScope { snapshot: self, tenant }),
+                    None => Decision::from_wit(decision, self),
+                };
+                validated.map_err(|reason| {
+                    if let Some(tenant) = tenant {
+                        crate::metrics::METRICS
+                            .tenant_violations
+                            .get_or_create(&crate::metrics::TenantLabels {
+                                tenant: tenant.name.to_string(),
+                            })
+                            .inc();
+                    }
+                    PluginError::InvalidDecision(reason)
+                })
+            });
             observe(plugin, started, result.as_ref().err());
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let name = Arc::clone(plugin.name());

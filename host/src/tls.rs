@@ -32,7 +32,6 @@ use crate::attest::{AttestationPolicy, Verifier};
 use crate::config::{Config, ListenerTls, TlsVersion};
 use crate::decision::{ClientAuth, Termination, UpstreamTls};
 use crate::plugin::wit;
-use crate::snapshot::Listener;
 
 /// Sessions kept per termination for ID-based (TLS 1.2) resumption.
 const SESSION_CACHE_SIZE: usize = 4096;
@@ -330,15 +329,25 @@ impl TlsMaterial {
         settings: &ListenerSettings,
         termination: &Termination,
         sni: Option<&str>,
+        allowed: Option<&std::collections::BTreeSet<String>>,
         admission: Option<Arc<Admission>>,
     ) -> Result<Arc<ServerConfig>, TerminateError> {
         let certificates: Vec<Arc<Certificate>> = match &termination.certificate {
-            // Validation proved the name exists.
+            // Validation proved the name exists (and is the tenant's).
             Some(name) => self.certificates.get(name).cloned().into_iter().collect(),
-            None => match sni.and_then(|sni| self.by_sni(sni)) {
-                Some(found) => found.clone(),
-                None => return Err(TerminateError::NoCertificate(sni.map(str::to_owned))),
-            },
+            None => {
+                let found: Vec<Arc<Certificate>> = sni
+                    .and_then(|sni| self.by_sni(sni))
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| allowed.is_none_or(|allowed| allowed.contains(&*c.name)))
+                    .cloned()
+                    .collect();
+                if found.is_empty() {
+                    return Err(TerminateError::NoCertificate(sni.map(str::to_owned)));
+                }
+                found
+            }
         };
         let alpn = match termination.alpn.is_empty() {
             true => settings.alpn.clone(),
@@ -630,7 +639,7 @@ impl ServerCertVerifier for Pinned {
 
 /// The plugin chain's say on one connection's authenticated peers.
 pub struct Admission {
-    listener: Arc<Listener>,
+    chain: Vec<Arc<crate::plugin::Plugin>>,
     conn: wit::Connection,
     outcome: Mutex<Option<Result<(), String>>>,
 }
@@ -644,10 +653,10 @@ impl fmt::Debug for Admission {
 }
 
 impl Admission {
-    /// The chain of `listener` will judge peers of `conn`.
-    pub fn new(listener: Arc<Listener>, conn: wit::Connection) -> Admission {
+    /// `chain` will judge peers of `conn`.
+    pub fn new(chain: &[Arc<crate::plugin::Plugin>], conn: wit::Connection) -> Admission {
         Admission {
-            listener,
+            chain: chain.to_vec(),
             conn,
             outcome: Mutex::new(None),
         }
@@ -657,7 +666,7 @@ impl Admission {
     /// why it could not be described); the first refusal is the answer.
     /// Remembers the outcome.
     pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
-        let outcome = peer.and_then(|peer| self.listener.admit(&self.conn, side, &peer));
+        let outcome = peer.and_then(|peer| crate::snapshot::admit(&self.chain, &self.conn, side, &peer));
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
     }

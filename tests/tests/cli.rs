@@ -111,6 +111,28 @@ fn check_names_the_file_field_and_reason_of_a_broken_config() {
             "plugins.router: configure refused the config: invalid plugin config: unknown field `pol`",
         ),
         (
+            format!("{ROUTER}\n[tenants.a]\ndomains = [\"a.test\"]\nplugins = [\"router\"]\n"),
+            "tenants.a.plugins: plugin `router` is also used by listener `public`",
+        ),
+        (
+            format!(
+                "{ROUTER}\n[plugins.own]\nwasm = \"{{static_router}}\"\n[tenants.a]\ndomains = [\"a.test\"]\nplugins = [\"own\"]\nmax_plugin_memory_mib = 8\n"
+            ),
+            "plugins.own.max_memory_mib: 16 MiB exceeds tenant `a`'s max_plugin_memory_mib of 8",
+        ),
+        (
+            format!(
+                "{ROUTER}\n[plugins.own]\nwasm = \"{{static_router}}\"\n[plugins.other]\nwasm = \"{{static_router}}\"\n[tenants.a]\ndomains = [\"A.test.\"]\nplugins = [\"own\"]\n[tenants.b]\ndomains = [\"a.test\"]\nplugins = [\"other\"]\n"
+            ),
+            "tenants.b.domains: `a.test` is also tenant `a`'s",
+        ),
+        (
+            format!(
+                "{ROUTER}\n[plugins.own]\nwasm = \"{{static_router}}\"\n[tenants.a]\ndomains = [\"a.test\"]\nplugins = [\"own\"]\npools = [\"nope\"]\n"
+            ),
+            "tenants.a.pools: no pools entry named `nope`",
+        ),
+        (
             ROUTER.replace("wasm =", "config_file = \"routes.json\"\nwasm ="),
             "plugins.router.config_file: give `config` or `config_file`, not both",
         ),

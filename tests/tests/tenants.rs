@@ -1,0 +1,153 @@
+//! Tenants: connections are dispatched by the longest domain suffix before
+//! any tenant code runs; a decision that leaves the tenant's namespace is
+//! refused; a tenant's trapping plugin and its connection limit affect only
+//! its own connections.
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use weir_tests::{Pki, STEP, Upstream, WeirProcess, answer_with, tls_connect, tls_exchange, write_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_cannot_hurt_each_other() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("tenant test CA");
+    let identity = pki.server(&["*.acme.test", "*.shop.acme.test", "*.globex.test"]);
+    let acme = Upstream::tls(&identity, |s| answer_with(s, " (acme)".into())).await;
+    let shop = Upstream::tls(&identity, |s| answer_with(s, " (shop)".into())).await;
+    let globex = Upstream::tls(&identity, |s| answer_with(s, " (globex)".into())).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["edge"]
+
+            [plugins.edge]
+            wasm = "{{static_router}}"
+            config.default = {{ reject = "no tenant owns this name" }}
+
+            [plugins.acme-router]
+            wasm = "{{static_router}}"
+            config.routes."app.acme.test" = {{ pool = "acme" }}
+            config.routes."evil.acme.test" = {{ pool = "globex" }}
+            config.routes."addr.acme.test" = {{ address = "127.0.0.3:443" }}
+
+            [plugins.shop-router]
+            wasm = "{{static_router}}"
+            config.routes."*.shop.acme.test" = {{ address = "{shop}" }}
+
+            [plugins.globex-router]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "trap", only_sni = "trap.globex.test", pool = "globex" }}
+
+            [pools.acme]
+            servers = ["{acme}"]
+            [pools.globex]
+            servers = ["{globex}"]
+
+            [tenants.acme]
+            domains = ["acme.test"]
+            plugins = ["acme-router"]
+            pools = ["acme"]
+            upstreams = ["127.0.0.1/32"]
+
+            [tenants.shop]
+            domains = ["shop.acme.test"]
+            plugins = ["shop-router"]
+            upstreams = ["127.0.0.0/8"]
+
+            [tenants.globex]
+            domains = ["globex.test"]
+            plugins = ["globex-router"]
+            pools = ["globex"]
+            max_connections = 2
+            "#,
+            acme = acme.addr,
+            shop = shop.addr,
+            globex = globex.addr,
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let client = pki.client_config();
+    let ask = |sni: &'static str| {
+        let client = Arc::clone(&client);
+        async move { tls_exchange(addr, sni, client, "hi").await }
+    };
+
+    // Dispatch by the longest suffix: shop.acme.test is shop's, not acme's.
+    assert_eq!(ask("app.acme.test").await.expect("acme"), "upstream heard: hi (acme)\n");
+    assert!(weir.connection_line().await.contains(r#"tenant="acme""#));
+    assert_eq!(
+        ask("x.shop.acme.test").await.expect("shop"),
+        "upstream heard: hi (shop)\n"
+    );
+    assert!(weir.connection_line().await.contains(r#"tenant="shop""#));
+    // A name no tenant owns takes the listener's chain.
+    assert!(ask("other.test").await.as_deref().unwrap_or_default().is_empty());
+    assert!(weir.connection_line().await.contains(r#"tenant="-""#));
+
+    // Leaving the namespace: another tenant's pool, an address outside the ranges.
+    for (sni, reason) in [
+        ("evil.acme.test", "unknown pool `globex`"),
+        (
+            "addr.acme.test",
+            "address `127.0.0.3:443` is outside tenant `acme`'s upstream ranges",
+        ),
+    ] {
+        assert!(ask(sni).await.as_deref().unwrap_or_default().is_empty(), "{sni}");
+        let line = weir.connection_line().await;
+        assert!(line.contains("rejected") && line.contains(reason), "{line}");
+    }
+
+    // globex's plugin traps on one name: only that connection suffers.
+    assert!(ask("trap.globex.test").await.as_deref().unwrap_or_default().is_empty());
+    assert!(weir.connection_line().await.contains("trapped"));
+    assert_eq!(
+        ask("ok.globex.test").await.expect("globex"),
+        "upstream heard: hi (globex)\n"
+    );
+    weir.connection_line().await;
+    assert_eq!(ask("app.acme.test").await.expect("acme"), "upstream heard: hi (acme)\n");
+    weir.connection_line().await;
+
+    // globex at its limit of 2: its third connection is refused at once,
+    // acme is served meanwhile, and globex recovers when one closes.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tls = tls_connect(addr, "ok.globex.test", Arc::clone(&client))
+            .await
+            .expect("held");
+        tls.write_all(b"hold\n").await.expect("write");
+        tls.flush().await.expect("flush");
+        held.push(tls);
+    }
+    // Both are counted once weir has routed them (the upstream answered).
+    for tls in &mut held {
+        let mut line = [0u8; 1];
+        tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read(tls, &mut line))
+            .await
+            .expect("held connection answered")
+            .expect("read");
+    }
+    assert!(ask("ok.globex.test").await.as_deref().unwrap_or_default().is_empty());
+    let line = weir.connection_line().await;
+    assert!(
+        line.contains("tenant `globex` is at its limit of 2 connections"),
+        "{line}"
+    );
+    assert_eq!(
+        ask("app.acme.test").await.expect("acme unaffected"),
+        "upstream heard: hi (acme)\n"
+    );
+    weir.connection_line().await;
+    drop(held.pop());
+    weir.connection_line().await;
+    assert_eq!(
+        ask("ok.globex.test").await.expect("globex again"),
+        "upstream heard: hi (globex)\n"
+    );
+    weir.child.kill().await.expect("stop");
+}
