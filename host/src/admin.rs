@@ -8,6 +8,7 @@
 //! | `GET /api/plugins` | each plugin: wasm path, SHA-256, load time, on_error |
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
 //! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
+//! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
 //! | `GET /api/connections` | active and total connections by listener |
 //! | `GET /api/reload` | reload counts and the latest reload |
 //! | `POST /api/reload` | reloads now; 200 with the report, or 422 with the error |
@@ -77,6 +78,20 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json_reply(status, &json!({ "error": message }))
 }
 
+/// A pool's policy and its backends' state and counters.
+fn pool_json(pool: &crate::pool::Pool) -> serde_json::Value {
+    let backends: Vec<_> = pool.backends().iter().map(|b| b.stats()).collect();
+    let healthy = backends.iter().filter(|b| b.healthy && !b.ejected).count();
+    let active: usize = backends.iter().map(|b| b.active).sum();
+    json!({
+        "policy": pool.config.policy,
+        "health_checks": pool.config.health.is_some(),
+        "backends": backends,
+        "healthy": healthy,
+        "active": active,
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -140,8 +155,11 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                 .pools()
                 .iter()
                 .map(|(name, pool)| {
-                    let servers: Vec<String> = pool.server_list().iter().map(ToString::to_string).collect();
-                    (name.clone(), json!({ "servers": servers }))
+                    let servers: Vec<String> = pool.backends().iter().map(|b| b.addr.to_string()).collect();
+                    (
+                        name.clone(),
+                        json!({ "servers": servers, "policy": pool.config.policy }),
+                    )
                 })
                 .collect();
             json_reply(
@@ -175,6 +193,22 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                 })
                 .collect();
             json_reply(StatusCode::OK, &json!({ "tenants": tenants }))
+        }
+        (&Method::GET, "/api/pools") => {
+            let snapshot = gateway.snapshot();
+            let pools: serde_json::Map<_, _> = snapshot
+                .pools()
+                .iter()
+                .map(|(name, pool)| (name.clone(), pool_json(pool)))
+                .collect();
+            json_reply(StatusCode::OK, &json!({ "pools": pools }))
+        }
+        (&Method::GET, pool) if pool.starts_with("/api/pools/") => {
+            let name = &pool["/api/pools/".len()..];
+            match gateway.snapshot().pool(name) {
+                Some(pool) => json_reply(StatusCode::OK, &pool_json(pool)),
+                None => error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`")),
+            }
         }
         (&Method::GET, "/api/connections") => {
             let listeners: serde_json::Map<_, _> = gateway

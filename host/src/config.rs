@@ -343,12 +343,117 @@ impl PluginConfig {
 }
 
 /// A named set of upstream servers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Servers as `host:port`; tried in turn, starting from the next one for
-    /// each connection, until one accepts.
-    pub servers: Vec<String>,
+    /// Servers: `"host:port"`, or `{ address = "host:port", weight = 3 }`.
+    pub servers: Vec<ServerConfig>,
+    /// How the first server to try is picked.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Active health checks; none when absent.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection: a server whose connects fail this many times in a
+    /// row is skipped for `eject_for`.
+    #[serde(default)]
+    pub passive: PassiveConfig,
+    /// PROXY protocol version sent to this pool's servers when the decision
+    /// asks for none.
+    pub proxy_protocol: Option<u8>,
+    /// Most servers tried for one connection (all of them when absent),
+    /// within the listener's connect_timeout.
+    pub max_attempts: Option<usize>,
+}
+
+/// One server of a pool.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ServerConfig {
+    /// `"host:port"`, weight 1.
+    Address(String),
+    /// `{ address = "host:port", weight = N }`.
+    Weighted {
+        /// `host:port`.
+        address: String,
+        /// Relative share under the `weighted` policy (1 to 1000).
+        #[serde(default = "defaults::weight")]
+        weight: u32,
+    },
+}
+
+impl ServerConfig {
+    /// The `host:port`.
+    pub fn address(&self) -> &str {
+        match self {
+            ServerConfig::Address(address) | ServerConfig::Weighted { address, .. } => address,
+        }
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> u32 {
+        match self {
+            ServerConfig::Address(_) => 1,
+            ServerConfig::Weighted { weight, .. } => *weight,
+        }
+    }
+}
+
+/// How a pool picks the first server to try.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Each connection starts one server further along.
+    #[default]
+    RoundRobin,
+    /// The server with the fewest connections in progress (ties in turn).
+    LeastConnections,
+    /// A uniformly random server.
+    Random,
+    /// In proportion to the servers' weights (smooth weighted round robin).
+    Weighted,
+}
+
+/// Active health checks of a pool's servers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between checks.
+    #[serde(default = "defaults::health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline of one check (connect, send, expect).
+    #[serde(default = "defaults::health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a server back.
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a server out.
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    /// Bytes to send after connecting (escapes `\r`, `\n`, `\t`, `\\`).
+    pub send: Option<String>,
+    /// Bytes the answer must contain for the check to pass.
+    pub expect: Option<String>,
+}
+
+/// Passive ejection settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveConfig {
+    /// Consecutive connect failures that eject a server (0 turns it off).
+    #[serde(default = "defaults::passive_failures")]
+    pub failures: u32,
+    /// How long an ejected server is skipped.
+    #[serde(default = "defaults::eject_for", with = "humantime_serde")]
+    pub eject_for: Duration,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> PassiveConfig {
+        PassiveConfig {
+            failures: defaults::passive_failures(),
+            eject_for: defaults::eject_for(),
+        }
+    }
 }
 
 mod defaults {
@@ -365,6 +470,27 @@ mod defaults {
     }
     pub fn half_close_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn rise() -> u32 {
+        2
+    }
+    pub fn fall() -> u32 {
+        3
+    }
+    pub fn passive_failures() -> u32 {
+        3
+    }
+    pub fn eject_for() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn admin_bind() -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], 9900))
@@ -579,12 +705,32 @@ impl Config {
         }
         self.check_tenants()?;
         for (name, pool) in &self.pools {
-            let field = format!("pools.{name}.servers");
+            let field = |f: &str| format!("pools.{name}.{f}");
             if pool.servers.is_empty() {
-                return Err(self.invalid(field, "a pool needs at least one server"));
+                return Err(self.invalid(field("servers"), "a pool needs at least one server"));
             }
             for server in &pool.servers {
-                HostPort::parse(server).map_err(|e| self.invalid(field.clone(), e.to_string()))?;
+                HostPort::parse(server.address()).map_err(|e| self.invalid(field("servers"), e.to_string()))?;
+                if !(1..=1000).contains(&server.weight()) {
+                    return Err(self.invalid(field("servers"), "a weight is between 1 and 1000"));
+                }
+            }
+            if let Some(version) = pool.proxy_protocol
+                && version != 1
+                && version != 2
+            {
+                return Err(self.invalid(field("proxy_protocol"), "must be 1 or 2"));
+            }
+            if pool.max_attempts == Some(0) {
+                return Err(self.invalid(field("max_attempts"), "must be at least 1"));
+            }
+            if let Some(health) = &pool.health {
+                if health.interval.is_zero() || health.timeout.is_zero() {
+                    return Err(self.invalid(field("health"), "interval and timeout must be longer than zero"));
+                }
+                if health.rise == 0 || health.fall == 0 {
+                    return Err(self.invalid(field("health"), "rise and fall must be at least 1"));
+                }
             }
         }
         Ok(())

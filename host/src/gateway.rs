@@ -22,6 +22,7 @@ use rustls::pki_types::ServerName;
 use crate::config::{Config, ListenerProtocol};
 use crate::decision::{Action, After, ClientAuth, Target, Termination, Upstream, UpstreamTls};
 use crate::plugin::{PluginError, Runtime, wit};
+use crate::pool::BackendGuard;
 use crate::postgres::{self, First, PostgresError};
 use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
@@ -121,6 +122,7 @@ impl Gateway {
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
         let config_path = snapshot.config.path.clone();
+        snapshot.start_health_checks();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
@@ -184,6 +186,7 @@ impl Gateway {
                     .filter(|(name, plugin)| old.plugins().get(*name).is_none_or(|o| !Arc::ptr_eq(o, plugin)))
                     .map(|(name, _)| name.clone())
                     .collect();
+                new.start_health_checks();
                 self.snapshot.store(Arc::new(new));
                 status.succeeded += 1;
                 tracing::info!(trigger, millis, reloaded = ?reloaded_plugins, "reloaded");
@@ -479,6 +482,8 @@ struct Record {
     route: Option<String>,
     mode: Option<&'static str>,
     upstream: Option<String>,
+    /// The pool server in use, counted active until the record is dropped.
+    backend: Option<BackendGuard>,
     transfer: Transfer,
 }
 
@@ -492,6 +497,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         route: None,
         mode: None,
         upstream: None,
+        backend: None,
         transfer: Transfer::default(),
     };
     let metrics = &crate::metrics::METRICS;
@@ -505,6 +511,10 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     let transfer = &record.transfer;
     let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
     let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);
+    if let Some(guard) = &record.backend {
+        guard.backend().bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
+        guard.backend().bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
+    }
     for (direction, bytes) in [("up", bytes_up), ("down", bytes_down)] {
         let labels = crate::metrics::BytesLabels {
             listener: listener_labels.listener.clone(),
@@ -742,11 +752,16 @@ async fn open_upstream(
 ) -> Result<TcpStream, Outcome> {
     let config = &listener.config;
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
-    let (mut upstream, upstream_addr) = connect(target, snapshot, deadline)
+    let (mut upstream, upstream_addr, backend) = connect(target, snapshot, deadline)
         .await
         .map_err(Outcome::ConnectFailed)?;
     record.upstream = Some(upstream_addr.to_string());
-    let mut first = match target.proxy_protocol {
+    record.backend = backend;
+    let pool_proxy = match &target.upstream {
+        Upstream::Pool(name) => snapshot.pool(name).and_then(|p| p.config.proxy_protocol),
+        Upstream::Address(_) => None,
+    };
+    let mut first = match target.proxy_protocol.or(pool_proxy) {
         Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref()) {
             Ok(header) => header,
             Err(e) => return Err(Outcome::Io(e)),
@@ -1081,22 +1096,30 @@ async fn read_postgres(
     }
 }
 
-/// Connects to the target: a pool's servers in turn, or the one address,
-/// all within one connect deadline.
+/// Connects to the target: the one address, or the pool's servers in the
+/// order the pool gives (its policy's choice first, available servers
+/// before the others, at most `max_attempts`), all within one connect
+/// deadline. Failed connects count towards passive ejection.
 async fn connect(
     target: &Target,
     snapshot: &Snapshot,
     deadline: tokio::time::Instant,
-) -> Result<(TcpStream, HostPort), String> {
-    let candidates: Vec<&HostPort> = match &target.upstream {
-        Upstream::Address(addr) => vec![addr],
+) -> Result<(TcpStream, HostPort, Option<BackendGuard>), String> {
+    let (candidates, passive) = match &target.upstream {
+        Upstream::Address(addr) => (vec![(addr.clone(), None)], None),
         Upstream::Pool(name) => match snapshot.pool(name) {
-            Some(pool) => pool.servers().collect(),
+            Some(pool) => (
+                pool.candidates()
+                    .into_iter()
+                    .map(|b| (b.addr.clone(), Some(b)))
+                    .collect(),
+                Some(pool.config.passive.clone()),
+            ),
             None => return Err(format!("pool `{name}` vanished")),
         },
     };
     let mut failures = Vec::new();
-    for server in candidates {
+    for (server, backend) in candidates {
         let attempt = async {
             match server.socket_addr() {
                 Some(addr) => TcpStream::connect(addr).await,
@@ -1107,10 +1130,22 @@ async fn connect(
             Ok(Ok(stream)) => {
                 // Latency matters more than segment count for proxied protocols.
                 let _ = stream.set_nodelay(true);
-                return Ok((stream, server.clone()));
+                let guard = backend.map(|backend| {
+                    backend.connected();
+                    BackendGuard::new(backend)
+                });
+                return Ok((stream, server, guard));
             }
-            Ok(Err(e)) => failures.push(format!("{server}: {e}")),
+            Ok(Err(e)) => {
+                if let (Some(backend), Some(passive)) = (&backend, &passive) {
+                    backend.failed(passive);
+                }
+                failures.push(format!("{server}: {e}"));
+            }
             Err(_) => {
+                if let (Some(backend), Some(passive)) = (&backend, &passive) {
+                    backend.failed(passive);
+                }
                 failures.push(format!("{server}: no answer before the connect deadline"));
                 break;
             }

@@ -21,6 +21,7 @@ pub mod decision;
 pub mod gateway;
 pub mod metrics;
 pub mod plugin;
+pub mod pool;
 pub mod postgres;
 pub mod proxy_protocol;
 pub mod relay;

@@ -15,6 +15,7 @@ use crate::addr::HostPort;
 use crate::config::{Config, ListenerConfig, OnError};
 use crate::decision::{Action, Decision, Known};
 use crate::plugin::{Plugin, PluginError, Runtime, wit};
+use crate::pool::Pool;
 use crate::tls::{ListenerSettings, TlsMaterial, check_listener};
 
 /// Why a snapshot could not be built.
@@ -176,34 +177,13 @@ pub fn admit(chain: &[Arc<Plugin>], conn: &wit::Connection, side: wit::Side, pee
     Ok(())
 }
 
-/// A named set of servers, tried in turn from a rotating start.
-#[derive(Debug)]
-pub struct Pool {
-    servers: Vec<HostPort>,
-    next: AtomicUsize,
-}
-
-impl Pool {
-    /// The servers as configured.
-    pub fn server_list(&self) -> &[HostPort] {
-        &self.servers
-    }
-
-    /// The servers in the order to try them for the next connection: each
-    /// connection starts one further along than the previous one.
-    pub fn servers(&self) -> impl Iterator<Item = &HostPort> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        self.servers[start..].iter().chain(&self.servers[..start])
-    }
-}
-
 /// Immutable routing state.
 #[derive(Debug)]
 pub struct Snapshot {
     /// The config it was built from.
     pub config: Config,
     listeners: BTreeMap<String, Arc<Listener>>,
-    pools: BTreeMap<String, Pool>,
+    pools: BTreeMap<String, Arc<Pool>>,
     tls: TlsMaterial,
     plugins: BTreeMap<String, Arc<Plugin>>,
     tenants: BTreeMap<String, Arc<Tenant>>,
@@ -364,15 +344,8 @@ impl Snapshot {
             .pools
             .iter()
             .map(|(name, pool)| {
-                // `Config::check` proved every server parses.
-                let servers = pool.servers.iter().filter_map(|s| HostPort::parse(s).ok()).collect();
-                (
-                    name.clone(),
-                    Pool {
-                        servers,
-                        next: AtomicUsize::new(0),
-                    },
-                )
+                let previous = previous.and_then(|p| p.pools.get(name)).map(|p| &**p);
+                (name.clone(), Arc::new(Pool::new(name, pool, previous)))
             })
             .collect();
         let mut tenants = BTreeMap::new();
@@ -432,13 +405,21 @@ impl Snapshot {
     }
 
     /// Every pool, by name.
-    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+    pub fn pools(&self) -> &BTreeMap<String, Arc<Pool>> {
         &self.pools
     }
 
     /// A pool by name.
-    pub fn pool(&self, name: &str) -> Option<&Pool> {
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.get(name)
+    }
+
+    /// Starts the active health checks of every pool that has them; each
+    /// stops when no snapshot holds its pool any more. Needs a tokio runtime.
+    pub fn start_health_checks(&self) {
+        for pool in self.pools.values() {
+            Pool::spawn_health_checks(pool);
+        }
     }
 
     /// The tenant owning a server name: the longest of all tenants' domain

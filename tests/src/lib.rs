@@ -307,7 +307,17 @@ impl Upstream {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        Upstream::tcp_at("127.0.0.1:0".parse().expect("address"), serve).await
+    }
+
+    /// A plain TCP upstream on a given address (to bring one back where it
+    /// was).
+    pub async fn tcp_at<F, Fut>(addr: SocketAddr, serve: F) -> Upstream
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&accepted);

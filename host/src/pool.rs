@@ -1,0 +1,501 @@
+//! Upstream pools: servers with their health and counters, the policy that
+//! orders them for each connection, active health checks and passive
+//! ejection.
+//!
+//! For each connection a pool offers its servers in the order to try them:
+//! the policy's choice first, then the other servers in turn, healthy ones
+//! before the rest (a pool whose servers are all marked down still tries
+//! them, rather than refuse everyone). The gateway moves on to the next
+//! server when a connect fails, within the listener's connect deadline and
+//! `max_attempts`.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::addr::HostPort;
+use crate::config::{HealthConfig, PassiveConfig, Policy, PoolConfig};
+
+/// One server of a pool, with what is known about it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Its address.
+    pub addr: HostPort,
+    /// Its weight under the `weighted` policy.
+    pub weight: u32,
+    healthy: AtomicBool,
+    /// Milliseconds since `EPOCH` until which passive ejection skips it.
+    ejected_until: AtomicU64,
+    consecutive_failures: AtomicU32,
+    streak_up: AtomicU32,
+    streak_down: AtomicU32,
+    /// Connections in progress.
+    pub active: AtomicUsize,
+    /// Connections made.
+    pub connections: AtomicU64,
+    /// Connect failures.
+    pub failures: AtomicU64,
+    /// Bytes client → server.
+    pub bytes_up: AtomicU64,
+    /// Bytes server → client.
+    pub bytes_down: AtomicU64,
+}
+
+/// The process's reference instant for ejection deadlines.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Backend {
+    fn new(addr: HostPort, weight: u32) -> Backend {
+        Backend {
+            addr,
+            weight,
+            healthy: AtomicBool::new(true),
+            ejected_until: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            streak_up: AtomicU32::new(0),
+            streak_down: AtomicU32::new(0),
+            active: AtomicUsize::new(0),
+            connections: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether new connections should go here: health checks pass and it is
+    /// not ejected.
+    pub fn available(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Records a successful connect.
+    pub fn connected(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a failed connect; ejects the server after `passive.failures`
+    /// in a row.
+    pub fn failed(&self, passive: &PassiveConfig) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let in_a_row = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if passive.failures > 0 && in_a_row >= passive.failures {
+            let until = now_ms().saturating_add(u64::try_from(passive.eject_for.as_millis()).unwrap_or(u64::MAX));
+            self.ejected_until.store(until, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            tracing::warn!(server = %self.addr, failures = in_a_row, eject_for = ?passive.eject_for, "server ejected");
+        }
+    }
+
+    /// A health check's result: `rise` successes in a row bring the server
+    /// back, `fall` failures take it out.
+    fn checked(&self, ok: bool, health: &HealthConfig) {
+        if ok {
+            self.streak_down.store(0, Ordering::Relaxed);
+            let up = self.streak_up.fetch_add(1, Ordering::Relaxed) + 1;
+            if up >= health.rise && !self.healthy.swap(true, Ordering::Relaxed) {
+                // Back by the checks' judgement: earlier connect failures
+                // no longer speak against it.
+                self.ejected_until.store(0, Ordering::Relaxed);
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                tracing::info!(server = %self.addr, "server up");
+            }
+        } else {
+            self.streak_up.store(0, Ordering::Relaxed);
+            let down = self.streak_down.fetch_add(1, Ordering::Relaxed) + 1;
+            if down >= health.fall && self.healthy.swap(false, Ordering::Relaxed) {
+                tracing::warn!(server = %self.addr, "server down");
+            }
+        }
+    }
+
+    /// What the admin API shows.
+    pub fn stats(&self) -> BackendStats {
+        BackendStats {
+            address: self.addr.to_string(),
+            weight: self.weight,
+            healthy: self.healthy.load(Ordering::Relaxed),
+            ejected: self.ejected_until.load(Ordering::Relaxed) > now_ms(),
+            active: self.active.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A backend's state and counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStats {
+    /// `host:port`.
+    pub address: String,
+    /// Weight.
+    pub weight: u32,
+    /// Passing its health checks (always, without checks).
+    pub healthy: bool,
+    /// Skipped after connect failures.
+    pub ejected: bool,
+    /// Connections in progress.
+    pub active: usize,
+    /// Connections made.
+    pub connections: u64,
+    /// Connect failures.
+    pub failures: u64,
+    /// Bytes client → server.
+    pub bytes_up: u64,
+    /// Bytes server → client.
+    pub bytes_down: u64,
+}
+
+/// A connection's hold on a backend: counts it active until dropped.
+#[derive(Debug)]
+pub struct BackendGuard(Arc<Backend>);
+
+impl BackendGuard {
+    /// Takes a slot on `backend`.
+    pub fn new(backend: Arc<Backend>) -> BackendGuard {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        BackendGuard(backend)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
+
+impl Drop for BackendGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A named set of servers.
+#[derive(Debug)]
+pub struct Pool {
+    /// Its name.
+    pub name: String,
+    backends: Vec<Arc<Backend>>,
+    /// Its settings.
+    pub config: PoolConfig,
+    turn: AtomicUsize,
+    /// Smooth weighted round robin state: each backend's current weight.
+    current: Mutex<Vec<i64>>,
+    random: std::collections::hash_map::RandomState,
+}
+
+impl Pool {
+    /// Builds a pool; backends of `previous` with the same address are kept,
+    /// with their health and counters.
+    pub fn new(name: &str, config: &PoolConfig, previous: Option<&Pool>) -> Pool {
+        let backends = config
+            .servers
+            .iter()
+            .filter_map(|server| {
+                // `Config::check` proved every address parses.
+                let addr = HostPort::parse(server.address()).ok()?;
+                let kept = previous
+                    .and_then(|p| {
+                        p.backends
+                            .iter()
+                            .find(|b| b.addr == addr && b.weight == server.weight())
+                    })
+                    .cloned();
+                Some(kept.unwrap_or_else(|| Arc::new(Backend::new(addr, server.weight()))))
+            })
+            .collect::<Vec<_>>();
+        let current = Mutex::new(vec![0; backends.len()]);
+        Pool {
+            name: name.to_owned(),
+            backends,
+            config: config.clone(),
+            turn: AtomicUsize::new(0),
+            current,
+            random: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// The servers.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The servers in the order to try them for a new connection, at most
+    /// `max_attempts`.
+    pub fn candidates(&self) -> Vec<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let first = match self.config.policy {
+            Policy::RoundRobin => start % n,
+            Policy::Random => {
+                let mut hasher = self.random.build_hasher();
+                hasher.write_usize(start);
+                (hasher.finish() % n as u64) as usize
+            }
+            Policy::LeastConnections => {
+                // Among available servers, the fewest active; ties in turn.
+                (0..n)
+                    .map(|i| (start + i) % n)
+                    .filter(|&i| self.backends[i].available())
+                    .min_by_key(|&i| self.backends[i].active.load(Ordering::Relaxed))
+                    .unwrap_or(start % n)
+            }
+            Policy::Weighted => self.next_weighted().unwrap_or(start % n),
+        };
+        let rotation = (0..n).map(|i| (first + i) % n);
+        let mut ordered: Vec<Arc<Backend>> = rotation
+            .clone()
+            .filter(|&i| self.backends[i].available())
+            .map(|i| Arc::clone(&self.backends[i]))
+            .collect();
+        ordered.extend(
+            rotation
+                .filter(|&i| !self.backends[i].available())
+                .map(|i| Arc::clone(&self.backends[i])),
+        );
+        ordered.truncate(self.config.max_attempts.unwrap_or(n).max(1));
+        ordered
+    }
+
+    /// Smooth weighted round robin over the available servers (nginx's
+    /// algorithm): the same sequence each cycle, spread out, exact shares.
+    fn next_weighted(&self) -> Option<usize> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, backend) in self.backends.iter().enumerate() {
+            if !backend.available() {
+                continue;
+            }
+            let weight = i64::from(backend.weight);
+            current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        if let Some(best) = best {
+            current[best] -= total;
+        }
+        best
+    }
+
+    /// Runs active health checks until the pool is gone (no snapshot holds
+    /// it any more).
+    pub fn spawn_health_checks(pool: &Arc<Pool>) {
+        let Some(health) = pool.config.health.clone() else {
+            return;
+        };
+        let weak: Weak<Pool> = Arc::downgrade(pool);
+        let send = health.send.as_deref().map(unescape);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(health.interval).await;
+                let Some(pool) = weak.upgrade() else { return };
+                let checks = pool.backends.iter().map(|backend| {
+                    let backend = Arc::clone(backend);
+                    let health = health.clone();
+                    let send = send.clone();
+                    async move {
+                        let ok =
+                            tokio::time::timeout(health.timeout, probe(&backend.addr, send, health.expect.clone()))
+                                .await
+                                .unwrap_or(false);
+                        backend.checked(ok, &health);
+                    }
+                });
+                futures_join_all(checks).await;
+            }
+        });
+    }
+}
+
+/// Runs futures concurrently to completion.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// One health check: connect, then send and expect if configured.
+async fn probe(addr: &HostPort, send: Option<Vec<u8>>, expect: Option<String>) -> bool {
+    let connected = match addr.socket_addr() {
+        Some(socket) => TcpStream::connect(socket).await,
+        None => TcpStream::connect(addr.to_string()).await,
+    };
+    let Ok(mut stream) = connected else { return false };
+    if let Some(send) = send
+        && stream.write_all(&send).await.is_err()
+    {
+        return false;
+    }
+    let Some(expect) = expect else { return true };
+    let expect = unescape(&expect);
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while seen.len() < 64 * 1024 {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                seen.extend_from_slice(&chunk[..n]);
+                if seen.windows(expect.len().max(1)).any(|w| w == expect.as_slice()) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// `\r`, `\n`, `\t` and `\\` escapes in health check strings.
+fn unescape(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('r') => out.push(b'\r'),
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some('\\') => out.push(b'\\'),
+            Some(other) => {
+                out.push(b'\\');
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(other.encode_utf8(&mut buf).as_bytes());
+            }
+            None => out.push(b'\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn pool(policy: Policy, weights: &[u32]) -> Pool {
+        let servers = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ServerConfig::Weighted {
+                address: format!("10.0.0.{}:80", i + 1),
+                weight: *w,
+            })
+            .collect();
+        let config = PoolConfig {
+            servers,
+            policy,
+            health: None,
+            passive: PassiveConfig::default(),
+            proxy_protocol: None,
+            max_attempts: None,
+        };
+        Pool::new("p", &config, None)
+    }
+
+    fn firsts(pool: &Pool, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; pool.backends().len()];
+        for _ in 0..n {
+            let first = &pool.candidates()[0];
+            let i = pool
+                .backends()
+                .iter()
+                .position(|b| Arc::ptr_eq(b, first))
+                .expect("member");
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn policies_share_connections_as_documented() {
+        assert_eq!(firsts(&pool(Policy::RoundRobin, &[1, 1, 1]), 300), [100, 100, 100]);
+        assert_eq!(firsts(&pool(Policy::Weighted, &[3, 1]), 400), [300, 100]);
+        assert_eq!(firsts(&pool(Policy::Weighted, &[5, 3, 2]), 1000), [500, 300, 200]);
+        let random = firsts(&pool(Policy::Random, &[1, 1, 1]), 3000);
+        assert!(random.iter().all(|n| (800..1200).contains(n)), "{random:?}");
+        // Least connections: the fewest active first.
+        let least = pool(Policy::LeastConnections, &[1, 1, 1]);
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(BackendGuard::new(Arc::clone(&least.candidates()[0])));
+        }
+        let active: Vec<usize> = least
+            .backends()
+            .iter()
+            .map(|b| b.active.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(active, [2, 2, 2]);
+        let guard = held.remove(0);
+        let freed = Arc::clone(&guard.0);
+        drop(guard);
+        assert!(
+            Arc::ptr_eq(&least.candidates()[0], &freed),
+            "the least loaded comes first"
+        );
+    }
+
+    #[test]
+    fn unavailable_servers_come_last_and_ejection_expires() {
+        let p = pool(Policy::RoundRobin, &[1, 1, 1]);
+        let passive = PassiveConfig {
+            failures: 2,
+            eject_for: Duration::from_millis(50),
+        };
+        p.backends()[0].failed(&passive);
+        assert!(p.backends()[0].available(), "one failure is not enough");
+        p.backends()[0].failed(&passive);
+        assert!(!p.backends()[0].available());
+        for _ in 0..6 {
+            let order = p.candidates();
+            assert_eq!(order.len(), 3);
+            assert!(
+                Arc::ptr_eq(&order[2], &p.backends()[0]),
+                "the ejected one is tried last"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(p.backends()[0].available());
+        let health = HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+            send: None,
+            expect: None,
+        };
+        let b = &p.backends()[1];
+        b.checked(false, &health);
+        assert!(b.available());
+        b.checked(false, &health);
+        assert!(!b.available());
+        b.checked(true, &health);
+        assert!(!b.available());
+        b.checked(true, &health);
+        assert!(b.available());
+    }
+
+    #[test]
+    fn escapes_in_health_strings() {
+        assert_eq!(unescape("PING\\r\\n"), b"PING\r\n");
+        assert_eq!(unescape("a\\\\b\\x"), b"a\\b\\x");
+    }
+}
