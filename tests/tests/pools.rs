@@ -122,12 +122,8 @@ async fn a_dead_server_is_taken_out_and_brought_back() {
     for _ in 0..10 {
         ask(addr).await.expect("served");
     }
-    assert_eq!(
-        a.accepted() >= 5,
-        true,
-        "a recovered server gets its share: {}",
-        a.accepted()
-    );
+    // Its share of the 10, plus the health checks' own connections.
+    assert!(a.accepted() >= 5, "a recovered server gets its share: {}", a.accepted());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
