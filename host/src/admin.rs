@@ -9,6 +9,9 @@
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
 //! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
 //! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
+//! | `POST /api/pools` | creates or replaces a pool: `{"name": ..., "servers": [...], ...}` as in the config |
+//! | `POST /api/pools/{name}/backends` | adds a server: `{"address": "host:port", "weight": 1}` |
+//! | `DELETE /api/pools/{name}/backends/{address}` | removes a server |
 //! | `GET /api/connections` | active and total connections by listener |
 //! | `GET /api/reload` | reload counts and the latest reload |
 //! | `POST /api/reload` | reloads now; 200 with the report, or 422 with the error |
@@ -94,6 +97,124 @@ fn pool_json(pool: &crate::pool::Pool) -> serde_json::Value {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A request body as JSON, at most 64 KiB.
+async fn body_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
+    use http_body_util::{BodyExt, Limited};
+    let bytes = Limited::new(request.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))
+}
+
+async fn pools_api(
+    request: Request<Incoming>,
+    gateway: &Gateway,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    let applied = |result: Result<(), String>, name: &str, status: StatusCode| match result {
+        Ok(()) => match gateway.snapshot().pool(name) {
+            Some(pool) => json_reply(status, &pool_json(pool)),
+            None => error(StatusCode::INTERNAL_SERVER_ERROR, "the pool vanished"),
+        },
+        Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason),
+    };
+    let rest: Vec<&str> = path
+        .trim_start_matches("/api/pools")
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    match (method, rest.as_slice()) {
+        (&Method::POST, []) => {
+            // A pool as the config writes it, plus its name; unknown fields
+            // are refused like in the config file.
+            let mut fields: serde_json::Map<String, serde_json::Value> = match body_json(request).await {
+                Ok(fields) => fields,
+                Err(response) => return response,
+            };
+            let Some(serde_json::Value::String(name)) = fields.remove("name") else {
+                return error(StatusCode::BAD_REQUEST, "`name` (a string) is required");
+            };
+            let pool: crate::config::PoolConfig = match serde_json::from_value(serde_json::Value::Object(fields)) {
+                Ok(pool) => pool,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid pool: {e}")),
+            };
+            let result = gateway.set_pool(&name, pool).await;
+            applied(result, &name, StatusCode::CREATED)
+        }
+        (&Method::POST, [name, "backends"]) | (&Method::DELETE, [name, "backends", _]) => {
+            let Some(current) = gateway.snapshot().config.pools.get(*name).cloned() else {
+                return error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`"));
+            };
+            let mut pool = current;
+            if *method == Method::POST {
+                let server: crate::config::ServerConfig = match body_json(request).await {
+                    Ok(server) => server,
+                    Err(response) => return response,
+                };
+                if pool.servers.iter().any(|s| s.address() == server.address()) {
+                    return error(
+                        StatusCode::CONFLICT,
+                        &format!("`{}` is already in the pool", server.address()),
+                    );
+                }
+                pool.servers.push(server);
+            } else {
+                let address = percent_decode(rest[2]);
+                let before = pool.servers.len();
+                pool.servers.retain(|s| s.address() != address);
+                if pool.servers.len() == before {
+                    return error(StatusCode::NOT_FOUND, &format!("`{address}` is not in the pool"));
+                }
+                if pool.servers.is_empty() {
+                    return error(StatusCode::CONFLICT, "a pool needs at least one server");
+                }
+            }
+            let result = gateway.set_pool(name, pool).await;
+            applied(result, name, StatusCode::OK)
+        }
+        (&Method::GET, [name]) => match gateway.snapshot().pool(name) {
+            Some(pool) => json_reply(StatusCode::OK, &pool_json(pool)),
+            None => error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`")),
+        },
+        (&Method::GET, []) => {
+            let snapshot = gateway.snapshot();
+            let pools: serde_json::Map<_, _> = snapshot
+                .pools()
+                .iter()
+                .map(|(name, pool)| (name.clone(), pool_json(pool)))
+                .collect();
+            json_reply(StatusCode::OK, &json!({ "pools": pools }))
+        }
+        _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+    }
+}
+
+/// `%XX` escapes in a path segment (an IPv6 address's brackets and colons).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (
+            bytes[i],
+            segment.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()),
+        ) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&str>) -> Response<Full<Bytes>> {
@@ -194,21 +315,9 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                 .collect();
             json_reply(StatusCode::OK, &json!({ "tenants": tenants }))
         }
-        (&Method::GET, "/api/pools") => {
-            let snapshot = gateway.snapshot();
-            let pools: serde_json::Map<_, _> = snapshot
-                .pools()
-                .iter()
-                .map(|(name, pool)| (name.clone(), pool_json(pool)))
-                .collect();
-            json_reply(StatusCode::OK, &json!({ "pools": pools }))
-        }
-        (&Method::GET, pool) if pool.starts_with("/api/pools/") => {
-            let name = &pool["/api/pools/".len()..];
-            match gateway.snapshot().pool(name) {
-                Some(pool) => json_reply(StatusCode::OK, &pool_json(pool)),
-                None => error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`")),
-            }
+        (method, pools) if pools == "/api/pools" || pools.starts_with("/api/pools/") => {
+            let method = method.clone();
+            return pools_api(request, gateway, &method, &path).await;
         }
         (&Method::GET, "/api/connections") => {
             let listeners: serde_json::Map<_, _> = gateway

@@ -543,6 +543,16 @@ impl Config {
         Ok(config)
     }
 
+    /// This config with `pools` added or replaced, checked whole again.
+    pub fn with_pools(&self, pools: &BTreeMap<String, PoolConfig>) -> Result<Config, ConfigError> {
+        let mut config = self.clone();
+        config
+            .pools
+            .extend(pools.iter().map(|(name, pool)| (name.clone(), pool.clone())));
+        config.check()?;
+        Ok(config)
+    }
+
     /// Resolves a path written in the file against the file's directory.
     pub fn resolve(&self, relative: &Path) -> PathBuf {
         match self.path.parent() {

@@ -66,6 +66,9 @@ pub struct Gateway {
     config_path: PathBuf,
     reloads: tokio::sync::Mutex<ReloadStatus>,
     stats: BTreeMap<String, Arc<ListenerStats>>,
+    /// Pools created or changed through the admin API: applied over the
+    /// config file at every build, kept across reloads, lost on restart.
+    runtime_pools: std::sync::Mutex<BTreeMap<String, crate::config::PoolConfig>>,
 }
 
 /// Connection counts of one listener.
@@ -146,6 +149,7 @@ impl Gateway {
             config_path,
             reloads: tokio::sync::Mutex::new(ReloadStatus::default()),
             stats,
+            runtime_pools: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -160,7 +164,9 @@ impl Gateway {
         let mut status = self.reloads.lock().await;
         let started = Instant::now();
         let old = self.snapshot.load_full();
-        let result = match Config::load(&self.config_path) {
+        let overrides = self.runtime_pools.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let loaded = Config::load(&self.config_path).and_then(|config| config.with_pools(&overrides));
+        let result = match loaded {
             Err(e) => Err(e.to_string()),
             Ok(config) => match same_listeners(&old.config, &config) {
                 Err(e) => Err(e),
@@ -217,6 +223,28 @@ impl Gateway {
             .inc();
         status.last = Some(report.clone());
         report
+    }
+
+    /// Creates or replaces a pool at runtime: the current config with the
+    /// pool, checked and built whole like a reload; nothing changes when
+    /// anything fails. Runtime pools are kept across reloads, not restarts.
+    pub async fn set_pool(&self, name: &str, pool: crate::config::PoolConfig) -> Result<(), String> {
+        let _status = self.reloads.lock().await;
+        let old = self.snapshot.load_full();
+        let mut overrides = self.runtime_pools.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        overrides.insert(name.to_owned(), pool);
+        let config = old.config.with_pools(&overrides).map_err(|e| e.to_string())?;
+        let runtime = Arc::clone(&self.runtime);
+        let previous = Arc::clone(&old);
+        let new = tokio::task::spawn_blocking(move || Snapshot::rebuild(config, &runtime, Some(&previous)))
+            .await
+            .map_err(|e| format!("the build task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        new.start_health_checks();
+        self.snapshot.store(Arc::new(new));
+        *self.runtime_pools.lock().unwrap_or_else(|p| p.into_inner()) = overrides;
+        tracing::info!(pool = name, "pool changed at runtime");
+        Ok(())
     }
 
     /// What reloads have done so far.

@@ -122,3 +122,146 @@ async fn the_admin_api_reports_and_reloads() {
     assert!(metrics.contains(r#"weir_reloads_total{result="error"} 1"#), "{metrics}");
     weir.child.kill().await.expect("stop");
 }
+
+/// An HTTP/1.1 request with a JSON body; returns (status, body).
+async fn http_json(admin: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    let status = response[9..12].parse().expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_change_at_runtime_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Upstream::tcp(|s| weir_tests::answer_with(s, " (a)".into())).await;
+    let b = Upstream::tcp(|s| weir_tests::answer_with(s, " (b)".into())).await;
+    let text = format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ pool = "p" }}
+
+        [pools.p]
+        servers = ["{}"]
+
+        [admin]
+        bind = "127.0.0.1:0"
+        "#,
+        a.addr
+    );
+    let config = write_config(dir.path(), &text);
+    let mut weir = WeirProcess::spawn(&config).await;
+    let line = weir.line_containing("admin listening").await;
+    let admin = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("addr")
+        .to_owned();
+    let public = weir.addr("public");
+    let ask = || async move {
+        let mut client = TcpStream::connect(public).await.expect("connect");
+        client.write_all(b"hi\n").await.expect("write");
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.expect("reply");
+        reply
+    };
+
+    // Add b: connections alternate.
+    let (status, body) = http_json(
+        &admin,
+        "POST",
+        "/api/pools/p/backends",
+        &format!(r#"{{"address": "{}"}}"#, b.addr),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let pool: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(pool["backends"].as_array().map(Vec::len), Some(2));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(ask().await);
+    }
+    assert_eq!(seen.iter().filter(|r| r.ends_with("(b)\n")).count(), 2, "{seen:?}");
+
+    // Refusals leave everything as it was.
+    for (method, path, body, expected) in [
+        (
+            "POST",
+            "/api/pools/p/backends".to_owned(),
+            format!(r#"{{"address": "{}"}}"#, b.addr),
+            409,
+        ),
+        (
+            "POST",
+            "/api/pools/p/backends".to_owned(),
+            r#"{"address": "nowhere"}"#.to_owned(),
+            422,
+        ),
+        (
+            "POST",
+            "/api/pools/q/backends".to_owned(),
+            r#"{"address": "127.0.0.1:1"}"#.to_owned(),
+            404,
+        ),
+        ("POST", "/api/pools/p/backends".to_owned(), "not json".to_owned(), 400),
+        (
+            "POST",
+            "/api/pools".to_owned(),
+            r#"{"name": "x", "servers": [], "policy": "random"}"#.to_owned(),
+            422,
+        ),
+        (
+            "POST",
+            "/api/pools".to_owned(),
+            r#"{"name": "x", "servers": ["127.0.0.1:1"], "polcy": "x"}"#.to_owned(),
+            400,
+        ),
+    ] {
+        let (status, reply) = http_json(&admin, method, &path, &body).await;
+        assert_eq!(status, expected, "{method} {path} {body}: {reply}");
+        assert!(reply.contains("\"error\""), "{reply}");
+    }
+
+    // Remove a: everything goes to b.
+    let (status, body) = http_json(&admin, "DELETE", &format!("/api/pools/p/backends/{}", a.addr), "").await;
+    assert_eq!(status, 200, "{body}");
+    for _ in 0..3 {
+        assert_eq!(ask().await, "upstream heard: hi (b)\n");
+    }
+    let (status, _) = http_json(&admin, "DELETE", &format!("/api/pools/p/backends/{}", b.addr), "").await;
+    assert_eq!(status, 409, "the last server stays");
+
+    // A new pool, created whole.
+    let (status, body) = http_json(
+        &admin,
+        "POST",
+        "/api/pools",
+        &format!(
+            r#"{{"name": "spare", "servers": [{{"address": "{}", "weight": 2}}], "policy": "weighted"}}"#,
+            a.addr
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http_json(&admin, "GET", "/api/pools/spare", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""policy":"weighted""#), "{body}");
+    weir.child.kill().await.expect("stop");
+}
