@@ -26,6 +26,7 @@ pub mod postgres;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod rewind;
+pub mod scaffold;
 pub mod snapshot;
 pub mod sniff;
 pub mod tls;

@@ -58,6 +58,30 @@ enum Command {
         /// How the client started the connection.
         #[arg(long, value_enum, default_value_t = ProtocolArg::Tls)]
         protocol: ProtocolArg,
+        /// Explain in words, plugin by plugin, instead of printing JSON.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Plugin authoring.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Write a new plugin crate: Cargo.toml, src/lib.rs with a commented
+    /// `route` and a native test, and a weir.toml to try it with.
+    New {
+        /// The plugin's name (lower case, digits, `-`).
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The weir guest SDK to depend on.
+        #[arg(long, default_value_os_t = weir::scaffold::default_sdk())]
+        sdk: PathBuf,
     },
 }
 
@@ -80,7 +104,11 @@ fn main() -> ExitCode {
             alpn,
             client_ip,
             protocol,
-        } => route(config, &listener, sni, alpn, &client_ip, protocol),
+            explain,
+        } => route(config, &listener, sni, alpn, &client_ip, protocol, explain),
+        Command::Plugin {
+            command: PluginCommand::New { name, dir, sdk },
+        } => new_plugin(&name, &dir, &sdk),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,6 +234,7 @@ fn route(
     alpn: Vec<String>,
     client_ip: &str,
     protocol: ProtocolArg,
+    explain: bool,
 ) -> anyhow::Result<()> {
     let snapshot = build_snapshot(&path)?;
     let Some(listener) = snapshot.listener(listener_name) else {
@@ -251,6 +280,10 @@ fn route(
     let mut conn = conn;
     conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
     let routing = snapshot.route(listener, tenant.as_deref(), &conn);
+    if explain {
+        print!("{}", explanation(&conn, protocol_name, &routing));
+        return Ok(());
+    }
     let report = RouteReport {
         listener: listener_name,
         connection: ConnectionReport {
@@ -264,5 +297,115 @@ fn route(
         routing: &routing,
     };
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `weir route --explain`: the chain's work in words.
+fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> String {
+    use std::fmt::Write as _;
+    use weir::config::OnError;
+    use weir::snapshot::StepOutcome;
+    let mut out = String::new();
+    let sni = conn.sni.as_deref().unwrap_or("(none)");
+    let _ = writeln!(
+        out,
+        "connection: {protocol}, SNI {sni}, ALPN [{}], from {}, on listener `{}`",
+        conn.alpn.join(", "),
+        conn.client_addr,
+        conn.listener
+    );
+    match &conn.tenant {
+        Some(tenant) => {
+            let _ = writeln!(out, "tenant: `{tenant}` owns this name, so its chain decides");
+        }
+        None => {
+            let _ = writeln!(out, "tenant: none, so the listener's chain decides");
+        }
+    }
+    for (i, step) in routing.steps.iter().enumerate() {
+        let what = match &step.outcome {
+            StepOutcome::Next => "abstained (next)".to_owned(),
+            StepOutcome::Decided => format!("decided: rule `{}`", routing.decision.route),
+            StepOutcome::Failed { error, on_error } => {
+                let then = match on_error {
+                    OnError::Deny => "on_error = deny, so the connection is refused",
+                    OnError::Next => "on_error = next, so it is skipped",
+                };
+                format!("failed: {error}; {then}")
+            }
+        };
+        let _ = writeln!(out, "  {}. plugin `{}` {what} ({} µs)", i + 1, step.plugin, step.micros);
+    }
+    let why = match &routing.plugin {
+        Some(plugin) => format!("by plugin `{plugin}`, rule `{}`", routing.decision.route),
+        None => "no plugin decided (`no-route`)".to_owned(),
+    };
+    let _ = writeln!(out, "decision: {} — {why}", describe_action(&routing.decision.action));
+    out
+}
+
+fn describe_target(target: &weir::decision::Target) -> String {
+    use weir::decision::Upstream;
+    let to = match &target.upstream {
+        Upstream::Pool(pool) => format!("pool `{pool}`"),
+        Upstream::Address(addr) => addr.to_string(),
+    };
+    match target.proxy_protocol {
+        Some(version) => format!("{to}, with a PROXY v{version} header"),
+        None => to,
+    }
+}
+
+fn describe_action(action: &weir::decision::Action) -> String {
+    use weir::decision::{Action, After, ClientAuth};
+    match action {
+        Action::Passthrough(target) => format!("pass through untouched to {}", describe_target(target)),
+        Action::Reject(reason) => format!("reject ({reason:?})"),
+        Action::Terminate(t) => {
+            let certificate = match &t.certificate {
+                Some(name) => format!("certificate `{name}`"),
+                None => "the certificate chosen by SNI".to_owned(),
+            };
+            let client = match &t.client_auth {
+                ClientAuth::None => String::new(),
+                ClientAuth::Optional(ca) => format!(", client certificates optional (CA `{ca}`)"),
+                ClientAuth::Required(ca) => format!(", client certificates required (CA `{ca}`)"),
+                ClientAuth::Attested => ", RA-TLS client certificates required".to_owned(),
+            };
+            let alpn = match t.alpn.is_empty() {
+                true => String::new(),
+                false => format!(", ALPN [{}]", t.alpn.join(", ")),
+            };
+            let then = match &t.then {
+                After::Plain(target) => format!("then plain to {}", describe_target(target)),
+                After::Reencrypt(target, tls) => {
+                    let verify = match (&tls.ca, tls.attested) {
+                        (_, true) => "its RA-TLS attestation".to_owned(),
+                        (Some(ca), false) => format!("CA `{ca}`"),
+                        (None, false) => "the system roots".to_owned(),
+                    };
+                    format!(
+                        "then re-encrypted to {} (verified by {verify})",
+                        describe_target(target)
+                    )
+                }
+            };
+            format!("terminate TLS with {certificate}{client}{alpn}, {then}")
+        }
+    }
+}
+
+fn new_plugin(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
+    let root = weir::scaffold::new_plugin(name, dir, sdk)?;
+    println!("created {}", root.display());
+    println!(
+        "  build: (cd {} && cargo build --release --target wasm32-wasip2)",
+        root.display()
+    );
+    println!("  test:  (cd {} && cargo test)", root.display());
+    println!(
+        "  try:   weir route --config {}/weir.toml --listener public --sni app.example.com --explain",
+        root.display()
+    );
     Ok(())
 }

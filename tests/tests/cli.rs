@@ -493,3 +493,93 @@ fn run_logs_json_when_asked() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_new_plugin_builds_tests_and_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = weir(&[
+        "plugin",
+        "new",
+        "geo-router",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("cargo build --release --target wasm32-wasip2"));
+    let root = dir.path().join("geo-router");
+    // The same target directory as the workspace: dependencies already built
+    // for the workspace's plugins are reused.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), Into::into);
+    let cargo = |args: &[&str]| {
+        let out = Command::new(env!("CARGO"))
+            .args(args)
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "cargo {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert!(
+        cargo(&["test", "--quiet"]).contains("1 passed"),
+        "the scaffold's own test runs natively"
+    );
+    cargo(&["build", "--quiet", "--release", "--target", "wasm32-wasip2"]);
+    let wasm = std::path::PathBuf::from(&target).join("wasm32-wasip2/release/geo_router.wasm");
+    let config = std::fs::read_to_string(root.join("weir.toml"))
+        .expect("weir.toml")
+        .replace(
+            "target/wasm32-wasip2/release/geo_router.wasm",
+            &wasm.display().to_string(),
+        );
+    std::fs::write(root.join("weir.toml"), config).expect("write");
+    let config = root.join("weir.toml").display().to_string();
+    let out = weir(&["check", "--config", &config]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = weir(&[
+        "route",
+        "--config",
+        &config,
+        "--listener",
+        "public",
+        "--sni",
+        "app.example.com",
+        "--explain",
+    ]);
+    let explained = text(&out.stdout);
+    assert!(
+        explained.contains("plugin `geo-router` decided: rule `app.example.com`")
+            && explained.contains("pass through untouched to pool `app`"),
+        "{explained}"
+    );
+    // A name the plugin leaves alone: it abstains and nobody decides.
+    let out = weir(&[
+        "route",
+        "--config",
+        &config,
+        "--listener",
+        "public",
+        "--sni",
+        "x.test",
+        "--explain",
+    ]);
+    let explained = text(&out.stdout);
+    assert!(
+        explained.contains("abstained (next)") && explained.contains("no plugin decided"),
+        "{explained}"
+    );
+    // An existing directory is not overwritten.
+    let again = weir(&[
+        "plugin",
+        "new",
+        "geo-router",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
+}
