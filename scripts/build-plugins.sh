@@ -7,4 +7,5 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 cargo build --locked --release --target wasm32-wasip2 \
-    -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave
+    -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave \
+    -p canary -p alpn-router -p maintenance

@@ -94,6 +94,9 @@ pub fn expand(toml: &str) -> String {
         ("{dstack_router}", "dstack-router"),
         ("{mesh_router}", "mesh-router"),
         ("{attestation_allowlist}", "attestation-allowlist"),
+        ("{canary}", "canary"),
+        ("{alpn_router}", "alpn-router"),
+        ("{maintenance}", "maintenance"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {

@@ -59,9 +59,19 @@ fn check_example(example: &str, certificates: &[(&str, &[&str])], expected: &str
             std::fs::copy(&path, dir.path().join(entry.file_name())).expect("copy");
         }
     }
-    for plugin in ["static-router", "dstack-router", "mesh-router"] {
-        let file = format!("../../target/wasm32-wasip2/release/{}.wasm", plugin.replace('-', "_"));
-        config = config.replace(&file, &weir_tests::plugin(plugin).display().to_string());
+    for plugin in [
+        "static-router",
+        "dstack-router",
+        "mesh-router",
+        "canary",
+        "alpn-router",
+        "maintenance",
+    ] {
+        let built = weir_tests::plugin(plugin).display().to_string();
+        for up in ["../../../", "../../"] {
+            let file = format!("{up}target/wasm32-wasip2/release/{}.wasm", plugin.replace('-', "_"));
+            config = config.replace(&file, &built);
+        }
     }
     let path = dir.path().join("weir.toml");
     std::fs::write(&path, config).expect("write config");
@@ -82,6 +92,9 @@ fn check_accepts_the_example_configs() {
         &[("wildcard", &["*.dstack.localhost"])],
         "ok (1 listeners, 1 plugins, 0 pools)",
     );
+    check_example("plugins/canary", &[], "ok (1 listeners, 1 plugins, 2 pools)");
+    check_example("plugins/alpn-router", &[], "ok (1 listeners, 1 plugins, 3 pools)");
+    check_example("plugins/maintenance", &[], "ok (1 listeners, 1 plugins, 1 pools)");
     check_example(
         "mesh",
         &[("web", &["web.mesh.localhost", "admin.mesh.localhost"])],

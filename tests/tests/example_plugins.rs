@@ -1,0 +1,186 @@
+//! The example plugins under examples/plugins, end to end through weir:
+//! canary (stable per client IP), ALPN router (one name, several protocols),
+//! maintenance switch (flipped by a reload).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use weir_tests::{Pki, STEP, Upstream, WeirProcess, answer_with, start_gateway, write_config};
+
+async fn tagged(tag: &str) -> Upstream {
+    let tag = format!(" ({tag})");
+    Upstream::tcp(move |s| answer_with(s, tag.clone())).await
+}
+
+/// A plain exchange from a chosen loopback source address.
+async fn ask_from(source: &str, addr: std::net::SocketAddr) -> String {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream.write_all(b"hi\n").await.expect("write");
+    let mut reply = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut reply))
+        .await
+        .expect("in time")
+        .expect("reply");
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_keeps_each_client_on_its_side() {
+    let stable = tagged("stable").await;
+    let canary = tagged("canary").await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["canary"]
+
+        [plugins.canary]
+        wasm = "{{canary}}"
+        config = {{ stable = "stable", canary = "canary", percent = 50 }}
+
+        [pools.stable]
+        servers = ["{}"]
+        [pools.canary]
+        servers = ["{}"]
+        "#,
+        stable.addr, canary.addr
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut sides = Vec::new();
+    for i in 1..=40 {
+        let source = format!("127.0.0.{i}");
+        let first = ask_from(&source, addr).await;
+        assert_eq!(ask_from(&source, addr).await, first, "{source} changed sides");
+        sides.push(first);
+    }
+    let to_canary = sides.iter().filter(|s| s.ends_with("(canary)\n")).count();
+    assert!((8..=32).contains(&to_canary), "{to_canary} of 40 clients in the canary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_router_sends_each_protocol_to_its_pool() {
+    let pki = Pki::new("alpn test CA");
+    let identity = pki.server(&["svc.test"]);
+    let mut upstreams = Vec::new();
+    for tag in ["grpc", "web", "db"] {
+        let tag = format!(" ({tag})");
+        upstreams.push(Upstream::tls(&identity, move |s| answer_with(s, tag.clone())).await);
+    }
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["alpn"]
+
+        [plugins.alpn]
+        wasm = "{{alpn_router}}"
+        config = {{ names = ["svc.test"], protocols = {{ h2 = "grpc", "http/1.1" = "web", postgresql = "db" }}, default = "web" }}
+
+        [pools.grpc]
+        servers = ["{}"]
+        [pools.web]
+        servers = ["{}"]
+        [pools.db]
+        servers = ["{}"]
+        "#,
+        upstreams[0].addr, upstreams[1].addr, upstreams[2].addr
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    for (alpn, expected) in [
+        (&["h2", "http/1.1"][..], "grpc"),
+        (&["http/1.1"][..], "web"),
+        (&["postgresql"][..], "db"),
+        (&[][..], "web"),
+    ] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).expect("CA");
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let reply = weir_tests::tls_exchange(addr, "svc.test", Arc::new(config), "which").await;
+        assert_eq!(
+            reply.expect("served"),
+            format!("upstream heard: which ({expected})\n"),
+            "{alpn:?}"
+        );
+    }
+}
+
+fn maintenance_config(dir: &Path, upstream: std::net::SocketAddr, on: bool) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["switch"]
+
+            [plugins.switch]
+            wasm = "{{maintenance}}"
+            config = {{ pool = "app", maintenance = {on}, message = "back at 14:00 UTC" }}
+
+            [pools.app]
+            servers = ["{upstream}"]
+
+            [reload]
+            debounce = "20ms"
+            "#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_is_a_config_flip_away() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = tagged("app").await;
+    let config = maintenance_config(dir.path(), app.addr, false);
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let ask = || async move {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let _ = stream.write_all(b"hi\n").await;
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply).await;
+        reply
+    };
+    assert_eq!(ask().await, "upstream heard: hi (app)\n");
+    weir.connection_line().await;
+    for (on, expected) in [(true, ""), (false, "upstream heard: hi (app)\n")] {
+        maintenance_config(dir.path(), app.addr, on);
+        let flipped = Instant::now();
+        loop {
+            let reply = ask().await;
+            let line = weir.connection_line().await;
+            if reply == expected {
+                if on {
+                    assert!(
+                        line.contains(r#"route="maintenance""#) && line.contains("back at 14:00 UTC"),
+                        "{line}"
+                    );
+                }
+                break;
+            }
+            assert!(
+                flipped.elapsed() < Duration::from_secs(5),
+                "the flip to {on} was not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    weir.child.kill().await.expect("stop");
+}
