@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds every plugin (and the test plugins) as wasm32-wasip2 components into
-# target/wasm32-wasip2/release/*.wasm.
+# Builds every plugin (the shipped ones, the examples, the test plugins) as
+# wasm32-wasip2 components into target/wasm32-wasip2/release/*.wasm, the
+# Python example included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
@@ -9,3 +10,5 @@ fi
 cargo build --locked --release --target wasm32-wasip2 \
     -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave \
     -p canary -p alpn-router -p maintenance
+# The Python example plugin (componentize-py, from PyPI).
+examples/plugins/alpn-router-py/build.sh

@@ -71,5 +71,48 @@ fn route(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route);
+/// The ALPN router example in Rust and its Python twin (componentize-py),
+/// same config, same connection: the cost of writing a plugin in Python.
+fn languages(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("engine");
+    let conn = connection();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut group = c.benchmark_group("alpn_router_call");
+    for (name, file) in [("rust", "alpn_router.wasm"), ("python", "alpn_router_py.wasm")] {
+        let wasm = root.join("target/wasm32-wasip2/release").join(file);
+        if !wasm.exists() {
+            eprintln!("{} is missing: build the example plugins first", wasm.display());
+            continue;
+        }
+        let text = format!(
+            r#"
+            [listeners.bench]
+            bind = "127.0.0.1:0"
+            plugins = ["alpn"]
+            [plugins.alpn]
+            wasm = "{}"
+            timeout = "100ms"
+            config = {{ protocols = {{ h2 = "grpc", "http/1.1" = "web" }}, default = "web" }}
+            [pools.grpc]
+            servers = ["127.0.0.1:1"]
+            [pools.web]
+            servers = ["127.0.0.1:2"]
+            "#,
+            wasm.display()
+        );
+        let config = Config::parse(&text, &root.join("bench.toml")).expect("valid");
+        let plugin = runtime
+            .load(
+                "alpn",
+                &config.resolve(&config.plugins["alpn"].wasm),
+                &config.plugins["alpn"],
+            )
+            .expect("loads");
+        plugin.route(&conn).expect("routes");
+        group.bench_function(name, |b| b.iter(|| plugin.route(black_box(&conn)).expect("routes")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route, languages);
 criterion_main!(benches);

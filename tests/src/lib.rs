@@ -96,6 +96,7 @@ pub fn expand(toml: &str) -> String {
         ("{attestation_allowlist}", "attestation-allowlist"),
         ("{canary}", "canary"),
         ("{alpn_router}", "alpn-router"),
+        ("{alpn_router_py}", "alpn-router-py"),
         ("{maintenance}", "maintenance"),
         ("{misbehave}", "misbehave"),
     ] {

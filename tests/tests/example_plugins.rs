@@ -68,6 +68,16 @@ async fn canary_keeps_each_client_on_its_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_router_sends_each_protocol_to_its_pool() {
+    alpn_router("{alpn_router}").await;
+}
+
+/// The Python twin, built by componentize-py, passes the same test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_alpn_router_does_the_same() {
+    alpn_router("{alpn_router_py}").await;
+}
+
+async fn alpn_router(wasm: &str) {
     let pki = Pki::new("alpn test CA");
     let identity = pki.server(&["svc.test"]);
     let mut upstreams = Vec::new();
@@ -82,7 +92,7 @@ async fn alpn_router_sends_each_protocol_to_its_pool() {
         plugins = ["alpn"]
 
         [plugins.alpn]
-        wasm = "{{alpn_router}}"
+        wasm = "{wasm}"
         config = {{ names = ["svc.test"], protocols = {{ h2 = "grpc", "http/1.1" = "web", postgresql = "db" }}, default = "web" }}
 
         [pools.grpc]
@@ -92,7 +102,9 @@ async fn alpn_router_sends_each_protocol_to_its_pool() {
         [pools.db]
         servers = ["{}"]
         "#,
-        upstreams[0].addr, upstreams[1].addr, upstreams[2].addr
+        upstreams[0].addr,
+        upstreams[1].addr,
+        upstreams[2].addr
     ))
     .await;
     let addr = gateway.local_addr("public").expect("listener");
