@@ -252,6 +252,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                         "loaded_at": loaded,
                         "on_error": plugin.on_error(),
                         "status": "loaded",
+                        "last_error": plugin.last_error().map(|(at, error)| json!({ "at": at, "error": error })),
                     })
                 })
                 .collect();

@@ -558,6 +558,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         metrics.sniff_failures.get_or_create(&labels).inc();
     }
     let labels = crate::metrics::ConnectionLabels {
+        tenant: record.tenant.as_deref().unwrap_or("-").to_owned(),
         listener: listener_labels.listener,
         route: record.route.clone().unwrap_or_else(|| "-".into()),
         outcome: outcome.kind().into(),

@@ -15,6 +15,8 @@ use prometheus_client::registry::Registry;
 pub struct ConnectionLabels {
     /// The listener.
     pub listener: String,
+    /// The tenant, `-` for none.
+    pub tenant: String,
     /// The decision's route name, `-` before one.
     pub route: String,
     /// How it ended: `closed`, `rejected`, `denied`, `connect-failed`, ...
@@ -129,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "connections",
-            "Finished connections by listener, route and outcome",
+            "Finished connections by listener, tenant, route and outcome",
             connections.clone(),
         );
         registry.register(

@@ -341,6 +341,7 @@ impl Runtime {
             sha256,
             settings: config.clone(),
             loaded_at: std::time::SystemTime::now(),
+            last_error: Mutex::new(None),
             config: config_text,
             timeout: config.timeout,
             max_memory_mib: config.max_memory_mib,
@@ -438,6 +439,8 @@ pub struct Plugin {
     sha256: [u8; 32],
     settings: PluginConfig,
     loaded_at: std::time::SystemTime,
+    /// The latest failure of a call, and when (seconds since the Unix epoch).
+    last_error: Mutex<Option<(u64, String)>>,
     config: String,
     timeout: Duration,
     max_memory_mib: u32,
@@ -495,6 +498,12 @@ impl Plugin {
         self.loaded_at
     }
 
+    /// The latest failure of a call (seconds since the Unix epoch, what
+    /// happened), if any.
+    pub fn last_error(&self) -> Option<(u64, String)> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Asks the plugin to route a connection.
     pub fn route(&self, conn: &wit::Connection) -> Result<wit::Decision, PluginError> {
         self.call(|exports, store| exports.weir_plugin_plugin().call_route(store, conn))
@@ -528,7 +537,14 @@ impl Plugin {
                 self.put_back(instance);
                 Ok(result)
             }
-            Err(e) => Err(self.classify(e, &instance.store)),
+            Err(e) => {
+                let error = self.classify(e, &instance.store);
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, error.to_string()));
+                Err(error)
+            }
         }
     }
 

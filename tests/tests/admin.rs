@@ -77,7 +77,7 @@ async fn the_admin_api_reports_and_reloads() {
     let (status, metrics) = http(&admin, "GET", "/metrics", token).await;
     assert_eq!(status, 200);
     for expected in [
-        r#"weir_connections_total{listener="public",route="no_sni",outcome="closed"} 1"#,
+        r#"weir_connections_total{listener="public",tenant="-",route="no_sni",outcome="closed"} 1"#,
         r#"weir_bytes_total{listener="public",direction="up"} 6"#,
         r#"weir_bytes_total{listener="public",direction="down"} 22"#,
         r#"weir_plugin_call_seconds_count{plugin="router"} 1"#,

@@ -596,3 +596,59 @@ fn a_new_plugin_builds_tests_and_loads() {
         text(&again.stderr)
     );
 }
+
+#[test]
+fn explain_walks_a_chain_where_the_first_plugin_abstains() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config_file(
+        dir.path(),
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["first", "second"]
+
+        [plugins.first]
+        wasm = "{static_router}"
+        config.routes."a.test" = { pool = "app" }
+
+        [plugins.second]
+        wasm = "{static_router}"
+        config.routes."*.b.test" = { address = "127.0.0.1:9443", proxy_protocol = 2 }
+
+        [pools.app]
+        servers = ["127.0.0.1:9000"]
+        "#,
+    );
+    let out = weir(&[
+        "route",
+        "--config",
+        &config,
+        "--listener",
+        "public",
+        "--sni",
+        "x.b.test",
+        "--alpn",
+        "h2",
+        "--explain",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let explained = text(&out.stdout);
+    let lines: Vec<&str> = explained.lines().collect();
+    assert_eq!(lines.len(), 5, "{explained}");
+    assert!(
+        lines[0].starts_with("connection: tls, SNI x.b.test, ALPN [h2]"),
+        "{explained}"
+    );
+    assert!(
+        lines[2].starts_with("  1. plugin `first` abstained (next) ("),
+        "{explained}"
+    );
+    assert!(
+        lines[3].starts_with("  2. plugin `second` decided: rule `*.b.test` ("),
+        "{explained}"
+    );
+    assert_eq!(
+        lines[4],
+        "decision: pass through untouched to 127.0.0.1:9443, with a PROXY v2 header — by plugin `second`, rule `*.b.test`"
+    );
+}

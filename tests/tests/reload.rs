@@ -1,6 +1,7 @@
 //! Hot reload under load: while new connections arrive continuously and
-//! long-lived streams carry data, the config is rewritten 50 times (and a
-//! broken config and a broken plugin are dropped in). No connection may be
+//! long-lived streams carry data, the config is rewritten 50 times, each
+//! time swapping the routing plugin for another component (and a broken
+//! config and a broken plugin are dropped in). No connection may be
 //! refused or reset, every stream must stay byte-exact, and new connections
 //! must follow each new config. The admin API reports the reloads.
 
@@ -29,8 +30,26 @@ async fn tagged(tag: &'static str) -> Upstream {
     .await
 }
 
-fn config(dir: &Path, wasm: &Path, target: std::net::SocketAddr, admin: bool) -> String {
-    let admin = if admin { "[admin]\nbind = \"127.0.0.1:0\"\n" } else { "" };
+/// Green is reached through static-router, blue through another component
+/// (the misbehave test plugin, which routes everything but one name to its
+/// pool): each swap replaces the plugin, not only its config.
+fn config(
+    router: &Path,
+    other: &Path,
+    green: std::net::SocketAddr,
+    blue: std::net::SocketAddr,
+    to_green: bool,
+) -> String {
+    let plugin = match to_green {
+        true => format!(
+            "wasm = {:?}\nconfig.no_sni = {{ address = \"{green}\" }}",
+            router.display().to_string()
+        ),
+        false => format!(
+            "wasm = {:?}\nconfig = {{ mode = \"trap\", only_sni = \"never.test\", pool = \"blue\" }}",
+            other.display().to_string()
+        ),
+    };
     format!(
         r#"
 [listeners.public]
@@ -39,16 +58,18 @@ protocol = "plain"
 plugins = ["router"]
 
 [plugins.router]
-wasm = {wasm:?}
-config.no_sni = {{ address = "{target}" }}
+{plugin}
+
+[pools.blue]
+servers = ["{blue}"]
 
 [reload]
 debounce = "20ms"
 
-{admin}"#,
-        wasm = wasm.display().to_string(),
+[admin]
+bind = "127.0.0.1:0"
+"#
     )
-    .replace("{dir}", &dir.display().to_string())
 }
 
 /// Writes a file the way editors and deploy tools do: a new file renamed
@@ -67,8 +88,10 @@ async fn fifty_reloads_under_load_drop_nothing() {
     let wasm = dir.path().join("router.wasm");
     let original = std::fs::read(plugin("static-router")).expect("plugin");
     std::fs::write(&wasm, &original).expect("copy plugin");
+    let other = dir.path().join("other.wasm");
+    std::fs::write(&other, std::fs::read(plugin("misbehave")).expect("plugin")).expect("copy plugin");
     let path = dir.path().join("weir.toml");
-    std::fs::write(&path, config(dir.path(), &wasm, blue.addr, true)).expect("config");
+    std::fs::write(&path, config(&wasm, &other, green.addr, blue.addr, false)).expect("config");
     let mut weir = WeirProcess::spawn(&path).await;
     let addr = weir.addr("public");
     let admin_line = weir.line_containing("admin listening").await;
@@ -144,11 +167,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
     let started = Instant::now();
     let mut delays = Vec::new();
     for i in 0..50 {
-        let (target, tag) = if i % 2 == 0 {
-            (green.addr, "green")
-        } else {
-            (blue.addr, "blue")
-        };
+        let (to_green, tag) = if i % 2 == 0 { (true, "green") } else { (false, "blue") };
         if i % 10 == 5 {
             // A broken config, then a broken plugin: both refused, nothing changes.
             let before = latest.lock().await.0.clone();
@@ -160,7 +179,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
             replace(&wasm, &original);
         }
         let written = Instant::now();
-        replace(&path, config(dir.path(), &wasm, target, true).as_bytes());
+        replace(&path, config(&wasm, &other, green.addr, blue.addr, to_green).as_bytes());
         loop {
             let (seen, at) = latest.lock().await.clone();
             if seen == tag && at > written {
