@@ -10,5 +10,10 @@ fi
 cargo build --locked --release --target wasm32-wasip2 \
     -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave \
     -p canary -p alpn-router -p maintenance
-# The Python example plugin (componentize-py, from PyPI).
-examples/plugins/alpn-router-py/build.sh
+# The Python example plugin (componentize-py, from PyPI). It needs python3
+# with venv; scripts/test.sh installs them, the quickstart does without.
+if command -v componentize-py >/dev/null || python3 -c "import venv, ensurepip" 2>/dev/null; then
+    examples/plugins/alpn-router-py/build.sh
+else
+    echo "build-plugins: skipping the Python example plugin (python3 with venv is not installed)" >&2
+fi
