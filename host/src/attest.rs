@@ -4,7 +4,8 @@
 //! an [`AttestError`], never a panic) for:
 //! - the dstack attestation extension (OID `1.3.6.1.4.1.62397.1.8`): SCALE
 //!   `VersionedAttestation::V0` — a TDX quote, its event log, the runtime
-//!   events, `report_data` and the VM config;
+//!   events, `report_data` and the VM config — or the msgpack V1 form
+//!   (`{version, platform: {kind: "tdx", data}, stack: {kind: "dstack", data}}`);
 //! - the legacy extensions: `…1.1` raw quote, `…1.2` event log (JSON),
 //!   `…1.3` app id, `…1.4` certificate usage;
 //! - TDX quotes v4 and v5 (TD 1.0 and TD 1.5 report bodies).
@@ -85,8 +86,11 @@ pub enum AttestError {
         expected: usize,
     },
     /// An attestation version weir does not read.
-    #[error("attestation version {0} is not supported (dstack V0 only)")]
+    #[error("attestation version {0} is not supported (dstack V0 or the msgpack V1 form)")]
     AttestationVersion(u8),
+    /// The msgpack V1 form does not decode.
+    #[error("V1 attestation: {0}")]
+    V1(String),
     /// The attestation is for another platform.
     #[error("the attestation carries no TDX quote (quote variant {0})")]
     QuoteVariant(u8),
@@ -370,7 +374,9 @@ pub struct DstackAttestation {
     pub config: String,
 }
 
-/// Decodes the dstack attestation extension (SCALE `VersionedAttestation`).
+/// Decodes the dstack attestation extension: SCALE
+/// `VersionedAttestation::V0` when the first byte is 0, the msgpack V1 form
+/// when it opens a msgpack map.
 pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError> {
     if bytes.len() > MAX_ATTESTATION {
         return Err(AttestError::TooLarge {
@@ -378,6 +384,10 @@ pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError
             len: bytes.len(),
             max: MAX_ATTESTATION,
         });
+    }
+    // fixmap, map16, map32: dstack's V1 is a msgpack map.
+    if matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return decode_v1(bytes);
     }
     let mut r = Reader::new(bytes);
     match r.u8("attestation version")? {
@@ -430,6 +440,118 @@ pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError
         quote,
         events,
         runtime_events,
+        report_data,
+        config,
+    })
+}
+
+/// dstack's V1 attestation: `{version: 1, platform: {kind, data}, stack:
+/// {kind, data}}` in msgpack with field names (rmp-serde `to_vec_named`).
+/// Byte fields may be msgpack `bin` or arrays of integers.
+mod v1 {
+    use serde::Deserialize;
+    use serde_bytes::ByteBuf;
+
+    #[derive(Deserialize)]
+    pub struct Attestation {
+        pub version: u64,
+        pub platform: Platform,
+        pub stack: Stack,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(tag = "kind", content = "data")]
+    pub enum Platform {
+        #[serde(rename = "tdx")]
+        Tdx { quote: ByteBuf, event_log: Vec<Event> },
+        #[serde(rename = "gcp-tdx")]
+        GcpTdx { quote: ByteBuf, event_log: Vec<Event> },
+        #[serde(rename = "nitro-enclave")]
+        NitroEnclave {},
+    }
+
+    #[derive(Deserialize)]
+    pub struct Event {
+        pub imr: u32,
+        pub event_type: u32,
+        #[serde(default)]
+        pub digest: ByteBuf,
+        #[serde(default)]
+        pub event: String,
+        #[serde(default)]
+        pub event_payload: ByteBuf,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(tag = "kind", content = "data")]
+    pub enum Stack {
+        #[serde(rename = "dstack")]
+        Dstack {
+            report_data: ByteBuf,
+            runtime_events: Vec<RuntimeEvent>,
+            config: String,
+        },
+        #[serde(rename = "dstack-pod")]
+        DstackPod {
+            report_data: ByteBuf,
+            runtime_events: Vec<RuntimeEvent>,
+            config: String,
+        },
+    }
+
+    #[derive(Deserialize)]
+    pub struct RuntimeEvent {
+        pub event: String,
+        pub payload: ByteBuf,
+    }
+}
+
+fn decode_v1(bytes: &[u8]) -> Result<DstackAttestation, AttestError> {
+    let attestation: v1::Attestation = rmp_serde::from_slice(bytes).map_err(|e| AttestError::V1(e.to_string()))?;
+    if attestation.version != 1 {
+        return Err(AttestError::V1(format!("version {} (only 1)", attestation.version)));
+    }
+    let (quote, log) = match attestation.platform {
+        v1::Platform::Tdx { quote, event_log } | v1::Platform::GcpTdx { quote, event_log } => (quote, event_log),
+        v1::Platform::NitroEnclave {} => return Err(AttestError::V1("a Nitro Enclave attestation, not TDX".into())),
+    };
+    if quote.len() > MAX_QUOTE || log.len() > MAX_EVENTS {
+        return Err(AttestError::TooLarge {
+            what: "V1 quote or event log",
+            len: quote.len().max(log.len()),
+            max: MAX_QUOTE,
+        });
+    }
+    let (report_data, runtime_events, config) = match attestation.stack {
+        v1::Stack::Dstack {
+            report_data,
+            runtime_events,
+            config,
+        }
+        | v1::Stack::DstackPod {
+            report_data,
+            runtime_events,
+            config,
+        } => (report_data, runtime_events, config),
+    };
+    let report_data = <[u8; 64]>::try_from(report_data.as_slice())
+        .map_err(|_| AttestError::V1(format!("report_data is {} bytes, not 64", report_data.len())))?;
+    Ok(DstackAttestation {
+        quote: quote.into_vec(),
+        events: log
+            .into_iter()
+            .map(|e| Event {
+                imr: e.imr,
+                event_type: e.event_type,
+                digest: e.digest.into_vec(),
+                name: e.event,
+                payload: e.event_payload.into_vec(),
+            })
+            .collect(),
+        runtime_events: runtime_events
+            .into_iter()
+            .map(|e| (e.event, e.payload.into_vec()))
+            .collect(),
         report_data,
         config,
     })

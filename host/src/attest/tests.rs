@@ -274,3 +274,125 @@ fn the_legacy_extensions_are_read_and_bound() {
     assert_eq!(seen.mrtd.as_slice(), &quote[184..232]);
     assert!(!seen.debug);
 }
+
+/// dstack's V1 wire form, written the way dstack writes it: msgpack maps
+/// with field names, bytes as `bin`.
+mod v1_wire {
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    pub struct Attestation<'a> {
+        pub version: u64,
+        pub platform: Platform<'a>,
+        pub stack: Stack<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "kind", content = "data")]
+    pub enum Platform<'a> {
+        #[serde(rename = "tdx")]
+        Tdx {
+            #[serde(with = "serde_bytes")]
+            quote: &'a [u8],
+            event_log: Vec<Event<'a>>,
+        },
+        #[serde(rename = "nitro-enclave")]
+        NitroEnclave {
+            #[serde(with = "serde_bytes")]
+            nsm_quote: &'a [u8],
+        },
+    }
+
+    #[derive(Serialize)]
+    pub struct Event<'a> {
+        pub imr: u32,
+        pub event_type: u32,
+        #[serde(with = "serde_bytes")]
+        pub digest: &'a [u8],
+        pub event: &'a str,
+        #[serde(with = "serde_bytes")]
+        pub event_payload: &'a [u8],
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "kind", content = "data")]
+    pub enum Stack<'a> {
+        #[serde(rename = "dstack")]
+        Dstack {
+            report_data: Vec<u8>,
+            runtime_events: Vec<RuntimeEvent<'a>>,
+            config: &'a str,
+        },
+    }
+
+    #[derive(Serialize)]
+    pub struct RuntimeEvent<'a> {
+        pub event: &'a str,
+        #[serde(with = "serde_bytes")]
+        pub payload: &'a [u8],
+    }
+}
+
+#[test]
+fn the_msgpack_v1_form_carries_the_same_attestation() {
+    let v0 = decode_attestation(&testdata::read("attestation/dstack_attestation_v0.bin")).expect("V0");
+    let wire = v1_wire::Attestation {
+        version: 1,
+        platform: v1_wire::Platform::Tdx {
+            quote: &v0.quote,
+            event_log: v0
+                .events
+                .iter()
+                .map(|e| v1_wire::Event {
+                    imr: e.imr,
+                    event_type: e.event_type,
+                    digest: &e.digest,
+                    event: &e.name,
+                    event_payload: &e.payload,
+                })
+                .collect(),
+        },
+        stack: v1_wire::Stack::Dstack {
+            report_data: v0.report_data.to_vec(),
+            runtime_events: v0
+                .runtime_events
+                .iter()
+                .map(|(name, payload)| v1_wire::RuntimeEvent { event: name, payload })
+                .collect(),
+            config: &v0.config,
+        },
+    };
+    let bytes = rmp_serde::to_vec_named(&wire).expect("encodes");
+    assert!(matches!(bytes[0], 0x80..=0x8f), "a msgpack map");
+    let v1 = decode_attestation(&bytes).expect("V1 decodes");
+    assert_eq!(v1.quote, v0.quote);
+    assert_eq!(v1.events, v0.events);
+    assert_eq!(v1.runtime_events, v0.runtime_events);
+    assert_eq!(v1.report_data, v0.report_data);
+    assert_eq!(v1.config, v0.config);
+    let report = parse_quote(&v1.quote).expect("quote");
+    assert_eq!(replay_rtmr3(&v1.events).expect("replays"), report.rtmr[3]);
+
+    let nitro = v1_wire::Attestation {
+        platform: v1_wire::Platform::NitroEnclave { nsm_quote: b"doc" },
+        ..wire
+    };
+    let err = decode_attestation(&rmp_serde::to_vec_named(&nitro).expect("encodes")).expect_err("not TDX");
+    assert!(err.to_string().contains("not TDX"), "{err}");
+    for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            matches!(decode_attestation(&bytes[..cut]), Err(AttestError::V1(_))),
+            "cut at {cut}"
+        );
+    }
+    // A V1 map that says version 2.
+    let mut v2 = bytes.clone();
+    let at = v2.windows(8).position(|w| w == b"version\x01").expect("version field") + 7;
+    v2[at] = 2;
+    assert!(
+        decode_attestation(&v2)
+            .expect_err("v2")
+            .to_string()
+            .contains("version 2")
+    );
+}
