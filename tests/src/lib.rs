@@ -773,3 +773,50 @@ pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
         key_pem: key.serialize_pem(),
     }
 }
+
+/// A path as a TOML string value.
+pub fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// A plaintext HTTP/2 server (prior knowledge, as behind a terminating
+/// gateway) answering every request with its protocol version and path.
+pub async fn h2c_upstream() -> Upstream {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    Upstream::tcp(|stream: TcpStream| async move {
+        let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+            let body = format!("{:?} {}\n", request.version(), request.uri().path());
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// One HTTP/1.1 request to weir's admin server, with an optional bearer
+/// token and JSON body; returns the status code and the body.
+pub async fn admin_request(admin: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response))
+        .await
+        .expect("admin answers in time")
+        .expect("response");
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

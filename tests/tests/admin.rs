@@ -4,25 +4,14 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_tests::{Upstream, WeirProcess, answer, write_config};
+use weir_tests::{Upstream, WeirProcess, admin_request, answer, write_config};
 
-/// One HTTP/1.1 request; returns (status, body).
 async fn http(admin: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let status = response[9..12].parse().expect("status code");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    admin_request(admin, method, path, token, "").await
+}
+
+async fn http_json(admin: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    admin_request(admin, method, path, None, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,24 +110,6 @@ async fn the_admin_api_reports_and_reloads() {
     let (_, metrics) = http(&admin, "GET", "/metrics", token).await;
     assert!(metrics.contains(r#"weir_reloads_total{result="error"} 1"#), "{metrics}");
     weir.child.kill().await.expect("stop");
-}
-
-/// An HTTP/1.1 request with a JSON body; returns (status, body).
-async fn http_json(admin: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let status = response[9..12].parse().expect("status code");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,32 +4,9 @@
 //! and carries an HTTP/2 exchange to a plaintext h2 server, and a custom
 //! domain is passed through to its app.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use tokio::net::TcpStream;
-use weir_tests::{Pki, STEP, Upstream, WeirProcess, answer, tls_exchange, write_config};
-
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
-
-/// A plaintext HTTP/2 server (prior knowledge, as behind a terminating
-/// gateway) answering every request with its protocol version and path.
-async fn h2c_upstream() -> Upstream {
-    Upstream::tcp(|stream: TcpStream| async move {
-        let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-            let body = format!("{:?} {}\n", request.version(), request.uri().path());
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-        });
-        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .await;
-    })
-    .await
-}
+use weir_tests::{Pki, STEP, Upstream, WeirProcess, answer, h2c_upstream, tls_exchange, toml_path, write_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dstack_names_reach_their_apps() {

@@ -9,28 +9,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use weir_tests::{Pki, Postgres, STEP, Upstream, WeirProcess, answer, answer_with, psql, write_config};
-
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
-
-async fn h2c_upstream() -> Upstream {
-    Upstream::tcp(|stream: TcpStream| async move {
-        let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-            let body = format!("{:?} {}\n", request.version(), request.uri().path());
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-        });
-        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .await;
-    })
-    .await
-}
+use tokio::net::TcpSocket;
+use weir_tests::{
+    Pki, Postgres, STEP, Upstream, WeirProcess, answer, answer_with, h2c_upstream, psql, toml_path, write_config,
+};
 
 async fn curl(addr: SocketAddr, host: &str, ca: &Path, version: &str) -> String {
     let out = tokio::time::timeout(

@@ -226,14 +226,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
     // The admin API saw it all: the good reloads (writes landing within one
     // debounce window of each other may make one reload, so a few fewer than
     // the writes on a busy machine) and the refused ones.
-    let mut stream = TcpStream::connect(&admin).await.expect("admin");
-    stream
-        .write_all(b"GET /api/reload HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let body = response.split("\r\n\r\n").nth(1).expect("body");
+    let (_, body) = weir_tests::admin_request(&admin, "GET", "/api/reload", None, "").await;
     let status: serde_json::Value = serde_json::from_str(body.trim()).expect("JSON");
     assert!(status["succeeded"].as_u64().unwrap_or(0) >= 40, "{status}");
     assert!(status["failed"].as_u64().unwrap_or(0) >= 10, "{status}");

@@ -10,14 +10,9 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use weir_tests::{
-    Identity, Pki, STEP, Upstream, WeirProcess, answer, answer_with, read_to_end, tls_connect, tls_exchange,
+    Identity, Pki, STEP, Upstream, WeirProcess, answer, answer_with, read_to_end, tls_connect, tls_exchange, toml_path,
     write_config,
 };
-
-/// The path as a TOML string value.
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
 
 /// A `[certificates.<name>]` section for an identity written into `dir`.
 fn certificate_section(dir: &Path, name: &str, identity: &Identity) -> String {
