@@ -6,26 +6,16 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-command -v cargo >/dev/null || { echo "weir needs a Rust toolchain installed with rustup (https://rustup.rs)" >&2; exit 1; }
-scripts/build-plugins.sh
-cargo build --locked -p weir -p demo-upstream
+source scripts/demo.sh
+demo_build
 
 run="$root/examples/quickstart/run"
-rm -rf "$run"
-mkdir -p "$run"
-target/debug/demo-upstream --dir "$run" \
+demo_upstreams "$run" \
     --serve "app-1:app.localhost=127.0.0.1:9101" \
     --serve "app-2:app.localhost=127.0.0.1:9102" \
     --serve "api:api.localhost=127.0.0.1:9103" \
     --plain "web=127.0.0.1:9104" \
-    --certificate "weir=web.localhost,secure.localhost" &
-upstreams=$!
-trap 'kill "$upstreams" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    [ -s "$run/ca.pem" ] && break
-    kill -0 "$upstreams" 2>/dev/null || { echo "the demo upstreams failed to start" >&2; exit 1; }
-    sleep 0.1
-done
+    --certificate "weir=web.localhost,secure.localhost"
 
 target/debug/weir check --config examples/quickstart/weir.toml
 cat <<MSG

@@ -5,24 +5,15 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-scripts/build-plugins.sh
-cargo build --locked -p weir -p demo-upstream
+source scripts/demo.sh
+demo_build
 
 run="$root/examples/dstack/run"
-rm -rf "$run"
-mkdir -p "$run"
-target/debug/demo-upstream --dir "$run" \
+demo_upstreams "$run" \
     --serve "app:dstack.localhost=127.0.0.1:9443" \
     --serve "shop:shop.localhost=127.0.0.1:9444" \
     --plain "app-http=127.0.0.1:9080" \
-    --certificate "wildcard=*.dstack.localhost" &
-upstreams=$!
-trap 'kill "$upstreams" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    [ -s "$run/ca.pem" ] && break
-    kill -0 "$upstreams" 2>/dev/null || { echo "the demo apps failed to start" >&2; exit 1; }
-    sleep 0.1
-done
+    --certificate "wildcard=*.dstack.localhost"
 
 app=3327603e03f5bd1f830812ca4a789277fc31f577
 target/debug/weir check --config examples/dstack/weir.toml

@@ -6,24 +6,15 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-scripts/build-plugins.sh
-cargo build --locked -p weir -p demo-upstream
+source scripts/demo.sh
+demo_build
 
 run="$root/examples/mesh/run"
-rm -rf "$run"
-mkdir -p "$run"
-target/debug/demo-upstream --dir "$run" \
+demo_upstreams "$run" \
     --serve "app-1:app.mesh.localhost=127.0.0.1:9543" \
     --serve "app-2:app.mesh.localhost=127.0.0.1:9544" \
     --plain "web=127.0.0.1:9580" \
-    --certificate "web=web.mesh.localhost,admin.mesh.localhost" &
-upstreams=$!
-trap 'kill "$upstreams" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    [ -s "$run/ca.pem" ] && break
-    kill -0 "$upstreams" 2>/dev/null || { echo "the demo servers failed to start" >&2; exit 1; }
-    sleep 0.1
-done
+    --certificate "web=web.mesh.localhost,admin.mesh.localhost"
 
 target/debug/weir check --config examples/mesh/weir.toml
 cat <<MSG
