@@ -38,7 +38,7 @@
 #![deny(unsafe_code)]
 
 mod config;
-mod rule;
+pub mod rule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
