@@ -107,6 +107,10 @@ pub struct UpstreamTls {
 pub enum Upstream {
     /// A pool the config defines.
     Pool(String),
+    /// A pool's servers, on this port instead of theirs (a plugin names it
+    /// `pool:port`): the host still picks the server, with the pool's
+    /// policy, health and failover.
+    PoolOnPort(String, u16),
     /// One `host:port`.
     Address(#[serde(serialize_with = "display")] HostPort),
 }
@@ -225,7 +229,13 @@ impl Target {
     fn from_wit(target: wit::Target, known: &dyn Known) -> Result<Target, String> {
         let upstream = match target.upstream {
             wit::Upstream::Pool(name) if known.has_pool(&name) => Upstream::Pool(name),
-            wit::Upstream::Pool(name) => return Err(format!("unknown pool `{name}`")),
+            wit::Upstream::Pool(name) => match name.rsplit_once(':') {
+                Some((pool, port)) if known.has_pool(pool) => match port.parse::<u16>() {
+                    Ok(port) if port > 0 => Upstream::PoolOnPort(pool.to_owned(), port),
+                    _ => return Err(format!("pool `{name}`: `{port}` is not a port (1-65535)")),
+                },
+                _ => return Err(format!("unknown pool `{name}`")),
+            },
             wit::Upstream::Address(addr) => {
                 let addr = HostPort::parse(&addr).map_err(|e| e.to_string())?;
                 known.check_address(&addr)?;
@@ -395,6 +405,16 @@ mod tests {
                 proxy_protocol: Some(2)
             })
         );
+        let on_port = Decision::from_wit(passthrough("r", wit::Upstream::Pool("app:8080".into()), None), &Pools)
+            .expect("valid")
+            .expect("not next");
+        assert_eq!(
+            on_port.action,
+            Action::Passthrough(Target {
+                upstream: Upstream::PoolOnPort("app".into(), 8080),
+                proxy_protocol: None
+            })
+        );
         let next = wit::Decision {
             route: String::new(),
             action: wit::Action::Next,
@@ -420,6 +440,18 @@ mod tests {
             (
                 passthrough("r", wit::Upstream::Pool("nope".into()), None),
                 "unknown pool `nope`",
+            ),
+            (
+                passthrough("r", wit::Upstream::Pool("nope:80".into()), None),
+                "unknown pool `nope:80`",
+            ),
+            (
+                passthrough("r", wit::Upstream::Pool("app:0".into()), None),
+                "`0` is not a port",
+            ),
+            (
+                passthrough("r", wit::Upstream::Pool("app:http".into()), None),
+                "`http` is not a port",
             ),
             (
                 passthrough("r", wit::Upstream::Address("nowhere".into()), None),

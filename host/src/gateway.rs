@@ -787,7 +787,9 @@ async fn open_upstream(
     record.upstream = Some(upstream_addr.to_string());
     record.backend = backend;
     let pool_proxy = match &target.upstream {
-        Upstream::Pool(name) => snapshot.pool(name).and_then(|p| p.config.proxy_protocol),
+        Upstream::Pool(name) | Upstream::PoolOnPort(name, _) => {
+            snapshot.pool(name).and_then(|p| p.config.proxy_protocol)
+        }
         Upstream::Address(_) => None,
     };
     let mut first = match target.proxy_protocol.or(pool_proxy) {
@@ -1134,18 +1136,30 @@ async fn connect(
     snapshot: &Snapshot,
     deadline: tokio::time::Instant,
 ) -> Result<(TcpStream, HostPort, Option<BackendGuard>), String> {
-    let (candidates, passive) = match &target.upstream {
-        Upstream::Address(addr) => (vec![(addr.clone(), None)], None),
-        Upstream::Pool(name) => match snapshot.pool(name) {
+    let (pool, port) = match &target.upstream {
+        Upstream::Address(_) => (None, None),
+        Upstream::Pool(name) => (Some(name), None),
+        Upstream::PoolOnPort(name, port) => (Some(name), Some(*port)),
+    };
+    let (candidates, passive) = match (&target.upstream, pool) {
+        (Upstream::Address(addr), _) => (vec![(addr.clone(), None)], None),
+        (_, Some(name)) => match snapshot.pool(name) {
             Some(pool) => (
                 pool.candidates()
                     .into_iter()
-                    .map(|b| (b.addr.clone(), Some(b)))
+                    .map(|b| {
+                        let mut addr = b.addr.clone();
+                        if let Some(port) = port {
+                            addr.port = port;
+                        }
+                        (addr, Some(b))
+                    })
                     .collect(),
                 Some(pool.config.passive.clone()),
             ),
             None => return Err(format!("pool `{name}` vanished")),
         },
+        (_, None) => return Err("no upstream".into()),
     };
     let mut failures = Vec::new();
     for (server, backend) in candidates {

@@ -348,6 +348,7 @@ fn describe_target(target: &weir::decision::Target) -> String {
     use weir::decision::Upstream;
     let to = match &target.upstream {
         Upstream::Pool(pool) => format!("pool `{pool}`"),
+        Upstream::PoolOnPort(pool, port) => format!("pool `{pool}` on port {port}"),
         Upstream::Address(addr) => addr.to_string(),
     };
     match target.proxy_protocol {

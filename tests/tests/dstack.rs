@@ -31,7 +31,13 @@ async fn dstack_names_reach_their_apps() {
             wasm = "{{dstack_router}}"
             config.base_domains."dstack.test" = {{ certificate = "wildcard" }}
             config.apps.{app}.instances = {{ instance1 = "127.0.0.1" }}
+            # An app whose instances are a weir pool: the host picks, on the name's port.
+            config.apps.pooledapp.pool = "pooled"
             config.custom_domains."shop.test" = "{app}:{tls_port}"
+
+            [pools.pooled]
+            servers = ["127.0.0.1:1", "127.0.0.1:2"]
+            max_attempts = 2
 
             [certificates.wildcard]
             cert = {cert}
@@ -92,6 +98,13 @@ async fn dstack_names_reach_their_apps() {
     );
     let line = weir.connection_line().await;
     assert!(line.contains(r#"mode="terminate""#) && line.contains("g\""), "{line}");
+
+    // Through the app's pool: the pool's servers on the port from the name.
+    let sni = format!("pooledapp-{}s.dstack.test", app_tls.addr.port());
+    let reply = tls_exchange(addr, &sni, app_pki.client_config(), "pooled").await;
+    assert_eq!(reply.expect("through the pool"), "upstream heard: pooled\n");
+    let line = weir.connection_line().await;
+    assert!(line.contains(&format!("upstream=\"{}\"", app_tls.addr)), "{line}");
 
     // A custom domain: passthrough to the app.
     let reply = tls_exchange(addr, "shop.test", app_pki.client_config(), "shopping").await;

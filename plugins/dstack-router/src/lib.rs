@@ -12,9 +12,12 @@
 //! | `<id>-[<port>]g`   | terminate with ALPN `h2` only, plain to `<port>` (default 80): gRPC |
 //!
 //! `sg`, `gs`, a second `-`, or a port that is not 1-65535 is rejected with a
-//! reason saying which. An app id reaches one of its instances (chosen by a
-//! hash of the client's IP, so a client keeps reaching the same instance); an
-//! instance id pins that instance. Terminations present the base domain's
+//! reason saying which. An app id reaches the weir pool of its instances
+//! when it has one (`pool`: the host picks the instance, with the pool's
+//! policy, health checks and failover, on the port the name asks for), else
+//! one of its listed instances (chosen by a hash of the client's IP, so a
+//! client keeps reaching the same instance); an instance id pins that
+//! instance. Terminations present the base domain's
 //! wildcard certificate. Custom domains map a full name to `app-id:port` and
 //! are always passed through. Names under no base domain, reserved ids and
 //! connections without SNI are left to the next plugin (`next`).
@@ -58,7 +61,12 @@ struct BaseDomain {
 #[serde(deny_unknown_fields)]
 struct App {
     /// Instance id → host (IP address or DNS name) of that instance.
+    #[serde(default)]
     instances: BTreeMap<String, String>,
+    /// A pool of weir's config holding the app's instances: the host picks
+    /// among them (policy, health checks, failover), on the port the name
+    /// asks for.
+    pool: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +155,8 @@ pub struct DstackRouter {
     base_domains: HashMap<String, String>,
     /// App id → its instances' hosts, with their instance ids.
     apps: HashMap<String, Vec<(String, String)>>,
+    /// App id → the weir pool of its instances.
+    app_pools: HashMap<String, String>,
     /// Instance id → (app id, host).
     instances: HashMap<String, (String, String)>,
     /// Full name → (app id, port).
@@ -176,8 +186,14 @@ impl Plugin for DstackRouter {
             if app.is_empty() || app.contains(['-', '.']) || app != app.to_ascii_lowercase() {
                 return Err(format!("app `{app}`: an id is one lower-case label without `-`"));
             }
-            if settings.instances.is_empty() {
-                return Err(format!("app `{app}`: no instances"));
+            if settings.instances.is_empty() && settings.pool.is_none() {
+                return Err(format!("app `{app}`: give `instances`, a `pool`, or both"));
+            }
+            if let Some(pool) = settings.pool {
+                if pool.is_empty() || pool.contains(':') {
+                    return Err(format!("app `{app}`: `{pool}` is not a pool name"));
+                }
+                router.app_pools.insert(app.clone(), pool);
             }
             let mut hosts = Vec::new();
             for (instance, host) in settings.instances {
@@ -197,7 +213,12 @@ impl Plugin for DstackRouter {
             }
             router.apps.insert(app, hosts);
         }
-        if let Some(clash) = router.apps.keys().find(|app| router.instances.contains_key(*app)) {
+        if let Some(clash) = router
+            .apps
+            .keys()
+            .chain(router.app_pools.keys())
+            .find(|app| router.instances.contains_key(*app))
+        {
             return Err(format!("`{clash}` is both an app id and an instance id"));
         }
         for (name, target) in config.custom_domains {
@@ -212,7 +233,10 @@ impl Plugin for DstackRouter {
                 Ok(port) if port > 0 => port,
                 _ => return Err(format!("custom domain `{name}`: port `{port}` is not 1-65535")),
             };
-            if !router.apps.contains_key(app) && !router.instances.contains_key(app) {
+            if !router.apps.contains_key(app)
+                && !router.instances.contains_key(app)
+                && !router.app_pools.contains_key(app)
+            {
                 return Err(format!("custom domain `{name}`: no app or instance `{app}`"));
             }
             router.custom_domains.insert(canonical, (app.to_owned(), port));
@@ -226,8 +250,8 @@ impl Plugin for DstackRouter {
             return Decision::next();
         };
         if let Some((app, port)) = self.custom_domains.get(sni) {
-            return match self.host(app, conn) {
-                Some(host) => Decision::passthrough(sni, Target::address(format!("{}:{port}", bracket(host)))),
+            return match self.target(app, *port, conn) {
+                Some(target) => Decision::passthrough(sni, target),
                 None => Decision::reject(sni, format!("no app or instance `{app}`")),
             };
         }
@@ -241,20 +265,19 @@ impl Plugin for DstackRouter {
         if self.reserved.iter().any(|r| r == request.id) {
             return Decision::next();
         }
-        let Some(host) = self.host(request.id, conn) else {
-            return Decision::reject(
-                format!("unknown.{base}"),
-                format!("no app or instance `{}`", request.id),
-            );
-        };
         let (default_port, suffix) = match request.mode {
             Mode::Passthrough => (DEFAULT_TLS_PORT, "s"),
             Mode::Grpc => (DEFAULT_PLAIN_PORT, "g"),
             Mode::Terminate => (DEFAULT_PLAIN_PORT, ""),
         };
         let port = request.port.unwrap_or(default_port);
+        let Some(target) = self.target(request.id, port, conn) else {
+            return Decision::reject(
+                format!("unknown.{base}"),
+                format!("no app or instance `{}`", request.id),
+            );
+        };
         let route = format!("{}-{port}{suffix}", request.id);
-        let target = Target::address(format!("{}:{port}", bracket(host)));
         match request.mode {
             Mode::Passthrough => Decision::passthrough(route, target),
             Mode::Grpc => Decision::terminate(
@@ -287,6 +310,19 @@ impl DstackRouter {
             .max_by_key(|(base, _)| base.len())?;
         let label = names::strip_suffix(sni, base)?;
         Some((label, base, certificate))
+    }
+
+    /// Where an id's port is: an instance id's own host; an app id's weir
+    /// pool (`pool:port`, the host picks the instance), else one of its
+    /// instances by client IP.
+    fn target(&self, id: &str, port: u16, conn: &Connection) -> Option<Target> {
+        if !self.instances.contains_key(id)
+            && let Some(pool) = self.app_pools.get(id)
+        {
+            return Some(Target::pool(format!("{pool}:{port}")));
+        }
+        let host = self.host(id, conn)?;
+        Some(Target::address(format!("{}:{port}", bracket(host))))
     }
 
     /// The host for an app id (one of its instances, by client IP) or an

@@ -12,7 +12,8 @@ const CONFIG: &str = r#"{
         "3327603e03f5bd1f830812ca4a789277fc31f577": {
             "instances": { "inst1": "10.0.3.7", "inst2": "10.0.3.8", "inst3": "fd00::9" }
         },
-        "solo": { "instances": { "solo1": "solo.internal" } }
+        "solo": { "instances": { "solo1": "solo.internal" } },
+        "pooled": { "pool": "pooled-app", "instances": { "pinned1": "10.0.9.1" } }
     },
     "custom_domains": { "shop.example.org": "3327603e03f5bd1f830812ca4a789277fc31f577:8443", "pinned.example.org": "inst2:443" },
     "reserved": ["health", "admin"]
@@ -91,6 +92,10 @@ fn the_grammar_as_a_table() {
         ("example.com".into(), "next".into()),
         // A base domain under another one is a name under that one.
         ("dstack.example.com".into(), "reject unknown.example.com (no app or instance `dstack`)".into()),
+        // An app with a pool: the host picks the instance, on the asked port.
+        ("pooled-8443s.dstack.example.com".into(), "passthrough pooled-8443s pool pooled-app:8443".into()),
+        ("pooled-8080.dstack.example.com".into(), "terminate pooled-8080 pool pooled-app:8080 cert=wild alpn=[]".into()),
+        ("pinned1-22s.dstack.example.com".into(), "passthrough pinned1-22s 10.0.9.1:22".into()),
         // Custom domains: always passthrough, to the app or the pinned instance.
         ("pinned.example.org".into(), "passthrough pinned.example.org 10.0.3.8:443".into()),
     ];
@@ -137,7 +142,7 @@ fn bad_configs_are_refused() {
         ),
         (
             r#"{"base_domains": {"x.com": {"certificate": "c"}}, "apps": {"a": {"instances": {}}}}"#,
-            "app `a`: no instances",
+            "app `a`: give `instances`, a `pool`, or both",
         ),
         (
             r#"{"base_domains": {"x.com": {"certificate": "c"}}, "apps": {"a": {"instances": {"a": "h"}}}}"#,
