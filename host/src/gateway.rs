@@ -889,7 +889,7 @@ async fn terminate(
         let attestation =
             (termination.client_auth == ClientAuth::Attested).then(|| snapshot.tls().attestation().examine(cert));
         if let Err(reason) = admission.check(wit::Side::Client, describe(cert, attestation)) {
-            let _ = tls.shutdown().await;
+            close_tls(&mut tls).await;
             return Outcome::Denied(reason);
         }
     }
@@ -899,7 +899,7 @@ async fn terminate(
     let upstream = match open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record).await {
         Ok(upstream) => upstream,
         Err(outcome) => {
-            let _ = tls.shutdown().await;
+            close_tls(&mut tls).await;
             return outcome;
         }
     };
@@ -923,7 +923,7 @@ async fn terminate(
             {
                 Ok(upstream) => upstream,
                 Err(outcome) => {
-                    let _ = tls.shutdown().await;
+                    close_tls(&mut tls).await;
                     return outcome;
                 }
             };
@@ -989,6 +989,12 @@ const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 async fn send_alert(client: &mut TcpStream, description: u8) {
     let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
     let _ = tokio::time::timeout(Duration::from_millis(100), client.write_all(&record)).await;
+}
+
+/// Sends close_notify and FIN to a TLS client that will not be served,
+/// briefly: a client that does not read cannot hold the task.
+async fn close_tls<S: AsyncWriteExt + Unpin>(tls: &mut S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
 }
 
 /// Closes gracefully: FIN after whatever was written, then a short wait for
