@@ -82,6 +82,9 @@ pub struct Config {
     /// When the config is read again.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Process-wide limits.
+    #[serde(default)]
+    pub limits: Limits,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -142,6 +145,9 @@ pub struct ListenerConfig {
     /// then `splice(2)` past 64 KiB in a direction), or `splice`.
     #[serde(default)]
     pub relay: RelayMode,
+    /// Most connections this listener serves at once; more are closed as
+    /// soon as they are accepted (those in progress are untouched).
+    pub max_connections: Option<usize>,
     /// Deadline for the TLS handshake with the client when the gateway
     /// terminates, counted from the routing decision.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
@@ -221,6 +227,15 @@ pub struct TenantConfig {
     /// Longest `timeout` its plugins may have.
     #[serde(default, with = "humantime_serde")]
     pub max_plugin_timeout: Option<Duration>,
+}
+
+/// Process-wide limits.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most connections served at once over all listeners; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: Option<usize>,
 }
 
 /// The admin HTTP server.
@@ -679,6 +694,9 @@ impl Config {
                 if value.is_zero() {
                     return Err(self.invalid(field(what), "must be longer than zero"));
                 }
+            }
+            if listener.max_connections == Some(0) {
+                return Err(self.invalid(field("max_connections"), "must be at least 1"));
             }
             crate::tls::check_listener(&listener.tls)
                 .map_err(|(f, reason)| self.invalid(field(&format!("tls.{f}")), reason))?;

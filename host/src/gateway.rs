@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -52,6 +52,9 @@ pub enum GatewayError {
         error: io::Error,
     },
 }
+
+/// Connections in progress over all listeners.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Counter behind connection ids.
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -405,18 +408,48 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
+                let snapshot = snapshot.load_full();
+                let Some(listener) = snapshot.listener(&name).cloned() else {
+                    continue;
+                };
+                // Shed at the limits before any work: closing at once costs
+                // less than anything else, and those in progress go on.
+                let shed = if listener
+                    .config
+                    .max_connections
+                    .is_some_and(|max| stats.active.load(Ordering::Relaxed) >= max as u64)
+                {
+                    Some("listener")
+                } else if snapshot
+                    .config
+                    .limits
+                    .max_connections
+                    .is_some_and(|max| ACTIVE.load(Ordering::Relaxed) >= max)
+                {
+                    Some("global")
+                } else {
+                    None
+                };
+                if let Some(limit) = shed {
+                    drop(stream);
+                    let labels = crate::metrics::ShedLabels {
+                        listener: name.to_string(),
+                        limit,
+                    };
+                    crate::metrics::METRICS.shed.get_or_create(&labels).inc();
+                    tracing::debug!(listener = &*name, %client, limit, "connection shed at its limit");
+                    continue;
+                }
                 // Relayed handshake flights must not wait on Nagle.
                 let _ = stream.set_nodelay(true);
-                let snapshot = snapshot.load_full();
-                let name = Arc::clone(&name);
+                stats.total.fetch_add(1, Ordering::Relaxed);
+                stats.active.fetch_add(1, Ordering::Relaxed);
+                ACTIVE.fetch_add(1, Ordering::Relaxed);
                 let stats = Arc::clone(&stats);
                 tokio::spawn(async move {
-                    if let Some(listener) = snapshot.listener(&name).cloned() {
-                        stats.total.fetch_add(1, Ordering::Relaxed);
-                        stats.active.fetch_add(1, Ordering::Relaxed);
-                        handle(stream, client, &listener, &snapshot).await;
-                        stats.active.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    handle(stream, client, &listener, &snapshot).await;
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    ACTIVE.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e) => {

@@ -71,6 +71,15 @@ pub struct TenantLabels {
     pub tenant: String,
 }
 
+/// A connection shed at a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// The listener.
+    pub listener: String,
+    /// `listener` or `global`.
+    pub limit: &'static str,
+}
+
 /// A reload's result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -99,6 +108,8 @@ pub struct Metrics {
     pub tenant_violations: Family<TenantLabels, Counter>,
     /// Tenant connections refused at the tenant's connection limit.
     pub tenant_limited: Family<TenantLabels, Counter>,
+    /// Connections closed on accept at a listener's or the global limit.
+    pub shed: Family<ShedLabels, Counter>,
 }
 
 /// The process's metrics.
@@ -119,6 +130,12 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         let tenant_violations = Family::<TenantLabels, Counter>::default();
         let tenant_limited = Family::<TenantLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "shed",
+            "Connections closed on accept at a listener's or the global connection limit",
+            shed.clone(),
+        );
         registry.register(
             "tenant_violations",
             "Tenant decisions naming a pool, address, certificate or CA outside the tenant",
@@ -167,6 +184,7 @@ impl Metrics {
             reloads,
             tenant_violations,
             tenant_limited,
+            shed,
         }
     }
 
