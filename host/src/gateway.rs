@@ -405,6 +405,7 @@ fn touches(watched: &BTreeMap<PathBuf, Vec<PathBuf>>, paths: &[PathBuf]) -> bool
 }
 
 async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>, stats: Arc<ListenerStats>) {
+    let mut accept_errors = AcceptErrors::default();
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
@@ -453,13 +454,60 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                 });
             }
             Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                tracing::error!(listener = &*name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors or memory. The connection stays
+                // in the kernel's backlog, to be accepted once descriptors
+                // free up: back off instead of spinning on the error.
+                crate::metrics::METRICS
+                    .accept_errors
+                    .get_or_create(&crate::metrics::ListenerLabels {
+                        listener: name.to_string(),
+                    })
+                    .inc();
+                accept_errors.failed(&name, &e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
 }
+
+/// How long a listener waits after a failed `accept` before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Reports failed `accept` calls at most once a second, with how many
+/// there were: at the descriptor limit every retry fails, and a line per
+/// retry would bury the log.
+#[derive(Default)]
+struct AcceptErrors {
+    last_report: Option<Instant>,
+    unreported: u64,
+}
+
+impl AcceptErrors {
+    fn failed(&mut self, listener: &str, error: &io::Error) {
+        self.unreported += 1;
+        if self.last_report.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let limit = if matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE) {
+            " (out of file descriptors: raise `ulimit -n` or set max_connections below it)"
+        } else {
+            ""
+        };
+        tracing::error!(
+            listener,
+            error = %error,
+            failures = self.unreported,
+            "accept failed{limit}; new connections wait in the backlog"
+        );
+        self.last_report = Some(Instant::now());
+        self.unreported = 0;
+    }
+}
+
+/// errno values for "too many open files" (per process, and system-wide)
+/// on Linux and the BSDs.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
 
 /// How a connection ended, for the log line.
 enum Outcome {

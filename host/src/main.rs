@@ -166,6 +166,11 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     init_logging()?;
     let config = Config::load(&path)?;
+    #[cfg(target_os = "linux")]
+    match raise_descriptor_limit() {
+        Some(limit) => tracing::info!(limit, "file descriptor limit (two per relayed connection)"),
+        None => tracing::info!("file descriptor limit: unlimited"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let gateway = Arc::new(Gateway::start(config).await?);
@@ -205,6 +210,24 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// Raises the soft limit on open files to the hard limit, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do: a relayed connection holds
+/// two descriptors, and the customary soft limit of 1024 would stop weir
+/// near 500 connections. Best effort; returns the limit in force (`None`:
+/// unlimited).
+#[cfg(target_os = "linux")]
+fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum || limit.maximum.is_none() {
+        limit.current = limit.maximum;
+        // Refused when the hard limit is above what the kernel allows
+        // (`fs.nr_open`); the soft limit then stays as it was.
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current
 }
 
 /// What `weir route` prints.

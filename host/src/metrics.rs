@@ -110,6 +110,8 @@ pub struct Metrics {
     pub tenant_limited: Family<TenantLabels, Counter>,
     /// Connections closed on accept at a listener's or the global limit.
     pub shed: Family<ShedLabels, Counter>,
+    /// Failed `accept` calls (out of descriptors or memory).
+    pub accept_errors: Family<ListenerLabels, Counter>,
 }
 
 /// The process's metrics.
@@ -131,6 +133,12 @@ impl Metrics {
         let tenant_violations = Family::<TenantLabels, Counter>::default();
         let tenant_limited = Family::<TenantLabels, Counter>::default();
         let shed = Family::<ShedLabels, Counter>::default();
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accept calls (out of file descriptors or memory); the connection waits in the kernel's backlog",
+            accept_errors.clone(),
+        );
         registry.register(
             "shed",
             "Connections closed on accept at a listener's or the global connection limit",
@@ -185,6 +193,7 @@ impl Metrics {
             tenant_violations,
             tenant_limited,
             shed,
+            accept_errors,
         }
     }
 

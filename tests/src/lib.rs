@@ -86,6 +86,16 @@ pub async fn start_gateway(toml: &str) -> Gateway {
     Gateway::start(config).await.expect("gateway starts")
 }
 
+/// Starts a gateway in-process from a config written to `dir` (placeholders
+/// expanded, as in [`start_gateway`]); [`Gateway::reload`] reads that file
+/// again, so a test rewrites it with [`write_config`] and reloads.
+pub async fn start_gateway_file(dir: &Path, toml: &str) -> (Gateway, PathBuf) {
+    init_logging();
+    let path = write_config(dir, toml);
+    let config = Config::load(&path).expect("test config is valid");
+    (Gateway::start(config).await.expect("gateway starts"), path)
+}
+
 /// Replaces the plugin placeholders in a config text.
 pub fn expand(toml: &str) -> String {
     let mut text = toml.to_owned();
@@ -207,23 +217,31 @@ impl Pki {
 
     /// A client config that trusts only this CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(self.roots())
-            .with_no_client_auth();
-        Arc::new(config)
+        self.client_config_for(rustls::DEFAULT_VERSIONS, None)
     }
 
     /// A client config that trusts only this CA and presents `identity`.
     pub fn client_config_with(&self, identity: &Identity) -> Arc<rustls::ClientConfig> {
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+        self.client_config_for(rustls::DEFAULT_VERSIONS, Some(identity))
+    }
+
+    /// A client config that trusts only this CA, offers only `versions`,
+    /// and presents `identity` when given one.
+    pub fn client_config_for(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        identity: Option<&Identity>,
+    ) -> Arc<rustls::ClientConfig> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
             .expect("protocol versions")
-            .with_root_certificates(self.roots())
-            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-            .expect("client certificate");
-        Arc::new(config)
+            .with_root_certificates(self.roots());
+        Arc::new(match identity {
+            Some(identity) => builder
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .expect("client certificate"),
+            None => builder.with_no_client_auth(),
+        })
     }
 
     /// A server config presenting `identity` that requires a client
@@ -484,9 +502,19 @@ impl WeirProcess {
     /// Starts `weir run --config <config>` and waits until every listener
     /// the config defines is listening.
     pub async fn spawn(config: &Path) -> WeirProcess {
+        WeirProcess::spawn_under(config, &[]).await
+    }
+
+    /// Like [`WeirProcess::spawn`], run by `wrapper` (a command and its
+    /// arguments that execs the rest, such as `prlimit --nofile=64:64`).
+    pub async fn spawn_under(config: &Path, wrapper: &[&str]) -> WeirProcess {
         use tokio::io::AsyncBufReadExt as _;
         let listeners = Config::load(config).expect("the config is valid").listeners.len();
-        let mut child = tokio::process::Command::new(weir_binary())
+        let weir = weir_binary();
+        let mut command: Vec<&std::ffi::OsStr> = wrapper.iter().map(std::ffi::OsStr::new).collect();
+        command.push(weir.as_os_str());
+        let mut child = tokio::process::Command::new(command[0])
+            .args(&command[1..])
             .arg("run")
             .arg("--config")
             .arg(config)

@@ -1,5 +1,7 @@
 //! Connection limits: past a listener's or the global limit, new
-//! connections are closed at once, and the ones in progress go on.
+//! connections are closed at once, and the ones in progress go on; out of
+//! file descriptors, new connections wait in the backlog while weir backs
+//! off, and are served once descriptors free up.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,4 +91,135 @@ async fn connections_past_the_limits_are_shed_and_the_rest_go_on() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(served(&mut first, b"and one\n").await && served(&mut third, b"and three\n").await);
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is running");
+    // The command name is in parentheses and may hold spaces: count after it.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..].split(' ').collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Sends the hello and expects it echoed back within `wait`.
+async fn echoed(stream: &mut TcpStream, hello: &[u8], wait: std::time::Duration) -> Option<bool> {
+    let mut back = vec![0u8; hello.len()];
+    match tokio::time::timeout(wait, stream.read_exact(&mut back)).await {
+        Ok(Ok(_)) => Some(back == hello),
+        // Closed: refused.
+        Ok(Err(_)) => Some(false),
+        // Nothing yet: waiting.
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+            sniff_timeout = "60s"
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."a.example.com" = {{ address = "{}" }}
+            "#,
+            upstream.addr
+        ),
+    );
+    // 64 descriptors, soft and hard: a few dozen connections exhaust them.
+    let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["prlimit", "--nofile=64:64"]).await;
+    let addr = weir.addr("public");
+    let pid = weir.child.id().expect("weir's pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("64")),
+        "{limits}"
+    );
+    let hello = weir_tests::testdata("clienthello/openssl-tls13-sni.bin");
+
+    // Fill weir up: each relayed connection holds two of its descriptors.
+    let mut held = Vec::new();
+    let mut waiting = Vec::new();
+    loop {
+        assert!(held.len() < 64, "64 connections and still no descriptor limit");
+        let mut stream = TcpStream::connect(addr).await.expect("the kernel accepts");
+        stream.write_all(&hello).await.expect("hello");
+        match echoed(&mut stream, &hello, Duration::from_millis(500)).await {
+            Some(true) => held.push(stream),
+            Some(false) => {
+                // Accepted with the last free descriptor, then no upstream
+                // socket: refused. Take that last one with a silent client
+                // (it sits in the sniff for 60 s), so accept itself fails.
+                let silent = TcpStream::connect(addr).await.expect("the kernel accepts");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                held.push(silent);
+                break;
+            }
+            None => {
+                waiting.push(stream);
+                break;
+            }
+        }
+    }
+    assert!(held.len() >= 5, "only {} connections before the limit", held.len());
+
+    // More arrive while weir is out of descriptors: they wait in the
+    // backlog, neither served nor refused.
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(addr).await.expect("the kernel accepts");
+        stream.write_all(&hello).await.expect("hello");
+        waiting.push(stream);
+    }
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(pid) - before;
+    // A loop retrying accept without pause would burn the whole 2 s (200
+    // ticks at the usual 100 Hz); backing off costs next to nothing.
+    assert!(spent < 50, "weir used {spent} ticks of CPU in 2 s at the limit");
+    for stream in &mut waiting {
+        assert_eq!(
+            echoed(stream, &hello, Duration::from_millis(100)).await,
+            None,
+            "a connection was answered or refused while weir had no descriptors"
+        );
+    }
+    let line = weir.line_containing("accept failed").await;
+    assert!(line.contains("out of file descriptors"), "{line}");
+    // The failures are reported at most once a second, with a count.
+    let reports = {
+        let mut reports = 1;
+        while tokio::time::timeout(Duration::from_millis(300), weir.line_containing("accept failed"))
+            .await
+            .is_ok()
+        {
+            reports += 1;
+        }
+        reports
+    };
+    assert!(reports <= 4, "{reports} accept-failure lines in ~2 s");
+
+    // Descriptors free up: the waiting connections are served, and so is
+    // a new one.
+    drop(held);
+    for stream in &mut waiting {
+        assert_eq!(
+            echoed(stream, &hello, STEP).await,
+            Some(true),
+            "a waiting connection was lost"
+        );
+    }
+    let mut fresh = TcpStream::connect(addr).await.expect("connect");
+    fresh.write_all(&hello).await.expect("hello");
+    assert_eq!(echoed(&mut fresh, &hello, STEP).await, Some(true));
+    weir.child.kill().await.expect("stop");
 }

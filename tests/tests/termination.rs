@@ -334,15 +334,7 @@ async fn resumption_does_not_carry_a_client_past_another_terminations_client_aut
     let strict = gateway.local_addr("strict").expect("strict listener");
 
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(site_pki.ca_der.clone()).expect("CA");
-        let client = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[version])
-                .expect("version")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        );
+        let client = site_pki.client_config_for(&[version], None);
         // The open termination issues a session and honours it.
         let mut kinds = Vec::new();
         for _ in 0..2 {
