@@ -260,8 +260,10 @@ def measure_once(target, idle):
         time.sleep(1.0)
         after = target.rss()
         holder.stdin.close()
-        holder.wait(timeout=60)
+        checked = json.loads(holder.stdout.readline())
+        holder.wait(timeout=120)
         figures["idle_open"] = opened["open"]
+        figures["idle_alive"] = checked["alive"]
         figures["idle_kib_per_conn"] = (after - before) / max(opened["open"], 1)
     return figures
 
@@ -360,7 +362,9 @@ def report(results, targets, facts):
         f"nginx {results['nginx']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs.",
         "",
         "Connection-rate errors (all runs): " + ", ".join(f"{n} {results[n]['rate_errors']}" for n in names) + ".",
-        "Idle connections opened: " + ", ".join(f"{n} {results[n].get('idle_open', '–')}" for n in names if n != "direct") + ".",
+        "Idle connections opened (of them, still relaying when all were checked at once): "
+        + ", ".join(f"{n} {results[n].get('idle_open', '–')} ({results[n].get('idle_alive', '–')})" for n in names if n != "direct")
+        + ".",
         "",
         "Debian's HAProxy and nginx link OpenSSL 3.0; in passthrough they do no TLS work, so that does not "
         "affect these figures (it would for termination).",

@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The benchmark command: weir beside HAProxy, nginx stream and a direct
-# connection, on loopback, with the same TLS upstream. Installs what it needs
-# from Debian, builds weir in release mode, runs every workload, and writes a
-# Markdown report under bench/results/. Needs root (packages, sysctls, ulimit).
+# The benchmark commands, on loopback, with the same TLS upstream and load
+# generator. Each installs what it needs from Debian, builds weir in release
+# mode and writes a Markdown report under bench/results/. Needs root
+# (packages, sysctls, ulimit).
 #
-#   bench/run.sh [--quick]      (--quick: fewer repeats and smaller figures)
+#   bench/run.sh [--quick]            weir beside HAProxy, nginx stream and a
+#                                     direct connection (--quick: fewer
+#                                     repeats, smaller figures)
+#   bench/run.sh connections          10,000 concurrent passthrough
+#                                     connections through one weir
+#   bench/run.sh soak [--minutes N]   mixed traffic with a reload every second
+#                                     (default 10 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=compare
+case "${1:-}" in
+    connections | soak) mode="$1"; shift ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
     echo "bench/run.sh installs packages and raises limits: run it as root" >&2
     exit 1
 fi
 need=()
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx)
-[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+if [ "$mode" = compare ]; then
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v nginx >/dev/null || need+=(nginx)
+    [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+fi
 command -v taskset >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
@@ -33,4 +45,8 @@ ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 scripts/build-plugins.sh
 cargo build --locked --release -p weir -p weir-bench
-exec python3 bench/run.py "$@"
+case "$mode" in
+    compare) exec python3 bench/run.py "$@" ;;
+    connections) exec python3 bench/connections.py "$@" ;;
+    soak) exec python3 bench/soak.py "$@" ;;
+esac

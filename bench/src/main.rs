@@ -7,6 +7,8 @@
 //! big-endian u64 length. `U`: the client uploads that many bytes and the
 //! upstream answers one byte when all arrived. `E`: the upstream echoes that
 //! many bytes. `I`: the connection stays idle until the client closes it.
+//! (`idle` sends `E` for a few bytes and then nothing until it is told to
+//! check that every connection still echoes.)
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -74,7 +76,8 @@ enum Command {
         seconds: f64,
     },
     /// Opens `--conns` idle connections, prints a line once they are all up,
-    /// and holds them until standard input closes.
+    /// and holds them until standard input closes; then checks that every
+    /// one still relays (a short echo on each) and prints a second line.
     Idle {
         #[command(flatten)]
         target: Target,
@@ -316,6 +319,9 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64) -> anyhow::Resu
     Ok(())
 }
 
+/// The bytes each idle connection echoes when it is checked.
+const IDLE_PROBE: &[u8; 16] = b"still relaying?\n";
+
 async fn idle(target: &Target, conns: u32) -> anyhow::Result<()> {
     let config = client_config(&target.ca)?;
     let mut open = Vec::with_capacity(conns as usize);
@@ -328,7 +334,7 @@ async fn idle(target: &Target, conns: u32) -> anyhow::Result<()> {
             let addr = target.target;
             tasks.push(tokio::spawn(async move {
                 let mut tls = tls_connect(addr, &config, u64::from(n)).await?;
-                request(&mut tls, b'I', 0).await?;
+                request(&mut tls, b'E', IDLE_PROBE.len() as u64).await?;
                 tls.flush().await?;
                 Ok::<_, std::io::Error>(tls)
             }));
@@ -345,6 +351,27 @@ async fn idle(target: &Target, conns: u32) -> anyhow::Result<()> {
     let mut stdin = tokio::io::stdin();
     let mut sink = [0u8; 64];
     while stdin.read(&mut sink).await? > 0 {}
-    drop(open);
+    // Every connection at once: all of them are relayed concurrently.
+    let checks: Vec<_> = open
+        .into_iter()
+        .map(|mut tls| {
+            tokio::spawn(async move {
+                tls.write_all(IDLE_PROBE).await?;
+                tls.flush().await?;
+                let mut back = [0u8; IDLE_PROBE.len()];
+                tokio::time::timeout(Duration::from_secs(60), tls.read_exact(&mut back))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                Ok::<_, std::io::Error>(&back == IDLE_PROBE)
+            })
+        })
+        .collect();
+    let mut alive = 0u32;
+    for check in checks {
+        if matches!(check.await?, Ok(true)) {
+            alive += 1;
+        }
+    }
+    println!("{}", serde_json::json!({"alive": alive}));
     Ok(())
 }
