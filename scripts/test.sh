@@ -31,6 +31,8 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# A short coverage-guided run of every fuzz target.
+scripts/fuzz-smoke.sh || status=$?
 # One closing line for the whole run: cargo's last line belongs to whichever
 # target ran last (often a crate without doc tests).
 awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i - 1); if ($i ~ /^failed;?$/) f += $(i - 1) } }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A short coverage-guided run of every fuzz target (part of the test suite):
+# stable Rust, libFuzzer without a sanitizer (the long runs in
+# docs/reliability.md use AddressSanitizer on nightly), debug assertions on,
+# seeded by fuzz/seed.sh into a scratch corpus. Any crash fails it, with the
+# input left in fuzz/artifacts/<target>/.
+#
+#   scripts/fuzz-smoke.sh [SECONDS_PER_TARGET]     (default 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-20}"
+targets=(sniff postgres ratls config mesh_rule)
+
+# cargo-fuzz, pinned, installed into target/tools rather than ~/.cargo.
+tools="$PWD/target/tools"
+if ! "$tools/bin/cargo-fuzz" --version 2>/dev/null | grep -q '^cargo-fuzz 0.13.2$'; then
+    cargo install --quiet --locked --root "$tools" cargo-fuzz --version 0.13.2
+fi
+# Its own target directory: the long runs build with other flags (ASan, nightly).
+fuzz() { (cd fuzz && "$tools/bin/cargo-fuzz" fuzz "$1" --target-dir ../target/fuzz-smoke "${@:2}"); }
+
+fuzz build -s none -O -a
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+failed=()
+for target in "${targets[@]}"; do
+    # Seeds only, so each smoke run starts from the same place.
+    WEIR_CORPUS="$scratch" bash fuzz/seed.sh "$target" >/dev/null
+    log="$scratch/$target.log"
+    if fuzz run -s none -O -a "$target" "$scratch/corpus/$target" -- \
+        -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+        runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
+        edges="$(grep -o 'cov: [0-9]*' "$log" | tail -1)"
+        echo "fuzz smoke: $target: ${runs:-?} executions in ${seconds} s, ${edges:-cov: ?}, no crash"
+    else
+        tail -40 "$log"
+        echo "fuzz smoke: $target FAILED (input in fuzz/artifacts/$target/)"
+        failed+=("$target")
+    fi
+done
+[ "${#failed[@]}" -eq 0 ] || { echo "fuzz smoke failed: ${failed[*]}"; exit 1; }
