@@ -7,8 +7,9 @@ without pause (8 concurrent, each a full handshake and a short echo), 500
 long-lived connections opened at the start and checked at the end, and a
 bulk upload (4 connections, 128 MiB) every 20 seconds. Each reload changes
 the router's route table (so the plugin is configured anew), and every 30th
-swaps its .wasm for another file (so a component is compiled and the old
-one dropped). weir's RSS is sampled every 5 seconds.
+names a new .wasm: the router with a custom section that makes its bytes,
+and so its hash, new, so weir compiles it and drops the old one. weir's RSS
+is sampled every 5 seconds.
 
 It passes when no connection failed, every long-lived connection still
 relays, every reload succeeded, and RSS at the end is within GROWTH_BOUND_MIB
@@ -20,7 +21,7 @@ Started by `bench/run.sh soak [--minutes N]`.
 import datetime
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,8 +39,30 @@ ADMIN = "127.0.0.1:10449"
 CONFIG = bench.WORK / "soak.toml"
 
 
+def leb128(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def router_wasm(generation):
+    """The router component with a custom section naming the generation:
+    the same code, bytes (and a hash) of its own."""
+    path = bench.WORK / f"router-{generation // 30}.wasm"
+    if not path.exists():
+        for old in bench.WORK.glob("router-*.wasm"):
+            old.unlink()
+        name, payload = b"weir-soak", str(generation // 30).encode()
+        body = leb128(len(name)) + name + payload
+        path.write_bytes(bench.PLUGIN.read_bytes() + b"\x00" + leb128(len(body)) + body)
+    return path
+
+
 def config(generation):
-    wasm = bench.WORK / ("router-a.wasm" if (generation // 30) % 2 == 0 else "router-b.wasm")
+    wasm = router_wasm(generation)
     host, port = bench.UPSTREAM
     return f"""
 [listeners.bench]
@@ -71,12 +94,15 @@ def write_config(generation):
 
 
 def reload():
+    """Reloads through the admin API: (error or None, milliseconds it took)."""
     request = urllib.request.Request(f"http://{ADMIN}/api/reload", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
-            return json.loads(reply.read()).get("error")
+            report = json.loads(reply.read())
     except urllib.error.HTTPError as e:
-        return json.loads(e.read()).get("error", f"HTTP {e.code}")
+        report = json.loads(e.read())
+        report.setdefault("error", f"HTTP {e.code}")
+    return report.get("error"), report.get("millis", 0)
 
 
 def load(*args):
@@ -88,8 +114,6 @@ def load(*args):
 
 def main():
     bench.WORK.mkdir(parents=True, exist_ok=True)
-    for copy in ("router-a.wasm", "router-b.wasm"):
-        shutil.copyfile(bench.PLUGIN, bench.WORK / copy)
     write_config(0)
     upstream = subprocess.Popen(
         [str(bench.BENCH), "upstream", "--listen", f"{bench.UPSTREAM[0]}:{bench.UPSTREAM[1]}", "--dir", str(bench.WORK)],
@@ -101,6 +125,7 @@ def main():
         env={**os.environ, "WEIR_LOG": "warn"},
     )
     samples, reloads, reload_errors, bulks, bulk_failures = [], 0, [], 0, []
+    reload_millis, compile_millis = [], []
     try:
         bench.wait_for_port(bench.UPSTREAM[1], upstream)
         bench.wait_for_port(10444, weir)
@@ -112,7 +137,8 @@ def main():
         while (now := time.time()) - started < DURATION:
             reloads += 1
             write_config(reloads)
-            error = reload()
+            error, millis = reload()
+            (compile_millis if reloads % 30 == 0 else reload_millis).append(millis)
             if error:
                 reload_errors.append(f"reload {reloads}: {error}")
             if now >= next_sample:
@@ -170,6 +196,8 @@ def main():
         "| figure | value |",
         "| --- | --- |",
         f"| reloads (route table each time, new component every 30th) | {reloads:,}, {len(reload_errors)} failed |",
+        f"| reload time, route table / new component (p50, max) | {statistics.median(reload_millis):.0f}, "
+        f"{max(reload_millis)} ms / {statistics.median(compile_millis):.0f}, {max(compile_millis)} ms |",
         f"| new connections (8 concurrent, full TLS handshake + echo) | {rate['connections']:,} "
         f"({rate['per_second']:,.0f}/s), {rate['errors']} failed |",
         f"| long-lived connections relaying at the end | {checked['alive']} of {opened['open']} opened |",

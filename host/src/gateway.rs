@@ -187,6 +187,15 @@ impl Gateway {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // Compiled code is kept for what runs now and what ran before (a
+        // rollback), not for every component a reload ever brought.
+        let prune = |current: &Snapshot, previous: Option<&Snapshot>| {
+            let in_use = current
+                .plugins()
+                .values()
+                .chain(previous.into_iter().flat_map(|p| p.plugins().values()));
+            self.runtime.retain_compiled(in_use.map(|plugin| &**plugin));
+        };
         let report = match result {
             Ok(new) => {
                 let reloaded_plugins: Vec<String> = new
@@ -196,6 +205,7 @@ impl Gateway {
                     .map(|(name, _)| name.clone())
                     .collect();
                 new.start_health_checks();
+                prune(&new, Some(&old));
                 self.snapshot.store(Arc::new(new));
                 status.succeeded += 1;
                 tracing::info!(trigger, millis, reloaded = ?reloaded_plugins, "reloaded");
@@ -208,6 +218,7 @@ impl Gateway {
                 }
             }
             Err(error) => {
+                prune(&old, None);
                 status.failed += 1;
                 tracing::error!(trigger, %error, "reload failed; the previous config stays in use");
                 ReloadReport {
@@ -226,6 +237,12 @@ impl Gateway {
             .inc();
         status.last = Some(report.clone());
         report
+    }
+
+    /// How many compiled plugin components are kept for reuse: those of
+    /// the running snapshot and of the one before it.
+    pub fn compiled_components(&self) -> usize {
+        self.runtime.compiled_count()
     }
 
     /// Creates or replaces a pool at runtime: the current config with the
@@ -452,6 +469,15 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     ACTIVE.fetch_sub(1, Ordering::Relaxed);
                 });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                // That one connection went away before it was accepted.
+                tracing::debug!(listener = &*name, error = %e, "connection gone before accept");
             }
             Err(e) => {
                 // Out of file descriptors or memory. The connection stays

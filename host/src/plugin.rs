@@ -225,12 +225,12 @@ pub struct Runtime {
     linker: Linker<State>,
     ticker: Arc<Ticker>,
     /// Compiled components by SHA-256 of their bytes, so a reload that
-    /// keeps a `.wasm` file does not compile it again.
+    /// keeps a `.wasm` file, or brings back the one before, does not compile
+    /// it again. Pruned after every reload to what the running and the
+    /// previous snapshot use ([`Runtime::retain_compiled`]), so replacing
+    /// `.wasm` files does not accumulate compiled code.
     compiled: Mutex<HashMap<[u8; 32], Component>>,
 }
-
-/// Most compiled components kept for reuse.
-const MAX_COMPILED: usize = 64;
 
 impl Runtime {
     /// Sets up the engine, the host imports and the epoch ticker thread.
@@ -266,6 +266,20 @@ impl Runtime {
             ticker,
             compiled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Drops the compiled components no plugin in `in_use` was loaded from.
+    pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
+        let keep: std::collections::HashSet<[u8; 32]> = in_use.into_iter().map(|plugin| plugin.sha256).collect();
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|sha256, _| keep.contains(sha256));
+    }
+
+    /// How many compiled components are kept for reuse.
+    pub fn compiled_count(&self) -> usize {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Compiles, links and configures a plugin: everything that can fail
@@ -318,11 +332,10 @@ impl Runtime {
                     path: path.to_owned(),
                     reason: format!("{e:#}"),
                 })?;
-                let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-                if compiled.len() >= MAX_COMPILED {
-                    compiled.clear();
-                }
-                compiled.insert(sha256, component.clone());
+                self.compiled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sha256, component.clone());
                 component
             }
         };

@@ -232,3 +232,63 @@ async fn fifty_reloads_under_load_drop_nothing() {
     assert!(status["failed"].as_u64().unwrap_or(0) >= 10, "{status}");
     weir.child.kill().await.expect("stop weir");
 }
+
+/// A component with a custom section appended: the same code, bytes (and
+/// so a hash) of its own, which weir must compile anew.
+fn variant(component: &[u8], generation: u32) -> Vec<u8> {
+    let name = b"weir-test";
+    let payload = generation.to_le_bytes();
+    let size = u8::try_from(1 + name.len() + payload.len()).expect("short section");
+    let mut out = component.to_vec();
+    out.extend([0x00, size, name.len() as u8]);
+    out.extend(name);
+    out.extend(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_plugin_many_times_keeps_only_the_compiled_code_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let router = std::fs::read(plugin("static-router")).expect("built plugin");
+    let wasm = dir.path().join("router.wasm");
+    let upstream = Upstream::tcp(weir_tests::echo).await;
+    let text = format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{}"
+        config.no_sni = {{ address = "{}" }}
+        "#,
+        wasm.display(),
+        upstream.addr
+    );
+    std::fs::write(&wasm, variant(&router, 0)).expect("write");
+    let (gateway, _) = weir_tests::start_gateway_file(dir.path(), &text).await;
+    let addr = gateway.local_addr("public").expect("listener");
+    for generation in 1..=10 {
+        std::fs::write(&wasm, variant(&router, generation)).expect("write");
+        let report = gateway.reload("test").await;
+        assert_eq!(report.error, None, "generation {generation}");
+        assert_eq!(report.reloaded_plugins, ["router"]);
+        // The running component and the one before it, for a rollback.
+        assert_eq!(gateway.compiled_components(), 2, "generation {generation}");
+    }
+    // A broken component is refused and its attempt leaves nothing behind.
+    std::fs::write(&wasm, b"\0asm broken").expect("write");
+    assert!(gateway.reload("test").await.error.is_some());
+    assert_eq!(gateway.compiled_components(), 1);
+
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client.write_all(b"still routed\n").await.expect("write");
+    client.shutdown().await.expect("FIN");
+    let mut back = Vec::new();
+    tokio::time::timeout(STEP, client.read_to_end(&mut back))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert_eq!(back, b"still routed\n");
+}
