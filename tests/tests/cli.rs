@@ -483,16 +483,22 @@ fn run_logs_json_when_asked() {
         .spawn()
         .expect("weir runs");
     let stderr = child.stderr.take().expect("stderr");
-    let first = std::io::BufRead::lines(std::io::BufReader::new(stderr))
-        .next()
-        .expect("a log line")
-        .expect("readable");
+    // Every line is JSON; the start-up lines end with one per listener.
+    let mut listening = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).take(10) {
+        let line = line.expect("readable");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(value["level"], "INFO", "{line}");
+        assert_eq!(value["target"], "weir", "{line}");
+        if value["fields"]["message"] == "listening" {
+            listening = Some(value);
+            break;
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let line: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
-    assert_eq!(line["fields"]["message"], "listening", "{first}");
-    assert_eq!(line["fields"]["listener"], "public", "{first}");
-    assert_eq!(line["level"], "INFO");
+    let line = listening.expect("a `listening` line among the first ten");
+    assert_eq!(line["fields"]["listener"], "public", "{line}");
 
     let out = Command::new(weir_binary())
         .args(["run", "--config", &path])
