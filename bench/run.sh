@@ -9,8 +9,10 @@
 #                                     repeats, smaller figures)
 #   bench/run.sh connections          10,000 concurrent passthrough
 #                                     connections through one weir
-#   bench/run.sh soak [--minutes N]   mixed traffic with a reload every second
-#                                     (default 10 minutes)
+#   bench/run.sh soak [--minutes N] [--compile-every N]
+#                                     mixed traffic with a reload every second
+#                                     (default 10 minutes; a new component
+#                                     every 30th reload)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare

@@ -6,8 +6,8 @@ Traffic, all passthrough TLS to the benchmark upstream: new connections
 without pause (8 concurrent, each a full handshake and a short echo), 500
 long-lived connections opened at the start and checked at the end, and a
 bulk upload (4 connections, 128 MiB) every 20 seconds. Each reload changes
-the router's route table (so the plugin is configured anew), and every 30th
-names a new .wasm: the router with a custom section that makes its bytes,
+the router's route table (so the plugin is configured anew), and every
+--compile-every'th (default 30th; 1 = every reload) names a new .wasm: the router with a custom section that makes its bytes,
 and so its hash, new, so weir compiles it and drops the old one. weir's RSS
 is sampled every 5 seconds.
 
@@ -15,7 +15,7 @@ It passes when no connection failed, every long-lived connection still
 relays, every reload succeeded, and RSS at the end is within GROWTH_BOUND_MIB
 of RSS after the warm-up (the first minute, or a tenth of a shorter run).
 
-Started by `bench/run.sh soak [--minutes N]`.
+Started by `bench/run.sh soak [--minutes N] [--compile-every N]`.
 """
 
 import datetime
@@ -29,7 +29,13 @@ import urllib.request
 
 import run as bench
 
-MINUTES = float(sys.argv[sys.argv.index("--minutes") + 1]) if "--minutes" in sys.argv else 10.0
+
+def option(name, default):
+    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+MINUTES = option("--minutes", 10.0)
+COMPILE_EVERY = option("--compile-every", 30)
 DURATION = MINUTES * 60
 WARM_UP = min(60.0, DURATION / 10)
 GROWTH_BOUND_MIB = 16
@@ -51,11 +57,11 @@ def leb128(n):
 def router_wasm(generation):
     """The router component with a custom section naming the generation:
     the same code, bytes (and a hash) of its own."""
-    path = bench.WORK / f"router-{generation // 30}.wasm"
+    path = bench.WORK / f"router-{generation // COMPILE_EVERY}.wasm"
     if not path.exists():
         for old in bench.WORK.glob("router-*.wasm"):
             old.unlink()
-        name, payload = b"weir-soak", str(generation // 30).encode()
+        name, payload = b"weir-soak", str(generation // COMPILE_EVERY).encode()
         body = leb128(len(name)) + name + payload
         path.write_bytes(bench.PLUGIN.read_bytes() + b"\x00" + leb128(len(body)) + body)
     return path
@@ -138,7 +144,7 @@ def main():
             reloads += 1
             write_config(reloads)
             error, millis = reload()
-            (compile_millis if reloads % 30 == 0 else reload_millis).append(millis)
+            (compile_millis if reloads % COMPILE_EVERY == 0 else reload_millis).append(millis)
             if error:
                 reload_errors.append(f"reload {reloads}: {error}")
             if now >= next_sample:
@@ -187,17 +193,20 @@ def main():
     curve = ", ".join(
         f"{int(at // 60)}:{int(at % 60):02d} {rss / 1024:.1f}" for at, rss in samples[:: max(1, len(samples) // 10)]
     )
+    def p50_max(millis):
+        return f"{statistics.median(millis):.0f}, {max(millis)} ms" if millis else "none"
+
+    every = "every reload" if COMPILE_EVERY == 1 else f"every {COMPILE_EVERY}th"
     lines = [
         f"# Soak: {MINUTES:g} minutes of mixed traffic, a reload every second — {date:%Y-%m-%d %H:%M} UTC",
         "",
-        f"Produced by `bench/run.sh soak --minutes {MINUTES:g}` at commit `{commit}` on {os.cpu_count()} cores "
+        f"Produced by `bench/run.sh soak --minutes {MINUTES:g} --compile-every {COMPILE_EVERY}` at commit `{commit}` on {os.cpu_count()} cores "
         "(weir, load and upstream unpinned, sharing them).",
         "",
         "| figure | value |",
         "| --- | --- |",
-        f"| reloads (route table each time, new component every 30th) | {reloads:,}, {len(reload_errors)} failed |",
-        f"| reload time, route table / new component (p50, max) | {statistics.median(reload_millis):.0f}, "
-        f"{max(reload_millis)} ms / {statistics.median(compile_millis):.0f}, {max(compile_millis)} ms |",
+        f"| reloads (route table each time, new component {every}) | {reloads:,}, {len(reload_errors)} failed |",
+        f"| reload time, route table / new component (p50, max) | {p50_max(reload_millis)} / {p50_max(compile_millis)} |",
         f"| new connections (8 concurrent, full TLS handshake + echo) | {rate['connections']:,} "
         f"({rate['per_second']:,.0f}/s), {rate['errors']} failed |",
         f"| long-lived connections relaying at the end | {checked['alive']} of {opened['open']} opened |",
