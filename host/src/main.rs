@@ -174,9 +174,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let gateway = Arc::new(Gateway::start(config).await?);
-        for (name, addr) in gateway.local_addrs() {
-            tracing::info!(listener = name.as_str(), %addr, "listening");
-        }
+        // Everything that reloads (file watch, SIGHUP, the admin API) is in
+        // place before the "listening" lines: whoever waits for them may
+        // change a file or send SIGHUP at once.
         let snapshot = gateway.snapshot();
         let _watch = match snapshot.config.reload.watch {
             true => Some(
@@ -186,15 +186,24 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             ),
             false => None,
         };
-        if let Some(admin) = &snapshot.config.admin {
-            let (addr, _) = weir::admin::serve(Arc::clone(&gateway), admin.bind, admin.token.clone())
-                .await
-                .with_context(|| format!("admin.bind: cannot listen on {}", admin.bind))?;
-            tracing::info!(%addr, "admin listening");
-        }
+        let admin = match &snapshot.config.admin {
+            Some(admin) => Some(
+                weir::admin::serve(Arc::clone(&gateway), admin.bind, admin.token.clone())
+                    .await
+                    .with_context(|| format!("admin.bind: cannot listen on {}", admin.bind))?
+                    .0,
+            ),
+            None => None,
+        };
         drop(snapshot);
         let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        for (name, addr) in gateway.local_addrs() {
+            tracing::info!(listener = name.as_str(), %addr, "listening");
+        }
+        if let Some(addr) = admin {
+            tracing::info!(%addr, "admin listening");
+        }
         loop {
             tokio::select! {
                 result = tokio::signal::ctrl_c() => {
