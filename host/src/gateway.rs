@@ -20,14 +20,14 @@ use crate::addr::HostPort;
 use rustls::pki_types::ServerName;
 
 use crate::config::{Config, ListenerProtocol};
-use crate::decision::{Action, After, ClientAuth, Target, Termination, Upstream, UpstreamTls};
+use crate::decision::{Action, After, ClientAuth, Decision, Target, Termination, Upstream, UpstreamTls};
 use crate::plugin::{PluginError, Runtime, wit};
 use crate::pool::BackendGuard;
 use crate::postgres::{self, First, PostgresError};
 use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
 use crate::rewind::Rewind;
-use crate::snapshot::{Listener, Snapshot, SnapshotError, Tenant};
+use crate::snapshot::{Listener, Snapshot, SnapshotError, Tenant, TenantSlot};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
 use crate::tls::{Admission, TerminateError, describe};
 
@@ -619,6 +619,9 @@ struct Record {
     upstream: Option<String>,
     /// The pool server in use, counted active until the record is dropped.
     backend: Option<BackendGuard>,
+    /// The connection's place in its tenant's `max_connections`, held
+    /// until the record is dropped.
+    tenant_slot: Option<TenantSlot>,
     transfer: Transfer,
 }
 
@@ -633,6 +636,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         mode: None,
         upstream: None,
         backend: None,
+        tenant_slot: None,
         transfer: Transfer::default(),
     };
     let metrics = &crate::metrics::METRICS;
@@ -641,7 +645,20 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     };
     let active = metrics.active.get_or_create(&listener_labels).clone();
     active.inc();
-    let outcome = proxy(client, listener, snapshot, &mut record).await;
+    let outcome = match proxy(client, listener, snapshot, &mut record).await {
+        Proxied::Ended(outcome) => outcome,
+        Proxied::Relay(client, upstream) => {
+            let config = &listener.config;
+            let timeouts = Timeouts {
+                idle: config.idle_timeout,
+                half_close: config.half_close_timeout,
+            };
+            match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
+                Ok(end) => Outcome::Relayed(end),
+                Err(e) => Outcome::Io(e),
+            }
+        }
+    };
     active.dec();
     let transfer = &record.transfer;
     let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
@@ -699,6 +716,12 @@ impl Front {
         self.protocol != wit::Protocol::Plain
     }
 
+    /// The client's socket alone: the hello and the replay buffer are not
+    /// needed during the relay.
+    fn into_client(self) -> TcpStream {
+        self.client
+    }
+
     /// Tells a client that is about to be closed why, in its own protocol:
     /// a TLS alert, or a PostgreSQL ErrorResponse to a client without TLS.
     async fn refuse(&mut self, listener: &Listener, alert: u8, reason: &str) {
@@ -713,10 +736,20 @@ impl Front {
 
 /// Takes a connection from sniffing to the end of its relay. Returning drops
 /// (closes) the client socket.
-async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot, record: &mut Record) -> Outcome {
-    let mut front = match read_front(client, listener, record).await {
+/// Where [`proxy`] leaves a connection.
+enum Proxied {
+    Ended(Outcome),
+    /// A passthrough connection, introduced to its upstream, to be relayed.
+    /// The relay runs in [`handle`] rather than here so that a connection
+    /// relayed for hours keeps nothing of the routing in its task.
+    Relay(TcpStream, TcpStream),
+}
+
+async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot, record: &mut Record) -> Proxied {
+    // Boxed, like `terminate` below: freed before the relay starts.
+    let mut front = match Box::pin(read_front(client, listener, record)).await {
         Ok(front) => front,
-        Err(outcome) => return outcome,
+        Err(outcome) => return Proxied::Ended(outcome),
     };
     record.sni.clone_from(&front.hello.sni);
     let conn = wit::Connection {
@@ -732,7 +765,7 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
     };
     let mut conn = conn;
     let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
-    let _slot = match &tenant {
+    record.tenant_slot = match &tenant {
         None => None,
         Some(tenant) => {
             conn.tenant = Some(tenant.name.to_string());
@@ -748,30 +781,42 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
                         .inc();
                     record.route = Some("tenant-limit".into());
                     front.refuse(listener, ALERT_INTERNAL_ERROR, &reason).await;
-                    return Outcome::Rejected(reason);
+                    return Proxied::Ended(Outcome::Rejected(reason));
                 }
             }
         }
     };
     let routing = snapshot.route(listener, tenant.as_deref(), &conn);
-    record.route = Some(routing.decision.route.clone());
     let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
         (_, true) => ALERT_INTERNAL_ERROR,
         (true, false) => ALERT_ACCESS_DENIED,
         (false, false) => ALERT_UNRECOGNIZED_NAME,
     };
-    match routing.decision.action {
+    let Decision { route, action } = routing.decision;
+    record.route = Some(route);
+    match action {
         Action::Reject(reason) => {
             front.refuse(listener, refusal_alert, &reason).await;
-            Outcome::Rejected(reason)
+            Proxied::Ended(Outcome::Rejected(reason))
         }
         Action::Passthrough(target) => {
             record.mode = Some("passthrough");
             passthrough(front, &target, listener, snapshot, record).await
         }
-        Action::Terminate(termination) => {
-            terminate(front, conn, &termination, listener, tenant.as_deref(), snapshot, record).await
-        }
+        // Boxed, so that the task's own allocation is sized for the
+        // passthrough relay, not for a TLS handshake.
+        Action::Terminate(termination) => Proxied::Ended(
+            Box::pin(terminate(
+                front,
+                conn,
+                &termination,
+                listener,
+                tenant.as_deref(),
+                snapshot,
+                record,
+            ))
+            .await,
+        ),
     }
 }
 
@@ -835,43 +880,33 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
 
 /// Passthrough: connect, introduce the client (PROXY header; for PostgreSQL
 /// TLS, weir's own SSLRequest, which must be answered `S`), replay the sniffed
-/// bytes, relay.
+/// bytes; the caller relays.
 async fn passthrough(
     mut front: Front,
     target: &Target,
     listener: &Listener,
     snapshot: &Snapshot,
     record: &mut Record,
-) -> Outcome {
-    let config = &listener.config;
+) -> Proxied {
     let ssl_request = front.protocol == wit::Protocol::PostgresTls;
-    let mut upstream = match open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record).await {
+    let connecting = open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record);
+    let mut upstream = match Box::pin(connecting).await {
         Ok(upstream) => upstream,
         Err(outcome) => {
             front
                 .refuse(listener, ALERT_INTERNAL_ERROR, "no upstream is reachable")
                 .await;
-            return outcome;
+            return Proxied::Ended(outcome);
         }
     };
     if let Err(e) = upstream.write_all(&front.sniffed).await {
-        return Outcome::Io(e);
+        return Proxied::Ended(Outcome::Io(e));
     }
     record
         .transfer
         .client_to_upstream
         .fetch_add(front.sniffed.len() as u64, Ordering::Relaxed);
-    // The hello and the replay buffer are not needed during the relay.
-    let client = front.client;
-    drop(front.sniffed);
-    let timeouts = Timeouts {
-        idle: config.idle_timeout,
-        half_close: config.half_close_timeout,
-    };
-    match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
-        Ok(end) => Outcome::Relayed(end),
-        Err(e) => Outcome::Io(e),
-    }
+    Proxied::Relay(front.into_client(), upstream)
 }
 
 /// Connects to the target and sends what precedes the client's own bytes:
