@@ -734,8 +734,6 @@ impl Front {
     }
 }
 
-/// Takes a connection from sniffing to the end of its relay. Returning drops
-/// (closes) the client socket.
 /// Where [`proxy`] leaves a connection.
 enum Proxied {
     Ended(Outcome),
@@ -745,6 +743,9 @@ enum Proxied {
     Relay(TcpStream, TcpStream),
 }
 
+/// Takes a connection from sniffing through routing to its end, or, for a
+/// passthrough, to the point where [`handle`] relays it. Returning
+/// `Ended` drops (closes) the client socket.
 async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot, record: &mut Record) -> Proxied {
     // Boxed, like `terminate` below: freed before the relay starts.
     let mut front = match Box::pin(read_front(client, listener, record)).await {
@@ -889,6 +890,8 @@ async fn passthrough(
     record: &mut Record,
 ) -> Proxied {
     let ssl_request = front.protocol == wit::Protocol::PostgresTls;
+    // Boxed for the same reason as the sniffing: the connect attempts'
+    // state would otherwise set the size of every connection's task.
     let connecting = open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record);
     let mut upstream = match Box::pin(connecting).await {
         Ok(upstream) => upstream,

@@ -452,7 +452,9 @@ mod tests {
     #[tokio::test]
     async fn a_relay_future_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
         let (upstream, _) = listener.accept().await.expect("accept");
         let transfer = Transfer::default();
         let timeouts = Timeouts {
