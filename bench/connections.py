@@ -16,7 +16,6 @@ import os
 import resource
 import subprocess
 import time
-from pathlib import Path
 
 import run as bench
 
@@ -34,19 +33,13 @@ def descriptors(pid):
 def main():
     bench.WORK.mkdir(parents=True, exist_ok=True)
     bench.write_configs()
-    upstream = subprocess.Popen(
-        ["taskset", "-c", "1", str(bench.BENCH), "upstream", "--listen", f"{bench.UPSTREAM[0]}:{bench.UPSTREAM[1]}",
-         "--dir", str(bench.WORK)],
-        stdout=subprocess.DEVNULL,
-    )
-    weir = subprocess.Popen(
-        ["taskset", "-c", "0", str(bench.WEIR), "run", "--config", str(bench.WORK / "weir.toml")],
-        stdout=subprocess.DEVNULL, stderr=open(bench.WORK / "weir-connections.log", "w"),
-        env={**os.environ, "WEIR_LOG": "warn"},
-    )
+    upstream = bench.start_upstream(cpu=1)
     try:
-        bench.wait_for_port(bench.UPSTREAM[1], upstream)
-        bench.wait_for_port(10444, weir)
+        weir = bench.start_weir(bench.WORK / "weir.toml", "weir-connections", cpu=0)
+    except BaseException:
+        bench.stop(upstream)
+        raise
+    try:
         rss_before, fds_before, cpu_before = bench.rss_kib(weir.pid), descriptors(weir.pid), bench.cpu_seconds(weir.pid)
         started = time.time()
         holder = subprocess.Popen(
@@ -63,13 +56,10 @@ def main():
         checked = json.loads(holder.stdout.readline())
         holder.wait(timeout=300)
     finally:
-        for process in (weir, upstream):
-            process.terminate()
-            process.wait(timeout=30)
+        bench.stop(weir, upstream)
 
     held = opened["open"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=bench.ROOT).stdout.strip()
+    commit = bench.commit()
     date = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"# {held:,} concurrent passthrough connections through one weir — {date:%Y-%m-%d %H:%M} UTC",

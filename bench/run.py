@@ -117,6 +117,60 @@ def client(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def pinned(cpu):
+    """The command prefix that pins a process to one CPU (none for None)."""
+    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
+def started(command, port, **popen):
+    """Starts `command` and returns it once it listens on `port`; a process
+    that does not get there is killed."""
+    process = subprocess.Popen(command, **popen)
+    try:
+        wait_for_port(port, process)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+def start_upstream(cpu=None):
+    """The benchmark's TLS upstream, listening on UPSTREAM."""
+    command = [*pinned(cpu), str(BENCH), "upstream", "--listen", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "--dir", str(WORK)]
+    return started(command, UPSTREAM[1], stdout=subprocess.DEVNULL)
+
+
+def start_weir(config, log_name, cpu=None):
+    """`weir run --config config`, warnings logged to WORK/<log_name>.log,
+    listening on 10444 (the port of every benchmark config)."""
+    return started(
+        [*pinned(cpu), str(WEIR), "run", "--config", str(config)], 10444,
+        stdout=subprocess.DEVNULL, stderr=open(WORK / f"{log_name}.log", "w"),
+        env={**os.environ, "WEIR_LOG": "warn"},
+    )
+
+
+def stop(*processes):
+    """SIGTERM, then SIGKILL for a process still there after 10 s."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def commit():
+    """The commit measured, marked `+changes` when tracked files differ."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else "")
+
+
 class Target:
     def __init__(self, name, port, command=None, version=""):
         self.name, self.port, self.command, self.version = name, port, command, version
@@ -133,12 +187,7 @@ class Target:
 
     def stop(self):
         if self.process:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop(self.process)
             self.process = None
 
     def cpu(self):
@@ -375,12 +424,8 @@ def report(results, targets, facts):
 def main():
     WORK.mkdir(parents=True, exist_ok=True)
     write_configs()
-    upstream = subprocess.Popen(
-        ["taskset", "-c", "1", str(BENCH), "upstream", "--listen", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "--dir", str(WORK)],
-        stdout=subprocess.DEVNULL,
-    )
+    upstream = start_upstream(cpu=1)
     try:
-        wait_for_port(UPSTREAM[1], upstream)
         targets = [
             Target("direct", UPSTREAM[1]),
             Target("weir", 10444, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
@@ -390,15 +435,12 @@ def main():
         ]
         results = measure(targets)
     finally:
-        upstream.terminate()
-        upstream.wait()
+        stop(upstream)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
     facts = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit + ("+changes" if dirty else ""),
+        "commit": commit(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
@@ -410,7 +452,7 @@ def main():
     text = report(results, targets, facts)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
-    path = RESULTS / f"{stamp}-{commit}{'-quick' if QUICK else ''}.md"
+    path = RESULTS / f"{stamp}-{facts['commit']}{'-quick' if QUICK else ''}.md"
     path.write_text(text)
     (RESULTS / "latest.md").write_text(text)
     print(text)

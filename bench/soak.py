@@ -121,20 +121,15 @@ def load(*args):
 def main():
     bench.WORK.mkdir(parents=True, exist_ok=True)
     write_config(0)
-    upstream = subprocess.Popen(
-        [str(bench.BENCH), "upstream", "--listen", f"{bench.UPSTREAM[0]}:{bench.UPSTREAM[1]}", "--dir", str(bench.WORK)],
-        stdout=subprocess.DEVNULL,
-    )
-    weir = subprocess.Popen(
-        [str(bench.WEIR), "run", "--config", str(CONFIG)],
-        stdout=subprocess.DEVNULL, stderr=open(bench.WORK / "weir-soak.log", "w"),
-        env={**os.environ, "WEIR_LOG": "warn"},
-    )
+    upstream = bench.start_upstream()
+    try:
+        weir = bench.start_weir(CONFIG, "weir-soak")
+    except BaseException:
+        bench.stop(upstream)
+        raise
     samples, reloads, reload_errors, bulks, bulk_failures = [], 0, [], 0, []
     reload_millis, compile_millis = [], []
     try:
-        bench.wait_for_port(bench.UPSTREAM[1], upstream)
-        bench.wait_for_port(10444, weir)
         holder = load("idle", "--conns", str(LONG_LIVED))
         opened = json.loads(holder.stdout.readline())
         churn = load("rate", "--concurrency", "8", "--seconds", str(DURATION))
@@ -170,9 +165,7 @@ def main():
         checked = json.loads(holder.stdout.readline())
         holder.wait(timeout=120)
     finally:
-        for process in (weir, upstream):
-            process.terminate()
-            process.wait(timeout=30)
+        bench.stop(weir, upstream)
 
     warm = next(rss for at, rss in samples if at >= WARM_UP) if any(at >= WARM_UP for at, _ in samples) else samples[0][1]
     final = samples[-1][1]
@@ -187,8 +180,7 @@ def main():
     if growth_mib > GROWTH_BOUND_MIB:
         failures.append(f"RSS grew {growth_mib:.1f} MiB after the warm-up (bound {GROWTH_BOUND_MIB} MiB)")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=bench.ROOT).stdout.strip()
+    commit = bench.commit()
     date = datetime.datetime.now(datetime.timezone.utc)
     curve = ", ".join(
         f"{int(at // 60)}:{int(at % 60):02d} {rss / 1024:.1f}" for at, rss in samples[:: max(1, len(samples) // 10)]
