@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::addr::HostPort;
 use rustls::pki_types::ServerName;
 
-use crate::config::{Config, ListenerProtocol};
+use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::decision::{Action, After, ClientAuth, Decision, Target, Termination, Upstream, UpstreamTls};
 use crate::plugin::{PluginError, Runtime, wit};
 use crate::pool::BackendGuard;
@@ -648,12 +648,8 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     let outcome = match proxy(client, listener, snapshot, &mut record).await {
         Proxied::Ended(outcome) => outcome,
         Proxied::Relay(client, upstream) => {
-            let config = &listener.config;
-            let timeouts = Timeouts {
-                idle: config.idle_timeout,
-                half_close: config.half_close_timeout,
-            };
-            match relay(client, upstream, config.relay, timeouts, &record.transfer).await {
+            let timeouts = relay_timeouts(&listener.config);
+            match relay(client, upstream, listener.config.relay, timeouts, &record.transfer).await {
                 Ok(end) => Outcome::Relayed(end),
                 Err(e) => Outcome::Io(e),
             }
@@ -1048,10 +1044,7 @@ async fn terminate(
             return outcome;
         }
     };
-    let timeouts = Timeouts {
-        idle: config.idle_timeout,
-        half_close: config.half_close_timeout,
-    };
+    let timeouts = relay_timeouts(config);
     let ended = match &termination.then {
         After::Plain(_) => relay_streams(tls, upstream, timeouts, &record.transfer).await,
         After::Reencrypt(_, upstream_tls) => {
@@ -1134,6 +1127,14 @@ const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 async fn send_alert(client: &mut TcpStream, description: u8) {
     let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
     let _ = tokio::time::timeout(Duration::from_millis(100), client.write_all(&record)).await;
+}
+
+/// A listener's timeouts for a relayed connection.
+fn relay_timeouts(config: &ListenerConfig) -> Timeouts {
+    Timeouts {
+        idle: config.idle_timeout,
+        half_close: config.half_close_timeout,
+    }
 }
 
 /// Sends close_notify and FIN to a TLS client that will not be served,
