@@ -331,6 +331,12 @@ pub struct PluginConfig {
     /// on one of the gateway's worker threads.
     #[serde(default = "defaults::plugin_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Longest instantiating the plugin and running its `configure` may take
+    /// when it is loaded (1 ms to 60 s). Loads run off the connection path;
+    /// an instance created for a connection (none idle) is bounded by
+    /// `timeout` instead, as that connection's wait.
+    #[serde(default = "defaults::configure_timeout", with = "humantime_serde")]
+    pub configure_timeout: Duration,
     /// Most linear memory one instance may grow to, in MiB.
     #[serde(default = "defaults::plugin_memory_mib")]
     pub max_memory_mib: u32,
@@ -518,6 +524,9 @@ mod defaults {
     }
     pub fn plugin_timeout() -> Duration {
         Duration::from_millis(10)
+    }
+    pub fn configure_timeout() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn plugin_memory_mib() -> u32 {
         16
@@ -708,6 +717,10 @@ impl Config {
             if plugin.timeout < Duration::from_millis(1) || plugin.timeout > Duration::from_secs(1) {
                 return Err(self.invalid(field("timeout"), "must be between 1ms and 1s"));
             }
+            if plugin.configure_timeout < Duration::from_millis(1) || plugin.configure_timeout > Duration::from_secs(60)
+            {
+                return Err(self.invalid(field("configure_timeout"), "must be between 1ms and 60s"));
+            }
             if !(1..=4096).contains(&plugin.max_memory_mib) {
                 return Err(self.invalid(field("max_memory_mib"), "must be between 1 and 4096"));
             }
@@ -796,6 +809,7 @@ mod tests {
         let plugin = &config.plugins["router"];
         assert_eq!(plugin.on_error, OnError::Deny);
         assert_eq!(plugin.timeout, Duration::from_millis(10));
+        assert_eq!(plugin.configure_timeout, Duration::from_secs(1));
         assert_eq!(plugin.max_memory_mib, 16);
         assert_eq!(
             plugin.config_string().expect("inline"),
@@ -820,6 +834,10 @@ mod tests {
             (
                 MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
                 "plugins.router.timeout",
+            ),
+            (
+                MINIMAL.replace("wasm =", "configure_timeout = \"2m\"\nwasm ="),
+                "plugins.router.configure_timeout: must be between 1ms and 60s",
             ),
             (
                 MINIMAL.replace("wasm =", "on_error = \"ignore\"\nwasm ="),

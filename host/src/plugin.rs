@@ -82,6 +82,10 @@ pub enum PluginError {
     /// The call did not finish within the plugin's deadline.
     #[error("did not return within {0:?}")]
     Timeout(Duration),
+    /// Instantiating the plugin and running `configure` at load took longer
+    /// than its `configure_timeout`.
+    #[error("instantiation and configure did not finish within {0:?} (configure_timeout)")]
+    ConfigureTimeout(Duration),
     /// The plugin tried to grow its memory beyond the cap.
     #[error("exceeded its memory limit of {0} MiB")]
     OutOfMemory(u32),
@@ -357,6 +361,7 @@ impl Runtime {
             last_error: Mutex::new(None),
             config: config_text,
             timeout: config.timeout,
+            configure_timeout: config.configure_timeout,
             max_memory_mib: config.max_memory_mib,
             on_error: config.on_error,
             reuse_instances: config.reuse_instances,
@@ -364,7 +369,10 @@ impl Runtime {
             ticker: Arc::clone(&self.ticker),
         };
         // Configure one instance now: a refused config fails the load.
-        let instance = plugin.instantiate()?;
+        let instance = plugin.instantiate(plugin.configure_timeout).map_err(|e| match e {
+            PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
+            other => other,
+        })?;
         plugin.put_back(instance);
         Ok(plugin)
     }
@@ -456,6 +464,7 @@ pub struct Plugin {
     last_error: Mutex<Option<(u64, String)>>,
     config: String,
     timeout: Duration,
+    configure_timeout: Duration,
     max_memory_mib: u32,
     on_error: OnError,
     reuse_instances: bool,
@@ -476,7 +485,7 @@ impl PluginError {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            PluginError::Timeout(_) => "timeout",
+            PluginError::Timeout(_) | PluginError::ConfigureTimeout(_) => "timeout",
             PluginError::OutOfMemory(_) => "memory",
             PluginError::Trap(_) => "trap",
             PluginError::InvalidDecision(_) => "invalid-decision",
@@ -542,16 +551,16 @@ impl Plugin {
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let mut instance = match idle {
             Some(instance) => instance,
-            None => self.instantiate()?,
+            None => self.instantiate(self.timeout)?,
         };
-        self.arm(&mut instance.store);
+        arm(&mut instance.store, self.timeout);
         match f(&instance.exports, &mut instance.store) {
             Ok(result) => {
                 self.put_back(instance);
                 Ok(result)
             }
             Err(e) => {
-                let error = self.classify(e, &instance.store);
+                let error = self.classify(e, &instance.store, self.timeout);
                 let at = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -561,8 +570,8 @@ impl Plugin {
         }
     }
 
-    /// Creates and configures a fresh instance.
-    fn instantiate(&self) -> Result<Instance, PluginError> {
+    /// Creates and configures a fresh instance, each step within `budget`.
+    fn instantiate(&self, budget: Duration) -> Result<Instance, PluginError> {
         let _busy = self.ticker.busy();
         let state = State {
             plugin: Arc::clone(&self.name),
@@ -575,13 +584,16 @@ impl Plugin {
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        self.arm(&mut store);
-        let exports = self.pre.instantiate(&mut store).map_err(|e| self.classify(e, &store))?;
-        self.arm(&mut store);
+        arm(&mut store, budget);
+        let exports = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(e, &store, budget))?;
+        arm(&mut store, budget);
         exports
             .weir_plugin_plugin()
             .call_configure(&mut store, &self.config)
-            .map_err(|e| self.classify(e, &store))?
+            .map_err(|e| self.classify(e, &store, budget))?
             .map_err(PluginError::Configure)?;
         Ok(Instance { store, exports })
     }
@@ -596,20 +608,20 @@ impl Plugin {
         }
     }
 
-    /// Sets the deadline for the next call: whole ticks, plus one because the
-    /// current tick is already partly gone.
-    fn arm(&self, store: &mut Store<State>) {
-        let ticks = self.timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-    }
-
-    fn classify(&self, error: wasmtime::Error, store: &Store<State>) -> PluginError {
+    fn classify(&self, error: wasmtime::Error, store: &Store<State>, budget: Duration) -> PluginError {
         if store.data().limiter.refused {
             return PluginError::OutOfMemory(self.max_memory_mib);
         }
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
-            return PluginError::Timeout(self.timeout);
+            return PluginError::Timeout(budget);
         }
         PluginError::Trap(format!("{error:#}"))
     }
+}
+
+/// Sets the deadline for the next call: whole ticks, plus one because the
+/// current tick is already partly gone.
+fn arm(store: &mut Store<State>, budget: Duration) {
+    let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+    store.set_epoch_deadline(ticks);
 }

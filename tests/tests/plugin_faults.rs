@@ -143,3 +143,65 @@ async fn on_error_next_skips_the_failed_plugin() {
         .expect("and again, on a fresh instance");
     assert_eq!(upstream.accepted(), 2);
 }
+
+/// A gateway whose first plugin, `slow`, runs `mode` in `configure` with
+/// `extra` settings and a 5 ms call deadline; `router` echoes everything.
+fn slow_configure_config(mode: &str, extra: &str, upstream: &Upstream) -> String {
+    format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["slow", "router"]
+
+        [plugins.slow]
+        wasm = "{{misbehave}}"
+        config = {{ mode = "{mode}", configure_ms = 60 }}
+        timeout = "5ms"
+        {extra}
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ address = "{}" }}
+        "#,
+        upstream.addr
+    )
+}
+
+/// Loading runs `configure` under `configure_timeout`, not the per-call
+/// `timeout`: a plugin that spends longer than a call's deadline setting up
+/// loads and serves, and one that never finishes is refused with the
+/// deadline named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configure_runs_under_its_own_deadline() {
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::tcp(echo).await;
+    let gateway = start_gateway(&slow_configure_config("slow-configure", "", &upstream)).await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(b"set up slowly\n").await.expect("write");
+    let mut back = [0u8; 14];
+    tokio::time::timeout(STEP, stream.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .expect("echoed");
+    assert_eq!(&back, b"set up slowly\n");
+
+    weir_tests::init_logging();
+    let text = weir_tests::expand(&slow_configure_config(
+        "loop-configure",
+        r#"configure_timeout = "100ms""#,
+        &upstream,
+    ));
+    let config = weir::config::Config::parse(&text, &weir_tests::workspace().join("test.toml")).expect("valid config");
+    let started = Instant::now();
+    let error = match Gateway::start(config).await {
+        Ok(_) => panic!("a plugin that never finishes configure was loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("slow") && error.contains("within 100ms (configure_timeout)"),
+        "{error}"
+    );
+    assert!(started.elapsed() < STEP, "the load was not cut off");
+}

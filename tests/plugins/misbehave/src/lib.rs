@@ -9,7 +9,9 @@
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
 //! (return invalid decisions), `read-file`, `socket`, `env` (reach for the
-//! host), `next`, `fail-configure` (refuses its config); in `admit`,
+//! host), `next`, `fail-configure` (refuses its config), `slow-configure`
+//! (spends `configure_ms` of wall-clock time in `configure`, then accepts),
+//! `loop-configure` (never returns from `configure`); in `admit`,
 //! `deny-upstream` (denies upstream peers) and `trap-admit` (panics on client
 //! peers).
 //! Connections that the failure does not apply to pass through to `pool`.
@@ -26,15 +28,31 @@ struct Misbehave {
     only_sni: Option<String>,
     #[serde(default)]
     pool: Option<String>,
+    #[serde(default)]
+    configure_ms: u64,
 }
 
 impl Plugin for Misbehave {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         *self = parse_config(config)?;
-        if self.mode == "fail-configure" {
-            return Err("refusing this config on purpose".into());
+        match self.mode.as_str() {
+            "fail-configure" => Err("refusing this config on purpose".into()),
+            "slow-configure" => {
+                // The wall clock: plugins get no monotonic clock.
+                let until = std::time::SystemTime::now() + std::time::Duration::from_millis(self.configure_ms);
+                while std::time::SystemTime::now() < until {
+                    std::hint::spin_loop();
+                }
+                Ok(())
+            }
+            "loop-configure" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn admit(&self, conn: &Connection, side: Side, peer: &Peer) -> Verdict {
