@@ -496,7 +496,8 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
     }
 }
 
-/// How long a listener waits after a failed `accept` before trying again.
+/// How long a listener waits after a failed `accept` before trying again,
+/// and a connect out of descriptors before it tries to open a socket again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Reports failed `accept` calls at most once a second, with how many
@@ -514,7 +515,7 @@ impl AcceptErrors {
         if self.last_report.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return;
         }
-        let limit = if matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE) {
+        let limit = if out_of_descriptors(error) {
             " (out of file descriptors: raise `ulimit -n` or set max_connections below it)"
         } else {
             ""
@@ -530,10 +531,14 @@ impl AcceptErrors {
     }
 }
 
-/// errno values for "too many open files" (per process, and system-wide)
-/// on Linux and the BSDs.
-const EMFILE: i32 = 24;
-const ENFILE: i32 = 23;
+/// Whether `error` is "too many open files", per process (EMFILE) or
+/// system-wide (ENFILE): weir's own shortage, not the peer's fault. (The
+/// errno values are the same on Linux and the BSDs.)
+fn out_of_descriptors(error: &io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE)
+}
 
 /// How a connection ended, for the log line.
 enum Outcome {
@@ -1282,7 +1287,8 @@ async fn read_postgres(
 /// Connects to the target: the one address, or the pool's servers in the
 /// order the pool gives (its policy's choice first, available servers
 /// before the others, at most `max_attempts`), all within one connect
-/// deadline. Failed connects count towards passive ejection.
+/// deadline. Failed connects count towards passive ejection; a socket
+/// that cannot be opened because weir is out of descriptors does not.
 async fn connect(
     target: &Target,
     snapshot: &Snapshot,
@@ -1315,13 +1321,33 @@ async fn connect(
     };
     let mut failures = Vec::new();
     for (server, backend) in candidates {
+        // Out of descriptors, no socket can be opened: that is weir's
+        // shortage, not the server's. Wait for one to free up (as accept
+        // does) within the same deadline, and blame no one.
+        let mut short_of_descriptors = None;
         let attempt = async {
-            match server.socket_addr() {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect(server.to_string()).await,
+            loop {
+                let result = match server.socket_addr() {
+                    Some(addr) => TcpStream::connect(addr).await,
+                    None => TcpStream::connect(server.to_string()).await,
+                };
+                match result {
+                    Err(e) if out_of_descriptors(&e) => {
+                        short_of_descriptors = Some(e);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    other => return other,
+                }
             }
         };
-        match tokio::time::timeout_at(deadline, attempt).await {
+        let outcome = tokio::time::timeout_at(deadline, attempt).await;
+        if let (Err(_), Some(e)) = (&outcome, short_of_descriptors) {
+            failures.push(format!(
+                "{server}: no socket before the connect deadline, weir is out of file descriptors ({e})"
+            ));
+            break;
+        }
+        match outcome {
             Ok(Ok(stream)) => {
                 // Latency matters more than segment count for proxied protocols.
                 let _ = stream.set_nodelay(true);
