@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/plugins` | each plugin: wasm path, SHA-256, load time, on_error |
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
+//! | `GET /api/certificates` | each certificate: notAfter, whether an OCSP response is stapled now, its nextUpdate |
 //! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
 //! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
 //! | `POST /api/pools` | creates or replaces a pool: `{"name": ..., "servers": [...], ...}` as in the config |
@@ -230,11 +231,19 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
     }
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::METRICS.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let metrics = &crate::metrics::METRICS;
+            metrics.set_certificates(&gateway.snapshot().tls().certificate_status());
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
+        (&Method::GET, "/api/certificates") => {
+            let certificates = gateway.snapshot().tls().certificate_status();
+            json_reply(StatusCode::OK, &json!({ "certificates": certificates }))
+        }
         (&Method::GET, "/api/plugins") => {
             let snapshot = gateway.snapshot();
             let plugins: Vec<_> = snapshot
@@ -345,9 +354,11 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
             };
             json_reply(status, &json!(report))
         }
-        (_, "/metrics" | "/api/plugins" | "/api/routes" | "/api/tenants" | "/api/connections" | "/api/reload") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
-        }
+        (
+            _,
+            "/metrics" | "/api/plugins" | "/api/routes" | "/api/certificates" | "/api/tenants" | "/api/connections"
+            | "/api/reload",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
 }

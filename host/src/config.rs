@@ -195,6 +195,9 @@ pub struct CertificateConfig {
     /// The private key (PKCS#8, PKCS#1 RSA or SEC1 EC), relative to the
     /// config file.
     pub key: PathBuf,
+    /// A DER OCSP response for the certificate, stapled to handshakes
+    /// while it is current; relative to the config file.
+    pub ocsp: Option<PathBuf>,
 }
 
 /// A tenant: the server names it owns, its plugin chain, what its

@@ -278,7 +278,8 @@ impl Gateway {
     }
 
     /// Every file the current config depends on: itself, plugin `.wasm` and
-    /// config files, certificates, keys, CA bundles, collateral.
+    /// config files, certificates, keys, OCSP responses, CA bundles,
+    /// collateral.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let snapshot = self.snapshot.load();
         let config = &snapshot.config;
@@ -290,6 +291,7 @@ impl Gateway {
         for cert in config.certificates.values() {
             files.push(config.resolve(&cert.cert));
             files.push(config.resolve(&cert.key));
+            files.extend(cert.ocsp.as_ref().map(|f| config.resolve(f)));
         }
         files.extend(
             config

@@ -20,6 +20,7 @@ pub mod config;
 pub mod decision;
 pub mod gateway;
 pub mod metrics;
+pub mod ocsp;
 pub mod plugin;
 pub mod pool;
 pub mod postgres;

@@ -150,6 +150,9 @@ fn build_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
 }
 
 fn check(path: PathBuf) -> anyhow::Result<()> {
+    // Warnings (a certificate about to expire, a stale OCSP response) go
+    // to stderr as when running.
+    init_logging()?;
     let snapshot = build_snapshot(&path)?;
     let config = &snapshot.config;
     println!(

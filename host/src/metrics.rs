@@ -80,6 +80,13 @@ pub struct ShedLabels {
     pub limit: &'static str,
 }
 
+/// A certificate from `[certificates]`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// Its name in the config.
+    pub certificate: String,
+}
+
 /// A reload's result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -112,6 +119,12 @@ pub struct Metrics {
     pub shed: Family<ShedLabels, Counter>,
     /// Failed `accept` calls (out of descriptors or memory).
     pub accept_errors: Family<ListenerLabels, Counter>,
+    /// Certificates' notAfter.
+    certificate_not_after: Family<CertificateLabels, Gauge>,
+    /// Stapled OCSP responses' nextUpdate.
+    ocsp_next_update: Family<CertificateLabels, Gauge>,
+    /// Whether an OCSP response is stapled now.
+    ocsp_stapled: Family<CertificateLabels, Gauge>,
 }
 
 /// The process's metrics.
@@ -134,6 +147,24 @@ impl Metrics {
         let tenant_limited = Family::<TenantLabels, Counter>::default();
         let shed = Family::<ShedLabels, Counter>::default();
         let accept_errors = Family::<ListenerLabels, Counter>::default();
+        let certificate_not_after = Family::<CertificateLabels, Gauge>::default();
+        let ocsp_next_update = Family::<CertificateLabels, Gauge>::default();
+        let ocsp_stapled = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "When each certificate expires (its notAfter), seconds since the Unix epoch",
+            certificate_not_after.clone(),
+        );
+        registry.register(
+            "certificate_ocsp_next_update_timestamp_seconds",
+            "When each certificate's OCSP response goes stale (its nextUpdate), for responses that say",
+            ocsp_next_update.clone(),
+        );
+        registry.register(
+            "certificate_ocsp_stapled",
+            "1 while an OCSP response is stapled to the certificate's handshakes",
+            ocsp_stapled.clone(),
+        );
         registry.register(
             "accept_errors",
             "Failed accept calls (out of file descriptors or memory); the connection waits in the kernel's backlog",
@@ -194,6 +225,32 @@ impl Metrics {
             tenant_limited,
             shed,
             accept_errors,
+            certificate_not_after,
+            ocsp_next_update,
+            ocsp_stapled,
+        }
+    }
+
+    /// Sets the certificate gauges to the certificates in use now (those
+    /// a reload removed disappear).
+    pub fn set_certificates(&self, certificates: &[crate::tls::CertificateStatus]) {
+        self.certificate_not_after.clear();
+        self.ocsp_next_update.clear();
+        self.ocsp_stapled.clear();
+        let seconds = |at: u64| i64::try_from(at).unwrap_or(i64::MAX);
+        for status in certificates {
+            let labels = CertificateLabels {
+                certificate: status.name.clone(),
+            };
+            self.certificate_not_after
+                .get_or_create(&labels)
+                .set(seconds(status.not_after));
+            if let Some(next) = status.ocsp_next_update {
+                self.ocsp_next_update.get_or_create(&labels).set(seconds(next));
+            }
+            self.ocsp_stapled
+                .get_or_create(&labels)
+                .set(i64::from(status.ocsp_stapled));
         }
     }
 

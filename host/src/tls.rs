@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -135,7 +136,8 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -144,6 +146,41 @@ fn hex(bytes: &[u8]) -> String {
 struct Certificate {
     name: Arc<str>,
     key: Arc<CertifiedKey>,
+    /// The same with its OCSP response, and until when that is current.
+    stapled: Option<(Arc<CertifiedKey>, Option<SystemTime>)>,
+    not_after: SystemTime,
+}
+
+impl Certificate {
+    /// What a handshake presents now: with the OCSP response while it is
+    /// current, without it once it is stale.
+    fn current(&self) -> &Arc<CertifiedKey> {
+        match &self.stapled {
+            Some((stapled, until)) if until.is_none_or(|until| SystemTime::now() < until) => stapled,
+            _ => &self.key,
+        }
+    }
+}
+
+/// What the admin API and the metrics say about a certificate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateStatus {
+    /// Its name in the config.
+    pub name: String,
+    /// The end-entity certificate's notAfter, seconds since the Unix epoch.
+    pub not_after: u64,
+    /// Its OCSP response's nextUpdate (seconds since the Unix epoch), if
+    /// one is stapled and says.
+    pub ocsp_next_update: Option<u64>,
+    /// Whether an OCSP response is stapled right now.
+    pub ocsp_stapled: bool,
+}
+
+/// How long before a certificate expires weir starts warning at each load.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A named trust anchor.
@@ -249,13 +286,44 @@ impl TlsMaterial {
                 .key_provider
                 .load_private_key(key)
                 .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let not_after = not_after(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+            warn_of_expiry(name, not_after);
+            let now = SystemTime::now();
+            let staple = match &cert.ocsp {
+                None => None,
+                Some(file) => {
+                    let path = config.resolve(file);
+                    let der = std::fs::read(&path).map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
+                    let staple = crate::ocsp::check(&der, &chain, now)
+                        .map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
+                    match staple.next_update {
+                        Some(next) if next <= now => {
+                            tracing::warn!(
+                                certificate = %name,
+                                file = %path.display(),
+                                next_update = %crate::ocsp::rfc3339(next),
+                                "the OCSP response is stale: not stapled until a newer one is in place"
+                            );
+                            None
+                        }
+                        _ => Some(staple),
+                    }
+                }
+            };
             let certified = CertifiedKey::new(chain, key);
             certified
                 .keys_match()
                 .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+            let stapled = staple.map(|staple| {
+                let mut with = certified.clone();
+                with.ocsp = Some(staple.der);
+                (Arc::new(with), staple.next_update)
+            });
             let certificate = Arc::new(Certificate {
                 name: name.as_str().into(),
                 key: Arc::new(certified),
+                stapled,
+                not_after,
             });
             for pattern in names {
                 let index = match pattern {
@@ -297,6 +365,19 @@ impl TlsMaterial {
     /// How RA-TLS attestations are checked.
     pub fn attestation(&self) -> &Arc<AttestationPolicy> {
         &self.attestation
+    }
+
+    /// Every certificate's expiry and OCSP state, by name.
+    pub fn certificate_status(&self) -> Vec<CertificateStatus> {
+        self.certificates
+            .values()
+            .map(|c| CertificateStatus {
+                name: c.name.to_string(),
+                not_after: unix_seconds(c.not_after),
+                ocsp_next_update: c.stapled.as_ref().and_then(|(_, until)| until.map(unix_seconds)),
+                ocsp_stapled: c.current().ocsp.is_some(),
+            })
+            .collect()
     }
 
     /// Whether a certificate of this name exists.
@@ -424,7 +505,7 @@ impl TlsMaterial {
                 Some(builder.build().map_err(|e| TerminateError::Config(e.to_string()))?)
             }
         };
-        let resolver = Arc::new(Candidates(certificates.iter().map(|c| Arc::clone(&c.key)).collect()));
+        let resolver = Arc::new(Candidates(certificates));
         let builder = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(settings.versions)
             .map_err(config_error)?;
@@ -554,20 +635,46 @@ fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<Pattern>, String> {
     Ok(out)
 }
 
+/// The end-entity certificate's notAfter.
+fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let seconds = cert.validity().not_after.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
+}
+
+/// Logs a certificate that has expired (an error: clients refuse it) or
+/// expires within [`EXPIRY_WARNING`].
+fn warn_of_expiry(name: &str, not_after: SystemTime) {
+    let at = crate::ocsp::rfc3339(not_after);
+    match not_after.duration_since(SystemTime::now()) {
+        Err(_) => {
+            tracing::error!(certificate = name, not_after = %at, "the certificate has expired: clients will refuse it")
+        }
+        Ok(left) if left < EXPIRY_WARNING => tracing::warn!(
+            certificate = name,
+            not_after = %at,
+            days = left.as_secs() / 86_400,
+            "the certificate expires soon"
+        ),
+        Ok(_) => {}
+    }
+}
+
 /// Picks, among certificates for one name, the first whose key can sign
 /// with a scheme the client offers (so an ECDSA and an RSA certificate can
 /// serve the same name).
 #[derive(Debug)]
-struct Candidates(Vec<Arc<CertifiedKey>>);
+struct Candidates(Vec<Arc<Certificate>>);
 
 impl ResolvesServerCert for Candidates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let schemes = hello.signature_schemes();
         self.0
             .iter()
-            .find(|c| c.key.choose_scheme(schemes).is_some())
+            .find(|c| c.key.key.choose_scheme(schemes).is_some())
             .or_else(|| self.0.first())
-            .cloned()
+            .map(|c| Arc::clone(c.current()))
     }
 }
 
@@ -939,6 +1046,36 @@ fn escape_rfc4514(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ocsp_response_is_stapled_only_while_it_is_current() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["ocsp.test".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let signer = base_provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::try_from(key.serialize_der()).expect("key"))
+            .expect("signer");
+        let plain = CertifiedKey::new(vec![cert.der().clone()], signer);
+        let mut with = plain.clone();
+        with.ocsp = Some(b"response".to_vec());
+        let now = SystemTime::now();
+        let certificate = |until: Option<SystemTime>| Certificate {
+            name: "site".into(),
+            key: Arc::new(plain.clone()),
+            stapled: Some((Arc::new(with.clone()), until)),
+            not_after: now,
+        };
+        let stapled = |c: &Certificate| c.current().ocsp.is_some();
+        assert!(stapled(&certificate(Some(now + Duration::from_secs(60)))));
+        assert!(stapled(&certificate(None)), "a response without nextUpdate");
+        assert!(
+            !stapled(&certificate(Some(now - Duration::from_secs(1)))),
+            "a stale response"
+        );
+    }
 
     #[test]
     fn pins_parse_with_or_without_colons() {

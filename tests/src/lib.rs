@@ -570,6 +570,16 @@ impl WeirProcess {
         .unwrap_or_else(|_| panic!("a log line containing {needle:?}"))
     }
 
+    /// Where the admin API listens, from its start-up line.
+    pub async fn admin_addr(&mut self) -> String {
+        let line = self.line_containing("admin listening").await;
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the admin line names its address")
+            .to_owned()
+    }
+
     /// Where a listener is bound.
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.addrs[listener]
@@ -847,4 +857,34 @@ pub async fn admin_request(admin: &str, method: &str, path: &str, token: Option<
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Runs `openssl s_client` against `addr` asking for `sni` and verifying
+/// with `ca` (a failed verification ends the handshake), with `args` added;
+/// sends `line` and returns (stdout, stderr) once openssl has finished.
+pub async fn openssl_s_client(addr: SocketAddr, sni: &str, ca: &Path, args: &[&str], line: &str) -> (String, String) {
+    let mut child = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", sni])
+        .args(["-CAfile", &ca.display().to_string(), "-verify_return_error", "-ign_eof"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .expect("write to openssl");
+    let output = tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .expect("openssl finishes")
+        .expect("output");
+    drop(stdin);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

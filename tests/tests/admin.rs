@@ -40,13 +40,7 @@ async fn the_admin_api_reports_and_reloads() {
     );
     let config = write_config(dir.path(), &text);
     let mut weir = WeirProcess::spawn(&config).await;
-    let line = weir.line_containing("admin listening").await;
-    let admin = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("addr")
-        .to_owned();
+    let admin = weir.admin_addr().await;
     let token = Some("s3cret");
 
     assert_eq!(http(&admin, "GET", "/metrics", None).await.0, 401);
@@ -138,13 +132,7 @@ async fn pools_change_at_runtime_without_a_restart() {
     );
     let config = write_config(dir.path(), &text);
     let mut weir = WeirProcess::spawn(&config).await;
-    let line = weir.line_containing("admin listening").await;
-    let admin = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("addr")
-        .to_owned();
+    let admin = weir.admin_addr().await;
     let public = weir.addr("public");
     let ask = || async move {
         let mut client = TcpStream::connect(public).await.expect("connect");

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -179,34 +178,9 @@ tls:
 
     // Passthrough router: openssl sees the app's own certificate.
     let app_ca = app_pki.write_ca(dir.path(), "app-ca");
-    let mut child = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", "app.test"])
-        .args([
-            "-CAfile",
-            &app_ca.display().to_string(),
-            "-verify_return_error",
-            "-brief",
-            "-ign_eof",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("openssl");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"through the mesh\n").await.expect("write");
-    let out = tokio::time::timeout(STEP, child.wait_with_output())
-        .await
-        .expect("openssl finishes")
-        .expect("output");
-    drop(stdin);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "upstream heard: through the mesh\n",
-        "{stderr}"
-    );
+    let (stdout, stderr) =
+        weir_tests::openssl_s_client(addr, "app.test", &app_ca, &["-brief"], "through the mesh").await;
+    assert_eq!(stdout, "upstream heard: through the mesh\n", "{stderr}");
     assert!(stderr.contains("CN = app.test"), "{stderr}");
     let line = weir.connection_line().await;
     assert!(

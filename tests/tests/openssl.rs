@@ -2,10 +2,8 @@
 //! `openssl s_client -servername`, verifying the upstream's certificate
 //! against the upstream's CA only.
 
-use std::process::Stdio;
-
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use weir_tests::{Pki, STEP, Upstream, start_gateway};
+use weir_tests::{Pki, Upstream, start_gateway};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_s_client_reaches_the_upstream_through_passthrough() {
@@ -38,33 +36,14 @@ async fn openssl_s_client_reaches_the_upstream_through_passthrough() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).expect("write CA");
 
-    let mut child = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", "app.test"])
-        .args([
-            "-CAfile",
-            &ca.display().to_string(),
-            "-verify_return_error",
-            "-verify_hostname",
-            "app.test",
-        ])
-        .args(["-brief", "-ign_eof"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("openssl is installed (.ci/run installs it)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"hello through weir\n")
-        .await
-        .expect("write to openssl");
-    let output = tokio::time::timeout(STEP, child.wait_with_output())
-        .await
-        .expect("openssl finishes")
-        .expect("output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (stdout, stderr) = weir_tests::openssl_s_client(
+        addr,
+        "app.test",
+        &ca,
+        &["-verify_hostname", "app.test", "-brief"],
+        "hello through weir",
+    )
+    .await;
     assert!(
         stdout.contains("upstream heard: hello through weir"),
         "stdout: {stdout}\nstderr: {stderr}"
@@ -74,5 +53,4 @@ async fn openssl_s_client_reaches_the_upstream_through_passthrough() {
         stderr.contains("CN = app.test"),
         "the peer is not the upstream: {stderr}"
     );
-    drop(stdin);
 }

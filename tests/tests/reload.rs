@@ -94,13 +94,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
     std::fs::write(&path, config(&wasm, &other, green.addr, blue.addr, false)).expect("config");
     let mut weir = WeirProcess::spawn(&path).await;
     let addr = weir.addr("public");
-    let admin_line = weir.line_containing("admin listening").await;
-    let admin = admin_line
-        .split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("admin address")
-        .to_owned();
+    let admin = weir.admin_addr().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));

@@ -5,12 +5,11 @@
 //! reached by curl, openssl s_client and rustls clients.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use weir_tests::{
-    Identity, Pki, STEP, Upstream, WeirProcess, answer, answer_with, read_to_end, tls_connect, tls_exchange, toml_path,
+    Identity, Pki, Upstream, WeirProcess, answer, answer_with, read_to_end, tls_connect, tls_exchange, toml_path,
     write_config,
 };
 
@@ -24,31 +23,10 @@ fn certificate_section(dir: &Path, name: &str, identity: &Identity) -> String {
     )
 }
 
-/// Runs `openssl s_client` against `addr` asking for `sni`, verifying with
-/// `ca`, sends `line`, and returns (stdout, stderr).
+/// `openssl s_client -brief`, checking the host name too.
 async fn s_client(addr: std::net::SocketAddr, sni: &str, ca: &Path, extra: &[&str], line: &str) -> (String, String) {
-    let mut child = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", sni])
-        .args(["-CAfile", &ca.display().to_string(), "-verify_return_error"])
-        .args(["-verify_hostname", sni, "-brief", "-ign_eof"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("openssl is installed (.ci/run installs it)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write");
-    let output = tokio::time::timeout(STEP, child.wait_with_output())
-        .await
-        .expect("openssl finishes")
-        .expect("output");
-    drop(stdin);
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let args = [&["-verify_hostname", sni, "-brief"], extra].concat();
+    weir_tests::openssl_s_client(addr, sni, ca, &args, line).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
