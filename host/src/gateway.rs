@@ -895,7 +895,7 @@ async fn passthrough(
     let ssl_request = front.protocol == wit::Protocol::PostgresTls;
     // Boxed for the same reason as the sniffing: the connect attempts'
     // state would otherwise set the size of every connection's task.
-    let connecting = open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record);
+    let connecting = open_upstream(target, ssl_request, front.local_addr, None, listener, snapshot, record);
     let mut upstream = match Box::pin(connecting).await {
         Ok(upstream) => upstream,
         Err(outcome) => {
@@ -916,13 +916,15 @@ async fn passthrough(
 }
 
 /// Connects to the target and sends what precedes the client's own bytes:
-/// the PROXY header, and with `ssl_request` (a PostgreSQL upstream that is
-/// to speak TLS) an SSLRequest whose answer must be exactly `S`; all within
-/// the connect deadline.
+/// the PROXY header (with `tls`, what a terminated connection's handshake
+/// was), and with `ssl_request` (a PostgreSQL upstream that is to speak TLS)
+/// an SSLRequest whose answer must be exactly `S`; all within the connect
+/// deadline.
 async fn open_upstream(
     target: &Target,
     ssl_request: bool,
     local_addr: SocketAddr,
+    tls: Option<&proxy_protocol::TlsFacts>,
     listener: &Listener,
     snapshot: &Snapshot,
     record: &mut Record,
@@ -941,7 +943,7 @@ async fn open_upstream(
         Upstream::Address(_) => None,
     };
     let mut first = match target.proxy_protocol.or(pool_proxy) {
-        Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref()) {
+        Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref(), tls) {
             Ok(header) => header,
             Err(e) => return Err(Outcome::Io(e)),
         },
@@ -1041,10 +1043,19 @@ async fn terminate(
             return Outcome::Denied(reason);
         }
     }
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let facts = crate::tls::facts(tls.get_ref().1);
     let target = termination.then.target();
     let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
-    let upstream = match open_upstream(target, ssl_request, front.local_addr, listener, snapshot, record).await {
+    let opening = open_upstream(
+        target,
+        ssl_request,
+        front.local_addr,
+        Some(&facts),
+        listener,
+        snapshot,
+        record,
+    );
+    let upstream = match opening.await {
         Ok(upstream) => upstream,
         Err(outcome) => {
             close_tls(&mut tls).await;
@@ -1059,7 +1070,7 @@ async fn terminate(
                 upstream,
                 upstream_tls,
                 &conn,
-                alpn.as_deref(),
+                facts.alpn.as_deref(),
                 listener,
                 chain,
                 snapshot,

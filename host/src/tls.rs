@@ -661,6 +661,39 @@ fn warn_of_expiry(name: &str, not_after: SystemTime) {
     }
 }
 
+/// What a completed server handshake was, for a PROXY v2 header.
+pub fn facts(conn: &rustls::ServerConnection) -> crate::proxy_protocol::TlsFacts {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "",
+    };
+    // rustls spells TLS 1.3 suites `TLS13_...`; their IANA names are `TLS_...`.
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|suite| suite.suite().as_str())
+        .map(|name| name.replacen("TLS13_", "TLS_", 1))
+        .unwrap_or_default();
+    let client_cn = conn.peer_certificates().and_then(<[_]>::first).map(|cert| {
+        x509_parser::parse_x509_certificate(cert)
+            .ok()
+            .and_then(|(_, cert)| {
+                cert.subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok().map(str::to_owned))
+            })
+            .unwrap_or_default()
+    });
+    crate::proxy_protocol::TlsFacts {
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        version: version.into(),
+        cipher,
+        client_cn,
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    }
+}
+
 /// Picks, among certificates for one name, the first whose key can sign
 /// with a scheme the client offers (so an ECDSA and an RSA certificate can
 /// serve the same name).

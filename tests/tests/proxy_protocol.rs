@@ -1,7 +1,8 @@
 //! PROXY protocol from load balancers in front of weir: trusted sources must
 //! send a header, and its addresses become the connection's (what plugins
 //! see and what weir sends on upstream); a header from anyone else is
-//! refused.
+//! refused. And to upstreams of terminated connections: the v2 header tells
+//! them the negotiated ALPN, TLS version, cipher and client certificate.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -98,5 +99,90 @@ async fn a_trusted_source_without_a_header_is_refused() {
         let mut client = TcpStream::connect(addr).await.expect("connect");
         let _ = client.write_all(&bytes).await;
         expect_closed_unrouted(&mut client, &upstream, what).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_connection_tells_the_upstream_its_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let site_pki = weir_tests::Pki::new("site CA");
+    let client_pki = weir_tests::Pki::new("client CA");
+    let (upstream, mut received_rx) = recording_upstream().await;
+    let (cert, key) = site_pki.server(&["web.test"]).write(dir.path(), "site");
+    let (gateway, _) = weir_tests::start_gateway_file(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            [plugins.router.config.routes."web.test"]
+            address = "{}"
+            proxy_protocol = 2
+            terminate = {{ certificate = "site", client_auth = "optional", client_ca = "clients", alpn = ["h2", "http/1.1"] }}
+
+            [cas.clients]
+            file = {}
+
+            [certificates.site]
+            cert = {}
+            key = {}
+            "#,
+            upstream.addr,
+            weir_tests::toml_path(&client_pki.write_ca(dir.path(), "clients")),
+            weir_tests::toml_path(&cert),
+            weir_tests::toml_path(&key),
+        ),
+    )
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+
+    // TLS 1.3 with alice's certificate and h2; then TLS 1.2, no certificate,
+    // no ALPN.
+    let alice = client_pki.client("alice");
+    let mut with_cert = (*site_pki.client_config_with(&alice)).clone();
+    with_cert.alpn_protocols = vec![b"h2".to_vec()];
+    let tls12 = site_pki.client_config_for(&[&rustls::version::TLS12], None);
+    for (config, alpn, version, cn) in [
+        (
+            std::sync::Arc::new(with_cert),
+            Some(&b"h2"[..]),
+            "TLSv1.3",
+            Some("alice"),
+        ),
+        (tls12, None, "TLSv1.2", None),
+    ] {
+        let mut client = weir_tests::tls_connect(addr, "web.test", config)
+            .await
+            .expect("handshake");
+        client.write_all(b"hello").await.expect("send");
+        client.shutdown().await.expect("close");
+        let received = next_report(&mut received_rx).await;
+        let header = ppp::v2::Header::try_from(&received[..]).expect("a PROXY v2 header");
+        assert_eq!(&received[header.len()..], b"hello");
+        let tlvs: Vec<ppp::v2::TypeLengthValue> = header.tlvs().map(|t| t.expect("a TLV")).collect();
+        let tlv = |kind: u8| tlvs.iter().find(|t| t.kind == kind).map(|t| t.value.to_vec());
+        assert_eq!(tlv(0x01).as_deref(), alpn, "ALPN");
+        assert_eq!(tlv(0x02).as_deref(), Some(&b"web.test"[..]), "authority");
+        let ssl = tlv(0x20).expect("the SSL TLV");
+        let flags = if cn.is_some() { 0x07 } else { 0x01 };
+        assert_eq!(ssl[..5], [flags, 0, 0, 0, 0], "client flags and verify");
+        // Sub-TLVs: version, common name, cipher.
+        let mut subs = Vec::new();
+        let mut rest = &ssl[5..];
+        while rest.len() >= 3 {
+            let len = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+            subs.push((rest[0], String::from_utf8(rest[3..3 + len].to_vec()).expect("text")));
+            rest = &rest[3 + len..];
+        }
+        assert!(rest.is_empty(), "{ssl:?}");
+        let sub = |kind: u8| subs.iter().find(|(k, _)| *k == kind).map(|(_, v)| v.as_str());
+        assert_eq!(sub(0x21), Some(version));
+        assert_eq!(sub(0x22), cn);
+        let cipher = sub(0x23).expect("the cipher");
+        assert!(cipher.starts_with("TLS_") && !cipher.starts_with("TLS13_"), "{cipher}");
     }
 }
