@@ -2,6 +2,11 @@
 """Runs weir beside HAProxy, nginx stream and a direct connection and writes
 a Markdown report of what it measured to bench/results/.
 
+Passthrough by default; with --terminate, every proxy terminates the
+client's TLS with the same certificate and key as the upstream's and sends
+the stream in plain to the upstream's plaintext port (the direct baseline
+is then the TLS upstream itself: the cost of TLS at the endpoint).
+
 Started by bench/run.sh, which installs the proxies and builds the binaries.
 The proxy under test is pinned to CPU 0 and limited to one thread / worker;
 the TLS upstream and the load generator share CPU 1. Client throughput is
@@ -32,10 +37,13 @@ WEIR = RELEASE / "weir"
 PLUGIN = ROOT / "target" / "wasm32-wasip2" / "release" / "static_router.wasm"
 
 UPSTREAM = ("127.0.0.1", 10443)
+# The same upstream without TLS, for proxies that terminate.
+PLAIN_UPSTREAM = ("127.0.0.1", 10448)
 SNI = "bench.test"
 GIB = 1 << 30
 
 QUICK = "--quick" in sys.argv
+TERMINATE = "--terminate" in sys.argv
 REPEATS = 1 if QUICK else 3
 BULK_BYTES = (256 << 20) if QUICK else GIB
 RATE_SECONDS = 2 if QUICK else 5
@@ -137,7 +145,8 @@ def started(command, port, **popen):
 
 def start_upstream(cpu=None):
     """The benchmark's TLS upstream, listening on UPSTREAM."""
-    command = [*pinned(cpu), str(BENCH), "upstream", "--listen", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "--dir", str(WORK)]
+    command = [*pinned(cpu), str(BENCH), "upstream", "--listen", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "--dir", str(WORK),
+               "--plain", f"{PLAIN_UPSTREAM[0]}:{PLAIN_UPSTREAM[1]}"]
     return started(command, UPSTREAM[1], stdout=subprocess.DEVNULL)
 
 
@@ -198,6 +207,9 @@ class Target:
 
 
 def write_configs():
+    if TERMINATE:
+        write_terminate_configs()
+        return
     host, port = UPSTREAM
     (WORK / "weir.toml").write_text(f"""
 [listeners.bench]
@@ -257,6 +269,74 @@ stream {{
     server {{
         listen 127.0.0.1:10446;
         ssl_preread on;
+        proxy_pass $upstream;
+        proxy_timeout 10m;
+    }}
+}}
+""")
+
+
+def write_terminate_configs():
+    """weir, HAProxy and nginx terminating TLS with the upstream's own
+    certificate and key (ECDSA P-256), routing by SNI, to the plaintext port."""
+    host, port = PLAIN_UPSTREAM
+    (WORK / "weir.toml").write_text(f"""
+[listeners.bench]
+bind = "127.0.0.1:10444"
+plugins = ["router"]
+
+[plugins.router]
+wasm = "{PLUGIN}"
+config.routes."{SNI}" = {{ pool = "upstream", terminate = {{ certificate = "bench" }} }}
+config.default = {{ reject = "unknown name" }}
+
+[certificates.bench]
+cert = "{WORK / 'bench.pem'}"
+key = "{WORK / 'bench-key.pem'}"
+
+[pools.upstream]
+servers = ["{host}:{port}"]
+""")
+    (WORK / "haproxy.cfg").write_text(f"""
+global
+    maxconn {IDLE_CONNS + 100}
+    nbthread 1
+    log stderr format raw local0 err
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+frontend bench
+    bind 127.0.0.1:10445 ssl crt {WORK / 'bench-combined.pem'}
+    use_backend upstream if {{ ssl_fc_sni -i {SNI} }}
+
+backend upstream
+    server s1 {host}:{port}
+""")
+    (WORK / "nginx.conf").write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile {FD_LIMIT};
+daemon off;
+pid {WORK}/nginx.pid;
+error_log stderr error;
+
+events {{
+    worker_connections {2 * IDLE_CONNS + 400};
+}}
+
+stream {{
+    map $ssl_server_name $upstream {{
+        {SNI} {host}:{port};
+        default 127.0.0.1:1;
+    }}
+    server {{
+        listen 127.0.0.1:10446 ssl;
+        ssl_certificate {WORK / 'bench.pem'};
+        ssl_certificate_key {WORK / 'bench-key.pem'};
         proxy_pass $upstream;
         proxy_timeout 10m;
     }}
@@ -366,31 +446,54 @@ def fmt(value):
 
 def report(results, targets, facts):
     names = [t.name for t in targets]
+    flags = (" --terminate" if TERMINATE else "") + (" --quick" if QUICK else "")
+    what = "terminating TLS" if TERMINATE else "passing TLS through"
     lines = [
-        f"# weir beside HAProxy, nginx and a direct connection — {facts['date']}",
+        f"# weir beside HAProxy, nginx and a direct connection, {what} — {facts['date']}",
         "",
-        "Produced by `bench/run.sh`" + (" --quick" if QUICK else "") + f" at commit `{facts['commit']}`.",
+        "Produced by `bench/run.sh" + flags + f"` at commit `{facts['commit']}`.",
         "",
         "| machine | |",
         "| --- | --- |",
     ]
     for key in ("cpu", "cores", "kernel", "weir", "haproxy", "nginx", "rustc"):
         lines.append(f"| {key} | {facts[key]} |")
+    if TERMINATE:
+        lines += [
+            "",
+            "Each proxy terminates the client's TLS (SNI `bench.test`, full TLS 1.3 handshake each, no "
+            "resumption; the proxies' default ticket settings) with the same ECDSA P-256 certificate and "
+            "key as the upstream's, and relays the stream in plain to the upstream's plaintext port. "
+            "`direct` is the client talking TLS to the rustls upstream itself. The proxy runs on CPU 0 "
+            "with one thread (weir: one tokio worker, rustls with ring; HAProxy: `nbthread 1`, "
+            "`bind ... ssl crt`; nginx: one worker, stream `listen ... ssl`, both OpenSSL); the load "
+            "generator and the upstream share CPU 1. Here the proxy does the server side of every "
+            "handshake, so connection rate and bulk throughput are bounded by the proxy itself. "
+            f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
+            "(idle memory: first run only).",
+            "",
+        ]
+        pairs = (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"))
+    else:
+        lines += [
+            "",
+            "Passthrough of the same TLS sessions (SNI `bench.test`, full TLS 1.3 handshake each, no resumption) "
+            "to the same rustls upstream. The proxy runs on CPU 0 with one thread (weir: one tokio worker; "
+            "HAProxy: `nbthread 1`, `option splice-auto`; nginx: one worker, `ssl_preread` + `map`); the "
+            "load generator and the upstream share CPU 1, so throughput and connection rate are bounded by "
+            "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
+            f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
+            "(idle memory: first run only).",
+            "",
+            "`weir` uses its default relay (`copy`); `weir-auto` is the same gateway with `relay = \"auto\"` "
+            "(copy, then `splice(2)` once a direction has carried 64 KiB).",
+            "",
+        ]
+        pairs = (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy"))
+    header = " | ".join(f"{mine} ÷ {'HAProxy' if other == 'haproxy' else other}" for mine, other in pairs)
     lines += [
-        "",
-        "Passthrough of the same TLS sessions (SNI `bench.test`, full TLS 1.3 handshake each, no resumption) "
-        "to the same rustls upstream. The proxy runs on CPU 0 with one thread (weir: one tokio worker; "
-        "HAProxy: `nbthread 1`, `option splice-auto`; nginx: one worker, `ssl_preread` + `map`); the "
-        "load generator and the upstream share CPU 1, so throughput and connection rate are bounded by "
-        "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
-        f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
-        "(idle memory: first run only).",
-        "",
-        "`weir` uses its default relay (`copy`); `weir-auto` is the same gateway with `relay = \"auto\"` "
-        "(copy, then `splice(2)` once a direction has carried 64 KiB).",
-        "",
-        "| metric | " + " | ".join(names) + " | weir ÷ HAProxy | weir ÷ nginx | weir ÷ direct | weir-auto ÷ HAProxy |",
-        "| --- |" + " --- |" * (len(names) + 4),
+        "| metric | " + " | ".join(names) + " | " + header + " |",
+        "| --- |" + " --- |" * (len(names) + len(pairs)),
     ]
     for key, label, unit, higher in ROWS:
         values = [results[n].get(key) for n in names]
@@ -398,25 +501,25 @@ def report(results, targets, facts):
             continue
         arrow = "↑" if higher else "↓"
         ratios = []
-        for mine, other in (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy")):
+        for mine, other in pairs:
             value, base = results.get(mine, {}).get(key), results.get(other, {}).get(key)
             ratios.append(f"{value / base:.2f}" if value is not None and base else "–")
         lines.append(f"| {label} ({unit}, {arrow} better) | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
-    added = results["weir"]["serial_p50_us"] - results["direct"]["serial_p50_us"]
+    added = ", ".join(
+        f"{n} {results[n]['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs" for n in names if n != "direct"
+    )
     lines += [
         "",
-        f"Added connect+handshake latency over direct, serial p50: weir {added:.0f} µs, "
-        f"weir-auto {results['weir-auto']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
-        f"HAProxy {results['haproxy']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs, "
-        f"nginx {results['nginx']['serial_p50_us'] - results['direct']['serial_p50_us']:.0f} µs.",
+        f"Added connect+handshake latency over direct, serial p50: {added}.",
         "",
         "Connection-rate errors (all runs): " + ", ".join(f"{n} {results[n]['rate_errors']}" for n in names) + ".",
         "Idle connections opened (of them, still relaying when all were checked at once): "
         + ", ".join(f"{n} {results[n].get('idle_open', '–')} ({results[n].get('idle_alive', '–')})" for n in names if n != "direct")
         + ".",
         "",
-        "Debian's HAProxy and nginx link OpenSSL 3.0; in passthrough they do no TLS work, so that does not "
-        "affect these figures (it would for termination).",
+        "Debian's HAProxy and nginx link OpenSSL 3.0"
+        + ("; weir uses rustls with ring." if TERMINATE else
+           "; in passthrough they do no TLS work, so that does not affect these figures."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -429,10 +532,11 @@ def main():
         targets = [
             Target("direct", UPSTREAM[1]),
             Target("weir", 10444, [str(WEIR), "run", "--config", str(WORK / "weir.toml")], version([str(WEIR), "--version"])),
-            Target("weir-auto", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-auto.toml")]),
             Target("haproxy", 10445, ["haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], version(["haproxy", "-v"])),
             Target("nginx", 10446, ["nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], version(["nginx", "-v"])),
         ]
+        if not TERMINATE:
+            targets.insert(2, Target("weir-auto", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-auto.toml")]))
         results = measure(targets)
     finally:
         stop(upstream)
@@ -444,19 +548,21 @@ def main():
         "cpu": cpu,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
-        "weir": targets[1].version,
-        "haproxy": targets[3].version,
-        "nginx": targets[4].version,
+        "weir": next(t.version for t in targets if t.name == "weir"),
+        "haproxy": next(t.version for t in targets if t.name == "haproxy"),
+        "nginx": next(t.version for t in targets if t.name == "nginx"),
         "rustc": version(["rustc", "--version"]),
     }
     text = report(results, targets, facts)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
-    path = RESULTS / f"{stamp}-{facts['commit']}{'-quick' if QUICK else ''}.md"
+    kind = "-terminate" if TERMINATE else ""
+    path = RESULTS / f"{stamp}-{facts['commit']}{kind}{'-quick' if QUICK else ''}.md"
     path.write_text(text)
-    (RESULTS / "latest.md").write_text(text)
+    latest = RESULTS / f"latest{kind}.md"
+    latest.write_text(text)
     print(text)
-    print(f"written to {path.relative_to(ROOT)} and bench/results/latest.md")
+    print(f"written to {path.relative_to(ROOT)} and {latest.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 # mode and writes a Markdown report under bench/results/. Needs root
 # (packages, sysctls, ulimit).
 #
-#   bench/run.sh [--quick]            weir beside HAProxy, nginx stream and a
-#                                     direct connection (--quick: fewer
-#                                     repeats, smaller figures)
+#   bench/run.sh [--terminate] [--quick]
+#                                     weir beside HAProxy, nginx stream and a
+#                                     direct connection, passing TLS through
+#                                     or (--terminate) terminating it
+#                                     (--quick: fewer repeats, smaller figures)
 #   bench/run.sh connections          10,000 concurrent passthrough
 #                                     connections through one weir
 #   bench/run.sh soak [--minutes N] [--compile-every N]

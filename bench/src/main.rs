@@ -49,12 +49,18 @@ struct Target {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the TLS upstream; writes `ca.pem` into `--dir` once listening.
+    /// Runs the TLS upstream; writes `ca.pem` into `--dir` once listening,
+    /// and its certificate chain and key (`bench.pem`, `bench-key.pem`, and
+    /// both in `bench-combined.pem`) for proxies that terminate TLS.
     Upstream {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long)]
         dir: PathBuf,
+        /// Also serves the same protocol without TLS here: the upstream of
+        /// proxies that terminate.
+        #[arg(long)]
+        plain: Option<SocketAddr>,
     },
     /// Uploads `--bytes` in total, split over `--conns` connections; prints MB/s.
     Bulk {
@@ -91,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Upstream { listen, dir } => upstream(listen, dir).await,
+            Command::Upstream { listen, dir, plain } => upstream(listen, dir, plain).await,
             Command::Bulk { target, conns, bytes } => bulk(&target, conns, bytes).await,
             Command::Rate {
                 target,
@@ -107,7 +113,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-async fn upstream(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<()> {
+async fn upstream(listen: SocketAddr, dir: PathBuf, plain: Option<SocketAddr>) -> anyhow::Result<()> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -132,7 +138,23 @@ async fn upstream(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;
+    if let Some(plain) = plain {
+        let listener = TcpListener::bind(plain)
+            .await
+            .with_context(|| format!("listen on {plain}"))?;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(serve(tcp));
+            }
+        });
+    }
     std::fs::create_dir_all(&dir)?;
+    let chain = format!("{}{}", cert.pem(), ca_cert.pem());
+    std::fs::write(dir.join("bench.pem"), &chain)?;
+    std::fs::write(dir.join("bench-key.pem"), key.serialize_pem())?;
+    std::fs::write(dir.join("bench-combined.pem"), chain + &key.serialize_pem())?;
+    // Written last: its presence says the upstream is ready.
     std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
     loop {
         let (tcp, _) = listener.accept().await?;

@@ -80,16 +80,14 @@ pub fn check(response: &[u8], chain: &[CertificateDer<'_>], now: SystemTime) -> 
         .ok_or_else(|| OcspError::Malformed("no certificate to check it against".into()))?;
     let (_, leaf) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| OcspError::Malformed(format!("the certificate does not parse: {e}")))?;
+    // The issuer's key, when the certificate after the leaf is its issuer.
     let issuer_key = match chain.get(1) {
-        Some(issuer) => Some(
-            x509_parser::parse_x509_certificate(issuer)
-                .map_err(|e| OcspError::Malformed(format!("the issuer certificate does not parse: {e}")))?
-                .1
-                .public_key()
-                .subject_public_key
-                .data
-                .to_vec(),
-        ),
+        Some(next) => {
+            let (_, next) = x509_parser::parse_x509_certificate(next)
+                .map_err(|e| OcspError::Malformed(format!("a chain certificate does not parse: {e}")))?;
+            (next.subject().as_raw() == leaf.issuer().as_raw())
+                .then(|| next.public_key().subject_public_key.data.to_vec())
+        }
         None => None,
     };
     let serial = leaf.raw_serial();

@@ -162,6 +162,12 @@ async fn a_good_response_is_stapled_and_a_bad_one_is_refused() {
     ca.respond("site", "ocsp.test", 0x1001, true, "revoked.der");
     ca.respond("other", "other.test", 0x1002, false, "other.der");
     std::fs::write(ca.path("garbage.der"), b"not an OCSP response").expect("write");
+    // Another CA of the same name, with its own key, vouching for a
+    // certificate with the same serial: only the issuer key hash tells.
+    let impostor = Ca::new();
+    impostor.issue("site", "ocsp.test", 0x1001, 20);
+    impostor.respond("site", "ocsp.test", 0x1001, false, "good.der");
+    std::fs::copy(impostor.path("good.der"), ca.path("impostor.der")).expect("copy");
     let upstream = Upstream::tcp(answer).await;
     let dir = tempfile::tempdir().expect("temp dir");
 
@@ -225,6 +231,7 @@ async fn a_good_response_is_stapled_and_a_bad_one_is_refused() {
             "says the certificate was revoked at 2025-01-01T00:00:00Z",
         ),
         ("other.der", "has no status for this certificate (serial 1001)"),
+        ("impostor.der", "has no status for this certificate (serial 1001)"),
         ("garbage.der", "not a DER OCSP response"),
     ] {
         write_config(dir.path(), &config(&ca, Some(file), upstream.addr));
