@@ -17,10 +17,11 @@
 use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
@@ -200,14 +201,31 @@ async fn both_ways(
 
 /// One direction between generic streams: copy until EOF, then shut the
 /// writer down (FIN, or close_notify and FIN for TLS).
+///
+/// As in [`copy`], a buffer exists only while the reader has data: it is
+/// dropped whenever a read has to wait, so an idle direction of a
+/// terminated connection holds no buffer of its own.
 async fn pump_stream<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut buf = Vec::new();
     loop {
-        let n = match reader.read(&mut buf).await {
+        let read = std::future::poll_fn(|cx| {
+            if buf.is_empty() {
+                buf = vec![0u8; BUFFER_SIZE];
+            }
+            let mut read = ReadBuf::new(&mut buf);
+            match std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Ready(result) => Poll::Ready(result.map(|()| read.filled().len())),
+                Poll::Pending => {
+                    buf = Vec::new();
+                    Poll::Pending
+                }
+            }
+        });
+        let n = match read.await {
             Ok(n) => n,
             // TLS without close_notify: the peer is gone all the same.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
