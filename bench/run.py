@@ -5,7 +5,9 @@ a Markdown report of what it measured to bench/results/.
 Passthrough by default; with --terminate, every proxy terminates the
 client's TLS with the same certificate and key as the upstream's and sends
 the stream in plain to the upstream's plaintext port (the direct baseline
-is then the TLS upstream itself: the cost of TLS at the endpoint).
+is then the TLS upstream itself: the cost of TLS at the endpoint); with
+--reencrypt, the proxies terminate the same way and open TLS to the
+upstream, verifying its certificate against the bench CA.
 
 Started by bench/run.sh, which installs the proxies and builds the binaries.
 The proxy under test is pinned to CPU 0 and limited to one thread / worker;
@@ -43,7 +45,8 @@ SNI = "bench.test"
 GIB = 1 << 30
 
 QUICK = "--quick" in sys.argv
-TERMINATE = "--terminate" in sys.argv
+REENCRYPT = "--reencrypt" in sys.argv
+TERMINATE = "--terminate" in sys.argv or REENCRYPT
 REPEATS = 1 if QUICK else 3
 BULK_BYTES = (256 << 20) if QUICK else GIB
 RATE_SECONDS = 2 if QUICK else 5
@@ -278,8 +281,17 @@ stream {{
 
 def write_terminate_configs():
     """weir, HAProxy and nginx terminating TLS with the upstream's own
-    certificate and key (ECDSA P-256), routing by SNI, to the plaintext port."""
-    host, port = PLAIN_UPSTREAM
+    certificate and key (ECDSA P-256), routing by SNI, to the plaintext port
+    (or, re-encrypting, to the TLS port, verified against the bench CA)."""
+    host, port = UPSTREAM if REENCRYPT else PLAIN_UPSTREAM
+    ca = WORK / "ca.pem"
+    weir_then = f', reencrypt = {{ ca = "bench", server_name = "{SNI}" }}' if REENCRYPT else ""
+    haproxy_tls = f" ssl verify required ca-file {ca} sni str({SNI})" if REENCRYPT else ""
+    nginx_tls = (
+        f"proxy_ssl on;\n        proxy_ssl_verify on;\n        proxy_ssl_trusted_certificate {ca};\n"
+        f"        proxy_ssl_name {SNI};\n        proxy_ssl_server_name on;\n        "
+        if REENCRYPT else ""
+    )
     (WORK / "weir.toml").write_text(f"""
 [listeners.bench]
 bind = "127.0.0.1:10444"
@@ -287,8 +299,11 @@ plugins = ["router"]
 
 [plugins.router]
 wasm = "{PLUGIN}"
-config.routes."{SNI}" = {{ pool = "upstream", terminate = {{ certificate = "bench" }} }}
+config.routes."{SNI}" = {{ pool = "upstream", terminate = {{ certificate = "bench"{weir_then} }} }}
 config.default = {{ reject = "unknown name" }}
+
+[cas.bench]
+file = "{ca}"
 
 [certificates.bench]
 cert = "{WORK / 'bench.pem'}"
@@ -314,7 +329,7 @@ frontend bench
     use_backend upstream if {{ ssl_fc_sni -i {SNI} }}
 
 backend upstream
-    server s1 {host}:{port}
+    server s1 {host}:{port}{haproxy_tls}
 """)
     (WORK / "nginx.conf").write_text(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -337,7 +352,7 @@ stream {{
         listen 127.0.0.1:10446 ssl;
         ssl_certificate {WORK / 'bench.pem'};
         ssl_certificate_key {WORK / 'bench-key.pem'};
-        proxy_pass $upstream;
+        {nginx_tls}proxy_pass $upstream;
         proxy_timeout 10m;
     }}
 }}
@@ -446,8 +461,8 @@ def fmt(value):
 
 def report(results, targets, facts):
     names = [t.name for t in targets]
-    flags = (" --terminate" if TERMINATE else "") + (" --quick" if QUICK else "")
-    what = "terminating TLS" if TERMINATE else "passing TLS through"
+    flags = (" --reencrypt" if REENCRYPT else " --terminate" if TERMINATE else "") + (" --quick" if QUICK else "")
+    what = "re-encrypting TLS" if REENCRYPT else "terminating TLS" if TERMINATE else "passing TLS through"
     lines = [
         f"# weir beside HAProxy, nginx and a direct connection, {what} — {facts['date']}",
         "",
@@ -463,12 +478,17 @@ def report(results, targets, facts):
             "",
             "Each proxy terminates the client's TLS (SNI `bench.test`, full TLS 1.3 handshake each, no "
             "resumption; the proxies' default ticket settings) with the same ECDSA P-256 certificate and "
-            "key as the upstream's, and relays the stream in plain to the upstream's plaintext port. "
-            "`direct` is the client talking TLS to the rustls upstream itself. The proxy runs on CPU 0 "
+            "key as the upstream's, and relays the stream "
+            + ("over a new TLS connection to the upstream, whose certificate it verifies against the "
+               "bench CA (no resumption towards the upstream either: it issues no tickets). "
+               if REENCRYPT else "in plain to the upstream's plaintext port. ")
+            + "`direct` is the client talking TLS to the rustls upstream itself. The proxy runs on CPU 0 "
             "with one thread (weir: one tokio worker, rustls with ring; HAProxy: `nbthread 1`, "
             "`bind ... ssl crt`; nginx: one worker, stream `listen ... ssl`, both OpenSSL); the load "
             "generator and the upstream share CPU 1. Here the proxy does the server side of every "
-            "handshake, so connection rate and bulk throughput are bounded by the proxy itself. "
+            + ("handshake and the client side of another, and encrypts every byte twice, "
+               if REENCRYPT else "handshake, ")
+            + "so connection rate and bulk throughput are bounded by the proxy itself. "
             f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
             "(idle memory: first run only).",
             "",
@@ -556,7 +576,7 @@ def main():
     text = report(results, targets, facts)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
-    kind = "-terminate" if TERMINATE else ""
+    kind = "-reencrypt" if REENCRYPT else "-terminate" if TERMINATE else ""
     path = RESULTS / f"{stamp}-{facts['commit']}{kind}{'-quick' if QUICK else ''}.md"
     path.write_text(text)
     latest = RESULTS / f"latest{kind}.md"

@@ -4,10 +4,11 @@
 # mode and writes a Markdown report under bench/results/. Needs root
 # (packages, sysctls, ulimit).
 #
-#   bench/run.sh [--terminate] [--quick]
+#   bench/run.sh [--terminate | --reencrypt] [--quick]
 #                                     weir beside HAProxy, nginx stream and a
-#                                     direct connection, passing TLS through
-#                                     or (--terminate) terminating it
+#                                     direct connection, passing TLS through,
+#                                     terminating it, or terminating and
+#                                     re-encrypting it to the upstream
 #                                     (--quick: fewer repeats, smaller figures)
 #   bench/run.sh connections          10,000 concurrent passthrough
 #                                     connections through one weir
