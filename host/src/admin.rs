@@ -262,6 +262,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
                         "on_error": plugin.on_error(),
                         "status": "loaded",
                         "last_error": plugin.last_error().map(|(at, error)| json!({ "at": at, "error": error })),
+                        "idle_instances": plugin.idle_instances(),
                     })
                 })
                 .collect();

@@ -234,6 +234,22 @@ pub struct Runtime {
     /// previous snapshot use ([`Runtime::retain_compiled`]), so replacing
     /// `.wasm` files does not accumulate compiled code.
     compiled: Mutex<HashMap<[u8; 32], Component>>,
+    /// Configured instances each plugin gets at load: one per thread that
+    /// may call plugins at once (the gateway's worker threads).
+    warm_instances: usize,
+}
+
+/// How many threads may call plugins at once: tokio's worker count
+/// (`TOKIO_WORKER_THREADS`, else one per CPU), at most [`MAX_IDLE_INSTANCES`].
+fn worker_threads() -> usize {
+    let configured = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    configured
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+        .clamp(1, MAX_IDLE_INSTANCES)
 }
 
 impl Runtime {
@@ -269,6 +285,7 @@ impl Runtime {
             linker,
             ticker,
             compiled: Mutex::new(HashMap::new()),
+            warm_instances: worker_threads(),
         })
     }
 
@@ -368,12 +385,18 @@ impl Runtime {
             idle: Mutex::new(Vec::new()),
             ticker: Arc::clone(&self.ticker),
         };
-        // Configure one instance now: a refused config fails the load.
-        let instance = plugin.instantiate(plugin.configure_timeout).map_err(|e| match e {
-            PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
-            other => other,
-        })?;
-        plugin.put_back(instance);
+        // Configure the instances now, one per worker thread, so that no
+        // connection waits for an instantiation and a `configure` (which may
+        // take longer than a call's deadline); a refused config fails the
+        // load. Without reuse, one instance proves the config.
+        let warm = if plugin.reuse_instances { self.warm_instances } else { 1 };
+        for _ in 0..warm {
+            let instance = plugin.instantiate(plugin.configure_timeout).map_err(|e| match e {
+                PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
+                other => other,
+            })?;
+            plugin.put_back(instance);
+        }
         Ok(plugin)
     }
 }
@@ -524,6 +547,11 @@ impl Plugin {
     /// happened), if any.
     pub fn last_error(&self) -> Option<(u64, String)> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Configured instances waiting for a call.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Asks the plugin to route a connection.

@@ -205,3 +205,47 @@ async fn configure_runs_under_its_own_deadline() {
     );
     assert!(started.elapsed() < STEP, "the load was not cut off");
 }
+
+/// A plugin gets one configured instance per worker thread at load, so a
+/// connection never waits for a `configure` longer than a call's deadline,
+/// however many arrive at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_finds_a_configured_instance() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let text = slow_configure_config("slow-configure", "", &upstream)
+        + "\n[admin]\nbind = \"127.0.0.1:0\"\n\n[reload]\nwatch = false\n";
+    let config = weir_tests::write_config(dir.path(), &text);
+    let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["env", "TOKIO_WORKER_THREADS=3"]).await;
+    let admin = weir.admin_addr().await;
+    let (status, body) = weir_tests::admin_request(&admin, "GET", "/api/plugins", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    let plugins: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let slow = plugins["plugins"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|p| p["name"] == "slow")
+        .expect("the slow plugin");
+    assert_eq!(slow["idle_instances"], 3, "{body}");
+
+    // 60 connections at once: each call finds a configured instance (a
+    // fresh one would need 60 ms, past the 5 ms deadline, and be denied).
+    let addr = weir.addr("public");
+    let clients: Vec<_> = (0..60)
+        .map(|n| {
+            tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                let line = format!("client {n:02}\n");
+                stream.write_all(line.as_bytes()).await?;
+                let mut back = vec![0u8; line.len()];
+                tokio::time::timeout(STEP, stream.read_exact(&mut back)).await??;
+                Ok::<_, std::io::Error>(back == line.as_bytes())
+            })
+        })
+        .collect();
+    for client in clients {
+        assert!(client.await.expect("task").expect("served"), "a wrong echo");
+    }
+}
