@@ -46,7 +46,8 @@ weir is starting on 127.0.0.1:8443. In another terminal, try:
   # ask the plugin chain without opening a socket:
   $root/target/debug/weir route --config $root/examples/quickstart/weir.toml --listener public --sni app.localhost
 
-Each connection is logged below. Ctrl-C stops weir and the demo upstreams.
+Each connection is logged below. Ctrl-C stops weir (once the connections in
+progress have ended; press it twice to stop at once) and the demo upstreams.
 
 MSG
 target/debug/weir run --config examples/quickstart/weir.toml

@@ -85,6 +85,9 @@ pub struct Config {
     /// Process-wide limits.
     #[serde(default)]
     pub limits: Limits,
+    /// What `weir run` does on SIGTERM or SIGINT.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -239,6 +242,24 @@ pub struct Limits {
     /// Most connections served at once over all listeners; more are closed
     /// as soon as they are accepted.
     pub max_connections: Option<usize>,
+}
+
+/// What `weir run` does on SIGTERM or SIGINT.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest weir waits, once it has stopped accepting, for the
+    /// connections in progress to end before it closes them (0 s: at once).
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> ShutdownConfig {
+        ShutdownConfig {
+            drain_timeout: defaults::drain_timeout(),
+        }
+    }
 }
 
 /// The admin HTTP server.
@@ -530,6 +551,9 @@ mod defaults {
     }
     pub fn configure_timeout() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn plugin_memory_mib() -> u32 {
         16

@@ -372,6 +372,21 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Stops accepting: every listener's socket is closed, so the kernel
+    /// refuses new connections, while the connections in progress go on.
+    pub fn stop_accepting(&self) {
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+    }
+
+    /// Connections in progress over all listeners.
+    pub fn active_connections(&self) -> u64 {
+        self.stats.values().map(|s| s.active.load(Ordering::Relaxed)).sum()
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         for task in &self.accept_tasks {

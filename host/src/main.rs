@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGINT or SIGTERM.
+    /// Run the gateway until SIGINT or SIGTERM, then drain its connections.
     Run {
         /// The config file.
         #[arg(long)]
@@ -200,6 +200,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         };
         drop(snapshot);
         let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         for (name, addr) in gateway.local_addrs() {
             tracing::info!(listener = name.as_str(), %addr, "listening");
@@ -207,21 +208,66 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         if let Some(addr) = admin {
             tracing::info!(%addr, "admin listening");
         }
-        loop {
+        let signal = loop {
             tokio::select! {
-                result = tokio::signal::ctrl_c() => {
-                    result.context("cannot watch SIGINT")?;
-                    break;
-                }
-                _ = term.recv() => break,
+                _ = int.recv() => break "SIGINT",
+                _ = term.recv() => break "SIGTERM",
                 _ = hup.recv() => {
                     gateway.reload("SIGHUP").await;
                 }
             }
-        }
+        };
+        drain(&gateway, signal, &mut int, &mut term).await;
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// Stops accepting and waits for the connections in progress to end, for
+/// at most `shutdown.drain_timeout`; a second SIGTERM or SIGINT ends the
+/// wait at once. Whatever is still open when this returns is closed.
+async fn drain(
+    gateway: &Gateway,
+    signal: &str,
+    int: &mut tokio::signal::unix::Signal,
+    term: &mut tokio::signal::unix::Signal,
+) {
+    gateway.stop_accepting();
+    let timeout = gateway.snapshot().config.shutdown.drain_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let open = gateway.active_connections();
+    if open == 0 {
+        tracing::info!(signal, "no connections in progress");
+        return;
+    }
+    tracing::info!(
+        signal,
+        connections = open,
+        drain_timeout = ?timeout,
+        "draining: new connections are refused; waiting for those in progress (SIGTERM or SIGINT again stops now)"
+    );
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                let open = gateway.active_connections();
+                if open == 0 {
+                    tracing::info!("drained: every connection has ended");
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(connections = open, "drain timeout: closing the connections still open");
+                    return;
+                }
+            }
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::warn!(
+        connections = gateway.active_connections(),
+        "stopping now: closing the connections still open"
+    );
 }
 
 /// Raises the soft limit on open files to the hard limit, as nginx's

@@ -888,3 +888,16 @@ pub async fn openssl_s_client(addr: SocketAddr, sni: &str, ca: &Path, args: &[&s
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Sends `line` and reads it back within [`STEP`]: whether the connection
+/// is being relayed to an echoing upstream.
+pub async fn echoes(stream: &mut TcpStream, line: &[u8]) -> bool {
+    if stream.write_all(line).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; line.len()];
+    matches!(
+        tokio::time::timeout(STEP, stream.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == line
+}

@@ -5,19 +5,7 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_tests::{STEP, Upstream, echo, start_gateway};
-
-/// A connection that echoes a line back: it is being served.
-async fn served(stream: &mut TcpStream, line: &[u8]) -> bool {
-    if stream.write_all(line).await.is_err() {
-        return false;
-    }
-    let mut back = vec![0u8; line.len()];
-    matches!(
-        tokio::time::timeout(STEP, stream.read_exact(&mut back)).await,
-        Ok(Ok(_))
-    ) && back == line
-}
+use weir_tests::{STEP, Upstream, echo, echoes, start_gateway};
 
 /// A connection weir closed without serving: EOF before any byte.
 async fn shed(addr: std::net::SocketAddr) -> bool {
@@ -61,13 +49,13 @@ async fn connections_past_the_limits_are_shed_and_the_rest_go_on() {
 
     let mut first = TcpStream::connect(small).await.expect("connect");
     let mut second = TcpStream::connect(small).await.expect("connect");
-    assert!(served(&mut first, b"one\n").await && served(&mut second, b"two\n").await);
+    assert!(echoes(&mut first, b"one\n").await && echoes(&mut second, b"two\n").await);
     // The listener is full: shed, while its two go on.
     assert!(shed(small).await, "a third connection on `small` was served");
-    assert!(served(&mut first, b"still one\n").await);
+    assert!(echoes(&mut first, b"still one\n").await);
     // Another listener still has room, up to the global limit of 3.
     let mut third = TcpStream::connect(other).await.expect("connect");
-    assert!(served(&mut third, b"three\n").await);
+    assert!(echoes(&mut third, b"three\n").await);
     assert!(shed(other).await, "a fourth connection overall was served");
     let metrics = weir::metrics::METRICS.encode();
     assert!(
@@ -84,13 +72,13 @@ async fn connections_past_the_limits_are_shed_and_the_rest_go_on() {
     let started = std::time::Instant::now();
     loop {
         let mut again = TcpStream::connect(small).await.expect("connect");
-        if served(&mut again, b"room\n").await {
+        if echoes(&mut again, b"room\n").await {
             break;
         }
         assert!(started.elapsed() < STEP, "no room after a connection ended");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(served(&mut first, b"and one\n").await && served(&mut third, b"and three\n").await);
+    assert!(echoes(&mut first, b"and one\n").await && echoes(&mut third, b"and three\n").await);
 }
 
 /// CPU time (user + system) a process has used, in clock ticks.
