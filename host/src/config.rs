@@ -151,6 +151,10 @@ pub struct ListenerConfig {
     /// Most connections this listener serves at once; more are closed as
     /// soon as they are accepted (those in progress are untouched).
     pub max_connections: Option<usize>,
+    /// Most connections one client address holds on this listener at once
+    /// (the PROXY header's source behind a trusted load balancer); more are
+    /// closed before their first byte is read.
+    pub max_connections_per_client: Option<u32>,
     /// Deadline for the TLS handshake with the client when the gateway
     /// terminates, counted from the routing decision.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
@@ -731,6 +735,9 @@ impl Config {
                     return Err(self.invalid(field(what), "must be longer than zero"));
                 }
             }
+            if listener.max_connections_per_client == Some(0) {
+                return Err(self.invalid(field("max_connections_per_client"), "must be at least 1"));
+            }
             if listener.max_connections == Some(0) {
                 return Err(self.invalid(field("max_connections"), "must be at least 1"));
             }
@@ -861,6 +868,10 @@ mod tests {
             (
                 MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
                 "plugins.router.timeout",
+            ),
+            (
+                MINIMAL.replace("bind =", "max_connections_per_client = 0\nbind ="),
+                "listeners.public.max_connections_per_client: must be at least 1",
             ),
             (
                 MINIMAL.replace("wasm =", "configure_timeout = \"2m\"\nwasm ="),

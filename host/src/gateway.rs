@@ -27,7 +27,7 @@ use crate::postgres::{self, First, PostgresError};
 use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
 use crate::rewind::Rewind;
-use crate::snapshot::{Listener, Snapshot, SnapshotError, Tenant, TenantSlot};
+use crate::snapshot::{ClientSlot, Listener, Snapshot, SnapshotError, Tenant, TenantSlot};
 use crate::sniff::{self, ClientHello, SniffError, Sniffed};
 use crate::tls::{Admission, TerminateError, describe};
 
@@ -565,6 +565,11 @@ enum Outcome {
     BadHello(SniffError),
     BadStartup(PostgresError),
     BadProxyHeader(String),
+    /// Closed at the listener's per-client limit.
+    ClientLimit {
+        client: std::net::IpAddr,
+        held: u32,
+    },
     Rejected(String),
     HandshakeTimeout,
     HandshakeFailed(io::Error),
@@ -585,6 +590,7 @@ impl Outcome {
             Outcome::BadHello(_) => "bad-hello",
             Outcome::BadStartup(_) => "bad-startup",
             Outcome::BadProxyHeader(_) => "bad-proxy-header",
+            Outcome::ClientLimit { .. } => "client-limit",
             Outcome::Rejected(_) => "rejected",
             Outcome::HandshakeTimeout => "handshake-timeout",
             Outcome::HandshakeFailed(_) => "handshake-failed",
@@ -616,6 +622,10 @@ impl std::fmt::Display for Outcome {
             Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
             Outcome::ClientGone => f.write_str("client-closed: before its first bytes were complete"),
             Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
+            Outcome::ClientLimit { client, held } => write!(
+                f,
+                "client-limit: {client} already has {held} connections here (max_connections_per_client)"
+            ),
             Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
             Outcome::BadStartup(e) => write!(f, "bad-startup: {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
@@ -644,6 +654,8 @@ struct Record {
     /// The connection's place in its tenant's `max_connections`, held
     /// until the record is dropped.
     tenant_slot: Option<TenantSlot>,
+    /// Its place in the listener's `max_connections_per_client`, likewise.
+    client_slot: Option<ClientSlot>,
     transfer: Transfer,
 }
 
@@ -659,6 +671,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         upstream: None,
         backend: None,
         tenant_slot: None,
+        client_slot: None,
         transfer: Transfer::default(),
     };
     let metrics = &crate::metrics::METRICS;
@@ -863,6 +876,22 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
             local_addr = destination;
         }
         preread = rest;
+    }
+    // Counted once the client's address is known (behind a load balancer,
+    // from its PROXY header), before any of its bytes are read.
+    if let Some(max) = config.max_connections_per_client {
+        let client = record.client.ip().to_canonical();
+        match listener.clients.admit(client, max) {
+            Ok(slot) => record.client_slot = Some(slot),
+            Err(held) => {
+                let labels = crate::metrics::ShedLabels {
+                    listener: listener.name.to_string(),
+                    limit: "client",
+                };
+                crate::metrics::METRICS.shed.get_or_create(&labels).inc();
+                return Err(Outcome::ClientLimit { client, held });
+            }
+        }
     }
     let read = match config.protocol {
         ListenerProtocol::Plain => Ok((preread, wit::Protocol::Plain, None)),

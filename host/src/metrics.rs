@@ -76,7 +76,7 @@ pub struct TenantLabels {
 pub struct ShedLabels {
     /// The listener.
     pub listener: String,
-    /// `listener` or `global`.
+    /// `listener`, `global` or `client` (`max_connections_per_client`).
     pub limit: &'static str,
 }
 
@@ -172,7 +172,7 @@ impl Metrics {
         );
         registry.register(
             "shed",
-            "Connections closed on accept at a listener's or the global connection limit",
+            "Connections closed on accept at a listener's or the global connection limit, or at a client's limit on a listener",
             shed.clone(),
         );
         registry.register(

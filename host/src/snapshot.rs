@@ -4,9 +4,10 @@
 //! resolved — and never changes after that. A new config means a new
 //! snapshot; a connection keeps the one it started with.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -53,7 +54,50 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// TLS settings for terminated connections.
     pub tls: ListenerSettings,
+    /// Connections in progress by client address, carried across reloads.
+    pub clients: Arc<ClientCounts>,
     chain: Vec<Arc<Plugin>>,
+}
+
+/// Connections in progress per client address on one listener (only
+/// addresses with at least one are kept).
+#[derive(Debug, Default)]
+pub struct ClientCounts(Mutex<HashMap<IpAddr, u32>>);
+
+/// A connection's place in its client's count, given back when dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    counts: Arc<ClientCounts>,
+    client: IpAddr,
+}
+
+impl ClientCounts {
+    /// Takes a place for `client`, or returns how many it holds already
+    /// when that is `max`.
+    pub fn admit(self: &Arc<Self>, client: IpAddr, max: u32) -> Result<ClientSlot, u32> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = counts.get(&client).copied().unwrap_or(0);
+        if held >= max {
+            return Err(held);
+        }
+        counts.insert(client, held + 1);
+        Ok(ClientSlot {
+            counts: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut held) = counts.entry(self.client) {
+            *held.get_mut() -= 1;
+            if *held.get() == 0 {
+                held.remove();
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -331,10 +375,14 @@ impl Snapshot {
                     .iter()
                     .filter_map(|p| plugins.get(p).cloned())
                     .collect();
+                let clients = previous
+                    .and_then(|p| p.listeners.get(name))
+                    .map_or_else(Arc::default, |l| Arc::clone(&l.clients));
                 let listener = Listener {
                     name: name.as_str().into(),
                     config: listener.clone(),
                     tls: settings,
+                    clients,
                     chain,
                 };
                 Ok((name.clone(), Arc::new(listener)))

@@ -1,5 +1,6 @@
-//! Connection limits: past a listener's or the global limit, new
-//! connections are closed at once, and the ones in progress go on; out of
+//! Connection limits: past a listener's or the global limit, or one
+//! client's share of a listener, new connections are closed at once, and
+//! the ones in progress go on; out of
 //! file descriptors, new connections wait in the backlog while weir backs
 //! off, and are served once descriptors free up.
 
@@ -9,13 +10,108 @@ use weir_tests::{STEP, Upstream, echo, echoes, start_gateway};
 
 /// A connection weir closed without serving: EOF before any byte.
 async fn shed(addr: std::net::SocketAddr) -> bool {
-    let mut stream = TcpStream::connect(addr).await.expect("the kernel accepts");
-    let _ = stream.write_all(b"hello?\n").await;
+    let stream = TcpStream::connect(addr).await.expect("the kernel accepts");
+    closed_unserved(stream, b"hello?\n").await
+}
+
+/// Sends `first` and expects EOF (or a reset) before any byte comes back.
+async fn closed_unserved(mut stream: TcpStream, first: &[u8]) -> bool {
+    let _ = stream.write_all(first).await;
     let mut buf = [0u8; 16];
     matches!(
         tokio::time::timeout(STEP, stream.read(&mut buf)).await,
         Ok(Ok(0) | Err(_))
     )
+}
+
+/// A connection to `addr` from the loopback address `source`.
+async fn connect_from(source: [u8; 4], addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .expect("bind the source");
+    socket.connect(addr).await.expect("the kernel accepts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_a_listener_for_itself() {
+    let upstream = Upstream::tcp(echo).await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.direct]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+        max_connections_per_client = 2
+
+        [listeners.balanced]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+        max_connections_per_client = 2
+        accept_proxy_protocol_from = ["127.0.0.0/8"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ address = "{}" }}
+        "#,
+        upstream.addr
+    ))
+    .await;
+
+    // Direct clients are counted by their own address.
+    let direct = gateway.local_addr("direct").expect("listener");
+    let mut first = connect_from([127, 0, 0, 1], direct).await;
+    let mut second = connect_from([127, 0, 0, 1], direct).await;
+    assert!(echoes(&mut first, b"one\n").await && echoes(&mut second, b"two\n").await);
+    assert!(
+        closed_unserved(connect_from([127, 0, 0, 1], direct).await, b"three?\n").await,
+        "a third connection from 127.0.0.1 was served"
+    );
+    let mut other = connect_from([127, 0, 0, 2], direct).await;
+    assert!(echoes(&mut other, b"another client\n").await);
+    drop(second);
+    let started = std::time::Instant::now();
+    loop {
+        let mut again = connect_from([127, 0, 0, 1], direct).await;
+        if echoes(&mut again, b"room\n").await {
+            break;
+        }
+        assert!(started.elapsed() < STEP, "no room after a connection ended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Behind a load balancer, by the PROXY header's source.
+    let balanced = gateway.local_addr("balanced").expect("listener");
+    let via_balancer = |source: &'static str| async move {
+        let mut stream = TcpStream::connect(balanced).await.expect("connect");
+        let header = format!("PROXY TCP4 {source} 127.0.0.1 40000 443\r\n");
+        stream.write_all(header.as_bytes()).await.expect("header");
+        stream
+    };
+    let mut a1 = via_balancer("203.0.113.7").await;
+    let mut a2 = via_balancer("203.0.113.7").await;
+    assert!(echoes(&mut a1, b"a1\n").await && echoes(&mut a2, b"a2\n").await);
+    assert!(
+        closed_unserved(via_balancer("203.0.113.7").await, b"a3?\n").await,
+        "a third connection from 203.0.113.7 was served"
+    );
+    let mut b1 = via_balancer("203.0.113.8").await;
+    assert!(echoes(&mut b1, b"b1\n").await);
+    assert!(echoes(&mut first, b"still one\n").await && echoes(&mut a1, b"still a1\n").await);
+
+    // Shed: 127.0.0.1's third, and any retry made before the dropped one
+    // was counted out; 203.0.113.7's third.
+    let metrics = weir::metrics::METRICS.encode();
+    for listener in ["direct", "balanced"] {
+        let series = format!(r#"weir_shed_total{{listener="{listener}",limit="client"}} "#);
+        let count: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in {metrics}"));
+        assert!(count >= 1, "{series}{count}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
