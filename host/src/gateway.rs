@@ -960,15 +960,15 @@ async fn passthrough(
 }
 
 /// Connects to the target and sends what precedes the client's own bytes:
-/// the PROXY header (with `tls`, what a terminated connection's handshake
-/// was), and with `ssl_request` (a PostgreSQL upstream that is to speak TLS)
+/// the PROXY header (version 2 also says what `tls`, a terminated
+/// connection's handshake with the client, was), and with `ssl_request` (a PostgreSQL upstream that is to speak TLS)
 /// an SSLRequest whose answer must be exactly `S`; all within the connect
 /// deadline.
 async fn open_upstream(
     target: &Target,
     ssl_request: bool,
     local_addr: SocketAddr,
-    tls: Option<&proxy_protocol::TlsFacts>,
+    tls: Option<&rustls::ServerConnection>,
     listener: &Listener,
     snapshot: &Snapshot,
     record: &mut Record,
@@ -987,10 +987,19 @@ async fn open_upstream(
         Upstream::Address(_) => None,
     };
     let mut first = match target.proxy_protocol.or(pool_proxy) {
-        Some(version) => match proxy_protocol::encode(version, record.client, local_addr, record.sni.as_deref(), tls) {
-            Ok(header) => header,
-            Err(e) => return Err(Outcome::Io(e)),
-        },
+        Some(version) => {
+            let facts = tls.filter(|_| version == 2).map(crate::tls::facts);
+            match proxy_protocol::encode(
+                version,
+                record.client,
+                local_addr,
+                record.sni.as_deref(),
+                facts.as_ref(),
+            ) {
+                Ok(header) => header,
+                Err(e) => return Err(Outcome::Io(e)),
+            }
+        }
         None => Vec::new(),
     };
     if ssl_request {
@@ -1087,14 +1096,14 @@ async fn terminate(
             return Outcome::Denied(reason);
         }
     }
-    let facts = crate::tls::facts(tls.get_ref().1);
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let target = termination.then.target();
     let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
     let opening = open_upstream(
         target,
         ssl_request,
         front.local_addr,
-        Some(&facts),
+        Some(tls.get_ref().1),
         listener,
         snapshot,
         record,
@@ -1114,7 +1123,7 @@ async fn terminate(
                 upstream,
                 upstream_tls,
                 &conn,
-                facts.alpn.as_deref(),
+                alpn.as_deref(),
                 listener,
                 chain,
                 snapshot,
