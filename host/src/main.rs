@@ -145,7 +145,8 @@ fn init_logging() -> anyhow::Result<()> {
 
 fn build_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
     let config = Config::load(path)?;
-    let runtime = Runtime::new()?;
+    // One thread calls the plugins here: one instance each proves the config.
+    let runtime = Runtime::new()?.with_warm_instances(1);
     Ok(Snapshot::build(config, &runtime)?)
 }
 

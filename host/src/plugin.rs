@@ -289,6 +289,14 @@ impl Runtime {
         })
     }
 
+    /// Sets how many configured instances each plugin gets at load (at
+    /// least one: it proves the config), for a caller that knows how many
+    /// threads will call plugins at once.
+    pub fn with_warm_instances(mut self, instances: usize) -> Runtime {
+        self.warm_instances = instances.clamp(1, MAX_IDLE_INSTANCES);
+        self
+    }
+
     /// Drops the compiled components no plugin in `in_use` was loaded from.
     pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
         let keep: std::collections::HashSet<[u8; 32]> = in_use.into_iter().map(|plugin| plugin.sha256).collect();
