@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-20}"
-targets=(sniff postgres ratls config mesh_rule)
+targets=(sniff postgres ratls config mesh_rule proxy_header)
 
 # cargo-fuzz, pinned, installed into target/tools rather than ~/.cargo.
 tools="$PWD/target/tools"
