@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the tests run: the openssl and curl clients, and PostgreSQL 15
-# (server and psql); python3 to build the Python example plugin. Debian
+# Real peers the tests run: the openssl and curl clients, PostgreSQL 15
+# (server and psql) and Pebble; python3 to build the Python example plugin. Debian
 # package names; only what is missing is installed.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
@@ -15,6 +15,8 @@ command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
+# Pebble, Let's Encrypt's ACME test server, and its DNS stub (pebble-challtestsrv).
+command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

@@ -205,6 +205,42 @@ pub struct CertificateConfig {
     /// A DER OCSP response for the certificate, stapled to handshakes
     /// while it is current; relative to the config file.
     pub ocsp: Option<PathBuf>,
+    /// Obtain and renew the certificate from an ACME CA, keeping it in
+    /// `cert` and `key`.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Where and how a certificate is ordered over ACME (RFC 8555), validated
+/// with TLS-ALPN-01 (RFC 8737) on weir's own TLS listeners.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL (`https://`).
+    pub directory: String,
+    /// The names the certificate is for; no wildcards (TLS-ALPN-01 cannot
+    /// validate them).
+    pub domains: Vec<String>,
+    /// Contact URLs for the account (`mailto:ops@example.com`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// PEM file of roots trusted for the directory's own HTTPS, for a
+    /// private CA (the system roots otherwise); relative to the config file.
+    pub directory_ca: Option<PathBuf>,
+    /// Where the account's credentials are kept; `cert` with the extension
+    /// `account.json` when absent. Relative to the config file.
+    pub account: Option<PathBuf>,
+    /// Renew when the certificate expires within this long.
+    #[serde(default = "defaults::renew_before", with = "humantime_serde")]
+    pub renew_before: Duration,
+}
+
+impl AcmeConfig {
+    /// The account credentials file for a certificate kept in `cert`.
+    pub fn account_file(&self, cert: &Path) -> PathBuf {
+        self.account
+            .clone()
+            .unwrap_or_else(|| cert.with_extension("account.json"))
+    }
 }
 
 /// A tenant: the server names it owns, its plugin chain, what its
@@ -559,6 +595,9 @@ mod defaults {
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn renew_before() -> Duration {
+        Duration::from_secs(30 * 24 * 3600)
+    }
     pub fn plugin_memory_mib() -> u32 {
         16
     }
@@ -744,6 +783,32 @@ impl Config {
             crate::tls::check_listener(&listener.tls)
                 .map_err(|(f, reason)| self.invalid(field(&format!("tls.{f}")), reason))?;
         }
+        for (name, certificate) in &self.certificates {
+            let Some(acme) = &certificate.acme else { continue };
+            let field = |f: &str| format!("certificates.{name}.acme.{f}");
+            if !acme.directory.starts_with("https://") {
+                return Err(self.invalid(field("directory"), "must be an https:// URL"));
+            }
+            if acme.domains.is_empty() {
+                return Err(self.invalid(field("domains"), "must name at least one domain"));
+            }
+            for domain in &acme.domains {
+                if domain.starts_with("*.") {
+                    return Err(self.invalid(
+                        field("domains"),
+                        format!(
+                            "`{domain}`: a wildcard needs the DNS-01 challenge; weir validates with TLS-ALPN-01 only"
+                        ),
+                    ));
+                }
+                if weir_plugin_sdk::names::canonicalize(domain.as_bytes()).as_deref() != Ok(domain.as_str()) {
+                    return Err(self.invalid(
+                        field("domains"),
+                        format!("`{domain}` is not a host name in canonical form (lower case, no trailing dot)"),
+                    ));
+                }
+            }
+        }
         for (name, plugin) in &self.plugins {
             let field = |f: &str| format!("plugins.{name}.{f}");
             // A call runs on a gateway worker thread: a long deadline would let
@@ -868,6 +933,18 @@ mod tests {
             (
                 MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
                 "plugins.router.timeout",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = {{ directory = \"https://ca.example/dir\", domains = [\"*.example.com\"] }}\n"
+                ),
+                "certificates.site.acme.domains: `*.example.com`: a wildcard needs the DNS-01 challenge",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = {{ directory = \"http://ca.example/dir\", domains = [\"a.example.com\"] }}\n"
+                ),
+                "certificates.site.acme.directory: must be an https:// URL",
             ),
             (
                 MINIMAL.replace("bind =", "max_connections_per_client = 0\nbind ="),

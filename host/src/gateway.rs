@@ -422,7 +422,11 @@ fn watch_set(files: &[PathBuf]) -> BTreeMap<PathBuf, Vec<PathBuf>> {
     let mut set: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     for file in files {
         let absolute = std::path::absolute(file).unwrap_or_else(|_| file.clone());
-        if let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) {
+        // A directory that does not exist yet (where an ACME certificate
+        // will be kept) is watched from the first reload after it appears.
+        if let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name())
+            && dir.is_dir()
+        {
             let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
             set.entry(dir.clone()).or_default().push(dir.join(name));
         }
@@ -571,6 +575,8 @@ enum Outcome {
         held: u32,
     },
     Rejected(String),
+    /// A TLS-ALPN-01 validation of weir's own ACME order, answered.
+    AcmeChallenge,
     HandshakeTimeout,
     HandshakeFailed(io::Error),
     Denied(String),
@@ -592,6 +598,7 @@ impl Outcome {
             Outcome::BadProxyHeader(_) => "bad-proxy-header",
             Outcome::ClientLimit { .. } => "client-limit",
             Outcome::Rejected(_) => "rejected",
+            Outcome::AcmeChallenge => "acme-challenge",
             Outcome::HandshakeTimeout => "handshake-timeout",
             Outcome::HandshakeFailed(_) => "handshake-failed",
             Outcome::Denied(_) => "denied",
@@ -630,6 +637,7 @@ impl std::fmt::Display for Outcome {
             Outcome::BadStartup(e) => write!(f, "bad-startup: {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
             Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
+            Outcome::AcmeChallenge => f.write_str("acme-challenge: a TLS-ALPN-01 validation, answered"),
             Outcome::HandshakeTimeout => f.write_str("handshake-timeout: the client's TLS handshake took too long"),
             Outcome::HandshakeFailed(e) => write!(f, "handshake-failed: {e}"),
             Outcome::Denied(reason) => write!(f, "denied: {reason:?}"),
@@ -765,6 +773,38 @@ impl Front {
     }
 }
 
+/// Completes a TLS-ALPN-01 validation handshake with the challenge
+/// certificate and `acme-tls/1`, then closes (RFC 8737: nothing else is
+/// said on such a connection).
+async fn answer_acme_challenge(
+    front: Front,
+    challenge: Arc<rustls::sign::CertifiedKey>,
+    config: &ListenerConfig,
+) -> Outcome {
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(challenge)))
+        });
+    let mut server = match server {
+        Ok(server) => server,
+        Err(e) => return Outcome::Io(io::Error::other(e)),
+    };
+    server.alpn_protocols = vec![crate::acme::ACME_TLS_ALPN.as_bytes().to_vec()];
+    let client = Rewind::new(front.sniffed, front.client);
+    let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(client);
+    match tokio::time::timeout(config.handshake_timeout, accept).await {
+        Err(_) => Outcome::HandshakeTimeout,
+        Ok(Err(e)) => Outcome::HandshakeFailed(e),
+        Ok(Ok(mut tls)) => {
+            close_tls(&mut tls).await;
+            Outcome::AcmeChallenge
+        }
+    }
+}
+
 /// Where [`proxy`] leaves a connection.
 enum Proxied {
     Ended(Outcome),
@@ -784,6 +824,21 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
         Err(outcome) => return Proxied::Ended(outcome),
     };
     record.sni.clone_from(&front.hello.sni);
+    // A CA validating one of weir's own ACME orders: answered here, never
+    // routed. Any other `acme-tls/1` connection (an upstream's own order,
+    // behind passthrough) is routed like the rest.
+    if front.protocol == wit::Protocol::Tls
+        && let [protocol] = front.hello.alpn.as_slice()
+        && protocol == crate::acme::ACME_TLS_ALPN
+        && let Some(challenge) = front
+            .hello
+            .sni
+            .as_deref()
+            .and_then(|sni| snapshot.acme_challenges().get(sni))
+    {
+        record.mode = Some("acme-challenge");
+        return Proxied::Ended(Box::pin(answer_acme_challenge(front, challenge, &listener.config)).await);
+    }
     let conn = wit::Connection {
         id: record.id,
         listener: listener.name.to_string(),

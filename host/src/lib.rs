@@ -7,12 +7,14 @@
 //! listener's plugin chain in the current [`snapshot`] decides (plugins run in
 //! [`plugin`]), the decision is validated ([`decision`]), and the bytes are
 //! [`relay`]ed untouched, or TLS is terminated (and re-encrypted) with the
-//! certificates and trust anchors of [`tls`].
+//! certificates and trust anchors of [`tls`] (OCSP responses checked by
+//! [`ocsp`]; certificates ordered and renewed by [`acme`]).
 //!
 //! Unsafe code is denied crate-wide; the only exception is the module that
 //! wasmtime's `bindgen!` generates for the WIT contract.
 #![deny(unsafe_code)]
 
+pub mod acme;
 pub mod addr;
 pub mod admin;
 pub mod attest;

@@ -200,6 +200,8 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             None => None,
         };
         drop(snapshot);
+        // Orders and renews the certificates with `acme` (idle without any).
+        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway)));
         let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;

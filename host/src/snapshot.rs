@@ -233,6 +233,8 @@ pub struct Snapshot {
     tenants: BTreeMap<String, Arc<Tenant>>,
     /// Domain suffix → tenant name.
     domains: std::collections::HashMap<String, String>,
+    /// Open TLS-ALPN-01 challenges, carried across reloads.
+    acme: Arc<crate::acme::Challenges>,
     /// When it was built.
     pub built_at: std::time::SystemTime,
 }
@@ -428,8 +430,14 @@ impl Snapshot {
             plugins,
             tenants,
             domains,
+            acme: previous.map_or_else(Arc::default, |p| Arc::clone(&p.acme)),
             built_at: std::time::SystemTime::now(),
         })
+    }
+
+    /// The TLS-ALPN-01 challenges of ACME orders in progress.
+    pub fn acme_challenges(&self) -> &crate::acme::Challenges {
+        &self.acme
     }
 
     /// A listener by name.

@@ -264,6 +264,13 @@ impl TlsMaterial {
         for (name, cert) in &config.certificates {
             let field = |f: &str| format!("certificates.{name}.{f}");
             let cert_path = config.resolve(&cert.cert);
+            if cert.acme.is_some() && !(cert_path.exists() && config.resolve(&cert.key).exists()) {
+                tracing::info!(
+                    certificate = %name,
+                    "no certificate yet: it is served once its ACME order is issued"
+                );
+                continue;
+            }
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
                 .and_then(Iterator::collect)
                 .map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;

@@ -901,3 +901,19 @@ pub async fn echoes(stream: &mut TcpStream, line: &[u8]) -> bool {
         Ok(Ok(_))
     ) && back == line
 }
+
+/// Runs the `openssl` command in `dir` with `args` (split at spaces, so no
+/// argument may hold one), expecting success.
+pub fn openssl(dir: &Path, args: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

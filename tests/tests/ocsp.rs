@@ -6,22 +6,7 @@
 //! metrics.
 
 use std::path::{Path, PathBuf};
-use weir_tests::{Upstream, WeirProcess, admin_request, answer, toml_path, weir_binary, write_config};
-
-/// Runs `openssl` in `dir` with `args` (split at spaces), expecting success.
-fn openssl(dir: &Path, args: &str) {
-    let args: Vec<&str> = args.split_whitespace().collect();
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(&args)
-        .output()
-        .expect("openssl is installed (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use weir_tests::{Upstream, WeirProcess, admin_request, answer, openssl, toml_path, weir_binary, write_config};
 
 /// A new P-256 key in a request (`req` then the rest).
 const NEW_P256_KEY: &str = "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";

@@ -325,7 +325,7 @@ fn compile(dynamic: config::Dynamic, wrapper: &Wrapper) -> Result<MeshRouter, St
             Some(tls) => {
                 if tls.cert_resolver.is_some() {
                     return Err(at(
-                        "tls.certResolver is not supported; name certificates in weir's [certificates] (chosen by SNI)"
+                        "tls.certResolver is not supported; give the certificate an `acme` entry in weir's [certificates] (chosen by SNI)"
                             .into(),
                     ));
                 }

@@ -1,0 +1,303 @@
+//! Certificates from an ACME CA (RFC 8555), validated with TLS-ALPN-01
+//! (RFC 8737) on weir's own TLS listeners.
+//!
+//! A `[certificates.NAME]` entry with `acme` names where the certificate is
+//! kept (`cert`, `key`). [`run`] looks at those files every minute; when one
+//! is missing or expires within `renew_before`, it orders a new certificate:
+//! for each name the CA sends a TLS connection offering only the ALPN
+//! protocol `acme-tls/1`, and the gateway answers it with a challenge
+//! certificate from [`Challenges`] instead of routing it. The issued chain
+//! and key are written over the files and the gateway reloads, so the
+//! certificate is used like any other. A failed order is retried after a
+//! minute, then at doubling intervals up to an hour.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
+};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{AcmeConfig, CertificateConfig, Config};
+use crate::gateway::Gateway;
+
+/// The ALPN protocol of TLS-ALPN-01 validation connections.
+pub const ACME_TLS_ALPN: &str = "acme-tls/1";
+
+/// How often the certificate files are looked at.
+const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait before retrying a failed order.
+const MAX_RETRY: Duration = Duration::from_secs(3600);
+
+/// Why an order failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    /// The CA refused or failed a request.
+    #[error("{0}")]
+    Protocol(#[from] instant_acme::Error),
+    /// The account credentials or the certificate could not be stored.
+    #[error("{path}: {error}")]
+    Storage {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// The order ended in another state than the one expected.
+    #[error("{0}")]
+    Order(String),
+}
+
+/// Challenge certificates by server name, while their orders are open.
+#[derive(Debug, Default)]
+pub struct Challenges(Mutex<HashMap<String, Arc<CertifiedKey>>>);
+
+impl Challenges {
+    /// The challenge certificate for `name`, while its validation is open.
+    pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    fn set(&self, name: &str, key: Arc<CertifiedKey>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), key);
+    }
+
+    fn clear(&self, names: &[String]) {
+        let mut challenges = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            challenges.remove(name);
+        }
+    }
+}
+
+/// The TLS-ALPN-01 certificate for `name`: self-signed, for that name only,
+/// with the SHA-256 of the key authorization in its critical
+/// `acmeIdentifier` extension.
+fn challenge_certificate(name: &str, digest: &[u8]) -> Result<CertifiedKey, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(str::to_owned)?;
+    let signer = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| e.to_string())?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
+}
+
+/// Why `cert` needs a new order, or `None` while it is good for longer than
+/// `renew_before`.
+pub fn needs_order(cert: &Path, key: &Path, renew_before: Duration) -> Option<String> {
+    if !key.exists() {
+        return Some(format!("{} does not exist", key.display()));
+    }
+    let pem = match std::fs::read(cert) {
+        Ok(pem) => pem,
+        Err(e) => return Some(format!("{}: {e}", cert.display())),
+    };
+    let not_after = match x509_parser::pem::parse_x509_pem(&pem) {
+        Ok((_, pem)) => match pem.parse_x509() {
+            Ok(cert) => cert.validity().not_after.timestamp(),
+            Err(e) => return Some(format!("{}: {e}", cert.display())),
+        },
+        Err(e) => return Some(format!("{}: {e}", cert.display())),
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let left = not_after.saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+    (u64::try_from(left).unwrap_or(0) < renew_before.as_secs())
+        .then(|| format!("it expires in {} days", left.max(0) / 86_400))
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so that
+/// a reader sees the old file or the new one, never a part; `private`
+/// files are readable by the owner only.
+fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), AcmeError> {
+    use std::io::Write as _;
+    let storage = |error| AcmeError::Storage {
+        path: path.display().to_string(),
+        error,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(storage)?;
+    }
+    let temporary = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&temporary).map_err(storage)?;
+    file.write_all(data).map_err(storage)?;
+    file.sync_all().map_err(storage)?;
+    std::fs::rename(&temporary, path).map_err(storage)
+}
+
+/// The account for `acme`: from its credentials file, or created at the CA
+/// and saved there.
+async fn account(acme: &AcmeConfig, config: &Config, cert: &Path) -> Result<Account, AcmeError> {
+    let builder = || match &acme.directory_ca {
+        Some(roots) => Account::builder_with_root(config.resolve(roots)),
+        None => Account::builder(),
+    };
+    let file = config.resolve(&acme.account_file(cert));
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Ok(credentials) = serde_json::from_str::<AccountCredentials>(&text)
+    {
+        return Ok(builder()?.from_credentials(credentials).await?);
+    }
+    let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+    let new = NewAccount {
+        contact: &contact,
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    };
+    let (account, credentials) = builder()?.create(&new, acme.directory.clone(), None).await?;
+    let text = serde_json::to_vec_pretty(&credentials).map_err(|e| AcmeError::Order(e.to_string()))?;
+    replace_file(&file, &text, true)?;
+    Ok(account)
+}
+
+/// Orders the certificate `certificate` describes, answering its
+/// TLS-ALPN-01 challenges through `challenges`, and writes it to its files.
+pub async fn order(certificate: &CertificateConfig, config: &Config, challenges: &Challenges) -> Result<(), AcmeError> {
+    let Some(acme) = &certificate.acme else {
+        return Ok(());
+    };
+    let account = account(acme, config, &certificate.cert).await?;
+    let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    let result = async {
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization?;
+            match authorization.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(AcmeError::Order(format!("an authorization is {other:?}"))),
+            }
+            let mut challenge = authorization
+                .challenge(ChallengeType::TlsAlpn01)
+                .ok_or_else(|| AcmeError::Order("the CA offers no tls-alpn-01 challenge".into()))?;
+            let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
+                return Err(AcmeError::Order("an identifier is not a DNS name".into()));
+            };
+            let digest = challenge.key_authorization().digest();
+            let key = challenge_certificate(&name, digest.as_ref()).map_err(AcmeError::Order)?;
+            challenges.set(&name, Arc::new(key));
+            challenge.set_ready().await?;
+        }
+        let status = order.poll_ready(&RetryPolicy::default()).await?;
+        if status != OrderStatus::Ready {
+            return Err(AcmeError::Order(format!("the order is {status:?}, not ready")));
+        }
+        let key = order.finalize().await?;
+        let chain = order.poll_certificate(&RetryPolicy::default()).await?;
+        Ok((key, chain))
+    }
+    .await;
+    challenges.clear(&acme.domains);
+    let (key, chain) = result?;
+    replace_file(&config.resolve(&certificate.key), key.as_bytes(), true)?;
+    replace_file(&config.resolve(&certificate.cert), chain.as_bytes(), false)?;
+    Ok(())
+}
+
+/// Keeps every ACME certificate of the gateway's config ordered and
+/// renewed, reloading the gateway after each issue. Runs until dropped.
+pub async fn run(gateway: Arc<Gateway>) {
+    // Per certificate: when to try again after a failure, and the wait after that.
+    let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    loop {
+        let snapshot = gateway.snapshot();
+        let config = &snapshot.config;
+        let mut issued = false;
+        for (name, certificate) in &config.certificates {
+            let Some(acme) = &certificate.acme else { continue };
+            if retry.get(name).is_some_and(|(at, _)| tokio::time::Instant::now() < *at) {
+                continue;
+            }
+            let (cert, key) = (config.resolve(&certificate.cert), config.resolve(&certificate.key));
+            let Some(reason) = needs_order(&cert, &key, acme.renew_before) else {
+                continue;
+            };
+            tracing::info!(certificate = name.as_str(), domains = ?acme.domains, reason, "ordering a certificate over ACME");
+            match order(certificate, config, snapshot.acme_challenges()).await {
+                Ok(()) => {
+                    tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate issued");
+                    retry.remove(name);
+                    issued = true;
+                }
+                Err(error) => {
+                    let wait = retry
+                        .get(name)
+                        .map_or(CHECK_EVERY, |(_, wait)| (*wait * 2).min(MAX_RETRY));
+                    tracing::error!(certificate = name.as_str(), %error, retry_in = ?wait, "ACME order failed");
+                    retry.insert(name.clone(), (tokio::time::Instant::now() + wait, wait));
+                }
+            }
+        }
+        drop(snapshot);
+        if issued {
+            gateway.reload("acme").await;
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_ordered_when_missing_or_due() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = (dir.path().join("site.pem"), dir.path().join("site-key.pem"));
+        let day = Duration::from_secs(86_400);
+        assert!(needs_order(&cert, &key, day).is_some_and(|why| why.contains("does not exist")));
+
+        let signer = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).expect("params");
+        params.not_after = rcgen::date_time_ymd(2000, 1, 1);
+        let expired = params.self_signed(&signer).expect("certificate");
+        std::fs::write(&key, signer.serialize_pem()).expect("write");
+        std::fs::write(&cert, expired.pem()).expect("write");
+        assert_eq!(needs_order(&cert, &key, day).as_deref(), Some("it expires in 0 days"));
+
+        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        std::fs::write(&cert, params.self_signed(&signer).expect("certificate").pem()).expect("write");
+        assert_eq!(needs_order(&cert, &key, 30 * day), None);
+        assert!(needs_order(&cert, &key, 100 * 365 * day).is_some_and(|why| why.starts_with("it expires in")));
+
+        std::fs::write(&cert, "garbage").expect("write");
+        assert!(needs_order(&cert, &key, day).is_some());
+    }
+
+    #[test]
+    fn the_challenge_certificate_carries_the_key_authorization_digest() {
+        let digest = [7u8; 32];
+        let key = challenge_certificate("a.test", &digest).expect("certificate");
+        let (_, cert) = x509_parser::parse_x509_certificate(&key.cert[0]).expect("parses");
+        // id-pe-acmeIdentifier, critical, an OCTET STRING of the digest.
+        let extension = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier");
+        assert!(extension.critical);
+        assert_eq!(extension.value, [&[0x04, 32][..], &digest].concat());
+        let sans = crate::tls::describe_peer(&key.cert[0]).expect("describes").sans;
+        assert_eq!(sans, ["a.test"]);
+    }
+}
