@@ -32,6 +32,8 @@ pub const ACME_TLS_ALPN: &str = "acme-tls/1";
 const CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Longest wait before retrying a failed order.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
+/// Longest an order may take, CA round trips and validation included.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,19 @@ impl Challenges {
         for name in names {
             challenges.remove(name);
         }
+    }
+}
+
+/// An order's challenges, withdrawn when the order ends however it ends
+/// (success, failure, or its timeout dropping it midway).
+struct OpenChallenges<'a> {
+    challenges: &'a Challenges,
+    names: &'a [String],
+}
+
+impl Drop for OpenChallenges<'_> {
+    fn drop(&mut self) {
+        self.challenges.clear(self.names);
     }
 }
 
@@ -178,6 +193,10 @@ pub async fn order(certificate: &CertificateConfig, config: &Config, challenges:
     let account = account(acme, config, &certificate.cert).await?;
     let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    let open = OpenChallenges {
+        challenges,
+        names: &acme.domains,
+    };
     let result = async {
         let mut authorizations = order.authorizations();
         while let Some(authorization) = authorizations.next().await {
@@ -207,7 +226,7 @@ pub async fn order(certificate: &CertificateConfig, config: &Config, challenges:
         Ok((key, chain))
     }
     .await;
-    challenges.clear(&acme.domains);
+    drop(open);
     let (key, chain) = result?;
     replace_file(&config.resolve(&certificate.key), key.as_bytes(), true)?;
     replace_file(&config.resolve(&certificate.cert), chain.as_bytes(), false)?;
@@ -233,7 +252,10 @@ pub async fn run(gateway: Arc<Gateway>) {
                 continue;
             };
             tracing::info!(certificate = name.as_str(), domains = ?acme.domains, reason, "ordering a certificate over ACME");
-            match order(certificate, config, snapshot.acme_challenges()).await {
+            let ordered = tokio::time::timeout(ORDER_TIMEOUT, order(certificate, config, snapshot.acme_challenges()))
+                .await
+                .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
+            match ordered {
                 Ok(()) => {
                     tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate issued");
                     retry.remove(name);
