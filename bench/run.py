@@ -209,6 +209,38 @@ class Target:
         return rss_kib(self.process.pid) if self.process else None
 
 
+def haproxy_preamble(global_extra="", defaults_extra=""):
+    """HAProxy's global and defaults sections: one thread, TCP mode."""
+    return f"""
+global
+    maxconn {IDLE_CONNS + 100}
+{global_extra}    nbthread 1
+    log stderr format raw local0 err
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+{defaults_extra}"""
+
+
+def nginx_preamble():
+    """nginx's main and events sections: one worker, the stream module."""
+    return f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile {FD_LIMIT};
+daemon off;
+pid {WORK}/nginx.pid;
+error_log stderr error;
+
+events {{
+    worker_connections {2 * IDLE_CONNS + 400};
+}}
+"""
+
+
 def write_configs():
     if TERMINATE:
         write_terminate_configs()
@@ -229,20 +261,7 @@ servers = ["{host}:{port}"]
 """)
     spliced = (WORK / "weir.toml").read_text().replace('bind = "127.0.0.1:10444"', 'bind = "127.0.0.1:10447"\nrelay = "auto"')
     (WORK / "weir-auto.toml").write_text(spliced)
-    (WORK / "haproxy.cfg").write_text(f"""
-global
-    maxconn {IDLE_CONNS + 100}
-    maxpipes 128
-    nbthread 1
-    log stderr format raw local0 err
-
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-    option splice-auto
-
+    (WORK / "haproxy.cfg").write_text(haproxy_preamble(global_extra="    maxpipes 128\n", defaults_extra="    option splice-auto\n") + f"""
 frontend bench
     bind 127.0.0.1:10445
     tcp-request inspect-delay 5s
@@ -252,18 +271,7 @@ frontend bench
 backend upstream
     server s1 {host}:{port}
 """)
-    (WORK / "nginx.conf").write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-worker_rlimit_nofile {FD_LIMIT};
-daemon off;
-pid {WORK}/nginx.pid;
-error_log stderr error;
-
-events {{
-    worker_connections {2 * IDLE_CONNS + 400};
-}}
-
+    (WORK / "nginx.conf").write_text(nginx_preamble() + f"""
 stream {{
     map $ssl_preread_server_name $upstream {{
         {SNI} {host}:{port};
@@ -312,18 +320,7 @@ key = "{WORK / 'bench-key.pem'}"
 [pools.upstream]
 servers = ["{host}:{port}"]
 """)
-    (WORK / "haproxy.cfg").write_text(f"""
-global
-    maxconn {IDLE_CONNS + 100}
-    nbthread 1
-    log stderr format raw local0 err
-
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-
+    (WORK / "haproxy.cfg").write_text(haproxy_preamble() + f"""
 frontend bench
     bind 127.0.0.1:10445 ssl crt {WORK / 'bench-combined.pem'}
     use_backend upstream if {{ ssl_fc_sni -i {SNI} }}
@@ -331,18 +328,7 @@ frontend bench
 backend upstream
     server s1 {host}:{port}{haproxy_tls}
 """)
-    (WORK / "nginx.conf").write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-worker_rlimit_nofile {FD_LIMIT};
-daemon off;
-pid {WORK}/nginx.pid;
-error_log stderr error;
-
-events {{
-    worker_connections {2 * IDLE_CONNS + 400};
-}}
-
+    (WORK / "nginx.conf").write_text(nginx_preamble() + f"""
 stream {{
     map $ssl_server_name $upstream {{
         {SNI} {host}:{port};
