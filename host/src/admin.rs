@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/plugins` | each plugin: wasm path, SHA-256, load time, on_error |
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
-//! | `GET /api/certificates` | each certificate: notAfter, whether an OCSP response is stapled now, its nextUpdate |
+//! | `GET /api/certificates` | each certificate: notAfter, whether an OCSP response is stapled now, its nextUpdate; ACME certificates not issued yet |
 //! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
 //! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
 //! | `POST /api/pools` | creates or replaces a pool: `{"name": ..., "servers": [...], ...}` as in the config |
@@ -241,8 +241,20 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
             )
         }
         (&Method::GET, "/api/certificates") => {
-            let certificates = gateway.snapshot().tls().certificate_status();
-            json_reply(StatusCode::OK, &json!({ "certificates": certificates }))
+            let snapshot = gateway.snapshot();
+            let certificates = snapshot.tls().certificate_status();
+            // ACME certificates not issued yet: not loaded, so not served.
+            let awaiting_acme: Vec<&String> = snapshot
+                .config
+                .certificates
+                .iter()
+                .filter(|(name, c)| c.acme.is_some() && !snapshot.tls().has_certificate(name))
+                .map(|(name, _)| name)
+                .collect();
+            json_reply(
+                StatusCode::OK,
+                &json!({ "certificates": certificates, "awaiting_acme": awaiting_acme }),
+            )
         }
         (&Method::GET, "/api/plugins") => {
             let snapshot = gateway.snapshot();

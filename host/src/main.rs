@@ -200,8 +200,6 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             None => None,
         };
         drop(snapshot);
-        // Orders and renews the certificates with `acme` (idle without any).
-        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway)));
         let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -211,6 +209,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         if let Some(addr) = admin {
             tracing::info!(%addr, "admin listening");
         }
+        // Orders and renews the certificates with `acme` (idle without any);
+        // started once the listeners are announced, so its lines follow.
+        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway)));
         let signal = loop {
             tokio::select! {
                 _ = int.recv() => break "SIGINT",

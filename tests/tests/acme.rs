@@ -188,3 +188,57 @@ async fn a_certificate_is_ordered_validated_by_tls_alpn_and_served() {
     assert_eq!(std::fs::read(store.join("site.pem")).expect("certificate"), issued_pem);
     weir.child.kill().await.expect("stop");
 }
+
+/// A CA that cannot be reached: the order fails with the reason and a
+/// retry time, the certificate is reported as awaited, and the gateway
+/// serves its other routes all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_is_reported_and_the_rest_is_served() {
+    let upstream = Upstream::tcp(weir_tests::echo).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("acme");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.no_sni = {{ address = "{upstream}" }}
+
+            [certificates.site]
+            cert = {cert}
+            key = {key}
+            acme = {{ directory = "https://127.0.0.1:{closed}/dir", domains = ["acme.test"] }}
+
+            [admin]
+            bind = "127.0.0.1:0"
+            "#,
+            upstream = upstream.addr,
+            cert = toml_path(&store.join("site.pem")),
+            key = toml_path(&store.join("site-key.pem")),
+            closed = free_port(),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let failed = weir.line_containing("ACME order failed").await;
+    assert!(
+        failed.contains(r#"certificate="site""#) && failed.contains("retry_in=60s"),
+        "{failed}"
+    );
+    let (status, body) = weir_tests::admin_request(&admin, "GET", "/api/certificates", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["awaiting_acme"], serde_json::json!(["site"]), "{body}");
+    assert!(!store.join("site.pem").exists());
+    let mut stream = tokio::net::TcpStream::connect(weir.addr("public"))
+        .await
+        .expect("connect");
+    assert!(weir_tests::echoes(&mut stream, b"still serving\n").await);
+    weir.child.kill().await.expect("stop");
+}
