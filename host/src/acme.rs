@@ -114,23 +114,21 @@ pub fn needs_order(cert: &Path, key: &Path, renew_before: Duration) -> Option<St
     if !key.exists() {
         return Some(format!("{} does not exist", key.display()));
     }
-    let pem = match std::fs::read(cert) {
-        Ok(pem) => pem,
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| e.to_string())
+        .and_then(|mut chain| {
+            chain
+                .next()
+                .ok_or_else(|| "no certificate in it".to_owned())?
+                .map_err(|e| e.to_string())
+        });
+    let not_after = match leaf.and_then(|leaf| crate::tls::not_after(&leaf)) {
+        Ok(not_after) => not_after,
         Err(e) => return Some(format!("{}: {e}", cert.display())),
     };
-    let not_after = match x509_parser::pem::parse_x509_pem(&pem) {
-        Ok((_, pem)) => match pem.parse_x509() {
-            Ok(cert) => cert.validity().not_after.timestamp(),
-            Err(e) => return Some(format!("{}: {e}", cert.display())),
-        },
-        Err(e) => return Some(format!("{}: {e}", cert.display())),
-    };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let left = not_after.saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
-    (u64::try_from(left).unwrap_or(0) < renew_before.as_secs())
-        .then(|| format!("it expires in {} days", left.max(0) / 86_400))
+    let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    (left < renew_before).then(|| format!("it expires in {} days", left.as_secs() / 86_400))
 }
 
 /// Writes `data` to `path` through a temporary file and a rename, so that

@@ -366,13 +366,6 @@ impl Gateway {
         &self.addrs
     }
 
-    /// The routing state new connections use.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
-}
-
-impl Gateway {
     /// Stops accepting: every listener's socket is closed, so the kernel
     /// refuses new connections, while the connections in progress go on.
     pub fn stop_accepting(&self) {
@@ -385,13 +378,16 @@ impl Gateway {
     pub fn active_connections(&self) -> u64 {
         self.stats.values().map(|s| s.active.load(Ordering::Relaxed)).sum()
     }
+
+    /// The routing state new connections use.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        for task in &self.accept_tasks {
-            task.abort();
-        }
+        self.stop_accepting();
     }
 }
 

@@ -643,7 +643,7 @@ fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<Pattern>, String> {
 }
 
 /// The end-entity certificate's notAfter.
-fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
+pub(crate) fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| format!("the certificate does not parse: {e}"))?;
     let seconds = cert.validity().not_after.timestamp();

@@ -701,10 +701,7 @@ impl Postgres {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
         hand_over(&cert);
         hand_over(&key);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let child = Postgres::command(&bindir.join("postgres"), uid.is_some())
             .arg("-D")
             .arg(&data)
@@ -916,4 +913,32 @@ pub fn openssl(dir: &Path, args: &str) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A port free on 127.0.0.1 right now, for a server that must be told its
+/// port before it starts (PostgreSQL, Pebble, a listener Pebble validates).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A config with one plain listener, `public`, whose static-router sends
+/// every connection to `upstream`, followed by `extra` TOML.
+pub fn plain_route_config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ address = "{upstream}" }}
+
+        {extra}
+        "#
+    )
 }

@@ -6,15 +6,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use weir_tests::{STEP, Upstream, WeirProcess, answer, openssl, tls_exchange, toml_path, write_config};
-
-/// A port free on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+use weir_tests::{
+    STEP, Upstream, WeirProcess, answer, free_port, openssl, plain_route_config, tls_exchange, toml_path, write_config,
+};
 
 /// Pebble and its DNS server, stopped when dropped.
 struct Pebble {
@@ -197,33 +191,21 @@ async fn an_unreachable_ca_is_reported_and_the_rest_is_served() {
     let upstream = Upstream::tcp(weir_tests::echo).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let store = dir.path().join("acme");
-    let config = write_config(
-        dir.path(),
-        &format!(
-            r#"
-            [listeners.public]
-            bind = "127.0.0.1:0"
-            protocol = "plain"
-            plugins = ["router"]
+    let acme = format!(
+        r#"
+        [certificates.site]
+        cert = {cert}
+        key = {key}
+        acme = {{ directory = "https://127.0.0.1:{closed}/dir", domains = ["acme.test"] }}
 
-            [plugins.router]
-            wasm = "{{static_router}}"
-            config.no_sni = {{ address = "{upstream}" }}
-
-            [certificates.site]
-            cert = {cert}
-            key = {key}
-            acme = {{ directory = "https://127.0.0.1:{closed}/dir", domains = ["acme.test"] }}
-
-            [admin]
-            bind = "127.0.0.1:0"
-            "#,
-            upstream = upstream.addr,
-            cert = toml_path(&store.join("site.pem")),
-            key = toml_path(&store.join("site-key.pem")),
-            closed = free_port(),
-        ),
+        [admin]
+        bind = "127.0.0.1:0"
+        "#,
+        cert = toml_path(&store.join("site.pem")),
+        key = toml_path(&store.join("site-key.pem")),
+        closed = free_port(),
     );
+    let config = write_config(dir.path(), &plain_route_config(upstream.addr, &acme));
     let mut weir = WeirProcess::spawn(&config).await;
     let admin = weir.admin_addr().await;
     let failed = weir.line_containing("ACME order failed").await;

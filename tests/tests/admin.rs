@@ -18,25 +18,9 @@ async fn http_json(admin: &str, method: &str, path: &str, body: &str) -> (u16, S
 async fn the_admin_api_reports_and_reloads() {
     let dir = tempfile::tempdir().expect("temp dir");
     let upstream = Upstream::tcp(answer).await;
-    let text = format!(
-        r#"
-        [listeners.public]
-        bind = "127.0.0.1:0"
-        protocol = "plain"
-        plugins = ["router"]
-
-        [plugins.router]
-        wasm = "{{static_router}}"
-        config.no_sni = {{ address = "{}" }}
-
-        [reload]
-        watch = false
-
-        [admin]
-        bind = "127.0.0.1:0"
-        token = "s3cret"
-        "#,
-        upstream.addr
+    let text = weir_tests::plain_route_config(
+        upstream.addr,
+        "[reload]\nwatch = false\n\n[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"s3cret\"",
     );
     let config = write_config(dir.path(), &text);
     let mut weir = WeirProcess::spawn(&config).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_tests::{STEP, Upstream, WeirProcess, answer_with, echo, echoes, write_config};
+use weir_tests::{STEP, Upstream, WeirProcess, answer_with, echo, echoes, plain_route_config, write_config};
 
 fn send(weir: &WeirProcess, signal: Signal) {
     let pid = weir.child.id().expect("weir is running");
@@ -16,25 +16,9 @@ fn send(weir: &WeirProcess, signal: Signal) {
     kill_process(pid, signal).expect("signal sent");
 }
 
-/// A plain listener sending everything to `upstream`, with `extra` TOML.
+/// Every connection to `upstream`, reloads only when asked, and `extra`.
 fn config(upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-        [listeners.public]
-        bind = "127.0.0.1:0"
-        protocol = "plain"
-        plugins = ["router"]
-
-        [plugins.router]
-        wasm = "{{static_router}}"
-        config.no_sni = {{ address = "{upstream}" }}
-
-        [reload]
-        watch = false
-
-        {extra}
-        "#
-    )
+    plain_route_config(upstream, &format!("[reload]\nwatch = false\n\n{extra}"))
 }
 
 /// Waits for weir to exit; returns whether it exited successfully.
