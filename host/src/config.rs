@@ -17,6 +17,11 @@ use serde::Deserialize;
 use crate::addr::HostPort;
 use crate::relay::RelayMode;
 
+/// Most calls of one plugin in flight at once, over all connections; more
+/// are refused without running. Each call in flight holds an instance (up
+/// to `max_memory_mib` each), so this bounds a slow plugin's memory.
+pub const MAX_PLUGIN_CALLS: usize = 64;
+
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -270,9 +275,19 @@ pub struct TenantConfig {
     pub max_connections: Option<usize>,
     /// Largest `max_memory_mib` its plugins may have.
     pub max_plugin_memory_mib: Option<u32>,
-    /// Longest `timeout` its plugins may have.
-    #[serde(default, with = "humantime_serde")]
-    pub max_plugin_timeout: Option<Duration>,
+    /// Longest `timeout` its plugins may have (an operator may raise it, up
+    /// to the 1 s every plugin is held to).
+    #[serde(default = "defaults::tenant_plugin_timeout", with = "humantime_serde")]
+    pub max_plugin_timeout: Duration,
+    /// Plugin CPU the tenant may spend a second (a bucket that holds one
+    /// second's worth): while it is spent, its connections get their
+    /// plugin's `on_error` at once, without the plugin running.
+    #[serde(default = "defaults::tenant_plugin_cpu", with = "humantime_serde")]
+    pub plugin_cpu: Duration,
+    /// Most calls into the tenant's plugins in flight at once; more are
+    /// refused the same way.
+    #[serde(default = "defaults::tenant_plugin_calls")]
+    pub max_plugin_calls: usize,
 }
 
 /// Process-wide limits.
@@ -592,6 +607,15 @@ mod defaults {
     pub fn configure_timeout() -> Duration {
         Duration::from_secs(1)
     }
+    pub fn tenant_plugin_timeout() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn tenant_plugin_cpu() -> Duration {
+        Duration::from_millis(250)
+    }
+    pub fn tenant_plugin_calls() -> usize {
+        8
+    }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -691,6 +715,18 @@ impl Config {
             if tenant.plugins.is_empty() {
                 return Err(self.invalid(field("plugins"), "the plugin chain is empty"));
             }
+            if tenant.max_plugin_timeout < Duration::from_millis(1) || tenant.max_plugin_timeout > Duration::from_secs(1) {
+                return Err(self.invalid(field("max_plugin_timeout"), "must be between 1ms and 1s"));
+            }
+            if tenant.plugin_cpu < Duration::from_millis(1) || tenant.plugin_cpu > Duration::from_secs(64) {
+                return Err(self.invalid(field("plugin_cpu"), "must be between 1ms and 64s (of CPU a second)"));
+            }
+            if !(1..=MAX_PLUGIN_CALLS).contains(&tenant.max_plugin_calls) {
+                return Err(self.invalid(
+                    field("max_plugin_calls"),
+                    format!("must be between 1 and {}", MAX_PLUGIN_CALLS),
+                ));
+            }
             for plugin in &tenant.plugins {
                 let Some(settings) = self.plugins.get(plugin) else {
                     return Err(self.invalid(field("plugins"), format!("no plugin named `{plugin}`")));
@@ -712,9 +748,8 @@ impl Config {
                         ),
                     ));
                 }
-                if let Some(max) = tenant.max_plugin_timeout
-                    && settings.timeout > max
-                {
+                let max = tenant.max_plugin_timeout;
+                if settings.timeout > max {
                     return Err(self.invalid(
                         format!("plugins.{plugin}.timeout"),
                         format!(

@@ -119,7 +119,7 @@ impl Gateway {
         for listener in snapshot.listeners() {
             let addr = listener.config.bind;
             let bind_error = |error| GatewayError::Bind {
-                listener: listener.name.to_string(),
+                listener: listener.name.to_string().into(),
                 addr,
                 error,
             };
@@ -468,7 +468,7 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                 if let Some(limit) = shed {
                     drop(stream);
                     let labels = crate::metrics::ShedLabels {
-                        listener: name.to_string(),
+                        listener: name.to_string().into(),
                         limit,
                     };
                     crate::metrics::METRICS.shed.get_or_create(&labels).inc();
@@ -503,7 +503,7 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                 crate::metrics::METRICS
                     .accept_errors
                     .get_or_create(&crate::metrics::ListenerLabels {
-                        listener: name.to_string(),
+                        listener: name.to_string().into(),
                     })
                     .inc();
                 accept_errors.failed(&name, &e);
@@ -680,7 +680,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     };
     let metrics = &crate::metrics::METRICS;
     let listener_labels = crate::metrics::ListenerLabels {
-        listener: listener.name.to_string(),
+        listener: (*listener.name).into(),
     };
     let active = metrics.active.get_or_create(&listener_labels).clone();
     active.inc();
@@ -716,10 +716,14 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
         };
         metrics.sniff_failures.get_or_create(&labels).inc();
     }
+    let owner = match record.tenant.as_deref() {
+        Some(tenant) => format!("tenant {tenant}"),
+        None => format!("listener {}", listener.name),
+    };
     let labels = crate::metrics::ConnectionLabels {
-        tenant: record.tenant.as_deref().unwrap_or("-").to_owned(),
+        tenant: record.tenant.as_deref().unwrap_or("-").into(),
         listener: listener_labels.listener,
-        route: record.route.clone().unwrap_or_else(|| "-".into()),
+        route: metrics.route_label(&owner, record.route.as_deref().unwrap_or("-")),
         outcome: outcome.kind().into(),
     };
     metrics.connections.get_or_create(&labels).inc();
@@ -837,7 +841,7 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
     }
     let conn = wit::Connection {
         id: record.id,
-        listener: listener.name.to_string(),
+        listener: listener.name.to_string().into(),
         tenant: None,
         client_addr: record.client.to_string(),
         local_addr: front.local_addr.to_string(),
@@ -859,7 +863,7 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
                     crate::metrics::METRICS
                         .tenant_limited
                         .get_or_create(&crate::metrics::TenantLabels {
-                            tenant: tenant.name.to_string(),
+                            tenant: tenant.name.to_string().into(),
                         })
                         .inc();
                     record.route = Some("tenant-limit".into());
@@ -869,7 +873,7 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
             }
         }
     };
-    let routing = snapshot.route(listener, tenant.as_deref(), &conn);
+    let routing = snapshot.route(listener, tenant.as_deref(), &conn).await;
     let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
         (_, true) => ALERT_INTERNAL_ERROR,
         (true, false) => ALERT_ACCESS_DENIED,
@@ -936,7 +940,7 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
             Ok(slot) => record.client_slot = Some(slot),
             Err(held) => {
                 let labels = crate::metrics::ShedLabels {
-                    listener: listener.name.to_string(),
+                    listener: listener.name.to_string().into(),
                     limit: "client",
                 };
                 crate::metrics::METRICS.shed.get_or_create(&labels).inc();
@@ -1230,8 +1234,10 @@ async fn reencrypt(
     let attestation = upstream_tls
         .attested
         .then(|| snapshot.tls().attestation().examine(cert));
-    let admitted =
-        describe(cert, attestation).and_then(|peer| crate::snapshot::admit(chain, conn, wit::Side::Upstream, &peer));
+    let admitted = match describe(cert, attestation) {
+        Ok(peer) => crate::snapshot::admit(chain, conn, wit::Side::Upstream, &peer).await,
+        Err(reason) => Err(reason),
+    };
     match admitted {
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),

@@ -133,6 +133,7 @@ fn init_logging() -> anyhow::Result<()> {
             // Colour only for a person at a terminal; log files and journald get plain text.
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
             tracing_subscriber::fmt()
+                .fmt_fields(weir::logfmt::fields())
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .with_ansi(ansi)
@@ -364,7 +365,7 @@ fn route(
     let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
     let mut conn = conn;
     conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
-    let routing = snapshot.route(listener, tenant.as_deref(), &conn);
+    let routing = futures_executor::block_on(snapshot.route(listener, tenant.as_deref(), &conn));
     if explain {
         print!("{}", explanation(&conn, protocol_name, &routing));
         return Ok(());

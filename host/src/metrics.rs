@@ -3,38 +3,82 @@
 
 use std::sync::LazyLock;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// A label value, escaped as Prometheus's text format requires (`\\`, `\"`
+/// and `\n`). prometheus-client 0.24 writes label values verbatim, so a
+/// route name such as `x",outcome="fake` from a plugin would otherwise add
+/// a label and make the whole scrape invalid; every label value that is a
+/// name goes through this type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelValue(String);
+
+impl LabelValue {
+    /// The value as given, unescaped.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(value: String) -> LabelValue {
+        LabelValue(value)
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(value: &str) -> LabelValue {
+        LabelValue(value.to_owned())
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let mut rest = self.0.as_str();
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Labels of finished connections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     /// The listener.
-    pub listener: String,
+    pub listener: LabelValue,
     /// The tenant, `-` for none.
-    pub tenant: String,
+    pub tenant: LabelValue,
     /// The decision's route name, `-` before one.
-    pub route: String,
+    pub route: LabelValue,
     /// How it ended: `closed`, `rejected`, `denied`, `connect-failed`, ...
-    pub outcome: String,
+    pub outcome: LabelValue,
 }
 
 /// A listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     /// The listener.
-    pub listener: String,
+    pub listener: LabelValue,
 }
 
 /// Bytes of one direction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     /// The listener.
-    pub listener: String,
+    pub listener: LabelValue,
     /// `up` (client to upstream) or `down`.
     pub direction: &'static str,
 }
@@ -43,14 +87,14 @@ pub struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabels {
     /// The plugin's name.
-    pub plugin: String,
+    pub plugin: LabelValue,
 }
 
 /// A plugin failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     /// The plugin's name.
-    pub plugin: String,
+    pub plugin: LabelValue,
     /// `trap`, `timeout`, `memory` or `invalid-decision`.
     pub kind: &'static str,
 }
@@ -59,7 +103,7 @@ pub struct FailureLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SniffLabels {
     /// The listener.
-    pub listener: String,
+    pub listener: LabelValue,
     /// `timeout`, `client-closed`, `bad-hello`, `bad-startup`, `bad-proxy-header`.
     pub reason: &'static str,
 }
@@ -68,14 +112,14 @@ pub struct SniffLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLabels {
     /// The tenant's name.
-    pub tenant: String,
+    pub tenant: LabelValue,
 }
 
 /// A connection shed at a limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
     /// The listener.
-    pub listener: String,
+    pub listener: LabelValue,
     /// `listener`, `global` or `client` (`max_connections_per_client`).
     pub limit: &'static str,
 }
@@ -84,7 +128,7 @@ pub struct ShedLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabels {
     /// Its name in the config.
-    pub certificate: String,
+    pub certificate: LabelValue,
 }
 
 /// A reload's result.
@@ -125,7 +169,19 @@ pub struct Metrics {
     ocsp_next_update: Family<CertificateLabels, Gauge>,
     /// Whether an OCSP response is stapled now.
     ocsp_stapled: Family<CertificateLabels, Gauge>,
+    /// Route names with a series, for [`MAX_ROUTE_LABELS`].
+    route_labels: RouteLabels,
 }
+
+/// Most distinct route names counted in `weir_connections_total` for one
+/// listener or tenant; routes named after it are counted as `other`, so a
+/// plugin that names a route per connection cannot grow the scrape (or
+/// weir's memory) without bound.
+pub const MAX_ROUTE_LABELS: usize = 1000;
+
+/// The route names already given a series, per listener or tenant.
+#[derive(Default)]
+struct RouteLabels(std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>);
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -228,7 +284,24 @@ impl Metrics {
             certificate_not_after,
             ocsp_next_update,
             ocsp_stapled,
+            route_labels: RouteLabels::default(),
         }
+    }
+
+    /// The `route` label for a route name decided for `owner` (a tenant, or
+    /// else the listener): the name itself while the owner has fewer than
+    /// [`MAX_ROUTE_LABELS`] names with a series, `other` for new ones after.
+    pub fn route_label(&self, owner: &str, route: &str) -> LabelValue {
+        let mut owners = self.route_labels.0.lock().unwrap_or_else(|p| p.into_inner());
+        let names = owners.entry(owner.to_owned()).or_default();
+        if names.contains(route) {
+            return route.into();
+        }
+        if names.len() >= MAX_ROUTE_LABELS {
+            return "other".into();
+        }
+        names.insert(route.to_owned());
+        route.into()
     }
 
     /// Sets the certificate gauges to the certificates in use now (those
@@ -240,7 +313,7 @@ impl Metrics {
         let seconds = |at: u64| i64::try_from(at).unwrap_or(i64::MAX);
         for status in certificates {
             let labels = CertificateLabels {
-                certificate: status.name.clone(),
+                certificate: status.name.as_str().into(),
             };
             self.certificate_not_after
                 .get_or_create(&labels)
@@ -260,5 +333,44 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_from_plugins_cannot_break_the_scrape() {
+        let metrics = Metrics::new();
+        let labels = ConnectionLabels {
+            listener: "public".into(),
+            tenant: "-".into(),
+            route: "x\",outcome=\"fake\\\nweir_forged 1".into(),
+            outcome: "closed".into(),
+        };
+        metrics.connections.get_or_create(&labels).inc();
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("weir_connections_total{"))
+            .expect("the series");
+        assert_eq!(
+            line,
+            r#"weir_connections_total{listener="public",tenant="-",route="x\",outcome=\"fake\\\nweir_forged 1",outcome="closed"} 1"#
+        );
+        assert!(!text.lines().any(|l| l.starts_with("weir_forged")), "{text}");
+    }
+
+    #[test]
+    fn route_names_beyond_the_cap_count_as_other() {
+        let metrics = Metrics::new();
+        for n in 0..MAX_ROUTE_LABELS {
+            assert_eq!(metrics.route_label("tenant a", &format!("r{n}")).as_str(), format!("r{n}"));
+        }
+        assert_eq!(metrics.route_label("tenant a", "one-more").as_str(), "other");
+        // Names seen before keep their series; another owner has its own cap.
+        assert_eq!(metrics.route_label("tenant a", "r7").as_str(), "r7");
+        assert_eq!(metrics.route_label("tenant b", "one-more").as_str(), "one-more");
     }
 }

@@ -4,8 +4,16 @@
 //!
 //! Every call runs under an epoch deadline and a memory cap. A trap, a
 //! timeout or a refused memory grow discards the instance that failed (its
-//! state may be broken); the next call gets a fresh, freshly configured one.
-//! The host never dies of a plugin.
+//! state may be broken); a replacement is configured in the background,
+//! under `configure_timeout`. The host never dies of a plugin.
+//!
+//! Calls are asynchronous: a call yields to the tokio scheduler at every
+//! epoch tick (1 ms of running), so a plugin that runs to its deadline
+//! holds no worker thread while other connections wait. What a plugin may
+//! spend is bounded twice: per plugin, calls in flight
+//! ([`crate::config::MAX_PLUGIN_CALLS`]); per tenant, a [`Budget`] of CPU a second and
+//! calls at once. A call over either is refused without running, and the
+//! connection gets the plugin's `on_error`.
 //!
 //! Plugins get the host's `log` import, clocks, random numbers and an empty
 //! environment. Every other import (files, sockets, stdio) is linked to a
@@ -15,10 +23,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::{OnError, PluginConfig};
@@ -29,6 +37,9 @@ mod bindings {
     wasmtime::component::bindgen!({
         world: "weir-plugin",
         path: "../wit",
+        // Exports are called asynchronously, so a long call yields at every
+        // epoch tick instead of holding its worker thread.
+        exports: { default: async },
     });
 }
 
@@ -36,9 +47,10 @@ pub use bindings::weir::plugin::types as wit;
 
 /// How often the engine's epoch advances: the resolution of plugin deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
-/// Most idle instances kept per plugin. Calls are synchronous on the worker
-/// threads, so more than one per worker is rarely in use.
+/// Most idle instances kept per plugin. A call that finishes within a tick
+/// never yields, so more than one per worker is rarely in use.
 const MAX_IDLE_INSTANCES: usize = 16;
+use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 4096;
 
@@ -95,6 +107,10 @@ pub enum PluginError {
     /// The plugin returned a decision the host cannot carry out.
     #[error("returned an invalid decision: {0}")]
     InvalidDecision(String),
+    /// The call was refused without running: the plugin or its tenant is
+    /// over its budget (CPU a second, or calls in flight).
+    #[error("was not run: {0}")]
+    OverBudget(String),
 }
 
 /// The per-store state the host functions see.
@@ -103,6 +119,9 @@ struct State {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryCap,
+    /// Epoch ticks the running call may still observe before it is
+    /// interrupted; the call yields at each one.
+    ticks_left: u64,
 }
 
 impl WasiView for State {
@@ -392,17 +411,17 @@ impl Runtime {
             reuse_instances: config.reuse_instances,
             idle: Mutex::new(Vec::new()),
             ticker: Arc::clone(&self.ticker),
+            budget: arc_swap::ArcSwapOption::empty(),
+            calls: AtomicUsize::new(0),
+            replenishing: AtomicBool::new(false),
+            warm: if config.reuse_instances { self.warm_instances } else { 0 },
         };
         // Configure the instances now, one per worker thread, so that no
         // connection waits for an instantiation and a `configure` (which may
         // take longer than a call's deadline); a refused config fails the
         // load. Without reuse, one instance proves the config.
-        let warm = if plugin.reuse_instances { self.warm_instances } else { 1 };
-        for _ in 0..warm {
-            let instance = plugin.instantiate(plugin.configure_timeout).map_err(|e| match e {
-                PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
-                other => other,
-            })?;
+        for _ in 0..plugin.warm.max(1) {
+            let instance = futures_executor::block_on(plugin.configured_instance())?;
             plugin.put_back(instance);
         }
         Ok(plugin)
@@ -501,6 +520,14 @@ pub struct Plugin {
     reuse_instances: bool,
     idle: Mutex<Vec<Instance>>,
     ticker: Arc<Ticker>,
+    /// The budget of the tenant that owns the plugin, if any.
+    budget: arc_swap::ArcSwapOption<Budget>,
+    /// Calls in flight.
+    calls: AtomicUsize,
+    /// Whether a background task is configuring replacement instances.
+    replenishing: AtomicBool,
+    /// How many configured instances the stock should hold.
+    warm: usize,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -520,6 +547,7 @@ impl PluginError {
             PluginError::OutOfMemory(_) => "memory",
             PluginError::Trap(_) => "trap",
             PluginError::InvalidDecision(_) => "invalid-decision",
+            PluginError::OverBudget(_) => "budget",
             _ => "load",
         }
     }
@@ -562,52 +590,79 @@ impl Plugin {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Puts the plugin under a tenant's budget (or none).
+    pub fn set_budget(&self, budget: Option<Arc<Budget>>) {
+        self.budget.store(budget);
+    }
+
     /// Asks the plugin to route a connection.
-    pub fn route(&self, conn: &wit::Connection) -> Result<wit::Decision, PluginError> {
-        self.call(|exports, store| exports.weir_plugin_plugin().call_route(store, conn))
+    pub async fn route(self: &Arc<Self>, conn: &wit::Connection) -> Result<wit::Decision, PluginError> {
+        let mut call = self.begin()?;
+        let mut instance = call.checkout().await?;
+        arm(&mut instance.store, self.timeout);
+        let result = {
+            let exports = instance.exports.weir_plugin_plugin();
+            let running = std::pin::pin!(exports.call_route(&mut instance.store, conn));
+            Timed::new(running, &mut call.spent).await
+        };
+        call.finish(instance, result)
     }
 
     /// Asks the plugin whether to admit an authenticated peer.
-    pub fn admit(
-        &self,
+    pub async fn admit(
+        self: &Arc<Self>,
         conn: &wit::Connection,
         side: wit::Side,
         peer: &wit::Peer,
     ) -> Result<wit::Verdict, PluginError> {
-        self.call(|exports, store| exports.weir_plugin_plugin().call_admit(store, conn, side, peer))
+        let mut call = self.begin()?;
+        let mut instance = call.checkout().await?;
+        arm(&mut instance.store, self.timeout);
+        let result = {
+            let exports = instance.exports.weir_plugin_plugin();
+            let running = std::pin::pin!(exports.call_admit(&mut instance.store, conn, side, peer));
+            Timed::new(running, &mut call.spent).await
+        };
+        call.finish(instance, result)
     }
 
-    /// Runs one call on an idle instance (or a new one) under the deadline and
-    /// the memory cap; the instance goes back to the stock only if it succeeded.
-    fn call<R>(
-        &self,
-        f: impl FnOnce(&bindings::WeirPlugin, &mut Store<State>) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let _busy = self.ticker.busy();
-        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
-        let mut instance = match idle {
-            Some(instance) => instance,
-            None => self.instantiate(self.timeout)?,
+    /// Takes a place for a call: within the plugin's calls in flight and
+    /// its tenant's budget, or refused without running.
+    fn begin(self: &Arc<Self>) -> Result<Call<'_>, PluginError> {
+        let busy = self.ticker.busy();
+        let held = self.calls.fetch_add(1, Ordering::AcqRel);
+        let budget = self.budget.load_full();
+        let call = Call {
+            plugin: self,
+            _busy: busy,
+            spending: None,
+            spent: Duration::ZERO,
         };
-        arm(&mut instance.store, self.timeout);
-        match f(&instance.exports, &mut instance.store) {
-            Ok(result) => {
-                self.put_back(instance);
-                Ok(result)
-            }
-            Err(e) => {
-                let error = self.classify(e, &instance.store, self.timeout);
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, error.to_string()));
-                Err(error)
+        if held >= MAX_CALLS_IN_FLIGHT {
+            return Err(call.refuse(PluginError::OverBudget(format!(
+                "{MAX_CALLS_IN_FLIGHT} calls of this plugin are in flight"
+            ))));
+        }
+        let mut call = call;
+        if let Some(budget) = budget {
+            match budget.start() {
+                Ok(spending) => call.spending = Some(spending),
+                Err(reason) => return Err(call.refuse(PluginError::OverBudget(reason))),
             }
         }
+        Ok(call)
+    }
+
+    /// Creates and configures a fresh instance within `configure_timeout`.
+    async fn configured_instance(&self) -> Result<Instance, PluginError> {
+        self.instantiate(self.configure_timeout).await.map_err(|e| match e {
+            PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
+            other => other,
+        })
     }
 
     /// Creates and configures a fresh instance, each step within `budget`.
-    fn instantiate(&self, budget: Duration) -> Result<Instance, PluginError> {
+    async fn instantiate(&self, budget: Duration) -> Result<Instance, PluginError> {
         let _busy = self.ticker.busy();
         let state = State {
             plugin: Arc::clone(&self.name),
@@ -617,21 +672,74 @@ impl Plugin {
                 max_bytes: self.max_memory_mib as usize * 1024 * 1024,
                 refused: false,
             },
+            ticks_left: 0,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
+        // At every tick the call yields to the scheduler, until its ticks
+        // are spent; then it is interrupted.
+        store.epoch_deadline_callback(|mut store| {
+            let state = store.data_mut();
+            if state.ticks_left == 0 {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            state.ticks_left -= 1;
+            Ok(UpdateDeadline::Yield(1))
+        });
         arm(&mut store, budget);
         let exports = self
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| self.classify(e, &store, budget))?;
         arm(&mut store, budget);
         exports
             .weir_plugin_plugin()
             .call_configure(&mut store, &self.config)
+            .await
             .map_err(|e| self.classify(e, &store, budget))?
             .map_err(PluginError::Configure)?;
         Ok(Instance { store, exports })
+    }
+
+    /// Refills the stock of configured instances in the background, one at
+    /// a time, after a failed call discarded one. Off the connection path,
+    /// and under `configure_timeout`, so a plugin whose `configure` is slower
+    /// than its call deadline recovers from a trap.
+    fn replenish(self: &Arc<Self>) {
+        if self.warm == 0 || self.replenishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.replenishing.store(false, Ordering::Release);
+            return;
+        };
+        let plugin = Arc::clone(self);
+        runtime.spawn(async move {
+            while plugin.idle_instances() < plugin.warm {
+                let mut spent = Duration::ZERO;
+                let made = Timed::new(std::pin::pin!(plugin.configured_instance()), &mut spent).await;
+                if let Some(budget) = plugin.budget.load_full() {
+                    budget.charge(spent);
+                }
+                match made {
+                    Ok(instance) => plugin.put_back(instance),
+                    Err(error) => {
+                        tracing::warn!(plugin = &*plugin.name, %error, "cannot configure a replacement instance");
+                        break;
+                    }
+                }
+            }
+            plugin.replenishing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Remembers a call's failure for the admin API.
+    fn record(&self, error: &PluginError) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, error.to_string()));
     }
 
     fn put_back(&self, instance: Instance) {
@@ -656,8 +764,203 @@ impl Plugin {
 }
 
 /// Sets the deadline for the next call: whole ticks, plus one because the
-/// current tick is already partly gone.
+/// current tick is already partly gone. The call yields at each tick.
 fn arm(store: &mut Store<State>, budget: Duration) {
     let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-    store.set_epoch_deadline(ticks);
+    store.data_mut().ticks_left = ticks;
+    store.set_epoch_deadline(1);
+}
+
+/// One call of a plugin in progress: its place among the plugin's calls in
+/// flight and in its tenant's budget, and the CPU it has spent, charged to
+/// the budget when it ends.
+struct Call<'a> {
+    plugin: &'a Arc<Plugin>,
+    _busy: Busy<'a>,
+    spending: Option<Spending>,
+    spent: Duration,
+}
+
+impl Call<'_> {
+    /// Ends a call that was refused before it ran, recording why.
+    fn refuse(self, error: PluginError) -> PluginError {
+        self.plugin.record(&error);
+        error
+    }
+
+    /// An idle instance, or a fresh one configured within
+    /// `configure_timeout` (the connection waits for it).
+    async fn checkout(&mut self) -> Result<Instance, PluginError> {
+        let idle = self.plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(instance) = idle {
+            return Ok(instance);
+        }
+        let made = Timed::new(std::pin::pin!(self.plugin.configured_instance()), &mut self.spent).await;
+        made.inspect_err(|error| self.plugin.record(error))
+    }
+
+    /// Returns the instance to the stock after a good call; discards it after
+    /// a failed one (its state may be broken) and has a replacement made.
+    fn finish<R>(self, instance: Instance, result: wasmtime::Result<R>) -> Result<R, PluginError> {
+        let plugin = self.plugin;
+        match result {
+            Ok(value) => {
+                plugin.put_back(instance);
+                Ok(value)
+            }
+            Err(e) => {
+                let error = plugin.classify(e, &instance.store, plugin.timeout);
+                drop(instance);
+                plugin.record(&error);
+                plugin.replenish();
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.plugin.calls.fetch_sub(1, Ordering::AcqRel);
+        if let Some(spending) = self.spending.take() {
+            spending.end(self.spent);
+        }
+    }
+}
+
+/// Adds the time spent polling a future — the plugin running on this
+/// thread, not the time it waits to be polled again — to a total.
+struct Timed<'a, F> {
+    inner: F,
+    spent: &'a mut Duration,
+}
+
+impl<'a, F> Timed<'a, F> {
+    fn new(inner: F, spent: &'a mut Duration) -> Self {
+        Timed { inner, spent }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Timed<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let started = Instant::now();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll(cx);
+        *this.spent += started.elapsed();
+        polled
+    }
+}
+
+/// A tenant's allowance of plugin time: CPU a second, as a bucket that holds
+/// at most one second's worth and refills continuously, and calls in flight
+/// at once. A call is refused while the bucket is empty or the calls are at
+/// their limit, so a tenant whose plugin loops spends its own allowance
+/// and no one else's. Carried across reloads while its limits are the same.
+#[derive(Debug)]
+pub struct Budget {
+    cpu_per_second: Duration,
+    max_calls: usize,
+    calls: AtomicUsize,
+    bucket: Mutex<Bucket>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Seconds of CPU that may still be spent; below zero after a call that
+    /// overdrew it.
+    available: f64,
+    at: Instant,
+}
+
+/// A call's place in a [`Budget`]; [`Spending::end`] charges what it spent.
+#[derive(Debug)]
+struct Spending(Arc<Budget>);
+
+impl Spending {
+    fn end(self, spent: Duration) {
+        self.0.charge(spent);
+        // Dropping `self` gives the call's place back.
+    }
+}
+
+impl Drop for Spending {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Budget {
+    /// A budget of `cpu_per_second` of plugin CPU a second and `max_calls`
+    /// calls at once.
+    pub fn new(cpu_per_second: Duration, max_calls: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            cpu_per_second,
+            max_calls,
+            calls: AtomicUsize::new(0),
+            bucket: Mutex::new(Bucket {
+                available: cpu_per_second.as_secs_f64(),
+                at: Instant::now(),
+            }),
+            refused: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Whether this budget has these limits (a reload keeps it if so).
+    pub fn has_limits(&self, cpu_per_second: Duration, max_calls: usize) -> bool {
+        self.cpu_per_second == cpu_per_second && self.max_calls == max_calls
+    }
+
+    /// Calls refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Takes a place for a call, or says why not.
+    fn start(self: &Arc<Self>) -> Result<Spending, String> {
+        let held = self.calls.fetch_add(1, Ordering::AcqRel);
+        let spending = Spending(Arc::clone(self));
+        let refuse = |reason: String| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(reason)
+        };
+        if held >= self.max_calls {
+            return refuse(format!(
+                "its tenant has {} plugin calls in flight (max_plugin_calls)",
+                self.max_calls
+            ));
+        }
+        if self.refill() <= 0.0 {
+            return refuse(format!(
+                "its tenant has spent its plugin CPU budget of {:?} a second (plugin_cpu)",
+                self.cpu_per_second
+            ));
+        }
+        Ok(spending)
+    }
+
+    /// Brings the bucket up to date and returns what it holds.
+    fn refill(&self) -> f64 {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let rate = self.cpu_per_second.as_secs_f64();
+        let earned = now.duration_since(bucket.at).as_secs_f64() * rate;
+        bucket.available = (bucket.available + earned).min(rate);
+        bucket.at = now;
+        bucket.available
+    }
+
+    /// Charges CPU spent by the tenant's plugins.
+    fn charge(&self, spent: Duration) {
+        self.refill();
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.available -= spent.as_secs_f64();
+    }
 }

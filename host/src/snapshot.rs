@@ -120,6 +120,9 @@ pub struct Tenant {
     max_connections: Option<usize>,
     /// Its connections in progress; carried across reloads.
     active: Arc<AtomicUsize>,
+    /// What its plugins may spend; carried across reloads while its limits
+    /// are the same.
+    budget: Arc<crate::plugin::Budget>,
 }
 
 /// A tenant connection in progress; dropping it frees the slot.
@@ -141,6 +144,11 @@ impl Tenant {
     /// Its connections in progress.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// What its plugins may spend, and have been refused.
+    pub fn budget(&self) -> &crate::plugin::Budget {
+        &self.budget
     }
 
     /// The certificates it may present.
@@ -200,11 +208,16 @@ impl Known for TenantScope<'_> {
 /// Asks every plugin of a chain whether to admit an authenticated peer. The
 /// first deny is the answer; a failing plugin denies, unless its
 /// `on_error` is `next`, which skips it.
-pub fn admit(chain: &[Arc<Plugin>], conn: &wit::Connection, side: wit::Side, peer: &wit::Peer) -> Result<(), String> {
+pub async fn admit(
+    chain: &[Arc<Plugin>],
+    conn: &wit::Connection,
+    side: wit::Side,
+    peer: &wit::Peer,
+) -> Result<(), String> {
     for plugin in chain {
         let name = plugin.name();
         let started = Instant::now();
-        let verdict = plugin.admit(conn, side, peer);
+        let verdict = plugin.admit(conn, side, peer).await;
         observe(plugin, started, verdict.as_ref().err());
         match verdict {
             Ok(wit::Verdict::Allow) => {}
@@ -219,6 +232,24 @@ pub fn admit(chain: &[Arc<Plugin>], conn: &wit::Connection, side: wit::Side, pee
         }
     }
     Ok(())
+}
+
+/// [`admit`] for a caller that cannot wait asynchronously (a rustls
+/// certificate verifier, inside the handshake). On a multi-threaded runtime
+/// the worker's other tasks move to another thread while the chain runs.
+pub fn admit_blocking(
+    chain: &[Arc<Plugin>],
+    conn: &wit::Connection,
+    side: wit::Side,
+    peer: &wit::Peer,
+) -> Result<(), String> {
+    let run = || futures_executor::block_on(admit(chain, conn, side, peer));
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
 }
 
 /// Immutable routing state.
@@ -313,7 +344,7 @@ impl Routing {
 fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
     let metrics = &crate::metrics::METRICS;
     let labels = crate::metrics::PluginLabels {
-        plugin: plugin.name().to_string(),
+        plugin: plugin.name().to_string().into(),
     };
     metrics
         .plugin_calls
@@ -405,20 +436,31 @@ impl Snapshot {
             let active = previous
                 .and_then(|p| p.tenants.get(name))
                 .map_or_else(Arc::default, |t| Arc::clone(&t.active));
+            let budget = previous
+                .and_then(|p| p.tenants.get(name))
+                .map(|t| Arc::clone(&t.budget))
+                .filter(|b| b.has_limits(tenant.plugin_cpu, tenant.max_plugin_calls))
+                .unwrap_or_else(|| crate::plugin::Budget::new(tenant.plugin_cpu, tenant.max_plugin_calls));
             for domain in &tenant.domains {
                 if let Ok(canonical) = weir_plugin_sdk::names::canonicalize(domain.as_bytes()) {
                     domains.insert(canonical, name.clone());
                 }
             }
+            let chain: Vec<Arc<Plugin>> = tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
+            for plugin in &chain {
+                // A tenant's plugins are its own (`Config::check`).
+                plugin.set_budget(Some(Arc::clone(&budget)));
+            }
             let tenant = Tenant {
                 name: name.as_str().into(),
-                chain: tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect(),
+                chain,
                 pools: tenant.pools.iter().cloned().collect(),
                 upstreams: tenant.upstreams.clone(),
                 certificates: tenant.certificates.iter().cloned().collect(),
                 cas: tenant.cas.iter().cloned().collect(),
                 max_connections: tenant.max_connections,
                 active,
+                budget,
             };
             tenants.insert(name.clone(), Arc::new(tenant));
         }
@@ -501,12 +543,12 @@ impl Snapshot {
     /// (`"next"`). A tenant's decision that names something outside the
     /// tenant is a failure of its plugin. When no plugin decides, the
     /// connection is rejected.
-    pub fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
+    pub async fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
         let chain = tenant.map_or(&listener.chain, |t| &t.chain);
         let mut steps = Vec::with_capacity(chain.len());
         for plugin in chain {
             let started = Instant::now();
-            let result = plugin.route(conn).and_then(|decision| {
+            let result = plugin.route(conn).await.and_then(|decision| {
                 let validated = match tenant {
                     Some(tenant) => Decision::from_wit(decision, &TenantScope { snapshot: self, tenant }),
                     None => Decision::from_wit(decision, self),
@@ -516,7 +558,7 @@ impl Snapshot {
                         crate::metrics::METRICS
                             .tenant_violations
                             .get_or_create(&crate::metrics::TenantLabels {
-                                tenant: tenant.name.to_string(),
+                                tenant: tenant.name.to_string().into(),
                             })
                             .inc();
                     }

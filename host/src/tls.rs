@@ -813,7 +813,7 @@ impl Admission {
     /// why it could not be described); the first refusal is the answer.
     /// Remembers the outcome.
     pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
-        let outcome = peer.and_then(|peer| crate::snapshot::admit(&self.chain, &self.conn, side, &peer));
+        let outcome = peer.and_then(|peer| crate::snapshot::admit_blocking(&self.chain, &self.conn, side, &peer));
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
     }

@@ -249,3 +249,54 @@ async fn every_worker_finds_a_configured_instance() {
         assert!(client.await.expect("task").expect("served"), "a wrong echo");
     }
 }
+
+/// After a trap the failed instance is replaced off the connection path,
+/// under `configure_timeout`: a plugin whose `configure` (60 ms) is slower
+/// than its call deadline (5 ms) keeps serving the connections after the
+/// one it trapped on, even with one worker thread (one instance in stock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_is_replaced_under_configure_timeout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("replacement test CA");
+    let identity = pki.server(&["ok.test", "trap.test"]);
+    let upstream = Upstream::tls(&identity, |s| weir_tests::answer_with(s, String::new())).await;
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["slow"]
+
+            [plugins.slow]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "trap", only_sni = "trap.test", pool = "good", configure_ms = 60 }}
+            timeout = "5ms"
+
+            [pools.good]
+            servers = ["{}"]
+
+            [reload]
+            watch = false
+            "#,
+            upstream.addr
+        ),
+    );
+    let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["env", "TOKIO_WORKER_THREADS=1"]).await;
+    let addr = weir.addr("public");
+    let client = pki.client_config();
+    for round in 0..3 {
+        let trapped = weir_tests::tls_exchange(addr, "trap.test", std::sync::Arc::clone(&client), "x").await;
+        assert!(trapped.as_deref().unwrap_or_default().is_empty(), "round {round}");
+        assert!(weir.connection_line().await.contains("trapped"));
+        for n in 0..3 {
+            let answer = weir_tests::tls_exchange(addr, "ok.test", std::sync::Arc::clone(&client), "hi").await;
+            let line = weir.connection_line().await;
+            assert_eq!(
+                answer.as_deref().unwrap_or("refused"),
+                "upstream heard: hi\n",
+                "round {round}, connection {n} after the trap: {line}"
+            );
+        }
+    }
+}

@@ -151,3 +151,123 @@ async fn tenants_cannot_hurt_each_other() {
     );
     weir.child.kill().await.expect("stop");
 }
+
+/// A tenant whose plugin runs to its deadline on every connection, at 200
+/// connections a second, on a gateway with one worker thread: the other
+/// tenant's connections are all served (plugin calls yield at every tick
+/// instead of holding the worker), and the looping tenant is held to its
+/// plugin CPU budget: past it, its connections are refused without the
+/// plugin running, counted as `kind="budget"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_tenant_spends_only_its_own_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("budget test CA");
+    let identity = pki.server(&["*.calm.test", "*.loop.test"]);
+    let calm = Upstream::tls(&identity, |s| answer_with(s, " (calm)".into())).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["edge"]
+
+            [plugins.edge]
+            wasm = "{{static_router}}"
+            config.default = {{ reject = "no tenant owns this name" }}
+
+            [plugins.looper]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "loop" }}
+            timeout = "10ms"
+
+            [plugins.calm-router]
+            wasm = "{{static_router}}"
+            config.default = {{ pool = "calm" }}
+
+            [pools.calm]
+            servers = ["{calm}"]
+
+            [tenants.loop]
+            domains = ["loop.test"]
+            plugins = ["looper"]
+            plugin_cpu = "100ms"
+
+            [tenants.calm]
+            domains = ["calm.test"]
+            plugins = ["calm-router"]
+            pools = ["calm"]
+
+            [admin]
+            bind = "127.0.0.1:0"
+
+            [reload]
+            watch = false
+            "#,
+            calm = calm.addr,
+        ),
+    );
+    let mut weir = WeirProcess::spawn_under(&config, &["env", "TOKIO_WORKER_THREADS=1"]).await;
+    let admin = weir.admin_addr().await;
+    let addr = weir.addr("public");
+    let client = pki.client_config();
+
+    // The attack: 200 connections a second to the looping tenant, for 1.5 s.
+    let attacker = {
+        let client = Arc::clone(&client);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+            let mut attempts = Vec::new();
+            for _ in 0..300 {
+                tick.tick().await;
+                let client = Arc::clone(&client);
+                attempts.push(tokio::spawn(async move {
+                    let _ = tokio::time::timeout(STEP, tls_exchange(addr, "x.loop.test", client, "spin")).await;
+                }));
+            }
+            for attempt in attempts {
+                let _ = attempt.await;
+            }
+        })
+    };
+    // Meanwhile the calm tenant's clients, one after another: every one is
+    // served, well within a second (each needs ~1 ms when weir is idle).
+    let mut served = 0;
+    while !attacker.is_finished() {
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tls_exchange(addr, "app.calm.test", Arc::clone(&client), "hi"),
+        )
+        .await;
+        match answer {
+            Ok(Ok(text)) => assert_eq!(text, "upstream heard: hi (calm)\n"),
+            Ok(Err(e)) => panic!("a calm connection failed after {served} served: {e}"),
+            Err(_) => panic!("a calm connection waited over 1 s after {served} served"),
+        }
+        served += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    attacker.await.expect("attacker");
+    assert!(served >= 20, "only {served} calm connections were tried");
+
+    // The looping tenant ran into its deadline, then into its budget.
+    let (status, metrics) = weir_tests::admin_request(&admin, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 200);
+    let count = |kind: &str| -> f64 {
+        let series = format!("weir_plugin_failures_total{{plugin=\"looper\",kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (timeouts, refused) = (count("timeout"), count("budget"));
+    assert!(timeouts >= 5.0, "timeouts: {timeouts}\n{metrics}");
+    assert!(refused >= 100.0, "refused over budget: {refused}\n{metrics}");
+    // 100 ms of CPU a second for 1.5 s (plus the first second's worth) is
+    // at most ~25 calls of 10 ms: the rest never ran.
+    assert!(timeouts <= 60.0, "the budget let {timeouts} looping calls run");
+    let line = weir.line_containing("plugin CPU budget of 100ms a second").await;
+    assert!(line.contains("was not run") && line.contains("looper"), "{line}");
+    weir.child.kill().await.expect("stop");
+}

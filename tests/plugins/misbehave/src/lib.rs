@@ -35,16 +35,16 @@ struct Misbehave {
 impl Plugin for Misbehave {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         *self = parse_config(config)?;
+        if self.configure_ms > 0 {
+            // The wall clock: plugins get no monotonic clock.
+            let until = std::time::SystemTime::now() + std::time::Duration::from_millis(self.configure_ms);
+            while std::time::SystemTime::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         match self.mode.as_str() {
             "fail-configure" => Err("refusing this config on purpose".into()),
-            "slow-configure" => {
-                // The wall clock: plugins get no monotonic clock.
-                let until = std::time::SystemTime::now() + std::time::Duration::from_millis(self.configure_ms);
-                while std::time::SystemTime::now() < until {
-                    std::hint::spin_loop();
-                }
-                Ok(())
-            }
+            "slow-configure" => Ok(()),
             "loop-configure" => {
                 let mut n: u64 = 0;
                 loop {
