@@ -11,6 +11,7 @@
 //! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
 //! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
 //! | `POST /api/pools` | creates or replaces a pool: `{"name": ..., "servers": [...], ...}` as in the config |
+//! | `DELETE /api/pools/{name}` | removes a pool (refused while the config names it) |
 //! | `POST /api/pools/{name}/backends` | adds a server: `{"address": "host:port", "weight": 1}` |
 //! | `DELETE /api/pools/{name}/backends/{address}` | removes a server |
 //! | `GET /api/connections` | active and total connections by listener |
@@ -117,12 +118,15 @@ async fn pools_api(
     method: &Method,
     path: &str,
 ) -> Response<Full<Bytes>> {
-    let applied = |result: Result<(), String>, name: &str, status: StatusCode| match result {
+    use crate::gateway::{PoolEdit, PoolEditError};
+    let applied = |result: Result<(), PoolEditError>, name: &str, status: StatusCode| match result {
         Ok(()) => match gateway.snapshot().pool(name) {
             Some(pool) => json_reply(status, &pool_json(pool)),
-            None => error(StatusCode::INTERNAL_SERVER_ERROR, "the pool vanished"),
+            None => json_reply(status, &json!({ "deleted": name })),
         },
-        Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason),
+        Err(PoolEditError::NotFound(reason)) => error(StatusCode::NOT_FOUND, &reason),
+        Err(PoolEditError::Conflict(reason)) => error(StatusCode::CONFLICT, &reason),
+        Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason.to_string()),
     };
     let rest: Vec<&str> = path
         .trim_start_matches("/api/pools")
@@ -144,38 +148,25 @@ async fn pools_api(
                 Ok(pool) => pool,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid pool: {e}")),
             };
-            let result = gateway.set_pool(&name, pool).await;
+            let result = gateway.edit_pool(&name, PoolEdit::Set(pool)).await;
             applied(result, &name, StatusCode::CREATED)
         }
-        (&Method::POST, [name, "backends"]) | (&Method::DELETE, [name, "backends", _]) => {
-            let Some(current) = gateway.snapshot().config.pools.get(*name).cloned() else {
-                return error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`"));
+        (&Method::DELETE, [name]) => {
+            let result = gateway.edit_pool(name, PoolEdit::Delete).await;
+            applied(result, name, StatusCode::OK)
+        }
+        (&Method::POST, [name, "backends"]) => {
+            let server: crate::config::ServerConfig = match body_json(request).await {
+                Ok(server) => server,
+                Err(response) => return response,
             };
-            let mut pool = current;
-            if *method == Method::POST {
-                let server: crate::config::ServerConfig = match body_json(request).await {
-                    Ok(server) => server,
-                    Err(response) => return response,
-                };
-                if pool.servers.iter().any(|s| s.address() == server.address()) {
-                    return error(
-                        StatusCode::CONFLICT,
-                        &format!("`{}` is already in the pool", server.address()),
-                    );
-                }
-                pool.servers.push(server);
-            } else {
-                let address = percent_decode(rest[2]);
-                let before = pool.servers.len();
-                pool.servers.retain(|s| s.address() != address);
-                if pool.servers.len() == before {
-                    return error(StatusCode::NOT_FOUND, &format!("`{address}` is not in the pool"));
-                }
-                if pool.servers.is_empty() {
-                    return error(StatusCode::CONFLICT, "a pool needs at least one server");
-                }
-            }
-            let result = gateway.set_pool(name, pool).await;
+            let result = gateway.edit_pool(name, PoolEdit::AddServer(server)).await;
+            applied(result, name, StatusCode::OK)
+        }
+        (&Method::DELETE, [name, "backends", address]) => {
+            let result = gateway
+                .edit_pool(name, PoolEdit::RemoveServer(percent_decode(address)))
+                .await;
             applied(result, name, StatusCode::OK)
         }
         (&Method::GET, [name]) => match gateway.snapshot().pool(name) {
@@ -218,6 +209,68 @@ fn percent_decode(segment: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Why a request that a web page could have made is refused, if it is.
+///
+/// A browser lets any page it shows send a "simple" cross-site POST (a form,
+/// or `fetch` with `text/plain`) to a loopback admin address, and a page
+/// whose name an attacker re-points at 127.0.0.1 (DNS rebinding) is even
+/// same-origin with it. So a change is refused when its `Origin` is not
+/// the admin server itself or `Sec-Fetch-Site` says another site, and a
+/// body must be `application/json` (which a page can only send after a
+/// CORS preflight, which this server never grants). Without a token, the
+/// `Host` must be an IP address or `localhost`, which rebinding cannot
+/// produce. Clients that are not browsers (curl, scripts) send none of
+/// these headers and are not affected.
+fn browser_refusal(request: &Request<Incoming>, has_token: bool) -> Option<String> {
+    let header = |name: hyper::header::HeaderName| request.headers().get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let host = header(hyper::header::HOST);
+    if !has_token
+        && let Some(host) = host
+    {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+        };
+        if name != "localhost" && name.parse::<std::net::IpAddr>().is_err() {
+            return Some(format!(
+                "Host `{}` is not an IP address or localhost; without admin.token, the admin API answers only those (DNS rebinding)",
+                name.escape_debug()
+            ));
+        }
+    }
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    if let Some(site) = request.headers().get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Some("a change sent by a page of another site (Sec-Fetch-Site) is refused".into());
+    }
+    if let Some(origin) = header(hyper::header::ORIGIN) {
+        let authority = origin.split_once("://").map(|(_, rest)| rest);
+        if authority.is_none() || authority != host {
+            return Some(format!(
+                "a change from Origin `{}` is refused: only the admin server's own pages may send one",
+                origin.escape_debug()
+            ));
+        }
+    }
+    let has_body = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|n| n.as_bytes() != b"0")
+        || request.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+    let json = header(hyper::header::CONTENT_TYPE).is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if has_body && !json {
+        return Some("a request body must be sent as Content-Type: application/json".into());
+    }
+    None
+}
+
 async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&str>) -> Response<Full<Bytes>> {
     if let Some(token) = token {
         let presented = request
@@ -228,6 +281,9 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
         if presented != Some(token) {
             return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
         }
+    }
+    if let Some(reason) = browser_refusal(&request, token.is_some()) {
+        return error(StatusCode::FORBIDDEN, &reason);
     }
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {

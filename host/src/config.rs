@@ -17,6 +17,29 @@ use serde::Deserialize;
 use crate::addr::HostPort;
 use crate::relay::RelayMode;
 
+/// Most servers in one pool.
+pub const MAX_POOL_SERVERS: usize = 10_000;
+/// Shortest interval between a pool's health checks: each check of each
+/// server is a connection, so a short interval on a large pool is load.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether `name` can name a pool: 1 to 64 ASCII letters, digits, `-`, `_`
+/// and `.`, starting with a letter or digit. Decisions name pools as
+/// `pool` or `pool:port`, and names reach URLs, logs and metrics, so
+/// `:`, `/`, spaces and the empty name are refused.
+pub fn check_pool_name(name: &str) -> Result<(), String> {
+    let valid = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a pool name (1-64 letters, digits, `-`, `_`, `.`, starting with a letter or digit)"
+        ))
+    }
+}
+
 /// Most calls of one plugin in flight at once, over all connections; more
 /// are refused without running. Each call in flight holds an instance (up
 /// to `max_memory_mib` each), so this bounds a slow plugin's memory.
@@ -661,12 +684,16 @@ impl Config {
         Ok(config)
     }
 
-    /// This config with `pools` added or replaced, checked whole again.
-    pub fn with_pools(&self, pools: &BTreeMap<String, PoolConfig>) -> Result<Config, ConfigError> {
+    /// This config with `pools` added or replaced (`None`: removed),
+    /// checked whole again.
+    pub fn with_pools(&self, pools: &BTreeMap<String, Option<PoolConfig>>) -> Result<Config, ConfigError> {
         let mut config = self.clone();
-        config
-            .pools
-            .extend(pools.iter().map(|(name, pool)| (name.clone(), pool.clone())));
+        for (name, pool) in pools {
+            match pool {
+                Some(pool) => config.pools.insert(name.clone(), pool.clone()),
+                None => config.pools.remove(name),
+            };
+        }
         config.check()?;
         Ok(config)
     }
@@ -881,8 +908,15 @@ impl Config {
         self.check_tenants()?;
         for (name, pool) in &self.pools {
             let field = |f: &str| format!("pools.{name}.{f}");
+            check_pool_name(name).map_err(|reason| self.invalid(format!("pools.{name:?}"), reason))?;
             if pool.servers.is_empty() {
                 return Err(self.invalid(field("servers"), "a pool needs at least one server"));
+            }
+            if pool.servers.len() > MAX_POOL_SERVERS {
+                return Err(self.invalid(
+                    field("servers"),
+                    format!("{} servers; a pool has at most {MAX_POOL_SERVERS}", pool.servers.len()),
+                ));
             }
             for server in &pool.servers {
                 HostPort::parse(server.address()).map_err(|e| self.invalid(field("servers"), e.to_string()))?;
@@ -900,8 +934,11 @@ impl Config {
                 return Err(self.invalid(field("max_attempts"), "must be at least 1"));
             }
             if let Some(health) = &pool.health {
-                if health.interval.is_zero() || health.timeout.is_zero() {
-                    return Err(self.invalid(field("health"), "interval and timeout must be longer than zero"));
+                if health.interval < MIN_HEALTH_INTERVAL || health.interval > Duration::from_secs(3600) {
+                    return Err(self.invalid(field("health.interval"), "must be between 100ms and 1h"));
+                }
+                if health.timeout.is_zero() {
+                    return Err(self.invalid(field("health.timeout"), "must be longer than zero"));
                 }
                 if health.rise == 0 || health.fall == 0 {
                     return Err(self.invalid(field("health"), "rise and fall must be at least 1"));

@@ -71,7 +71,36 @@ pub struct Gateway {
     stats: BTreeMap<String, Arc<ListenerStats>>,
     /// Pools created or changed through the admin API: applied over the
     /// config file at every build, kept across reloads, lost on restart.
-    runtime_pools: std::sync::Mutex<BTreeMap<String, crate::config::PoolConfig>>,
+    runtime_pools: std::sync::Mutex<BTreeMap<String, Option<crate::config::PoolConfig>>>,
+}
+
+/// A change to one pool through the admin API.
+#[derive(Debug)]
+pub enum PoolEdit {
+    /// Create the pool, or replace it.
+    Set(crate::config::PoolConfig),
+    /// Add a server.
+    AddServer(crate::config::ServerConfig),
+    /// Remove the server with this address.
+    RemoveServer(String),
+    /// Remove the pool.
+    Delete,
+}
+
+/// Why a pool change was not made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolEditError {
+    /// The pool, or the server, does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change contradicts the pool as it is (a server already there, the
+    /// last server removed).
+    #[error("{0}")]
+    Conflict(String),
+    /// The config with the change does not check or build.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Connection counts of one listener.
@@ -245,21 +274,56 @@ impl Gateway {
         self.runtime.compiled_count()
     }
 
-    /// Creates or replaces a pool at runtime: the current config with the
-    /// pool, checked and built whole like a reload; nothing changes when
-    /// anything fails. Runtime pools are kept across reloads, not restarts.
-    pub async fn set_pool(&self, name: &str, pool: crate::config::PoolConfig) -> Result<(), String> {
+    /// Changes a pool at runtime: the current config with the change,
+    /// checked and built whole like a reload; nothing changes when anything
+    /// fails. The pool is read, changed and stored under the reload lock, so
+    /// concurrent changes never lose one another. Runtime changes are kept
+    /// across reloads, not restarts.
+    pub async fn edit_pool(&self, name: &str, edit: PoolEdit) -> Result<(), PoolEditError> {
         let _status = self.reloads.lock().await;
         let old = self.snapshot.load_full();
+        let current = old.config.pools.get(name).cloned();
+        let changed = match (edit, current) {
+            (PoolEdit::Set(pool), _) => {
+                crate::config::check_pool_name(name).map_err(PoolEditError::Invalid)?;
+                Some(pool)
+            }
+            (PoolEdit::Delete, Some(_)) => None,
+            (PoolEdit::AddServer(server), Some(mut pool)) => {
+                if pool.servers.iter().any(|s| s.address() == server.address()) {
+                    return Err(PoolEditError::Conflict(format!(
+                        "`{}` is already in the pool",
+                        server.address()
+                    )));
+                }
+                pool.servers.push(server);
+                Some(pool)
+            }
+            (PoolEdit::RemoveServer(address), Some(mut pool)) => {
+                let before = pool.servers.len();
+                pool.servers.retain(|s| s.address() != address);
+                if pool.servers.len() == before {
+                    return Err(PoolEditError::NotFound(format!("`{address}` is not in the pool")));
+                }
+                if pool.servers.is_empty() {
+                    return Err(PoolEditError::Conflict("a pool needs at least one server".into()));
+                }
+                Some(pool)
+            }
+            (_, None) => return Err(PoolEditError::NotFound(format!("no pool named `{name}`"))),
+        };
         let mut overrides = self.runtime_pools.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        overrides.insert(name.to_owned(), pool);
-        let config = old.config.with_pools(&overrides).map_err(|e| e.to_string())?;
+        overrides.insert(name.to_owned(), changed);
+        let config = old
+            .config
+            .with_pools(&overrides)
+            .map_err(|e| PoolEditError::Invalid(e.to_string()))?;
         let runtime = Arc::clone(&self.runtime);
         let previous = Arc::clone(&old);
         let new = tokio::task::spawn_blocking(move || Snapshot::rebuild(config, &runtime, Some(&previous)))
             .await
-            .map_err(|e| format!("the build task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PoolEditError::Invalid(format!("the build task failed: {e}")))?
+            .map_err(|e| PoolEditError::Invalid(e.to_string()))?;
         new.start_health_checks();
         self.snapshot.store(Arc::new(new));
         *self.runtime_pools.lock().unwrap_or_else(|p| p.into_inner()) = overrides;

@@ -208,3 +208,143 @@ async fn pools_change_at_runtime_without_a_restart() {
     assert!(body.contains(r#""policy":"weighted""#), "{body}");
     weir.child.kill().await.expect("stop");
 }
+
+/// Sends `request` as written (a whole HTTP/1.1 request) and returns the
+/// status and body.
+async fn raw_request(admin: &str, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connects");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(weir_tests::STEP, stream.read_to_string(&mut response))
+        .await
+        .expect("admin answers in time")
+        .expect("response");
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).expect("status code");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// What a web page can send to a loopback admin server without a token is
+/// refused: a cross-site form POST (`text/plain`, foreign `Origin`), a change
+/// marked `Sec-Fetch-Site: cross-site`, and any request whose `Host` is a
+/// DNS name (rebinding). Concurrent pool changes all land; pool names that
+/// would shadow `pool:port` targets or escape a URL are refused; pools can
+/// be deleted; health intervals are bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_pages_and_loses_no_update() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{static_router}"
+        config.no_sni = { pool = "app" }
+
+        [pools.app]
+        servers = ["127.0.0.1:1"]
+
+        [admin]
+        bind = "127.0.0.1:0"
+
+        [reload]
+        watch = false
+        "#;
+    let config = write_config(dir.path(), text);
+    let mut weir = WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let servers = |admin: String| async move {
+        let (_, body) = http_json(&admin, "GET", "/api/pools/app", "").await;
+        let pool: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        pool["backends"].as_array().map_or(0, Vec::len)
+    };
+
+    // A cross-site form POST: text/plain, a foreign Origin.
+    let body = r#"{"address": "127.0.0.9:80"}"#;
+    let forged = [
+        format!(
+            "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\norigin: http://evil.example\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        format!(
+            "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\norigin: http://evil.example\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        format!(
+            "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        format!(
+            "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\nsec-fetch-site: cross-site\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        // DNS rebinding: the page's own name, pointed at 127.0.0.1.
+        format!(
+            "POST /api/pools/app/backends HTTP/1.1\r\nhost: evil.example:{port}\r\norigin: http://evil.example:{port}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len(),
+            port = admin.rsplit_once(':').expect("port").1
+        ),
+        "GET /api/pools HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n".to_owned(),
+    ];
+    for request in &forged {
+        let (status, reply) = raw_request(&admin, request).await;
+        assert_eq!(status, 403, "{request}\n{reply}");
+        assert!(reply.contains("\"error\""), "{reply}");
+    }
+    assert_eq!(servers(admin.clone()).await, 1, "a refused request changed the pool");
+    // The same request as curl sends it (no Origin) is served.
+    let curl_like = format!(
+        "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(raw_request(&admin, &curl_like).await.0, 200);
+
+    // 40 servers added at once: every one is kept.
+    let adds: Vec<_> = (0..40)
+        .map(|n| {
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                http_json(
+                    &admin,
+                    "POST",
+                    "/api/pools/app/backends",
+                    &format!(r#"{{"address": "127.0.1.{}:80"}}"#, n + 1),
+                )
+                .await
+            })
+        })
+        .collect();
+    for add in adds {
+        let (status, body) = add.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(servers(admin.clone()).await, 42, "concurrent additions were lost");
+
+    // Names and intervals the config would refuse.
+    for (name, extra) in [
+        ("", ""),
+        ("../x", ""),
+        ("app:8080", ""),
+        ("a b", ""),
+        ("fast", r#", "health": {"interval": "1ms"}"#),
+    ] {
+        let (status, reply) = http_json(
+            &admin,
+            "POST",
+            "/api/pools",
+            &format!(r#"{{"name": "{name}", "servers": ["127.0.0.1:2"]{extra}}}"#),
+        )
+        .await;
+        assert_eq!(status, 422, "{name:?}: {reply}");
+    }
+    // A pool can be deleted (and then is gone, for a second DELETE too).
+    let (status, reply) = http_json(&admin, "POST", "/api/pools", r#"{"name": "spare", "servers": ["127.0.0.1:2"]}"#).await;
+    assert_eq!(status, 201, "{reply}");
+    let (status, reply) = http_json(&admin, "DELETE", "/api/pools/spare", "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(http_json(&admin, "GET", "/api/pools/spare", "").await.0, 404);
+    assert_eq!(http_json(&admin, "DELETE", "/api/pools/spare", "").await.0, 404);
+    weir.child.kill().await.expect("stop");
+}
