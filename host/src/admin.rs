@@ -43,7 +43,9 @@ pub async fn serve(
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let token: Option<Arc<str>> = token.map(Into::into);
+    let own = crate::own::OwnAddress::register(addr);
     let task = tokio::spawn(async move {
+        let _own = own;
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

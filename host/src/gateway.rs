@@ -72,6 +72,8 @@ pub struct Gateway {
     /// Pools created or changed through the admin API: applied over the
     /// config file at every build, kept across reloads, lost on restart.
     runtime_pools: std::sync::Mutex<BTreeMap<String, Option<crate::config::PoolConfig>>>,
+    /// The listeners' addresses, registered so that no decision reaches them.
+    _own: Vec<crate::own::OwnAddress>,
 }
 
 /// A change to one pool through the admin API.
@@ -162,8 +164,10 @@ impl Gateway {
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
         let mut stats = BTreeMap::new();
+        let mut own = Vec::new();
         for (name, local, socket) in sockets {
             addrs.insert(name.to_string(), local);
+            own.push(crate::own::OwnAddress::register(local));
             let listener_stats = Arc::new(ListenerStats::default());
             stats.insert(name.to_string(), Arc::clone(&listener_stats));
             accept_tasks.push(tokio::spawn(accept_loop(
@@ -182,6 +186,7 @@ impl Gateway {
             reloads: tokio::sync::Mutex::new(ReloadStatus::default()),
             stats,
             runtime_pools: std::sync::Mutex::new(BTreeMap::new()),
+            _own: own,
         })
     }
 
@@ -1471,6 +1476,23 @@ async fn read_postgres(
     }
 }
 
+/// Connects to a server named by a DNS name: each address it resolves to
+/// in turn, skipping weir's own (a name may point at weir itself as well).
+async fn connect_by_name(server: &HostPort) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(server.to_string()).await? {
+        if let Err(reason) = crate::own::check(addr) {
+            last = Some(std::io::Error::other(reason));
+            continue;
+        }
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the name resolves to no address")))
+}
+
 /// Connects to the target: the one address, or the pool's servers in the
 /// order the pool gives (its policy's choice first, available servers
 /// before the others, at most `max_attempts`), all within one connect
@@ -1500,7 +1522,10 @@ async fn connect(
                         (addr, Some(b))
                     })
                     .collect(),
-                Some(pool.config.passive.clone()),
+                // A port the decision chose (`pool:port`, often the client's
+                // choice) that nothing serves says nothing of the server:
+                // such failures eject no one.
+                port.is_none().then(|| pool.config.passive.clone()),
             ),
             None => return Err(format!("pool `{name}` vanished")),
         },
@@ -1508,6 +1533,13 @@ async fn connect(
     };
     let mut failures = Vec::new();
     for (server, backend) in candidates {
+        // Never weir itself: a loop, or the admin API for anyone.
+        if let Some(addr) = server.socket_addr()
+            && let Err(reason) = crate::own::check(addr)
+        {
+            failures.push(reason);
+            continue;
+        }
         // Out of descriptors, no socket can be opened: that is weir's
         // shortage, not the server's. Wait for one to free up (as accept
         // does) within the same deadline, and blame no one.
@@ -1516,7 +1548,7 @@ async fn connect(
             loop {
                 let result = match server.socket_addr() {
                     Some(addr) => TcpStream::connect(addr).await,
-                    None => TcpStream::connect(server.to_string()).await,
+                    None => connect_by_name(&server).await,
                 };
                 match result {
                     Err(e) if out_of_descriptors(&e) => {

@@ -24,6 +24,7 @@ pub mod gateway;
 pub mod logfmt;
 pub mod metrics;
 pub mod ocsp;
+pub mod own;
 pub mod plugin;
 pub mod pool;
 pub mod postgres;

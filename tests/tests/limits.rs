@@ -326,3 +326,85 @@ async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
     assert_eq!(echoed(&mut fresh, &hello, STEP).await, Some(true));
     weir.child.kill().await.expect("stop");
 }
+
+/// No decision reaches weir itself: not a listener's own address (a loop
+/// that would use every descriptor), not a wildcard listener through any
+/// local address or by name, not the admin API; and failures on a port the
+/// decision chose (`pool:port`) eject no server of the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_never_reach_weir_itself() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let (public, wild, admin) = (weir_tests::free_port(), weir_tests::free_port(), weir_tests::free_port());
+    let unserved = weir_tests::free_port();
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:{public}"
+            plugins = ["router"]
+
+            [listeners.wild]
+            bind = "0.0.0.0:{wild}"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."self.test" = {{ address = "127.0.0.1:{public}" }}
+            config.routes."zero.test" = {{ address = "0.0.0.0:{public}" }}
+            config.routes."wild.test" = {{ address = "127.0.0.5:{wild}" }}
+            config.routes."name.test" = {{ address = "localhost:{wild}" }}
+            config.routes."admin.test" = {{ address = "127.0.0.1:{admin}" }}
+            config.routes."port.test" = {{ pool = "app:{unserved}" }}
+            config.routes."app.test" = {{ pool = "app" }}
+
+            [pools.app]
+            servers = ["{upstream}"]
+
+            [admin]
+            bind = "127.0.0.1:{admin}"
+
+            [reload]
+            watch = false
+            "#,
+            upstream = upstream.addr
+        ),
+    );
+    let mut weir = weir_tests::WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let client = weir_tests::Pki::new("loop test CA").client_config();
+    let refused = |sni: &'static str| {
+        let client = std::sync::Arc::clone(&client);
+        async move {
+            let answer = weir_tests::tls_exchange(addr, sni, client, "x").await;
+            answer.as_deref().unwrap_or_default().is_empty()
+        }
+    };
+    for sni in ["self.test", "zero.test", "wild.test", "name.test", "admin.test"] {
+        assert!(refused(sni).await, "{sni} was served");
+        let line = weir.connection_line().await;
+        assert!(
+            line.contains("connect-failed") && line.contains("weir's own listening address"),
+            "{sni}: {line}"
+        );
+    }
+    // One connection each: no loop multiplied them.
+    let (status, body) = weir_tests::admin_request(&format!("127.0.0.1:{admin}"), "GET", "/api/connections", None, "").await;
+    assert_eq!(status, 200);
+    let counts: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(counts["listeners"]["public"]["total"], 5, "{body}");
+    assert_eq!(counts["listeners"]["wild"]["total"], 0, "{body}");
+
+    // A client's port choice that nothing serves, over and over: the
+    // server stays in rotation, unejected.
+    for _ in 0..5 {
+        assert!(refused("port.test").await);
+        assert!(weir.connection_line().await.contains("connect-failed"));
+    }
+    let (_, body) = weir_tests::admin_request(&format!("127.0.0.1:{admin}"), "GET", "/api/pools/app", None, "").await;
+    let pool: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(pool["backends"][0]["ejected"], false, "{body}");
+    assert_eq!(pool["healthy"], 1, "{body}");
+    weir.child.kill().await.expect("stop");
+}
