@@ -10,6 +10,23 @@ use crate::plugin::wit;
 
 /// Longest route name accepted: it ends up in logs and metric labels.
 const MAX_ROUTE_LEN: usize = 256;
+/// Longest reject reason accepted: it is logged with every refused
+/// connection, and sent to PostgreSQL clients.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Longest name of a pool, certificate, CA, server name or address in a
+/// decision.
+const MAX_NAME_LEN: usize = 255;
+/// Most ALPN protocols a termination may offer.
+pub const MAX_ALPN: usize = 16;
+
+/// Refuses a name from a decision that is longer than any real one, before
+/// it is looked up or quoted in an error.
+fn bounded<'a>(what: &str, name: &'a str) -> Result<&'a str, String> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("a {what} of {} bytes (at most {MAX_NAME_LEN})", name.len()));
+    }
+    Ok(name)
+}
 
 /// A validated routing decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -141,6 +158,12 @@ impl Decision {
         let action = match decision.action {
             wit::Action::Next => return Ok(None),
             wit::Action::Passthrough(target) => Action::Passthrough(Target::from_wit(target, known)?),
+            wit::Action::Reject(reason) if reason.len() > MAX_REASON_LEN => {
+                return Err(format!(
+                    "a reject reason of {} bytes (at most {MAX_REASON_LEN})",
+                    reason.len()
+                ));
+            }
             wit::Action::Reject(reason) => Action::Reject(reason),
             wit::Action::Terminate(termination) => Action::Terminate(Termination::from_wit(termination, known)?),
         };
@@ -163,12 +186,18 @@ impl Decision {
 
 impl Termination {
     fn from_wit(t: wit::Termination, known: &dyn Known) -> Result<Termination, String> {
+        if t.alpn.len() > MAX_ALPN {
+            return Err(format!("{} ALPN protocols (at most {MAX_ALPN})", t.alpn.len()));
+        }
+        if let Some(name) = &t.certificate {
+            bounded("certificate name", name)?;
+        }
         if let Some(name) = &t.certificate
             && !known.has_certificate(name)
         {
             return Err(format!("unknown certificate `{name}`"));
         }
-        let client_ca = |name: String| match known.ca(&name) {
+        let client_ca = |name: String| match bounded("CA name", &name).map(|name| known.ca(name))? {
             Some(true) => Ok(name),
             Some(false) => Err(format!(
                 "client authentication needs a CA bundle, and CA `{name}` has only pins"
@@ -199,6 +228,15 @@ impl Termination {
 
 impl UpstreamTls {
     fn from_wit(tls: wit::UpstreamTls, known: &dyn Known) -> Result<UpstreamTls, String> {
+        for (what, name) in [
+            ("server name", &tls.server_name),
+            ("CA name", &tls.ca),
+            ("certificate name", &tls.client_cert),
+        ] {
+            if let Some(name) = name {
+                bounded(what, name)?;
+            }
+        }
         if tls.attested && tls.ca.is_some() {
             return Err("upstream-tls: an attested upstream is identified by its attestation; drop `ca`".into());
         }
@@ -228,6 +266,12 @@ impl UpstreamTls {
 impl Target {
     fn from_wit(target: wit::Target, known: &dyn Known) -> Result<Target, String> {
         let upstream = match target.upstream {
+            wit::Upstream::Pool(name) | wit::Upstream::Address(name) if name.len() > MAX_NAME_LEN => {
+                return Err(format!(
+                    "an upstream of {} bytes (at most {MAX_NAME_LEN})",
+                    name.len()
+                ));
+            }
             wit::Upstream::Pool(name) if known.has_pool(&name) => Upstream::Pool(name),
             wit::Upstream::Pool(name) => match name.rsplit_once(':') {
                 Some((pool, port)) if known.has_pool(pool) => match port.parse::<u16>() {
@@ -317,7 +361,24 @@ mod tests {
         };
         assert_eq!(t.client_auth, ClientAuth::Required("clients".into()));
         assert_eq!(t.then.target().upstream, Upstream::Pool("app".into()));
+        let mut many_protocols = terminate(None, wit::ClientAuth::None, wit::After::Plain(pool()));
+        if let wit::Action::Terminate(t) = &mut many_protocols.action {
+            t.alpn = (0..40_000).map(|n| format!("{n:0>255}")).collect();
+        }
         let cases = [
+            (many_protocols, "40000 ALPN protocols (at most 16)"),
+            (
+                terminate(Some(&"c".repeat(256)), wit::ClientAuth::None, wit::After::Plain(pool())),
+                "a certificate name of 256 bytes",
+            ),
+            (
+                terminate(
+                    None,
+                    wit::ClientAuth::Required("c".repeat(300)),
+                    wit::After::Plain(pool()),
+                ),
+                "a CA name of 300 bytes",
+            ),
             (
                 terminate(Some("nope"), wit::ClientAuth::None, wit::After::Plain(pool())),
                 "unknown certificate `nope`",
@@ -472,6 +533,21 @@ mod tests {
             (
                 passthrough(&"r".repeat(300), wit::Upstream::Pool("app".into()), None),
                 "300 bytes",
+            ),
+            (
+                passthrough("r", wit::Upstream::Pool("p\n".repeat(1000)), None),
+                "an upstream of 2000 bytes (at most 255)",
+            ),
+            (
+                passthrough("r", wit::Upstream::Address("x".repeat(70_000)), None),
+                "an upstream of 70000 bytes",
+            ),
+            (
+                wit::Decision {
+                    route: "r".into(),
+                    action: wit::Action::Reject("why".repeat(400)),
+                },
+                "a reject reason of 1200 bytes (at most 1024)",
             ),
         ];
         for (decision, expected) in cases {

@@ -1177,7 +1177,7 @@ async fn terminate(
         &listener.tls,
         termination,
         sni,
-        tenant.map(Tenant::certificates),
+        tenant.map(|t| (&t.name, t.certificates())),
         admission.clone(),
     ) {
         Ok(config) => config,

@@ -36,9 +36,11 @@ use crate::plugin::wit;
 
 /// Sessions kept per termination for ID-based (TLS 1.2) resumption.
 const SESSION_CACHE_SIZE: usize = 4096;
-/// Most distinct terminations whose configs are kept; beyond this a config is
-/// built per connection (and cannot resume).
-const MAX_CACHED_CONFIGS: usize = 1024;
+/// Most distinct terminations whose configs are kept per tenant (and for the
+/// listeners' own chains); beyond this a config is built per connection (and
+/// cannot resume). Per tenant, so that one tenant's decisions, however
+/// varied, cannot take another's place in the cache.
+const MAX_CACHED_CONFIGS: usize = 128;
 
 /// A field of the config and what is wrong with it.
 pub type Invalid = (String, String);
@@ -225,7 +227,9 @@ pub struct TlsMaterial {
     wildcard: HashMap<String, Vec<Arc<Certificate>>>,
     cas: BTreeMap<String, Ca>,
     attestation: Arc<AttestationPolicy>,
-    servers: Mutex<HashMap<ServerKey, ServerEntry>>,
+    /// Server configs by tenant (`None`: the listeners' chains), then by
+    /// termination.
+    servers: Mutex<HashMap<Option<Arc<str>>, HashMap<ServerKey, ServerEntry>>>,
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
@@ -417,9 +421,13 @@ impl TlsMaterial {
         settings: &ListenerSettings,
         termination: &Termination,
         sni: Option<&str>,
-        allowed: Option<&std::collections::BTreeSet<String>>,
+        tenant: Option<(&Arc<str>, &std::collections::BTreeSet<String>)>,
         admission: Option<Arc<Admission>>,
     ) -> Result<Arc<ServerConfig>, TerminateError> {
+        let (owner, allowed) = match tenant {
+            Some((name, certificates)) => (Some(Arc::clone(name)), Some(certificates)),
+            None => (None, None),
+        };
         let certificates: Vec<Arc<Certificate>> = match &termination.certificate {
             // Validation proved the name exists (and is the tenant's).
             Some(name) => self.certificates.get(name).cloned().into_iter().collect(),
@@ -451,15 +459,17 @@ impl TlsMaterial {
             .servers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(&owner)
+            .and_then(|configs| configs.get(&key))
             .cloned();
         let entry = match cached {
             Some(entry) => entry,
             None => {
                 let entry = self.build_server(settings, &key, certificates)?;
                 let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
-                if servers.len() < MAX_CACHED_CONFIGS {
-                    servers.insert(key, entry.clone());
+                let configs = servers.entry(owner).or_default();
+                if configs.len() < MAX_CACHED_CONFIGS {
+                    configs.insert(key, entry.clone());
                 }
                 entry
             }

@@ -271,3 +271,100 @@ async fn a_looping_tenant_spends_only_its_own_budget() {
     assert!(line.contains("was not run") && line.contains("looper"), "{line}");
     weir.child.kill().await.expect("stop");
 }
+
+/// One tenant's terminations, each different (an ALPN name per connection,
+/// 1,100 of them: more than the TLS config cache ever held for everyone),
+/// do not take another tenant's place in that cache: the other tenant's
+/// clients still resume their sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_terminations_cannot_evict_anothers_sessions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("cache test CA");
+    let (cert, key) = pki.server(&["*.noisy.test", "*.quiet.test"]).write(dir.path(), "site");
+    let upstream = Upstream::tcp(weir_tests::answer).await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["edge"]
+
+            [plugins.edge]
+            wasm = "{{static_router}}"
+            config.default = {{ reject = "no tenant owns this name" }}
+
+            [plugins.noisy-router]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "alpn-per-connection", pool = "noisy" }}
+
+            [plugins.quiet-router]
+            wasm = "{{static_router}}"
+            config.default = {{ pool = "quiet", terminate = {{ certificate = "site" }} }}
+
+            [pools.noisy]
+            servers = ["{upstream}"]
+            [pools.quiet]
+            servers = ["{upstream}"]
+
+            [certificates.site]
+            cert = {cert}
+            key = {key}
+
+            [tenants.noisy]
+            domains = ["noisy.test"]
+            plugins = ["noisy-router"]
+            pools = ["noisy"]
+            certificates = ["site"]
+
+            [tenants.quiet]
+            domains = ["quiet.test"]
+            plugins = ["quiet-router"]
+            pools = ["quiet"]
+            certificates = ["site"]
+
+            [reload]
+            watch = false
+            "#,
+            upstream = upstream.addr,
+            cert = weir_tests::toml_path(&cert),
+            key = weir_tests::toml_path(&key),
+        ),
+    );
+    let weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+
+    // The noisy tenant: 1,100 terminations, each its own, eight at a time.
+    let noisy = pki.client_config();
+    let mut served = 0;
+    for _ in 0..1100 / 8 + 1 {
+        let batch: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(tls_exchange(addr, "x.noisy.test", Arc::clone(&noisy), "hi")))
+            .collect();
+        for done in batch {
+            if done.await.expect("task").is_ok_and(|a| a == "upstream heard: hi\n") {
+                served += 1;
+            }
+        }
+    }
+    assert!(served >= 1100, "only {served} noisy connections were served");
+
+    // The quiet tenant's client: a full handshake, then resumptions.
+    let quiet = pki.client_config();
+    let mut kinds = Vec::new();
+    for _ in 0..10 {
+        let mut tls = tls_connect(addr, "app.quiet.test", Arc::clone(&quiet))
+            .await
+            .expect("handshake");
+        tls.write_all(b"hi\n").await.expect("write");
+        tls.flush().await.expect("flush");
+        let answer = weir_tests::read_to_end(&mut tls).await.expect("answer");
+        assert_eq!(answer, b"upstream heard: hi\n");
+        kinds.push(tls.get_ref().1.handshake_kind());
+    }
+    let resumed = kinds
+        .iter()
+        .filter(|k| **k == Some(rustls::HandshakeKind::Resumed))
+        .count();
+    assert!(resumed >= 8, "{resumed} of 10 resumed: {kinds:?}");
+}

@@ -8,7 +8,8 @@
 //!
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
-//! (return invalid decisions), `read-file`, `socket`, `env` (reach for the
+//! (return invalid decisions), `alpn-per-connection` (terminates, with an ALPN
+//! name of the connection's own, to `pool`), `read-file`, `socket`, `env` (reach for the
 //! host), `next`, `fail-configure` (refuses its config), `slow-configure`
 //! (spends `configure_ms` of wall-clock time in `configure`, then accepts),
 //! `loop-configure` (never returns from `configure`); in `admit`,
@@ -18,7 +19,9 @@
 #![deny(unsafe_code)]
 
 use serde::Deserialize;
-use weir_plugin_sdk::{Connection, Decision, Level, Peer, Plugin, Side, Target, Verdict, export_plugin, parse_config};
+use weir_plugin_sdk::{
+    Connection, Decision, Level, Peer, Plugin, Side, Target, Termination, Verdict, export_plugin, parse_config,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +96,13 @@ impl Plugin for Misbehave {
             "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
             "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
             "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            // A different termination on every connection: an ALPN name of
+            // its own, so no two share a TLS server config.
+            "alpn-per-connection" => {
+                let mut termination = Termination::plain(Target::pool(self.pool.as_deref().unwrap_or("good")));
+                termination.alpn = vec![format!("p{}", conn.id), "http/1.1".into()];
+                Decision::terminate("unique", termination)
+            }
             // Reaching outside: each must trap or fail, never succeed.
             "read-file" => match std::fs::read("/etc/hostname") {
                 Ok(bytes) => Decision::reject("escaped", format!("read {} bytes of a host file", bytes.len())),
