@@ -179,10 +179,19 @@ pub struct ListenerConfig {
     /// Most connections this listener serves at once; more are closed as
     /// soon as they are accepted (those in progress are untouched).
     pub max_connections: Option<usize>,
-    /// Most connections one client address holds on this listener at once
-    /// (the PROXY header's source behind a trusted load balancer); more are
-    /// closed before their first byte is read.
-    pub max_connections_per_client: Option<u32>,
+    /// Most connections one client holds on this listener at once (the
+    /// PROXY header's source behind a trusted load balancer); more are
+    /// closed before their first byte is read. A client is its address cut
+    /// to `client_prefix_v4` / `client_prefix_v6` bits, so one IPv6 /64 (a
+    /// single customer's network) is one client.
+    #[serde(default = "defaults::max_connections_per_client")]
+    pub max_connections_per_client: u32,
+    /// Bits of an IPv4 client address that name one client (1-32).
+    #[serde(default = "defaults::client_prefix_v4")]
+    pub client_prefix_v4: u8,
+    /// Bits of an IPv6 client address that name one client (1-128).
+    #[serde(default = "defaults::client_prefix_v6")]
+    pub client_prefix_v6: u8,
     /// Deadline for the TLS handshake with the client when the gateway
     /// terminates, counted from the routing decision.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
@@ -320,6 +329,12 @@ pub struct Limits {
     /// Most connections served at once over all listeners; more are closed
     /// as soon as they are accepted.
     pub max_connections: Option<usize>,
+    /// File descriptors kept free: a connection accepted with one of the
+    /// last `descriptor_reserve` descriptors is closed at once, so weir never
+    /// runs out (an accepted connection still finds one for its upstream,
+    /// the admin API one for its client). Default: 1/16 of the descriptor
+    /// limit, between 16 and 1024; 0 turns it off.
+    pub descriptor_reserve: Option<u64>,
 }
 
 /// What `weir run` does on SIGTERM or SIGINT.
@@ -630,6 +645,15 @@ mod defaults {
     pub fn configure_timeout() -> Duration {
         Duration::from_secs(1)
     }
+    pub fn max_connections_per_client() -> u32 {
+        512
+    }
+    pub fn client_prefix_v4() -> u8 {
+        32
+    }
+    pub fn client_prefix_v6() -> u8 {
+        64
+    }
     pub fn tenant_plugin_timeout() -> Duration {
         Duration::from_millis(50)
     }
@@ -836,8 +860,14 @@ impl Config {
                     return Err(self.invalid(field(what), "must be longer than zero"));
                 }
             }
-            if listener.max_connections_per_client == Some(0) {
+            if listener.max_connections_per_client == 0 {
                 return Err(self.invalid(field("max_connections_per_client"), "must be at least 1"));
+            }
+            if !(1..=32).contains(&listener.client_prefix_v4) {
+                return Err(self.invalid(field("client_prefix_v4"), "must be between 1 and 32"));
+            }
+            if !(1..=128).contains(&listener.client_prefix_v6) {
+                return Err(self.invalid(field("client_prefix_v6"), "must be between 1 and 128"));
             }
             if listener.max_connections == Some(0) {
                 return Err(self.invalid(field("max_connections"), "must be at least 1"));

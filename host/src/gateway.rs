@@ -164,6 +164,7 @@ impl Gateway {
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
         let mut stats = BTreeMap::new();
+        std::sync::LazyLock::force(&DESCRIPTOR_LIMIT);
         let mut own = Vec::new();
         for (name, local, socket) in sockets {
             addrs.insert(name.to_string(), local);
@@ -507,8 +508,66 @@ fn touches(watched: &BTreeMap<PathBuf, Vec<PathBuf>>, paths: &[PathBuf]) -> bool
     })
 }
 
+/// Whether a connection was accepted with one of the last descriptors the
+/// reserve keeps free. The kernel hands out the lowest free descriptor, so
+/// a connection's number is a lower bound of the descriptors open.
+fn in_descriptor_reserve(stream: &TcpStream, reserve: Option<u64>) -> bool {
+    #[cfg(unix)]
+    {
+        let Some(limit) = *DESCRIPTOR_LIMIT else {
+            return false;
+        };
+        let reserve = reserve.unwrap_or_else(|| (limit / 16).clamp(16, 1024));
+        let fd = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(stream)).unwrap_or(0);
+        fd.saturating_add(reserve) >= limit
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (stream, reserve);
+        false
+    }
+}
+
+/// Connections shed at the descriptor reserve, reported at most once a
+/// second with how many.
+#[derive(Default)]
+struct ReserveReports {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl ReserveReports {
+    fn report(&mut self, listener: &str) {
+        self.unreported += 1;
+        if self.last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        tracing::warn!(
+            listener,
+            shed = self.unreported,
+            "connections shed: weir keeps its last descriptors free (limits.descriptor_reserve)"
+        );
+        self.last = Some(Instant::now());
+        self.unreported = 0;
+    }
+}
+
+/// The soft descriptor limit in force when the first gateway started
+/// (`weir run` raises it to the hard limit first); `None`: unlimited.
+static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+});
+
 async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>, stats: Arc<ListenerStats>) {
     let mut accept_errors = AcceptErrors::default();
+    let mut reserve_reports = ReserveReports::default();
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
@@ -531,6 +590,8 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                     .is_some_and(|max| ACTIVE.load(Ordering::Relaxed) >= max)
                 {
                     Some("global")
+                } else if in_descriptor_reserve(&stream, snapshot.config.limits.descriptor_reserve) {
+                    Some("descriptors")
                 } else {
                     None
                 };
@@ -542,6 +603,9 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                     };
                     crate::metrics::METRICS.shed.get_or_create(&labels).inc();
                     tracing::debug!(listener = &*name, %client, limit, "connection shed at its limit");
+                    if limit == "descriptors" {
+                        reserve_reports.report(&name);
+                    }
                     continue;
                 }
                 // Relayed handshake flights must not wait on Nagle.
@@ -637,6 +701,8 @@ enum Outcome {
     /// Closed at the listener's per-client limit.
     ClientLimit {
         client: std::net::IpAddr,
+        /// The prefix that names one client.
+        prefix: u8,
         held: u32,
     },
     Rejected(String),
@@ -694,10 +760,14 @@ impl std::fmt::Display for Outcome {
             Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
             Outcome::ClientGone => f.write_str("client-closed: before its first bytes were complete"),
             Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
-            Outcome::ClientLimit { client, held } => write!(
-                f,
-                "client-limit: {client} already has {held} connections here (max_connections_per_client)"
-            ),
+            Outcome::ClientLimit { client, prefix, held } => {
+                let full = if client.is_ipv4() { 32 } else { 128 };
+                let network = if *prefix < full { format!("/{prefix}") } else { String::new() };
+                write!(
+                    f,
+                    "client-limit: {client}{network} already has {held} connections here (max_connections_per_client)"
+                )
+            }
             Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
             Outcome::BadStartup(e) => write!(f, "bad-startup: {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
@@ -1003,8 +1073,10 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
     }
     // Counted once the client's address is known (behind a load balancer,
     // from its PROXY header), before any of its bytes are read.
-    if let Some(max) = config.max_connections_per_client {
-        let client = record.client.ip().to_canonical();
+    {
+        let max = config.max_connections_per_client;
+        let client = crate::snapshot::client_of(record.client.ip(), config.client_prefix_v4, config.client_prefix_v6);
+        let prefix = if client.is_ipv4() { config.client_prefix_v4 } else { config.client_prefix_v6 };
         match listener.clients.admit(client, max) {
             Ok(slot) => record.client_slot = Some(slot),
             Err(held) => {
@@ -1013,7 +1085,7 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
                     limit: "client",
                 };
                 crate::metrics::METRICS.shed.get_or_create(&labels).inc();
-                return Err(Outcome::ClientLimit { client, held });
+                return Err(Outcome::ClientLimit { client, prefix, held });
             }
         }
     }

@@ -120,7 +120,8 @@ pub struct TenantLabels {
 pub struct ShedLabels {
     /// The listener.
     pub listener: LabelValue,
-    /// `listener`, `global` or `client` (`max_connections_per_client`).
+    /// `listener`, `global`, `client` (`max_connections_per_client`) or
+    /// `descriptors` (`limits.descriptor_reserve`).
     pub limit: &'static str,
 }
 

@@ -59,10 +59,18 @@ pub struct Listener {
     chain: Vec<Arc<Plugin>>,
 }
 
-/// Connections in progress per client address on one listener (only
-/// addresses with at least one are kept).
+/// Connections in progress per client on one listener (only clients with
+/// at least one are kept). A client is an address cut to a prefix.
 #[derive(Debug, Default)]
 pub struct ClientCounts(Mutex<HashMap<IpAddr, u32>>);
+
+/// The client an address belongs to: the address with all but its first
+/// `v4` (IPv4) or `v6` (IPv6) bits cleared.
+pub fn client_of(addr: IpAddr, v4: u8, v6: u8) -> IpAddr {
+    let addr = addr.to_canonical();
+    let prefix = if addr.is_ipv4() { v4 } else { v6 };
+    ipnet::IpNet::new(addr, prefix).map_or(addr, |net| net.network())
+}
 
 /// A connection's place in its client's count, given back when dropped.
 #[derive(Debug)]

@@ -225,6 +225,10 @@ async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
             [plugins.router]
             wasm = "{{static_router}}"
             config.routes."a.example.com" = {{ address = "{}" }}
+
+            # This test is about running out; the reserve would shed first.
+            [limits]
+            descriptor_reserve = 0
             "#,
             upstream.addr
         ),
@@ -407,4 +411,106 @@ async fn decisions_never_reach_weir_itself() {
     assert_eq!(pool["backends"][0]["ejected"], false, "{body}");
     assert_eq!(pool["healthy"], 1, "{body}");
     weir.child.kill().await.expect("stop");
+}
+
+/// With the defaults, weir keeps a reserve of descriptors: a connection
+/// accepted with one of the last ones is closed at once (a newcomer is
+/// refused in milliseconds instead of waiting on a full process), and it
+/// is served again as soon as descriptors free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_descriptor_reserve_sheds_before_running_out() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+            sniff_timeout = "60s"
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."a.example.com" = {{ address = "{}" }}
+            "#,
+            upstream.addr
+        ),
+    );
+    // 128 descriptors: the reserve is 16 of them.
+    let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["prlimit", "--nofile=128:128"]).await;
+    let addr = weir.addr("public");
+    let pid = weir.child.id().expect("weir's pid");
+    let hello = weir_tests::testdata("clienthello/openssl-tls13-sni.bin");
+    let mut held = Vec::new();
+    let mut shed_after = None;
+    for n in 0..128 {
+        let mut stream = TcpStream::connect(addr).await.expect("the kernel accepts");
+        stream.write_all(&hello).await.expect("hello");
+        match echoed(&mut stream, &hello, STEP).await {
+            Some(true) => held.push(stream),
+            Some(false) => {
+                shed_after = Some(n);
+                break;
+            }
+            None => panic!("connection {n} waited instead of being served or shed"),
+        }
+    }
+    let served = shed_after.expect("no connection was shed");
+    assert!(served >= 40, "shed after only {served}");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("running").count();
+    assert!(open <= 128 - 8, "{open} descriptors open: the reserve was not kept");
+    // Refused at once, not after a wait.
+    let started = Instant::now();
+    assert!(shed(addr).await);
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    let line = weir.line_containing("connections shed").await;
+    assert!(line.contains("descriptor_reserve"), "{line}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fresh = TcpStream::connect(addr).await.expect("connect");
+    fresh.write_all(&hello).await.expect("hello");
+    assert_eq!(echoed(&mut fresh, &hello, STEP).await, Some(true));
+    weir.child.kill().await.expect("stop");
+}
+
+/// Without any setting, one client holds at most 512 connections on a
+/// listener; a client is an address cut to a prefix, so neighbours in one
+/// network share a count (here /24: 127.0.0.1 and 127.0.0.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_or_network_cannot_take_a_listener() {
+    let upstream = Upstream::tcp(echo).await;
+    let gateway = start_gateway(&weir_tests::plain_route_config(
+        upstream.addr,
+        "",
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut held = Vec::new();
+    for n in 0..512 {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        assert!(echoes(&mut stream, b"hold\n").await, "connection {n} was not served");
+        held.push(stream);
+    }
+    assert!(shed(addr).await, "a 513th connection from one address was served");
+    // Another address is another client.
+    let mut other = connect_from([127, 0, 0, 2], addr).await;
+    assert!(echoes(&mut other, b"other\n").await);
+    drop((held, other));
+
+    // With /24, 127.0.0.1 and 127.0.0.2 are one client.
+    let gateway = start_gateway(&weir_tests::plain_route_config(
+        upstream.addr,
+        "",
+    ).replace("[listeners.public]", "[listeners.public]\nmax_connections_per_client = 2\nclient_prefix_v4 = 24"))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let mut a = connect_from([127, 0, 0, 1], addr).await;
+    let mut b = connect_from([127, 0, 0, 2], addr).await;
+    assert!(echoes(&mut a, b"a\n").await && echoes(&mut b, b"b\n").await);
+    let c = connect_from([127, 0, 0, 3], addr).await;
+    assert!(closed_unserved(c, b"c\n").await, "a third connection from 127.0.0.0/24 was served");
+    let mut d = connect_from([127, 0, 1, 1], addr).await;
+    assert!(echoes(&mut d, b"d\n").await, "127.0.1.0/24 is another client");
 }
