@@ -286,3 +286,88 @@ async fn replacing_a_plugin_many_times_keeps_only_the_compiled_code_in_use() {
         .expect("read");
     assert_eq!(back, b"still routed\n");
 }
+
+/// The config of the watch tests: every plain connection goes to `upstream`.
+fn plain_to(upstream: std::net::SocketAddr) -> String {
+    weir_tests::expand(&weir_tests::plain_route_config(upstream, "[reload]\ndebounce = \"20ms\""))
+}
+
+/// Which upstream a new connection reaches, by the tag it answers with.
+async fn answered_by(addr: std::net::SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream.write_all(b"which\n").await.ok()?;
+    let mut lines = BufReader::new(stream).lines();
+    let line = tokio::time::timeout(STEP, lines.next_line()).await.ok()?.ok()??;
+    line.split_whitespace().next().map(str::to_owned)
+}
+
+/// Polls until new connections reach the upstream tagged `tag`, for up to
+/// `within`.
+async fn follows(addr: std::net::SocketAddr, tag: &str, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if answered_by(addr).await.as_deref() == Some(tag) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A Kubernetes ConfigMap mount: `weir.toml -> ..data/weir.toml`, and an
+/// update swaps the `..data` symlink (no event names `weir.toml`). The
+/// change is applied, and so is the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_a_reload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (green, blue) = (tagged("green").await, tagged("blue").await);
+    let root = dir.path();
+    let publish = |generation: &str, upstream: std::net::SocketAddr| {
+        let data = root.join(generation);
+        std::fs::create_dir(&data).expect("data dir");
+        std::fs::write(data.join("weir.toml"), plain_to(upstream)).expect("write");
+        // Exactly as kubelet does: a new symlink, renamed over `..data`.
+        std::os::unix::fs::symlink(generation, root.join("..data_tmp")).expect("symlink");
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    };
+    publish("..2026_12_01_a", green.addr);
+    std::os::unix::fs::symlink("..data/weir.toml", root.join("weir.toml")).expect("symlink");
+    let weir = WeirProcess::spawn(&root.join("weir.toml")).await;
+    let addr = weir.addr("public");
+    assert_eq!(answered_by(addr).await.as_deref(), Some("green"));
+    publish("..2026_12_01_b", blue.addr);
+    assert!(follows(addr, "blue", STEP).await, "the swapped ConfigMap was not applied");
+    publish("..2026_12_01_c", green.addr);
+    assert!(follows(addr, "green", STEP).await, "the second swap was not applied");
+}
+
+/// A file written again and again beside the config (a log) does not
+/// postpone a reload: only changes to what weir reads extend the quiet
+/// period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_neighbour_file_does_not_postpone_reloads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (green, blue) = (tagged("green").await, tagged("blue").await);
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, plain_to(green.addr)).expect("write");
+    let weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, log) = (Arc::clone(&stop), dir.path().join("weir.log"));
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(log).expect("log");
+            while !stop.load(Ordering::Relaxed) {
+                let _ = writeln!(file, "a line of log");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    replace(&config, plain_to(blue.addr).as_bytes());
+    let applied = follows(addr, "blue", Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert!(applied, "the reload waited for the neighbour file to fall quiet");
+}
