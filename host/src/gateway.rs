@@ -820,7 +820,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
             Outcome::AcmeChallenge => f.write_str("acme-challenge: a TLS-ALPN-01 validation, answered"),
             Outcome::HandshakeTimeout => f.write_str("handshake-timeout: the client's TLS handshake took too long"),
-            Outcome::HandshakeFailed(e) => write!(f, "handshake-failed: {e}"),
+            Outcome::HandshakeFailed(e) => write!(f, "handshake-failed: {}", handshake_error(e)),
             Outcome::Denied(reason) => write!(f, "denied: {reason:?}"),
             Outcome::ConnectFailed(reason) => write!(f, "connect-failed: {reason}"),
             Outcome::Io(e) => write!(f, "io-error: {e}"),
@@ -1428,6 +1428,19 @@ async fn reencrypt(
     match admitted {
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),
+    }
+}
+
+/// A failed handshake in words: rustls shows a certificate refusal that
+/// carries weir's own reason (a failed RA-TLS key binding, a chain over
+/// its bounds) as Rust debug output; this says the reason itself.
+fn handshake_error(e: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error, OtherError};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::Other(OtherError(reason)))) => {
+            format!("invalid peer certificate: {reason}")
+        }
+        _ => e.to_string(),
     }
 }
 

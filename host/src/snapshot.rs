@@ -251,12 +251,18 @@ pub fn admit_blocking(
     side: wit::Side,
     peer: &wit::Peer,
 ) -> Result<(), String> {
-    let run = || futures_executor::block_on(admit(chain, conn, side, peer));
+    off_the_worker(|| futures_executor::block_on(admit(chain, conn, side, peer)))
+}
+
+/// Runs `work`, which may take long and cannot yield, such that the tokio
+/// worker's other tasks move to another thread meanwhile (on a
+/// multi-threaded runtime; elsewhere it just runs).
+pub fn off_the_worker<R>(work: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(run)
+            tokio::task::block_in_place(work)
         }
-        _ => run(),
+        _ => work(),
     }
 }
 

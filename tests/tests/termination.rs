@@ -236,9 +236,36 @@ async fn client_certificates_are_verified_then_admitted_by_the_plugins() {
     weir.connection_line().await;
     assert_eq!(upstream.accepted(), 2);
 
+    // A chain no real client sends: alice's certificate followed by
+    // self-signed P-384 certificates named like her CA. Path building would
+    // try every one (100-120 ms of CPU for 30-95 of them); it is refused
+    // before any signature is checked.
+    let padded = |junk: usize| {
+        let mut identity = client_pki.client("alice");
+        for _ in 0..junk {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(rcgen::DnType::CommonName, "client CA");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            identity.chain.push(params.self_signed(&key).expect("self-signed").der().clone());
+        }
+        identity
+    };
+
     // Refused: no certificate, another CA, the email-protection EKU only,
-    // and a valid certificate the plugin does not admit.
+    // and a valid certificate the plugin does not admit; chains past the
+    // bounds.
     let cases = [
+        (
+            site_pki.client_config_with(&padded(30)),
+            "handshake-failed",
+            "the client certificate came with 31 intermediates (at most 8)",
+        ),
+        (
+            site_pki.client_config_with(&padded(2)),
+            "handshake-failed",
+            "more than two intermediates named `CN=client CA`",
+        ),
         (site_pki.client_config(), "handshake-failed", "certificate"),
         (
             site_pki.client_config_with(&other_pki.client("alice")),
