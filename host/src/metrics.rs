@@ -95,7 +95,7 @@ pub struct PluginLabels {
 pub struct FailureLabels {
     /// The plugin's name.
     pub plugin: LabelValue,
-    /// `trap`, `timeout`, `memory` or `invalid-decision`.
+    /// `trap`, `timeout`, `memory`, `invalid-decision` or `budget`.
     pub kind: &'static str,
 }
 
@@ -152,6 +152,8 @@ pub struct Metrics {
     pub plugin_calls: Family<PluginLabels, Histogram>,
     /// Plugin failures.
     pub plugin_failures: Family<FailureLabels, Counter>,
+    /// Plugin log lines dropped over the plugin's log allowance.
+    pub plugin_log_dropped: Family<PluginLabels, Counter>,
     /// Connections refused before routing.
     pub sniff_failures: Family<SniffLabels, Counter>,
     /// Reloads.
@@ -198,6 +200,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(1e-6, 4.0, 11))
         });
         let plugin_failures = Family::<FailureLabels, Counter>::default();
+        let plugin_log_dropped = Family::<PluginLabels, Counter>::default();
         let sniff_failures = Family::<SniffLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let tenant_violations = Family::<TenantLabels, Counter>::default();
@@ -260,8 +263,13 @@ impl Metrics {
         );
         registry.register(
             "plugin_failures",
-            "Plugin traps, timeouts, memory refusals and invalid decisions",
+            "Plugin traps, timeouts, memory refusals, invalid decisions and calls refused over budget",
             plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_log_dropped",
+            "Plugin log lines dropped because the plugin logged faster than 32 KiB a second",
+            plugin_log_dropped.clone(),
         );
         registry.register(
             "sniff_failures",
@@ -276,6 +284,7 @@ impl Metrics {
             bytes,
             plugin_calls,
             plugin_failures,
+            plugin_log_dropped,
             sniff_failures,
             reloads,
             tenant_violations,

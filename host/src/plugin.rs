@@ -53,6 +53,52 @@ const MAX_IDLE_INSTANCES: usize = 16;
 use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 4096;
+/// Bytes of log a plugin may write a second (over all its instances), and
+/// at once; lines beyond are dropped and counted.
+const LOG_BYTES_PER_SECOND: f64 = 32.0 * 1024.0;
+const LOG_BURST_BYTES: f64 = 64.0 * 1024.0;
+
+/// A plugin's allowance of log volume: a bucket of bytes refilled at
+/// [`LOG_BYTES_PER_SECOND`]. A plugin that logs in a loop writes at most
+/// that much; what it drops is counted in `weir_plugin_log_dropped_total`
+/// and said in the next line it may write.
+#[derive(Debug)]
+struct LogBudget(Mutex<LogBucket>);
+
+#[derive(Debug)]
+struct LogBucket {
+    available: f64,
+    at: Instant,
+    dropped: u64,
+}
+
+impl LogBudget {
+    fn new() -> LogBudget {
+        LogBudget(Mutex::new(LogBucket {
+            available: LOG_BURST_BYTES,
+            at: Instant::now(),
+            dropped: 0,
+        }))
+    }
+
+    /// Takes `bytes` from the bucket: `Some(lines dropped since the last
+    /// line written)` if they fit, `None` (counted) if not.
+    fn take(&self, bytes: usize) -> Option<u64> {
+        let mut bucket = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let earned = now.duration_since(bucket.at).as_secs_f64() * LOG_BYTES_PER_SECOND;
+        bucket.available = (bucket.available + earned).min(LOG_BURST_BYTES);
+        bucket.at = now;
+        // Each line also costs its fixed fields.
+        let cost = bytes as f64 + 128.0;
+        if bucket.available < cost {
+            bucket.dropped += 1;
+            return None;
+        }
+        bucket.available -= cost;
+        Some(std::mem::take(&mut bucket.dropped))
+    }
+}
 
 /// Why a plugin could not be loaded or a call into it failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +162,7 @@ pub enum PluginError {
 /// The per-store state the host functions see.
 struct State {
     plugin: Arc<str>,
+    log: Arc<LogBudget>,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryCap,
@@ -147,6 +194,17 @@ impl bindings::weir::plugin::host::Host for State {
             message.truncate(cut);
         }
         let plugin = &*self.plugin;
+        match self.log.take(message.len()) {
+            None => {
+                crate::metrics::METRICS
+                    .plugin_log_dropped
+                    .get_or_create(&crate::metrics::PluginLabels { plugin: plugin.into() })
+                    .inc();
+                return;
+            }
+            Some(0) => {}
+            Some(dropped) => tracing::warn!(plugin, dropped, "the plugin logged faster than its log allowance; lines were dropped"),
+        }
         match level {
             Level::Trace => tracing::trace!(plugin, "{message:?}"),
             Level::Debug => tracing::debug!(plugin, "{message:?}"),
@@ -413,6 +471,7 @@ impl Runtime {
             ticker: Arc::clone(&self.ticker),
             budget: arc_swap::ArcSwapOption::empty(),
             calls: AtomicUsize::new(0),
+            log: Arc::new(LogBudget::new()),
             replenishing: AtomicBool::new(false),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
         };
@@ -524,6 +583,8 @@ pub struct Plugin {
     budget: arc_swap::ArcSwapOption<Budget>,
     /// Calls in flight.
     calls: AtomicUsize,
+    /// Its log volume, over all its instances.
+    log: Arc<LogBudget>,
     /// Whether a background task is configuring replacement instances.
     replenishing: AtomicBool,
     /// How many configured instances the stock should hold.
@@ -666,6 +727,7 @@ impl Plugin {
         let _busy = self.ticker.busy();
         let state = State {
             plugin: Arc::clone(&self.name),
+            log: Arc::clone(&self.log),
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             limiter: MemoryCap {

@@ -300,3 +300,73 @@ async fn a_trap_is_replaced_under_configure_timeout() {
         }
     }
 }
+
+/// A plugin that logs in a loop writes at most its allowance (a 64 KiB
+/// burst, then 32 KiB a second): the rest is dropped, counted, and said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_flood_the_log() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["flood"]
+
+            [plugins.flood]
+            wasm = "{{misbehave}}"
+            config = {{ mode = "log-flood", pool = "good" }}
+            timeout = "1s"
+
+            [pools.good]
+            servers = ["{}"]
+
+            [admin]
+            bind = "127.0.0.1:0"
+
+            [reload]
+            watch = false
+            "#,
+            upstream.addr
+        ),
+    );
+    let mut weir = weir_tests::WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let addr = weir.addr("public");
+    for round in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"still served\n").await.expect("write");
+        let mut back = [0u8; 13];
+        tokio::time::timeout(STEP, stream.read_exact(&mut back))
+            .await
+            .expect("echoed in time")
+            .expect("echoed");
+        assert_eq!(&back, b"still served\n", "round {round}");
+    }
+    // Everything the plugin got to write, up to the second connection's line.
+    let mut flood_lines = 0;
+    let mut said = false;
+    let mut connections = 0;
+    while connections < 2 {
+        let line = weir.line_containing("").await;
+        if line.contains("xxxxxxxx") {
+            flood_lines += 1;
+        }
+        said |= line.contains("lines were dropped") && line.contains("dropped=");
+        connections += usize::from(line.contains("connection id="));
+    }
+    // 64 KiB of burst and a little refill: about 60 lines of 1 KiB, of 2,000.
+    assert!((30..=120).contains(&flood_lines), "{flood_lines} lines of the flood were written");
+    assert!(said, "the drop was not said");
+    let (_, metrics) = weir_tests::admin_request(&admin, "GET", "/metrics", None, "").await;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_plugin_log_dropped_total{plugin=\"flood\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(dropped >= 1800.0, "{dropped} dropped\n{metrics}");
+}

@@ -8,7 +8,8 @@
 //!
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
-//! (return invalid decisions), `alpn-per-connection` (terminates, with an ALPN
+//! (return invalid decisions), `log-flood` (logs 1,000 lines of 1 KiB, then routes to `pool`),
+//! `alpn-per-connection` (terminates, with an ALPN
 //! name of the connection's own, to `pool`), `read-file`, `socket`, `env` (reach for the
 //! host), `next`, `fail-configure` (refuses its config), `slow-configure`
 //! (spends `configure_ms` of wall-clock time in `configure`, then accepts),
@@ -96,6 +97,17 @@ impl Plugin for Misbehave {
             "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
             "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
             "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            // 1,000 lines of 1 KiB, then routed as the others.
+            "log-flood" => {
+                let line = "x".repeat(1024);
+                for _ in 0..1000 {
+                    weir_plugin_sdk::log(Level::Info, &line);
+                }
+                match &self.pool {
+                    Some(pool) => Decision::passthrough("flooded", Target::pool(pool)),
+                    None => Decision::next(),
+                }
+            }
             // A different termination on every connection: an ALPN name of
             // its own, so no two share a TLS server config.
             "alpn-per-connection" => {
