@@ -292,6 +292,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&st
         (&Method::GET, "/metrics") => {
             let metrics = &crate::metrics::METRICS;
             metrics.set_certificates(&gateway.snapshot().tls().certificate_status());
+            metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -661,7 +661,7 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                 ACTIVE.fetch_add(1, Ordering::Relaxed);
                 let stats = Arc::clone(&stats);
                 tokio::spawn(async move {
-                    handle(stream, client, &listener, &snapshot).await;
+                    handle(stream, client, listener, snapshot).await;
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     ACTIVE.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -848,7 +848,11 @@ struct Record {
     transfer: Transfer,
 }
 
-async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Listener>, snapshot: &Snapshot) {
+/// Serves one connection to its end and records it. The routing state
+/// (`listener`, `snapshot`: compiled plugins, TLS material, pools) is let go
+/// before the relay starts, so a connection relayed for days holds only its
+/// streams and counters, however many reloads happen meanwhile.
+async fn handle(client: TcpStream, client_addr: SocketAddr, listener: Arc<Listener>, snapshot: Arc<Snapshot>) {
     let mut record = Record {
         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
         started: Instant::now(),
@@ -869,15 +873,19 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     };
     let active = metrics.active.get_or_create(&listener_labels).clone();
     active.inc();
-    let outcome = match proxy(client, listener, snapshot, &mut record).await {
-        Proxied::Ended(outcome) => outcome,
-        Proxied::Relay(client, upstream) => {
-            let timeouts = relay_timeouts(&listener.config);
-            match relay(client, upstream, listener.config.relay, timeouts, &record.transfer).await {
-                Ok(end) => Outcome::Relayed(end),
-                Err(e) => Outcome::Io(e),
-            }
-        }
+    let proxied = proxy(client, &listener, &snapshot, &mut record).await;
+    let (name, mode, timeouts) = (Arc::clone(&listener.name), listener.config.relay, relay_timeouts(&listener.config));
+    drop((listener, snapshot));
+    let ended = match proxied {
+        Proxied::Ended(outcome) => Err(outcome),
+        Proxied::Relay(client, upstream) => Ok(relay(client, upstream, mode, timeouts, &record.transfer).await),
+        // Boxed: the TLS relay's state does not size every connection's task.
+        Proxied::Terminated(streams) => Ok(Box::pin(streams.relay(timeouts, &record.transfer)).await),
+    };
+    let outcome = match ended {
+        Err(outcome) => outcome,
+        Ok(Ok(end)) => Outcome::Relayed(end),
+        Ok(Err(e)) => Outcome::Io(e),
     };
     active.dec();
     let transfer = &record.transfer;
@@ -903,7 +911,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     }
     let owner = match record.tenant.as_deref() {
         Some(tenant) => format!("tenant {tenant}"),
-        None => format!("listener {}", listener.name),
+        None => format!("listener {name}"),
     };
     let labels = crate::metrics::ConnectionLabels {
         tenant: record.tenant.as_deref().unwrap_or("-").into(),
@@ -919,7 +927,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: &Arc<Liste
     let tenant = record.tenant.as_deref().unwrap_or("-");
     let mode = record.mode.unwrap_or("-");
     let upstream = record.upstream.as_deref().unwrap_or("-");
-    let listener = &*listener.name;
+    let listener = &*name;
     let (id, client) = (record.id, record.client);
     tracing::info!(id, listener, %client, sni, tenant, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
 }
@@ -997,6 +1005,26 @@ enum Proxied {
     /// The relay runs in [`handle`] rather than here so that a connection
     /// relayed for hours keeps nothing of the routing in its task.
     Relay(TcpStream, TcpStream),
+    /// A terminated connection, handshakes done, to be relayed likewise.
+    Terminated(Box<Terminated>),
+}
+
+/// The two sides of a terminated connection, ready to relay.
+enum Terminated {
+    Plain(tokio_rustls::server::TlsStream<Rewind<TcpStream>>, TcpStream),
+    Reencrypted(
+        tokio_rustls::server::TlsStream<Rewind<TcpStream>>,
+        tokio_rustls::client::TlsStream<TcpStream>,
+    ),
+}
+
+impl Terminated {
+    async fn relay(self, timeouts: Timeouts, transfer: &Transfer) -> std::io::Result<RelayEnd> {
+        match self {
+            Terminated::Plain(client, upstream) => relay_streams(client, upstream, timeouts, transfer).await,
+            Terminated::Reencrypted(client, upstream) => relay_streams(client, upstream, timeouts, transfer).await,
+        }
+    }
 }
 
 /// Takes a connection from sniffing through routing to its end, or, for a
@@ -1077,18 +1105,20 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
         }
         // Boxed, so that the task's own allocation is sized for the
         // passthrough relay, not for a TLS handshake.
-        Action::Terminate(termination) => Proxied::Ended(
-            Box::pin(terminate(
-                front,
-                conn,
-                &termination,
-                listener,
-                tenant.as_deref(),
-                snapshot,
-                record,
-            ))
-            .await,
-        ),
+        Action::Terminate(termination) => match Box::pin(terminate(
+            front,
+            conn,
+            &termination,
+            listener,
+            tenant.as_deref(),
+            snapshot,
+            record,
+        ))
+        .await
+        {
+            Ok(streams) => Proxied::Terminated(Box::new(streams)),
+            Err(outcome) => Proxied::Ended(outcome),
+        },
     }
 }
 
@@ -1276,14 +1306,14 @@ async fn terminate(
     tenant: Option<&Tenant>,
     snapshot: &Snapshot,
     record: &mut Record,
-) -> Outcome {
+) -> Result<Terminated, Outcome> {
     let chain = tenant.map_or(listener.chain(), Tenant::chain);
     let reencrypting = matches!(termination.then, After::Reencrypt(..));
     record.mode = Some(if reencrypting { "reencrypt" } else { "terminate" });
     if !front.speaks_tls() {
         let reason = "the decision terminates TLS, but this client did not start TLS";
         front.refuse(listener, ALERT_INTERNAL_ERROR, reason).await;
-        return Outcome::Rejected(reason.into());
+        return Err(Outcome::Rejected(reason.into()));
     }
     let admission = match termination.client_auth {
         ClientAuth::None => None,
@@ -1305,7 +1335,7 @@ async fn terminate(
                 TerminateError::Config(_) => ALERT_INTERNAL_ERROR,
             };
             front.refuse(listener, alert, &e.to_string()).await;
-            return Outcome::Rejected(e.to_string());
+            return Err(Outcome::Rejected(e.to_string()));
         }
     };
     let config = &listener.config;
@@ -1314,14 +1344,14 @@ async fn terminate(
         .accept(client)
         .into_fallible();
     let mut tls = match tokio::time::timeout(config.handshake_timeout, accept).await {
-        Err(_) => return Outcome::HandshakeTimeout,
+        Err(_) => return Err(Outcome::HandshakeTimeout),
         Ok(Err((e, client))) => {
             // rustls has queued its alert; let it reach the client.
             linger_close(client).await;
-            return match admission.and_then(|a| a.outcome()) {
+            return Err(match admission.and_then(|a| a.outcome()) {
                 Some(Err(reason)) => Outcome::Denied(reason),
                 _ => Outcome::HandshakeFailed(e),
-            };
+            });
         }
         Ok(Ok(tls)) => tls,
     };
@@ -1335,8 +1365,13 @@ async fn terminate(
             (termination.client_auth == ClientAuth::Attested).then(|| snapshot.tls().attestation().examine(cert));
         if let Err(reason) = admission.check(wit::Side::Client, describe(cert, attestation)) {
             close_tls(&mut tls).await;
-            return Outcome::Denied(reason);
+            return Err(Outcome::Denied(reason));
         }
+    }
+    // The connection's server config (which rustls keeps) need not keep
+    // the plugins alive once they have spoken.
+    if let Some(admission) = &admission {
+        admission.release();
     }
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let target = termination.then.target();
@@ -1354,14 +1389,13 @@ async fn terminate(
         Ok(upstream) => upstream,
         Err(outcome) => {
             close_tls(&mut tls).await;
-            return outcome;
+            return Err(outcome);
         }
     };
-    let timeouts = relay_timeouts(config);
-    let ended = match &termination.then {
-        After::Plain(_) => relay_streams(tls, upstream, timeouts, &record.transfer).await,
+    match &termination.then {
+        After::Plain(_) => Ok(Terminated::Plain(tls, upstream)),
         After::Reencrypt(_, upstream_tls) => {
-            let upstream = match reencrypt(
+            match reencrypt(
                 upstream,
                 upstream_tls,
                 &conn,
@@ -1372,18 +1406,13 @@ async fn terminate(
             )
             .await
             {
-                Ok(upstream) => upstream,
+                Ok(upstream) => Ok(Terminated::Reencrypted(tls, upstream)),
                 Err(outcome) => {
                     close_tls(&mut tls).await;
-                    return outcome;
+                    Err(outcome)
                 }
-            };
-            relay_streams(tls, upstream, timeouts, &record.transfer).await
+            }
         }
-    };
-    match ended {
-        Ok(end) => Outcome::Relayed(end),
-        Err(e) => Outcome::Io(e),
     }
 }
 

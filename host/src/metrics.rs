@@ -152,6 +152,10 @@ pub struct Metrics {
     pub plugin_calls: Family<PluginLabels, Histogram>,
     /// Plugin failures.
     pub plugin_failures: Family<FailureLabels, Counter>,
+    /// Loaded plugins alive (set at scrape time).
+    plugins_loaded: Gauge,
+    /// Plugin instances alive (set at scrape time).
+    plugin_instances: Gauge,
     /// Plugin log lines dropped over the plugin's log allowance.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
     /// Connections refused before routing.
@@ -201,6 +205,18 @@ impl Metrics {
         });
         let plugin_failures = Family::<FailureLabels, Counter>::default();
         let plugin_log_dropped = Family::<PluginLabels, Counter>::default();
+        let plugins_loaded = Gauge::default();
+        let plugin_instances = Gauge::default();
+        registry.register(
+            "plugins_loaded",
+            "Loaded plugins in memory: the running config's, and any older one a connection or task still holds",
+            plugins_loaded.clone(),
+        );
+        registry.register(
+            "plugin_instances",
+            "Plugin instances in memory, idle or in a call",
+            plugin_instances.clone(),
+        );
         let sniff_failures = Family::<SniffLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let tenant_violations = Family::<TenantLabels, Counter>::default();
@@ -285,6 +301,8 @@ impl Metrics {
             plugin_calls,
             plugin_failures,
             plugin_log_dropped,
+            plugins_loaded,
+            plugin_instances,
             sniff_failures,
             reloads,
             tenant_violations,
@@ -335,6 +353,13 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(i64::from(status.ocsp_stapled));
         }
+    }
+
+    /// Sets the gauges of plugins and instances in memory.
+    pub fn set_plugins(&self, loaded: usize, instances: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.plugins_loaded.set(gauge(loaded));
+        self.plugin_instances.set(gauge(instances));
     }
 
     /// The Prometheus text exposition.

@@ -475,6 +475,7 @@ impl Runtime {
             replenishing: AtomicBool::new(false),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
         };
+        LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
         // Configure the instances now, one per worker thread, so that no
         // connection waits for an instantiation and a `configure` (which may
         // take longer than a call's deadline); a refused config fails the
@@ -559,6 +560,42 @@ fn stub_unprovided_imports(linker: &mut Linker<State>, component: &Component, en
 struct Instance {
     store: Store<State>,
     exports: bindings::WeirPlugin,
+}
+
+/// Plugins loaded and instances alive in this process, for the gauges that
+/// show whether anything (a long-lived connection, say) keeps replaced
+/// plugins in memory.
+static LIVE_PLUGINS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
+
+/// Loaded plugins alive in this process (those of the running snapshot, and
+/// of any older one something still holds).
+pub fn live_plugins() -> usize {
+    LIVE_PLUGINS.load(Ordering::Relaxed)
+}
+
+/// Plugin instances alive in this process, idle or in a call.
+pub fn live_instances() -> usize {
+    LIVE_INSTANCES.load(Ordering::Relaxed)
+}
+
+impl Instance {
+    fn new(store: Store<State>, exports: bindings::WeirPlugin) -> Instance {
+        LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
+        Instance { store, exports }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        LIVE_PLUGINS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A loaded plugin: its compiled component, settings, and idle instances.
@@ -761,7 +798,7 @@ impl Plugin {
             .await
             .map_err(|e| self.classify(e, &store, budget))?
             .map_err(PluginError::Configure)?;
-        Ok(Instance { store, exports })
+        Ok(Instance::new(store, exports))
     }
 
     /// Refills the stock of configured instances in the background, one at

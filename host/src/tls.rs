@@ -796,7 +796,8 @@ impl ServerCertVerifier for Pinned {
 
 /// The plugin chain's say on one connection's authenticated peers.
 pub struct Admission {
-    chain: Vec<Arc<crate::plugin::Plugin>>,
+    /// Emptied by [`Admission::release`] once the handshake is over.
+    chain: Mutex<Vec<Arc<crate::plugin::Plugin>>>,
     conn: wit::Connection,
     outcome: Mutex<Option<Result<(), String>>>,
 }
@@ -813,7 +814,7 @@ impl Admission {
     /// `chain` will judge peers of `conn`.
     pub fn new(chain: &[Arc<crate::plugin::Plugin>], conn: wit::Connection) -> Admission {
         Admission {
-            chain: chain.to_vec(),
+            chain: Mutex::new(chain.to_vec()),
             conn,
             outcome: Mutex::new(None),
         }
@@ -823,9 +824,18 @@ impl Admission {
     /// why it could not be described); the first refusal is the answer.
     /// Remembers the outcome.
     pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
-        let outcome = peer.and_then(|peer| crate::snapshot::admit_blocking(&self.chain, &self.conn, side, &peer));
+        let chain = self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let outcome = peer.and_then(|peer| crate::snapshot::admit_blocking(&chain, &self.conn, side, &peer));
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
+    }
+
+    /// Lets the plugins go: the connection's server config outlives the
+    /// handshake (rustls keeps it), and must not keep a replaced snapshot's
+    /// plugins alive. A check after this admits by no plugin at all, so it
+    /// is called only once the handshake and its checks are over.
+    pub fn release(&self) {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// What the last check said, if one ran.

@@ -371,3 +371,104 @@ async fn a_busy_neighbour_file_does_not_postpone_reloads() {
     writer.join().expect("writer");
     assert!(applied, "the reload waited for the neighbour file to fall quiet");
 }
+
+/// Reads one gauge or counter from weir's metrics.
+async fn metric(admin: &str, series: &str) -> f64 {
+    let (_, text) = weir_tests::admin_request(admin, "GET", "/metrics", None, "").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Connections that outlive many reloads (passthrough, and terminated
+/// with client certificates checked by a plugin) keep only their streams:
+/// the replaced plugins, their instances and compiled code are freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_connections_keep_no_replaced_plugin_alive() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = weir_tests::Pki::new("pinning test CA");
+    let (cert, key) = pki.server(&["tls.test", "pass.test"]).write(dir.path(), "site");
+    let ca = pki.write_ca(dir.path(), "clients");
+    let upstream = Upstream::tcp(weir_tests::echo).await;
+    let tls_upstream = Upstream::tls(&pki.server(&["pass.test"]), weir_tests::echo).await;
+    let config_path = dir.path().join("weir.toml");
+    let write = |generation: u32| {
+        let text = format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:{{port}}"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."pass.test" = {{ address = "{tls_upstream}" }}
+            config.routes."tls.test" = {{ address = "{upstream}", terminate = {{ certificate = "site", client_auth = "optional", client_ca = "clients" }} }}
+            config.default = {{ reject = "generation {generation}" }}
+
+            [certificates.site]
+            cert = {cert}
+            key = {key}
+
+            [cas.clients]
+            file = {ca}
+
+            [admin]
+            bind = "127.0.0.1:0"
+
+            [reload]
+            watch = false
+            "#,
+            tls_upstream = tls_upstream.addr,
+            upstream = upstream.addr,
+            cert = weir_tests::toml_path(&cert),
+            key = weir_tests::toml_path(&key),
+            ca = weir_tests::toml_path(&ca),
+        );
+        text
+    };
+    let port = weir_tests::free_port();
+    let expand = |generation: u32| weir_tests::expand(&write(generation)).replace("{port}", &port.to_string());
+    std::fs::write(&config_path, expand(0)).expect("write");
+    let mut weir = WeirProcess::spawn(&config_path).await;
+    let admin = weir.admin_addr().await;
+    let addr = weir.addr("public");
+    let client = pki.client_config_with(&pki.client("carol"));
+    let baseline = metric(&admin, "weir_plugins_loaded").await;
+    let mut held = Vec::new();
+    for generation in 1..=10 {
+        // One of each, opened under this generation and kept open.
+        let mut pass = weir_tests::tls_connect(addr, "pass.test", Arc::clone(&client)).await.expect("passthrough");
+        echoed(&mut pass, b"ping\n").await;
+        let mut tls = weir_tests::tls_connect(addr, "tls.test", Arc::clone(&client)).await.expect("terminated");
+        echoed(&mut tls, b"ping\n").await;
+        held.push((pass, tls));
+        // A new generation: a new plugin (its config changed).
+        std::fs::write(&config_path, expand(generation)).expect("write");
+        let (status, body) = weir_tests::admin_request(&admin, "POST", "/api/reload", None, "").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let loaded = metric(&admin, "weir_plugins_loaded").await;
+    assert!(
+        loaded <= baseline,
+        "{loaded} plugins in memory after 10 reloads with connections held (1 is running)"
+    );
+    // The held connections still work, on both kinds.
+    for (pass, tls) in &mut held {
+        echoed(pass, b"pong\n").await;
+        echoed(tls, b"pong\n").await;
+    }
+    let _ = weir.line_containing("reload").await;
+}
+
+/// Writes `line` and expects it echoed.
+async fn echoed<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, line: &[u8]) {
+    stream.write_all(line).await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut back = vec![0u8; line.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .expect("echoed");
+    assert_eq!(back, line);
+}
