@@ -16,11 +16,15 @@
 #                                     mixed traffic with a reload every second
 #                                     (default 10 minutes; a new component
 #                                     every 30th reload)
+#   bench/run.sh isolation [--rate N] [--seconds N]
+#                                     a bystander tenant's handshakes while
+#                                     another tenant's plugin loops (default
+#                                     200 connections a second)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak) mode="$1"; shift ;;
+    connections | soak | isolation) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -54,4 +58,5 @@ case "$mode" in
     compare) exec python3 bench/run.py "$@" ;;
     connections) exec python3 bench/connections.py "$@" ;;
     soak) exec python3 bench/soak.py "$@" ;;
+    isolation) exec python3 bench/isolation.py "$@" ;;
 esac

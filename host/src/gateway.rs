@@ -230,6 +230,9 @@ impl Gateway {
                 .values()
                 .chain(previous.into_iter().flat_map(|p| p.plugins().values()));
             self.runtime.retain_compiled(in_use.map(|plugin| &**plugin));
+            // A build's compile frees hundreds of MiB that the allocator
+            // would otherwise keep.
+            crate::heap::trim();
         };
         let report = match result {
             Ok(new) => {
@@ -909,14 +912,10 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: Arc<Listen
         };
         metrics.sniff_failures.get_or_create(&labels).inc();
     }
-    let owner = match record.tenant.as_deref() {
-        Some(tenant) => format!("tenant {tenant}"),
-        None => format!("listener {name}"),
-    };
     let labels = crate::metrics::ConnectionLabels {
         tenant: record.tenant.as_deref().unwrap_or("-").into(),
         listener: listener_labels.listener,
-        route: metrics.route_label(&owner, record.route.as_deref().unwrap_or("-")),
+        route: metrics.route_label(record.tenant.as_deref(), &name, record.route.as_deref().unwrap_or("-")),
         outcome: outcome.kind().into(),
     };
     metrics.connections.get_or_create(&labels).inc();

@@ -21,6 +21,7 @@ pub mod attest;
 pub mod config;
 pub mod decision;
 pub mod gateway;
+pub mod heap;
 pub mod logfmt;
 pub mod metrics;
 pub mod ocsp;

@@ -186,9 +186,15 @@ pub struct Metrics {
 /// weir's memory) without bound.
 pub const MAX_ROUTE_LABELS: usize = 1000;
 
-/// The route names already given a series, per listener or tenant.
+/// The route names already given a series: per tenant, and per listener for
+/// connections of no tenant.
 #[derive(Default)]
-struct RouteLabels(std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>);
+struct RouteLabels {
+    tenants: std::sync::RwLock<RouteNames>,
+    listeners: std::sync::RwLock<RouteNames>,
+}
+
+type RouteNames = std::collections::HashMap<String, std::collections::HashSet<String>>;
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -316,16 +322,26 @@ impl Metrics {
         }
     }
 
-    /// The `route` label for a route name decided for `owner` (a tenant, or
-    /// else the listener): the name itself while the owner has fewer than
-    /// [`MAX_ROUTE_LABELS`] names with a series, `other` for new ones after.
-    pub fn route_label(&self, owner: &str, route: &str) -> LabelValue {
-        let mut owners = self.route_labels.0.lock().unwrap_or_else(|p| p.into_inner());
-        let names = owners.entry(owner.to_owned()).or_default();
-        if names.contains(route) {
+    /// The `route` label for a route name decided for a tenant's connection
+    /// (`tenant`), or else for `listener`'s: the name itself while that owner
+    /// has fewer than [`MAX_ROUTE_LABELS`] names with a series, `other` for
+    /// new ones after.
+    pub fn route_label(&self, tenant: Option<&str>, listener: &str, route: &str) -> LabelValue {
+        let (owners, owner) = match tenant {
+            Some(tenant) => (&self.route_labels.tenants, tenant),
+            None => (&self.route_labels.listeners, listener),
+        };
+        let known = owners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(owner)
+            .is_some_and(|names| names.contains(route));
+        if known {
             return route.into();
         }
-        if names.len() >= MAX_ROUTE_LABELS {
+        let mut owners = owners.write().unwrap_or_else(|p| p.into_inner());
+        let names = owners.entry(owner.to_owned()).or_default();
+        if names.len() >= MAX_ROUTE_LABELS && !names.contains(route) {
             return "other".into();
         }
         names.insert(route.to_owned());
@@ -401,11 +417,13 @@ mod tests {
     fn route_names_beyond_the_cap_count_as_other() {
         let metrics = Metrics::new();
         for n in 0..MAX_ROUTE_LABELS {
-            assert_eq!(metrics.route_label("tenant a", &format!("r{n}")).as_str(), format!("r{n}"));
+            let route = format!("r{n}");
+            assert_eq!(metrics.route_label(Some("a"), "public", &route).as_str(), route);
         }
-        assert_eq!(metrics.route_label("tenant a", "one-more").as_str(), "other");
+        assert_eq!(metrics.route_label(Some("a"), "public", "one-more").as_str(), "other");
         // Names seen before keep their series; another owner has its own cap.
-        assert_eq!(metrics.route_label("tenant a", "r7").as_str(), "r7");
-        assert_eq!(metrics.route_label("tenant b", "one-more").as_str(), "one-more");
+        assert_eq!(metrics.route_label(Some("a"), "public", "r7").as_str(), "r7");
+        assert_eq!(metrics.route_label(Some("b"), "public", "one-more").as_str(), "one-more");
+        assert_eq!(metrics.route_label(None, "a", "one-more").as_str(), "one-more");
     }
 }

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Tenant isolation: what a bystander tenant's clients see while another
+tenant's plugin runs to its deadline on every connection.
+
+One weir, two tenants on one listener. `loop.test` is routed by the
+misbehave test plugin in mode `loop` (it spins until its 10 ms deadline on
+every call); `calm.test` by static-router, passing through to the benchmark
+upstream. A calm client connects serially and times each TLS handshake
+through weir (connect to handshake done); an attacker opens connections to
+`loop.test` at a fixed rate and sends a ClientHello each.
+
+Four runs: weir with 1 worker thread and with the default (one per CPU),
+each with the attacker quiet and at --rate connections a second (default
+200). Reported: the calm tenant's handshake p50 / p99 / max and failures,
+the looping tenant's plugin failures by kind (timeouts ran, budget refusals
+did not), and weir's CPU. The goal: with the attacker on, the calm p99 at
+most twice its p99 with the attacker quiet, and no calm connection failed.
+
+Started by `bench/run.sh isolation [--rate N] [--seconds N]`.
+"""
+
+import datetime
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import run as bench
+
+
+def option(name, default):
+    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+RATE = option("--rate", 200)
+SECONDS = option("--seconds", 10.0)
+ADMIN = "127.0.0.1:10450"
+CONFIG = bench.WORK / "isolation.toml"
+MISBEHAVE = bench.ROOT / "target" / "wasm32-wasip2" / "release" / "misbehave.wasm"
+CALM_PAUSE = 0.01
+
+
+def write_config():
+    CONFIG.write_text(f"""
+[listeners.public]
+bind = "127.0.0.1:10444"
+plugins = ["edge"]
+
+[plugins.edge]
+wasm = "{bench.PLUGIN}"
+config.default = {{ reject = "no tenant owns this name" }}
+
+[plugins.looper]
+wasm = "{MISBEHAVE}"
+config = {{ mode = "loop" }}
+timeout = "10ms"
+
+[plugins.calm-router]
+wasm = "{bench.PLUGIN}"
+config.default = {{ pool = "calm" }}
+
+[pools.calm]
+servers = ["{bench.UPSTREAM[0]}:{bench.UPSTREAM[1]}"]
+
+[tenants.loop]
+domains = ["loop.test"]
+plugins = ["looper"]
+
+[tenants.calm]
+domains = ["calm.test"]
+plugins = ["calm-router"]
+pools = ["calm"]
+
+[admin]
+bind = "{ADMIN}"
+
+[reload]
+watch = false
+""")
+
+
+def context():
+    ctx = ssl.create_default_context()
+    # Latency, not trust: the upstream's certificate names bench.test.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def calm_client(stop, samples, failures):
+    """Serial handshakes to the calm tenant until `stop` is set."""
+    ctx = context()
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            with socket.create_connection(("127.0.0.1", 10444), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="app.calm.test") as tls:
+                    tls.do_handshake()
+            samples.append(time.perf_counter() - started)
+        except OSError as e:
+            failures.append(str(e))
+        time.sleep(CALM_PAUSE)
+
+
+def attacker(stop, rate, sent):
+    """`rate` connections a second to the looping tenant, each a ClientHello
+    (the handshake fails: weir refuses the connection)."""
+    ctx = context()
+
+    def one():
+        try:
+            with socket.create_connection(("127.0.0.1", 10444), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="x.loop.test") as tls:
+                    tls.do_handshake()
+        except OSError:
+            pass
+
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        threading.Thread(target=one, daemon=True).start()
+        sent[0] += 1
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+def failures_by_kind():
+    text = urllib.request.urlopen(f"http://{ADMIN}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith('weir_plugin_failures_total{plugin="looper"'):
+            kind = line.split('kind="')[1].split('"')[0]
+            out[kind] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def percentile(samples, p):
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+def run_once(workers, rate):
+    env = {**os.environ, "WEIR_LOG": "warn"}
+    if workers:
+        env["TOKIO_WORKER_THREADS"] = str(workers)
+    upstream = bench.start_upstream(cpu=1)
+    weir = bench.started(
+        [str(bench.WEIR), "run", "--config", str(CONFIG)], 10444,
+        stdout=subprocess.DEVNULL, stderr=open(bench.WORK / "isolation-weir.log", "w"), env=env,
+    )
+    try:
+        time.sleep(0.5)
+        stop = threading.Event()
+        samples, failures, sent = [], [], [0]
+        cpu_before = bench.cpu_seconds(weir.pid)
+        threads = [threading.Thread(target=calm_client, args=(stop, samples, failures))]
+        if rate:
+            threads.append(threading.Thread(target=attacker, args=(stop, rate, sent)))
+        for thread in threads:
+            thread.start()
+        time.sleep(SECONDS)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        cpu = bench.cpu_seconds(weir.pid) - cpu_before
+        kinds = failures_by_kind()
+    finally:
+        bench.stop(weir, upstream)
+    return {
+        "workers": workers or "default",
+        "rate": rate,
+        "attempts": sent[0],
+        "calm": len(samples),
+        "failed": len(failures),
+        "p50": statistics.median(samples) * 1e3 if samples else None,
+        "p99": percentile(samples, 0.99) * 1e3 if samples else None,
+        "max": max(samples) * 1e3 if samples else None,
+        "timeouts": kinds.get("timeout", 0),
+        "budget": kinds.get("budget", 0),
+        "cpu": cpu,
+    }
+
+
+def main():
+    bench.WORK.mkdir(parents=True, exist_ok=True)
+    write_config()
+    rows = []
+    for workers in (1, None):
+        for rate in (0, RATE):
+            row = run_once(workers, rate)
+            print(row, flush=True)
+            rows.append(row)
+    commit = bench.commit()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        f"# Tenant isolation, {now:%Y-%m-%d %H:%M} UTC, commit {commit}",
+        "",
+        f"`bench/run.sh isolation --rate {RATE} --seconds {SECONDS:g}` on {os.cpu_count()} CPUs. "
+        "Tenant `loop`'s plugin spins to its 10 ms deadline on every call (default budget: "
+        "`plugin_cpu = \"250ms\"`, `max_plugin_calls = 8`); tenant `calm` passes through to the benchmark "
+        f"upstream. The calm client handshakes serially through weir (pausing {CALM_PAUSE * 1e3:g} ms between); "
+        "the attacker opens the given number of connections a second to the looping tenant. Handshake times "
+        "are a Python client's (connect to handshake done), including the upstream's TLS work.",
+        "",
+        "| weir workers | attack conn/s | attack connections | calm handshakes | calm failed | calm p50 ms | calm p99 ms | calm max ms | looper timeouts (ran) | looper refused over budget | weir CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workers']} | {r['rate']} | {r['attempts']} | {r['calm']} | {r['failed']} | "
+            f"{r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | {r['timeouts']:.0f} | {r['budget']:.0f} | {r['cpu']:.2f} |"
+        )
+    verdicts = []
+    for workers in (1, "default"):
+        quiet = next(r for r in rows if r["workers"] == workers and r["rate"] == 0)
+        loud = next(r for r in rows if r["workers"] == workers and r["rate"] == RATE)
+        ratio = loud["p99"] / quiet["p99"]
+        met = ratio <= 2.0 and loud["failed"] == 0
+        verdicts.append(met)
+        lines.append("")
+        lines.append(
+            f"- {workers} worker(s): calm p99 {loud['p99']:.2f} ms under attack vs {quiet['p99']:.2f} ms quiet "
+            f"= {ratio:.2f}x, {loud['failed']} failed: goal (<= 2x, none failed) {'met' if met else 'NOT met'}."
+        )
+    text = "\n".join(lines) + "\n"
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = bench.RESULTS / f"isolation-{now:%Y-%m-%d-%H%M}-{commit}.md"
+    path.write_text(text)
+    (bench.RESULTS / "latest-isolation.md").write_text(text)
+    print(text)
+    print(f"report: {path}")
+    sys.exit(0 if all(verdicts) else 1)
+
+
+if __name__ == "__main__":
+    main()
