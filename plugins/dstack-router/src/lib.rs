@@ -12,7 +12,9 @@
 //! | `<id>-[<port>]g`   | terminate with ALPN `h2` only, plain to `<port>` (default 80): gRPC |
 //!
 //! `sg`, `gs`, a second `-`, or a port that is not 1-65535 is rejected with a
-//! reason saying which. An app id reaches the weir pool of its instances
+//! reason saying which, and so is a port an app does not list in its `ports`
+//! (when it lists them: a client then cannot reach any other port of the
+//! app's instances). An app id reaches the weir pool of its instances
 //! when it has one (`pool`: the host picks the instance, with the pool's
 //! policy, health checks and failover, on the port the name asks for), else
 //! one of its listed instances (chosen by a hash of the client's IP, so a
@@ -29,7 +31,8 @@
 //!   "base_domains": { "dstack.example.com": { "certificate": "dstack-wildcard" } },
 //!   "apps": {
 //!     "3327603e03f5bd1f830812ca4a789277fc31f577": {
-//!       "instances": { "a1b2c3d4e5f6": "10.0.3.7", "f6e5d4c3b2a1": "10.0.3.8" }
+//!       "instances": { "a1b2c3d4e5f6": "10.0.3.7", "f6e5d4c3b2a1": "10.0.3.8" },
+//!       "ports": [443, 8080]
 //!     }
 //!   },
 //!   "custom_domains": { "shop.example.org": "3327603e03f5bd1f830812ca4a789277fc31f577:443" },
@@ -67,6 +70,10 @@ struct App {
     /// among them (policy, health checks, failover), on the port the name
     /// asks for.
     pool: Option<String>,
+    /// The ports the app serves, as the dstack gateway restricts each app
+    /// to its declared ports: a name asking for another is rejected. Absent:
+    /// any port.
+    ports: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +168,8 @@ pub struct DstackRouter {
     instances: HashMap<String, (String, String)>,
     /// Full name → (app id, port).
     custom_domains: HashMap<String, (String, u16)>,
+    /// App id → the ports it serves, when it declares them.
+    app_ports: HashMap<String, Vec<u16>>,
     reserved: Vec<String>,
 }
 
@@ -188,6 +197,12 @@ impl Plugin for DstackRouter {
             }
             if settings.instances.is_empty() && settings.pool.is_none() {
                 return Err(format!("app `{app}`: give `instances`, a `pool`, or both"));
+            }
+            if let Some(ports) = settings.ports {
+                if ports.is_empty() || ports.contains(&0) {
+                    return Err(format!("app `{app}`: `ports` lists the ports it serves (1-65535)"));
+                }
+                router.app_ports.insert(app.clone(), ports);
             }
             if let Some(pool) = settings.pool {
                 if pool.is_empty() || pool.contains(':') {
@@ -239,6 +254,9 @@ impl Plugin for DstackRouter {
             {
                 return Err(format!("custom domain `{name}`: no app or instance `{app}`"));
             }
+            if !router.serves(app, port) {
+                return Err(format!("custom domain `{name}`: port {port} is not one of `{app}`'s ports"));
+            }
             router.custom_domains.insert(canonical, (app.to_owned(), port));
         }
         *self = router;
@@ -271,6 +289,12 @@ impl Plugin for DstackRouter {
             Mode::Terminate => (DEFAULT_PLAIN_PORT, ""),
         };
         let port = request.port.unwrap_or(default_port);
+        if !self.serves(request.id, port) {
+            return Decision::reject(
+                format!("closed.{base}"),
+                format!("port {port} is not one of `{}`'s ports", request.id),
+            );
+        }
         let Some(target) = self.target(request.id, port, conn) else {
             return Decision::reject(
                 format!("unknown.{base}"),
@@ -310,6 +334,13 @@ impl DstackRouter {
             .max_by_key(|(base, _)| base.len())?;
         let label = names::strip_suffix(sni, base)?;
         Some((label, base, certificate))
+    }
+
+    /// Whether an app (or an instance's app) serves `port`: any port unless
+    /// the app declares its `ports`.
+    fn serves(&self, id: &str, port: u16) -> bool {
+        let app = self.instances.get(id).map_or(id, |(app, _)| app.as_str());
+        self.app_ports.get(app).is_none_or(|ports| ports.contains(&port))
     }
 
     /// Where an id's port is: an instance id's own host; an app id's weir

@@ -166,3 +166,37 @@ fn bad_configs_are_refused() {
         assert!(err.contains(expected), "{config}: {err}");
     }
 }
+
+#[test]
+fn an_app_with_declared_ports_is_reached_on_those_only() {
+    let mut r = DstackRouter::default();
+    r.configure(
+        r#"{
+        "base_domains": { "dstack.example.com": { "certificate": "wild" } },
+        "apps": { "web": { "instances": { "web1": "10.0.0.1" }, "ports": [443, 8080] } },
+        "custom_domains": { "shop.example.org": "web:443" }
+    }"#,
+    )
+    .expect("valid config");
+    assert_eq!(summary(&route(&r, "web-443s.dstack.example.com")), "passthrough web-443s 10.0.0.1:443");
+    assert_eq!(summary(&route(&r, "web-8080.dstack.example.com")), "terminate web-8080 10.0.0.1:8080 cert=wild alpn=[]");
+    for (sni, port) in [("web-22s.dstack.example.com", 22), ("web.dstack.example.com", 80), ("web1-9000s.dstack.example.com", 9000)] {
+        let id = sni.split(['-', '.']).next().unwrap_or_default();
+        assert_eq!(
+            summary(&route(&r, sni)),
+            format!("reject closed.dstack.example.com (port {port} is not one of `{id}`'s ports)"),
+            "{sni}"
+        );
+    }
+    let mut bad = DstackRouter::default();
+    let error = bad
+        .configure(
+            r#"{
+        "base_domains": { "dstack.example.com": { "certificate": "wild" } },
+        "apps": { "web": { "instances": { "web1": "10.0.0.1" }, "ports": [443] } },
+        "custom_domains": { "shop.example.org": "web:22" }
+    }"#,
+        )
+        .expect_err("a custom domain on an undeclared port");
+    assert!(error.contains("port 22 is not one of `web`'s ports"), "{error}");
+}
