@@ -20,11 +20,13 @@
 #                                     a bystander tenant's handshakes while
 #                                     another tenant's plugin loops (default
 #                                     200 connections a second)
+#   bench/run.sh reload-memory        weir's RSS over failed reloads of the
+#                                     18 MB Python example plugin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -59,4 +61,5 @@ case "$mode" in
     connections) exec python3 bench/connections.py "$@" ;;
     soak) exec python3 bench/soak.py "$@" ;;
     isolation) exec python3 bench/isolation.py "$@" ;;
+    reload-memory) exec python3 bench/reload_memory.py "$@" ;;
 esac

@@ -42,7 +42,7 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
-    let token: Option<Arc<str>> = token.map(Into::into);
+    let token: Option<Arc<Token>> = token.map(|t| Arc::new(Token::new(&t)));
     let own = crate::own::OwnAddress::register(addr);
     let task = tokio::spawn(async move {
         let _own = own;
@@ -273,14 +273,37 @@ fn browser_refusal(request: &Request<Incoming>, has_token: bool) -> Option<Strin
     None
 }
 
-async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&str>) -> Response<Full<Bytes>> {
+/// The admin token, kept as an HMAC tag under a key of this process's own,
+/// so that a presented token is compared in constant time (`hmac::verify`):
+/// how long a refusal takes says nothing of how much of a guess was right.
+struct Token {
+    key: ring::hmac::Key,
+    tag: ring::hmac::Tag,
+}
+
+impl Token {
+    fn new(token: &str) -> Token {
+        let rng = ring::rand::SystemRandom::new();
+        // The system's random source failing is not something to serve through.
+        #[allow(clippy::expect_used)]
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).expect("the system random source works");
+        let tag = ring::hmac::sign(&key, token.as_bytes());
+        Token { key, tag }
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        ring::hmac::verify(&self.key, presented.as_bytes(), self.tag.as_ref()).is_ok()
+    }
+}
+
+async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&Token>) -> Response<Full<Bytes>> {
     if let Some(token) = token {
         let presented = request
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(token) {
+        if !presented.is_some_and(|presented| token.matches(presented)) {
             return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
         }
     }

@@ -311,15 +311,15 @@ pub struct TenantConfig {
     /// to the 1 s every plugin is held to).
     #[serde(default = "defaults::tenant_plugin_timeout", with = "humantime_serde")]
     pub max_plugin_timeout: Duration,
-    /// Plugin CPU the tenant may spend a second (a bucket that holds one
-    /// second's worth): while it is spent, its connections get their
+    /// Plugin CPU the tenant may spend a second (a bucket that holds a tenth
+    /// of a second's worth): while it is spent, its connections get their
     /// plugin's `on_error` at once, without the plugin running.
     #[serde(default = "defaults::tenant_plugin_cpu", with = "humantime_serde")]
     pub plugin_cpu: Duration,
     /// Most calls into the tenant's plugins in flight at once; more are
-    /// refused the same way.
-    #[serde(default = "defaults::tenant_plugin_calls")]
-    pub max_plugin_calls: usize,
+    /// refused the same way. Default: 4, or the number of worker threads if
+    /// more (a fast plugin's calls overlap at most once per worker).
+    pub max_plugin_calls: Option<usize>,
 }
 
 /// Process-wide limits.
@@ -660,9 +660,7 @@ mod defaults {
     pub fn tenant_plugin_cpu() -> Duration {
         Duration::from_millis(250)
     }
-    pub fn tenant_plugin_calls() -> usize {
-        8
-    }
+
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -772,7 +770,7 @@ impl Config {
             if tenant.plugin_cpu < Duration::from_millis(1) || tenant.plugin_cpu > Duration::from_secs(64) {
                 return Err(self.invalid(field("plugin_cpu"), "must be between 1ms and 64s (of CPU a second)"));
             }
-            if !(1..=MAX_PLUGIN_CALLS).contains(&tenant.max_plugin_calls) {
+            if tenant.max_plugin_calls.is_some_and(|calls| !(1..=MAX_PLUGIN_CALLS).contains(&calls)) {
                 return Err(self.invalid(
                     field("max_plugin_calls"),
                     format!("must be between 1 and {}", MAX_PLUGIN_CALLS),

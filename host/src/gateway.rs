@@ -1440,7 +1440,12 @@ async fn reencrypt(
     let connect = tokio_rustls::TlsConnector::from(client_config).connect(name, upstream);
     let tls = match tokio::time::timeout(listener.config.handshake_timeout, connect).await {
         Err(_) => return Err(Outcome::ConnectFailed("upstream TLS handshake timed out".into())),
-        Ok(Err(e)) => return Err(Outcome::ConnectFailed(format!("upstream TLS handshake: {e}"))),
+        Ok(Err(e)) => {
+            return Err(Outcome::ConnectFailed(format!(
+                "upstream TLS handshake: {}",
+                handshake_error(&e)
+            )));
+        }
         Ok(Ok(tls)) => tls,
     };
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first) else {

@@ -47,7 +47,9 @@ enum Command {
         #[arg(long)]
         listener: String,
         /// The server name the client sends (canonicalised as the gateway does).
-        #[arg(long)]
+        // A name that starts with `-` is still a value here; weir's own
+        // check then says what is wrong with it.
+        #[arg(long, allow_hyphen_values = true)]
         sni: Option<String>,
         /// ALPN protocols the client offers, comma-separated.
         #[arg(long, value_delimiter = ',')]
@@ -176,7 +178,10 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         Some(limit) => tracing::info!(limit, "file descriptor limit (two per relayed connection)"),
         None => tracing::info!("file descriptor limit: unlimited"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .event_interval(4)
+        .build()?;
     runtime.block_on(async {
         let gateway = Arc::new(Gateway::start(config).await?);
         // Everything that reloads (file watch, SIGHUP, the admin API) is in

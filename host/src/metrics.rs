@@ -299,6 +299,11 @@ impl Metrics {
             sniff_failures.clone(),
         );
         registry.register("reloads", "Config reloads by result", reloads.clone());
+        // Alerts on `result="error"` must see 0 before the first failure, not
+        // a missing series.
+        for result in ["ok", "error"] {
+            drop(reloads.get_or_create(&ReloadLabels { result }));
+        }
         Metrics {
             registry,
             connections,
@@ -411,6 +416,8 @@ mod tests {
             r#"weir_connections_total{listener="public",tenant="-",route="x\",outcome=\"fake\\\nweir_forged 1",outcome="closed"} 1"#
         );
         assert!(!text.lines().any(|l| l.starts_with("weir_forged")), "{text}");
+        // Counters operators alert on exist from the start.
+        assert!(text.contains("weir_reloads_total{result=\"error\"} 0"), "{text}");
     }
 
     #[test]

@@ -232,7 +232,9 @@ pub async fn admit(
             Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
             Err(error) => {
                 let on_error = plugin.on_error();
-                tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, "plugin failed in admit");
+                if let Some(unreported) = plugin.report_failure() {
+                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, unreported, "plugin failed in admit");
+                }
                 if on_error == OnError::Deny {
                     return Err(format!("plugin `{name}` {error}"));
                 }
@@ -251,7 +253,23 @@ pub fn admit_blocking(
     side: wit::Side,
     peer: &wit::Peer,
 ) -> Result<(), String> {
-    off_the_worker(|| futures_executor::block_on(admit(chain, conn, side, peer)))
+    let run = || futures_executor::block_on(admit(chain, conn, side, peer));
+    match tokio::runtime::Handle::try_current() {
+        // The worker hands its other tasks to another thread meanwhile, and
+        // a plugin's yield there wakes at once (no core, no deferral).
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        // A current-thread runtime would never see a deferred wake while it
+        // is blocked here: run the chain on a thread of no runtime.
+        Ok(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(run)
+                .join()
+                .unwrap_or_else(|_| Err("the admission thread panicked".into()))
+        }),
+        Err(_) => run(),
+    }
 }
 
 /// Runs `work`, which may take long and cannot yield, such that the tokio
@@ -450,11 +468,14 @@ impl Snapshot {
             let active = previous
                 .and_then(|p| p.tenants.get(name))
                 .map_or_else(Arc::default, |t| Arc::clone(&t.active));
+            let max_calls = tenant
+                .max_plugin_calls
+                .unwrap_or_else(crate::plugin::default_tenant_calls);
             let budget = previous
                 .and_then(|p| p.tenants.get(name))
                 .map(|t| Arc::clone(&t.budget))
-                .filter(|b| b.has_limits(tenant.plugin_cpu, tenant.max_plugin_calls))
-                .unwrap_or_else(|| crate::plugin::Budget::new(tenant.plugin_cpu, tenant.max_plugin_calls));
+                .filter(|b| b.has_limits(tenant.plugin_cpu, max_calls))
+                .unwrap_or_else(|| crate::plugin::Budget::new(tenant.plugin_cpu, max_calls));
             for domain in &tenant.domains {
                 if let Ok(canonical) = weir_plugin_sdk::names::canonicalize(domain.as_bytes()) {
                     domains.insert(canonical, name.clone());
@@ -602,7 +623,9 @@ impl Snapshot {
                 }
                 Err(error) => {
                     let on_error = plugin.on_error();
-                    tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, "plugin failed");
+                    if let Some(unreported) = plugin.report_failure() {
+                        tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, unreported, "plugin failed");
+                    }
                     let reason = format!("plugin `{name}` {error}");
                     steps.push(Step {
                         plugin: Arc::clone(&name),

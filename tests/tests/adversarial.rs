@@ -905,3 +905,75 @@ async fn bystanders_notice_a_gateway_that_stops_serving() {
     let outcome = tokio::spawn(bystanders.finish("stopped gateway")).await;
     assert!(outcome.is_err(), "the bystanders did not notice the gateway stop");
 }
+
+/// Decisions built to hurt: a target that is weir's own listener (a loop),
+/// a pool name with a newline (a forged log line), a route name that would
+/// forge a metric label, a reject reason of 2 KiB. Each costs only its own
+/// connection: refused, or counted under an escaped label, while the
+/// bystanders are served and the scrape stays valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_decisions_cost_only_their_own_connection() {
+    let echo = Bystanders::upstream().await;
+    let port = weir_tests::free_port();
+    let config = format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:{port}"
+        plugins = ["router", "label"]
+
+        [plugins.label]
+        wasm = "{{misbehave}}"
+        config = {{ mode = "named-route", only_sni = "label.example.com", pool = "bystanders", route = 'x",outcome="fake' }}
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."c.example.com" = {{ pool = "bystanders" }}
+        config.routes."loop.example.com" = {{ address = "127.0.0.1:{port}" }}
+        config.routes."newline.example.com" = {{ pool = "x\n2026-12-01T00:00:00Z  INFO weir::gateway: connection id=0" }}
+        config.routes."reason.example.com" = {{ reject = "{reason}" }}
+
+        [pools.bystanders]
+        servers = ["{echo}"]
+        "#,
+        reason = "r".repeat(2048),
+        echo = echo.addr,
+    );
+    let gateway = start_gateway(&config).await;
+    let addr = gateway.local_addr("public").expect("listener");
+    assert_eq!(addr.port(), port);
+    let bystanders = Bystanders::start(addr).await;
+    for round in 0..3 {
+        for name in ["loop.example.com", "newline.example.com", "reason.example.com"] {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(&Hello::to(name.as_bytes()).bytes()).await.expect("hello");
+            expect_refused(&mut stream, &format!("{name}, round {round}")).await;
+        }
+        let hello = Hello::to(b"label.example.com").bytes();
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&hello).await.expect("hello");
+        let mut back = vec![0u8; hello.len()];
+        tokio::time::timeout(STEP, stream.read_exact(&mut back))
+            .await
+            .expect("routed in time")
+            .expect("routed");
+        assert_eq!(back, hello);
+    }
+    // The loop was never entered: the refused connections are the only
+    // ones weir accepted for it.
+    let total = gateway.stats()["public"].total.load(Ordering::Relaxed);
+    assert!(total < 100, "{total} connections accepted: weir looped into itself");
+    // Long enough for the bystanders to have run beside every case.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bystanders.finish("hostile decisions").await;
+    // Every line of the scrape is a comment or one well-formed sample; the
+    // forged label is one escaped value.
+    let text = weir::metrics::METRICS.encode();
+    let forged = r#"route="x\",outcome=\"fake""#;
+    assert!(text.contains(forged), "{text}");
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let labels = line.split_once('{').map_or("", |(_, rest)| rest.rsplit_once('}').map_or("", |(l, _)| l));
+        let unescaped_quotes = labels.replace("\\\\", "").replace("\\\"", "").matches('"').count();
+        assert!(unescaped_quotes % 2 == 0, "a malformed sample: {line}");
+        assert!(!labels.contains("outcome=\"fake"), "a forged label: {line}");
+    }
+}

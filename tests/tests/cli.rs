@@ -658,3 +658,16 @@ fn explain_walks_a_chain_where_the_first_plugin_abstains() {
         "decision: pass through untouched to 127.0.0.1:9443, with a PROXY v2 header — by plugin `second`, rule `*.b.test`"
     );
 }
+
+/// A server name that starts with `-` reaches weir's own check of the name,
+/// not the argument parser's complaint about an unknown flag.
+#[test]
+fn route_judges_a_name_starting_with_a_dash_itself() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config_file(dir.path(), ROUTER);
+    let out = weir(&["route", "--config", &config, "--listener", "public", "--sni", "-80.example.com"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    assert!(stderr.contains("-80.example.com"), "{stderr}");
+}

@@ -8,7 +8,8 @@
 //!
 //! Modes: `trap` (panics), `loop` (never returns), `alloc` (allocates without
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
-//! (return invalid decisions), `log-flood` (logs 1,000 lines of 1 KiB, then routes to `pool`),
+//! (return invalid decisions), `named-route` (passes through to `pool` under the route name `route`),
+//! `log-flood` (logs 1,000 lines of 1 KiB, then routes to `pool`),
 //! `alpn-per-connection` (terminates, with an ALPN
 //! name of the connection's own, to `pool`), `read-file`, `socket`, `env` (reach for the
 //! host), `next`, `fail-configure` (refuses its config), `slow-configure`
@@ -34,6 +35,8 @@ struct Misbehave {
     pool: Option<String>,
     #[serde(default)]
     configure_ms: u64,
+    #[serde(default)]
+    route: Option<String>,
 }
 
 impl Plugin for Misbehave {
@@ -97,6 +100,11 @@ impl Plugin for Misbehave {
             "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
             "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
             "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            // A route name of the config's choosing, passed through to `pool`.
+            "named-route" => Decision::passthrough(
+                self.route.as_deref().unwrap_or("named"),
+                Target::pool(self.pool.as_deref().unwrap_or("good")),
+            ),
             // 1,000 lines of 1 KiB, then routed as the others.
             "log-flood" => {
                 let line = "x".repeat(1024);
