@@ -38,6 +38,8 @@ def option(name, default):
 
 
 RATE = option("--rate", 200)
+# Another weir binary to measure with the same setup (an older build, say).
+WEIR = option("--weir", str(bench.WEIR))
 SECONDS = option("--seconds", 10.0)
 ADMIN = "127.0.0.1:10450"
 CONFIG = bench.WORK / "isolation.toml"
@@ -171,7 +173,7 @@ def run_once(workers, rate, looping=True):
         env["TOKIO_WORKER_THREADS"] = str(workers)
     upstream = bench.start_upstream(cpu=1)
     weir = bench.started(
-        [str(bench.WEIR), "run", "--config", str(CONFIG)], 10444,
+        [WEIR, "run", "--config", str(CONFIG)], 10444,
         stdout=subprocess.DEVNULL, stderr=open(bench.WORK / "isolation-weir.log", "w"), env=env,
     )
     try:
@@ -234,14 +236,14 @@ def main():
             row = run_once(workers, rate, looping)
             print(row, flush=True)
             rows.append(row)
-    commit = bench.commit()
+    commit = bench.commit() if WEIR == str(bench.WEIR) else f"{bench.commit()}-with-{os.path.basename(WEIR)}"
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"# Tenant isolation, {now:%Y-%m-%d %H:%M} UTC, commit {commit}",
         "",
         f"`bench/run.sh isolation --rate {RATE} --seconds {SECONDS:g}` on {os.cpu_count()} CPUs. "
         "Tenant `loop`'s plugin spins to its 10 ms deadline on every call (default budget: "
-        "`plugin_cpu = \"250ms\"`, `max_plugin_calls = 8`); tenant `calm` passes through to the benchmark "
+        "`plugin_cpu = \"250ms\"`, `max_plugin_calls` 4 or one per worker); tenant `calm` passes through to the benchmark "
         f"upstream. The calm client handshakes serially through weir (pausing {CALM_PAUSE * 1e3:g} ms between); "
         "the attacker (a process of its own) opens the given number of connections a second to the looping tenant, each sending a real ClientHello built once. Handshake times "
         "are a Python client's (connect to handshake done), including the upstream's TLS work.",

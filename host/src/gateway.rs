@@ -1085,7 +1085,10 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
             }
         }
     };
-    let routing = snapshot.route(listener, tenant.as_deref(), &conn).await;
+    // Boxed like the sniffing: an asynchronous plugin call's state (the
+    // wasm call's future) would otherwise size every connection's task, for
+    // the connection's whole life.
+    let routing = Box::pin(snapshot.route(listener, tenant.as_deref(), &conn)).await;
     let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
         (_, true) => ALERT_INTERNAL_ERROR,
         (true, false) => ALERT_ACCESS_DENIED,
