@@ -831,6 +831,14 @@ pub async fn h2c_upstream() -> Upstream {
     .await
 }
 
+/// The value of one series (`name{labels}` exactly as written in the
+/// exposition) from weir's `/metrics`, if it is there.
+pub async fn metric(admin: &str, series: &str) -> Option<f64> {
+    let (_, text) = admin_request(admin, "GET", "/metrics", None, "").await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// One HTTP/1.1 request to weir's admin server, with an optional bearer
 /// token and JSON body; returns the status code and the body.
 pub async fn admin_request(admin: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {

@@ -374,10 +374,9 @@ async fn a_busy_neighbour_file_does_not_postpone_reloads() {
 
 /// Reads one gauge or counter from weir's metrics.
 async fn metric(admin: &str, series: &str) -> f64 {
-    let (_, text) = weir_tests::admin_request(admin, "GET", "/metrics", None, "").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    weir_tests::metric(admin, series)
+        .await
+        .unwrap_or_else(|| panic!("no {series} in weir's metrics"))
 }
 
 /// Connections that outlive many reloads (passthrough, and terminated
