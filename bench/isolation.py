@@ -243,7 +243,7 @@ def main():
         "",
         f"`bench/run.sh isolation --rate {RATE} --seconds {SECONDS:g}` on {os.cpu_count()} CPUs. "
         "Tenant `loop`'s plugin spins to its 10 ms deadline on every call (default budget: "
-        "`plugin_cpu = \"250ms\"`, `max_plugin_calls` 4 or one per worker); tenant `calm` passes through to the benchmark "
+        "`plugin_cpu = \"100ms\"`, `max_plugin_calls` 4 or one per worker); tenant `calm` passes through to the benchmark "
         f"upstream. The calm client handshakes serially through weir (pausing {CALM_PAUSE * 1e3:g} ms between); "
         "the attacker (a process of its own) opens the given number of connections a second to the looping tenant, each sending a real ClientHello built once. Handshake times "
         "are a Python client's (connect to handshake done), including the upstream's TLS work.",

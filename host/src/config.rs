@@ -658,7 +658,7 @@ mod defaults {
         Duration::from_millis(50)
     }
     pub fn tenant_plugin_cpu() -> Duration {
-        Duration::from_millis(250)
+        Duration::from_millis(100)
     }
 
     pub fn drain_timeout() -> Duration {
