@@ -409,16 +409,26 @@ fn host_sni(arg: &str) -> Result<Matcher, String> {
         }
         return Ok(Matcher::SniWildcard(parent));
     }
+    // Traefik accepts an IP address as a name, but it can never match:
+    // clients send no server name for an address (RFC 6066), and weir
+    // refuses a hello that carries one.
+    let unbracketed = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    if unbracketed.parse::<std::net::IpAddr>().is_ok() {
+        return Err(bad(
+            "an IP address is never a server name (clients send none for an address, and weir refuses \
+             hellos that carry one), so this rule could never match: match the client with ClientIP, or \
+             name the host",
+        ));
+    }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
     {
         return Err(bad("not a valid host name"));
     }
-    // IP literals never arrive as SNI, but Traefik accepts them as names.
     match names::canonicalize(name.as_bytes()) {
         Ok(canonical) => Ok(Matcher::Sni(canonical)),
-        Err(_) => Ok(Matcher::Sni(name.to_ascii_lowercase())),
+        Err(e) => Err(bad(&e.to_string())),
     }
 }
 
@@ -616,6 +626,9 @@ mod tests {
             ("HostSNI(`a`) HostSNI(`b`)", "unexpected `HostSNI`"),
             ("HostSNI(\"a\\.b\")", "unknown escape"),
             ("HostSNI(a)", "expected a string argument"),
+            ("HostSNI(`127.0.0.1`)", "an IP address is never a server name"),
+            ("HostSNI(`[::1]`)", "an IP address is never a server name"),
+            ("HostSNI(`2001:db8::1`)", "an IP address is never a server name"),
         ];
         for (rule, expected) in cases {
             let err = parse(rule).expect_err(rule);
