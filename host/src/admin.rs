@@ -219,13 +219,17 @@ fn percent_decode(segment: &str) -> String {
 /// same-origin with it. So a change is refused when its `Origin` is not
 /// the admin server itself or `Sec-Fetch-Site` says another site, and a
 /// body must be `application/json` (which a page can only send after a
-/// CORS preflight, which this server never grants). Without a token, the
-/// `Host` must be an IP address or `localhost`, which rebinding cannot
-/// produce. Clients that are not browsers (curl, scripts) send none of
+/// CORS preflight, which this server never grants). Without a token, a
+/// change's `Host` must be an IP address or `localhost`, which rebinding
+/// cannot produce (reads stay open to any `Host`, so Prometheus may scrape
+/// by name). Clients that are not browsers (curl, scripts) send none of
 /// these headers and are not affected.
 fn browser_refusal(request: &Request<Incoming>, has_token: bool) -> Option<String> {
     let header = |name: hyper::header::HeaderName| request.headers().get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let host = header(hyper::header::HOST);
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
     if !has_token
         && let Some(host) = host
     {
@@ -239,9 +243,6 @@ fn browser_refusal(request: &Request<Incoming>, has_token: bool) -> Option<Strin
                 name.escape_debug()
             ));
         }
-    }
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return None;
     }
     if let Some(site) = request.headers().get("sec-fetch-site")
         && !matches!(site.as_bytes(), b"same-origin" | b"none")

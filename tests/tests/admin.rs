@@ -286,7 +286,7 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
             body.len(),
             port = admin.rsplit_once(':').expect("port").1
         ),
-        "GET /api/pools HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n".to_owned(),
+        format!("DELETE /api/pools/app/backends/127.0.0.1:1 HTTP/1.1\r\nhost: evil.example:{port}\r\nconnection: close\r\n\r\n", port = admin.rsplit_once(':').expect("port").1),
     ];
     for request in &forged {
         let (status, reply) = raw_request(&admin, request).await;
@@ -294,6 +294,9 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
         assert!(reply.contains("\"error\""), "{reply}");
     }
     assert_eq!(servers(admin.clone()).await, 1, "a refused request changed the pool");
+    // Reads answer any Host: Prometheus scrapes by name.
+    let scrape = raw_request(&admin, "GET /metrics HTTP/1.1\r\nhost: weir-node-1.internal:9900\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(scrape.0, 200, "{}", scrape.1);
     // The same request as curl sends it (no Origin) is served.
     let curl_like = format!(
         "POST /api/pools/app/backends HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
