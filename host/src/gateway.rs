@@ -150,7 +150,7 @@ impl Gateway {
         for listener in snapshot.listeners() {
             let addr = listener.config.bind;
             let bind_error = |error| GatewayError::Bind {
-                listener: listener.name.to_string().into(),
+                listener: listener.name.to_string(),
                 addr,
                 error,
             };
@@ -1008,7 +1008,9 @@ enum Proxied {
     Terminated(Box<Terminated>),
 }
 
-/// The two sides of a terminated connection, ready to relay.
+/// The two sides of a terminated connection, ready to relay. (Carried
+/// boxed, in [`Proxied::Terminated`], so its variants' sizes matter little.)
+#[allow(clippy::large_enum_variant)]
 enum Terminated {
     Plain(tokio_rustls::server::TlsStream<Rewind<TcpStream>>, TcpStream),
     Reencrypted(
@@ -1053,7 +1055,7 @@ async fn proxy(client: TcpStream, listener: &Arc<Listener>, snapshot: &Snapshot,
     }
     let conn = wit::Connection {
         id: record.id,
-        listener: listener.name.to_string().into(),
+        listener: listener.name.to_string(),
         tenant: None,
         client_addr: record.client.to_string(),
         local_addr: front.local_addr.to_string(),

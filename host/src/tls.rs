@@ -42,6 +42,10 @@ const SESSION_CACHE_SIZE: usize = 4096;
 /// varied, cannot take another's place in the cache.
 const MAX_CACHED_CONFIGS: usize = 128;
 
+/// Cached server configs by tenant (`None`: the listeners' chains), then by
+/// termination.
+type ServerConfigs = HashMap<Option<Arc<str>>, HashMap<ServerKey, ServerEntry>>;
+
 /// A field of the config and what is wrong with it.
 pub type Invalid = (String, String);
 
@@ -229,7 +233,7 @@ pub struct TlsMaterial {
     attestation: Arc<AttestationPolicy>,
     /// Server configs by tenant (`None`: the listeners' chains), then by
     /// termination.
-    servers: Mutex<HashMap<Option<Arc<str>>, HashMap<ServerKey, ServerEntry>>>,
+    servers: Mutex<ServerConfigs>,
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
