@@ -225,14 +225,13 @@ fn percent_decode(segment: &str) -> String {
 /// by name). Clients that are not browsers (curl, scripts) send none of
 /// these headers and are not affected.
 fn browser_refusal(request: &Request<Incoming>, has_token: bool) -> Option<String> {
-    let header = |name: hyper::header::HeaderName| request.headers().get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let header =
+        |name: hyper::header::HeaderName| request.headers().get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let host = header(hyper::header::HOST);
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         return None;
     }
-    if !has_token
-        && let Some(host) = host
-    {
+    if !has_token && let Some(host) = host {
         let name = match host.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or(""),
             None => host.rsplit_once(':').map_or(host, |(name, _port)| name),

@@ -30,7 +30,9 @@ pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 pub fn check_pool_name(name: &str) -> Result<(), String> {
     let valid = (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if valid {
         Ok(())
     } else {
@@ -764,13 +766,18 @@ impl Config {
             if tenant.plugins.is_empty() {
                 return Err(self.invalid(field("plugins"), "the plugin chain is empty"));
             }
-            if tenant.max_plugin_timeout < Duration::from_millis(1) || tenant.max_plugin_timeout > Duration::from_secs(1) {
+            if tenant.max_plugin_timeout < Duration::from_millis(1)
+                || tenant.max_plugin_timeout > Duration::from_secs(1)
+            {
                 return Err(self.invalid(field("max_plugin_timeout"), "must be between 1ms and 1s"));
             }
             if tenant.plugin_cpu < Duration::from_millis(1) || tenant.plugin_cpu > Duration::from_secs(64) {
                 return Err(self.invalid(field("plugin_cpu"), "must be between 1ms and 64s (of CPU a second)"));
             }
-            if tenant.max_plugin_calls.is_some_and(|calls| !(1..=MAX_PLUGIN_CALLS).contains(&calls)) {
+            if tenant
+                .max_plugin_calls
+                .is_some_and(|calls| !(1..=MAX_PLUGIN_CALLS).contains(&calls))
+            {
                 return Err(self.invalid(
                     field("max_plugin_calls"),
                     format!("must be between 1 and {}", MAX_PLUGIN_CALLS),

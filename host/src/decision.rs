@@ -267,10 +267,7 @@ impl Target {
     fn from_wit(target: wit::Target, known: &dyn Known) -> Result<Target, String> {
         let upstream = match target.upstream {
             wit::Upstream::Pool(name) | wit::Upstream::Address(name) if name.len() > MAX_NAME_LEN => {
-                return Err(format!(
-                    "an upstream of {} bytes (at most {MAX_NAME_LEN})",
-                    name.len()
-                ));
+                return Err(format!("an upstream of {} bytes (at most {MAX_NAME_LEN})", name.len()));
             }
             wit::Upstream::Pool(name) if known.has_pool(&name) => Upstream::Pool(name),
             wit::Upstream::Pool(name) => match name.rsplit_once(':') {

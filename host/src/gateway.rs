@@ -811,7 +811,11 @@ impl std::fmt::Display for Outcome {
             Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
             Outcome::ClientLimit { client, prefix, held } => {
                 let full = if client.is_ipv4() { 32 } else { 128 };
-                let network = if *prefix < full { format!("/{prefix}") } else { String::new() };
+                let network = if *prefix < full {
+                    format!("/{prefix}")
+                } else {
+                    String::new()
+                };
                 write!(
                     f,
                     "client-limit: {client}{network} already has {held} connections here (max_connections_per_client)"
@@ -877,7 +881,11 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, listener: Arc<Listen
     let active = metrics.active.get_or_create(&listener_labels).clone();
     active.inc();
     let proxied = proxy(client, &listener, &snapshot, &mut record).await;
-    let (name, mode, timeouts) = (Arc::clone(&listener.name), listener.config.relay, relay_timeouts(&listener.config));
+    let (name, mode, timeouts) = (
+        Arc::clone(&listener.name),
+        listener.config.relay,
+        relay_timeouts(&listener.config),
+    );
     drop((listener, snapshot));
     let ended = match proxied {
         Proxied::Ended(outcome) => Err(outcome),
@@ -1156,7 +1164,11 @@ async fn read_front(mut client: TcpStream, listener: &Listener, record: &mut Rec
     {
         let max = config.max_connections_per_client;
         let client = crate::snapshot::client_of(record.client.ip(), config.client_prefix_v4, config.client_prefix_v6);
-        let prefix = if client.is_ipv4() { config.client_prefix_v4 } else { config.client_prefix_v6 };
+        let prefix = if client.is_ipv4() {
+            config.client_prefix_v4
+        } else {
+            config.client_prefix_v6
+        };
         match listener.clients.admit(client, max) {
             Ok(slot) => record.client_slot = Some(slot),
             Err(held) => {

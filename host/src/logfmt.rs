@@ -19,13 +19,15 @@ pub const MAX_FIELD_BYTES: usize = 4096;
 /// `message` bare, then `name=value` separated by spaces (as tracing's own
 /// text format), each value escaped by [`escape`].
 pub fn fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
-    tracing_subscriber::fmt::format::debug_fn(|writer: &mut Writer<'_>, field: &tracing::field::Field, value: &dyn fmt::Debug| {
-        let text = format!("{value:?}");
-        if field.name() != "message" {
-            write!(writer, "{}=", field.name())?;
-        }
-        escape(writer, &text, MAX_FIELD_BYTES)
-    })
+    tracing_subscriber::fmt::format::debug_fn(
+        |writer: &mut Writer<'_>, field: &tracing::field::Field, value: &dyn fmt::Debug| {
+            let text = format!("{value:?}");
+            if field.name() != "message" {
+                write!(writer, "{}=", field.name())?;
+            }
+            escape(writer, &text, MAX_FIELD_BYTES)
+        },
+    )
     .delimited(" ")
 }
 

@@ -430,7 +430,10 @@ mod tests {
         assert_eq!(metrics.route_label(Some("a"), "public", "one-more").as_str(), "other");
         // Names seen before keep their series; another owner has its own cap.
         assert_eq!(metrics.route_label(Some("a"), "public", "r7").as_str(), "r7");
-        assert_eq!(metrics.route_label(Some("b"), "public", "one-more").as_str(), "one-more");
+        assert_eq!(
+            metrics.route_label(Some("b"), "public", "one-more").as_str(),
+            "one-more"
+        );
         assert_eq!(metrics.route_label(None, "a", "one-more").as_str(), "one-more");
     }
 }

@@ -213,7 +213,11 @@ impl bindings::weir::plugin::host::Host for State {
                 return;
             }
             Some(0) => {}
-            Some(dropped) => tracing::warn!(plugin, dropped, "the plugin logged faster than its log allowance; lines were dropped"),
+            Some(dropped) => tracing::warn!(
+                plugin,
+                dropped,
+                "the plugin logged faster than its log allowance; lines were dropped"
+            ),
         }
         match level {
             Level::Trace => tracing::trace!(plugin, "{message:?}"),
@@ -774,10 +778,12 @@ impl Plugin {
 
     /// Creates and configures a fresh instance within `configure_timeout`.
     async fn configured_instance(&self, defer_yield: bool) -> Result<Instance, PluginError> {
-        self.instantiate(self.configure_timeout, defer_yield).await.map_err(|e| match e {
-            PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
-            other => other,
-        })
+        self.instantiate(self.configure_timeout, defer_yield)
+            .await
+            .map_err(|e| match e {
+                PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
+                other => other,
+            })
     }
 
     /// Creates and configures a fresh instance, each step within `budget`;

@@ -878,7 +878,8 @@ impl ClientCertVerifier for Admitting {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         check_client_chain(end_entity, intermediates).map_err(refused)?;
-        let verified = crate::snapshot::off_the_worker(|| self.inner.verify_client_cert(end_entity, intermediates, now))?;
+        let verified =
+            crate::snapshot::off_the_worker(|| self.inner.verify_client_cert(end_entity, intermediates, now))?;
         let Some(admission) = &self.admission else {
             return Ok(verified);
         };

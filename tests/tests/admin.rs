@@ -220,7 +220,10 @@ async fn raw_request(admin: &str, request: &str) -> (u16, String) {
         .expect("admin answers in time")
         .expect("response");
     let status = response.get(9..12).and_then(|s| s.parse().ok()).expect("status code");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -286,7 +289,10 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
             body.len(),
             port = admin.rsplit_once(':').expect("port").1
         ),
-        format!("DELETE /api/pools/app/backends/127.0.0.1:1 HTTP/1.1\r\nhost: evil.example:{port}\r\nconnection: close\r\n\r\n", port = admin.rsplit_once(':').expect("port").1),
+        format!(
+            "DELETE /api/pools/app/backends/127.0.0.1:1 HTTP/1.1\r\nhost: evil.example:{port}\r\nconnection: close\r\n\r\n",
+            port = admin.rsplit_once(':').expect("port").1
+        ),
     ];
     for request in &forged {
         let (status, reply) = raw_request(&admin, request).await;
@@ -295,7 +301,11 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
     }
     assert_eq!(servers(admin.clone()).await, 1, "a refused request changed the pool");
     // Reads answer any Host: Prometheus scrapes by name.
-    let scrape = raw_request(&admin, "GET /metrics HTTP/1.1\r\nhost: weir-node-1.internal:9900\r\nconnection: close\r\n\r\n").await;
+    let scrape = raw_request(
+        &admin,
+        "GET /metrics HTTP/1.1\r\nhost: weir-node-1.internal:9900\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(scrape.0, 200, "{}", scrape.1);
     // The same request as curl sends it (no Origin) is served.
     let curl_like = format!(
@@ -343,7 +353,13 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
         assert_eq!(status, 422, "{name:?}: {reply}");
     }
     // A pool can be deleted (and then is gone, for a second DELETE too).
-    let (status, reply) = http_json(&admin, "POST", "/api/pools", r#"{"name": "spare", "servers": ["127.0.0.1:2"]}"#).await;
+    let (status, reply) = http_json(
+        &admin,
+        "POST",
+        "/api/pools",
+        r#"{"name": "spare", "servers": ["127.0.0.1:2"]}"#,
+    )
+    .await;
     assert_eq!(status, 201, "{reply}");
     let (status, reply) = http_json(&admin, "DELETE", "/api/pools/spare", "").await;
     assert_eq!(status, 200, "{reply}");

@@ -945,7 +945,10 @@ async fn hostile_decisions_cost_only_their_own_connection() {
     for round in 0..3 {
         for name in ["loop.example.com", "newline.example.com", "reason.example.com"] {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
-            stream.write_all(&Hello::to(name.as_bytes()).bytes()).await.expect("hello");
+            stream
+                .write_all(&Hello::to(name.as_bytes()).bytes())
+                .await
+                .expect("hello");
             expect_refused(&mut stream, &format!("{name}, round {round}")).await;
         }
         let hello = Hello::to(b"label.example.com").bytes();
@@ -971,7 +974,9 @@ async fn hostile_decisions_cost_only_their_own_connection() {
     let forged = r#"route="x\",outcome=\"fake""#;
     assert!(text.contains(forged), "{text}");
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let labels = line.split_once('{').map_or("", |(_, rest)| rest.rsplit_once('}').map_or("", |(l, _)| l));
+        let labels = line
+            .split_once('{')
+            .map_or("", |(_, rest)| rest.rsplit_once('}').map_or("", |(l, _)| l));
         let unescaped_quotes = labels.replace("\\\\", "").replace("\\\"", "").matches('"').count();
         assert!(unescaped_quotes % 2 == 0, "a malformed sample: {line}");
         assert!(!labels.contains("outcome=\"fake"), "a forged label: {line}");

@@ -665,7 +665,15 @@ fn explain_walks_a_chain_where_the_first_plugin_abstains() {
 fn route_judges_a_name_starting_with_a_dash_itself() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = config_file(dir.path(), ROUTER);
-    let out = weir(&["route", "--config", &config, "--listener", "public", "--sni", "-80.example.com"]);
+    let out = weir(&[
+        "route",
+        "--config",
+        &config,
+        "--listener",
+        "public",
+        "--sni",
+        "-80.example.com",
+    ]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(!stderr.contains("unexpected argument"), "{stderr}");

@@ -339,7 +339,11 @@ async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
 async fn decisions_never_reach_weir_itself() {
     let dir = tempfile::tempdir().expect("temp dir");
     let upstream = Upstream::tcp(echo).await;
-    let (public, wild, admin) = (weir_tests::free_port(), weir_tests::free_port(), weir_tests::free_port());
+    let (public, wild, admin) = (
+        weir_tests::free_port(),
+        weir_tests::free_port(),
+        weir_tests::free_port(),
+    );
     let unserved = weir_tests::free_port();
     let config = weir_tests::write_config(
         dir.path(),
@@ -394,7 +398,8 @@ async fn decisions_never_reach_weir_itself() {
         );
     }
     // One connection each: no loop multiplied them.
-    let (status, body) = weir_tests::admin_request(&format!("127.0.0.1:{admin}"), "GET", "/api/connections", None, "").await;
+    let (status, body) =
+        weir_tests::admin_request(&format!("127.0.0.1:{admin}"), "GET", "/api/connections", None, "").await;
     assert_eq!(status, 200);
     let counts: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(counts["listeners"]["public"]["total"], 5, "{body}");
@@ -464,7 +469,11 @@ async fn the_default_descriptor_reserve_sheds_before_running_out() {
     // Refused at once, not after a wait.
     let started = Instant::now();
     assert!(shed(addr).await);
-    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
     let line = weir.line_containing("connections shed").await;
     assert!(line.contains("descriptor_reserve"), "{line}");
     drop(held);
@@ -481,11 +490,7 @@ async fn the_default_descriptor_reserve_sheds_before_running_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_or_network_cannot_take_a_listener() {
     let upstream = Upstream::tcp(echo).await;
-    let gateway = start_gateway(&weir_tests::plain_route_config(
-        upstream.addr,
-        "",
-    ))
-    .await;
+    let gateway = start_gateway(&weir_tests::plain_route_config(upstream.addr, "")).await;
     let addr = gateway.local_addr("public").expect("listener");
     let mut held = Vec::new();
     for n in 0..512 {
@@ -500,17 +505,20 @@ async fn one_client_or_network_cannot_take_a_listener() {
     drop((held, other));
 
     // With /24, 127.0.0.1 and 127.0.0.2 are one client.
-    let gateway = start_gateway(&weir_tests::plain_route_config(
-        upstream.addr,
-        "",
-    ).replace("[listeners.public]", "[listeners.public]\nmax_connections_per_client = 2\nclient_prefix_v4 = 24"))
+    let gateway = start_gateway(&weir_tests::plain_route_config(upstream.addr, "").replace(
+        "[listeners.public]",
+        "[listeners.public]\nmax_connections_per_client = 2\nclient_prefix_v4 = 24",
+    ))
     .await;
     let addr = gateway.local_addr("public").expect("listener");
     let mut a = connect_from([127, 0, 0, 1], addr).await;
     let mut b = connect_from([127, 0, 0, 2], addr).await;
     assert!(echoes(&mut a, b"a\n").await && echoes(&mut b, b"b\n").await);
     let c = connect_from([127, 0, 0, 3], addr).await;
-    assert!(closed_unserved(c, b"c\n").await, "a third connection from 127.0.0.0/24 was served");
+    assert!(
+        closed_unserved(c, b"c\n").await,
+        "a third connection from 127.0.0.0/24 was served"
+    );
     let mut d = connect_from([127, 0, 1, 1], addr).await;
     assert!(echoes(&mut d, b"d\n").await, "127.0.1.0/24 is another client");
 }

@@ -360,7 +360,10 @@ async fn a_plugin_cannot_flood_the_log() {
         connections += usize::from(line.contains("connection id="));
     }
     // 64 KiB of burst and a little refill: about 60 lines of 1 KiB, of 2,000.
-    assert!((30..=120).contains(&flood_lines), "{flood_lines} lines of the flood were written");
+    assert!(
+        (30..=120).contains(&flood_lines),
+        "{flood_lines} lines of the flood were written"
+    );
     assert!(said, "the drop was not said");
     let dropped = weir_tests::metric(&admin, "weir_plugin_log_dropped_total{plugin=\"flood\"}")
         .await

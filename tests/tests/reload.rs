@@ -289,7 +289,10 @@ async fn replacing_a_plugin_many_times_keeps_only_the_compiled_code_in_use() {
 
 /// The config of the watch tests: every plain connection goes to `upstream`.
 fn plain_to(upstream: std::net::SocketAddr) -> String {
-    weir_tests::expand(&weir_tests::plain_route_config(upstream, "[reload]\ndebounce = \"20ms\""))
+    weir_tests::expand(&weir_tests::plain_route_config(
+        upstream,
+        "[reload]\ndebounce = \"20ms\"",
+    ))
 }
 
 /// Which upstream a new connection reaches, by the tag it answers with.
@@ -336,7 +339,10 @@ async fn a_configmap_symlink_swap_is_a_reload() {
     let addr = weir.addr("public");
     assert_eq!(answered_by(addr).await.as_deref(), Some("green"));
     publish("..2026_12_01_b", blue.addr);
-    assert!(follows(addr, "blue", STEP).await, "the swapped ConfigMap was not applied");
+    assert!(
+        follows(addr, "blue", STEP).await,
+        "the swapped ConfigMap was not applied"
+    );
     publish("..2026_12_01_c", green.addr);
     assert!(follows(addr, "green", STEP).await, "the second swap was not applied");
 }
@@ -436,9 +442,13 @@ async fn long_lived_connections_keep_no_replaced_plugin_alive() {
     let mut held = Vec::new();
     for generation in 1..=10 {
         // One of each, opened under this generation and kept open.
-        let mut pass = weir_tests::tls_connect(addr, "pass.test", Arc::clone(&client)).await.expect("passthrough");
+        let mut pass = weir_tests::tls_connect(addr, "pass.test", Arc::clone(&client))
+            .await
+            .expect("passthrough");
         echoed(&mut pass, b"ping\n").await;
-        let mut tls = weir_tests::tls_connect(addr, "tls.test", Arc::clone(&client)).await.expect("terminated");
+        let mut tls = weir_tests::tls_connect(addr, "tls.test", Arc::clone(&client))
+            .await
+            .expect("terminated");
         echoed(&mut tls, b"ping\n").await;
         held.push((pass, tls));
         // A new generation: a new plugin (its config changed).

@@ -247,7 +247,9 @@ async fn client_certificates_are_verified_then_admitted_by_the_plugins() {
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
             params.distinguished_name.push(rcgen::DnType::CommonName, "client CA");
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            identity.chain.push(params.self_signed(&key).expect("self-signed").der().clone());
+            identity
+                .chain
+                .push(params.self_signed(&key).expect("self-signed").der().clone());
         }
         identity
     };

@@ -255,7 +255,9 @@ impl Plugin for DstackRouter {
                 return Err(format!("custom domain `{name}`: no app or instance `{app}`"));
             }
             if !router.serves(app, port) {
-                return Err(format!("custom domain `{name}`: port {port} is not one of `{app}`'s ports"));
+                return Err(format!(
+                    "custom domain `{name}`: port {port} is not one of `{app}`'s ports"
+                ));
             }
             router.custom_domains.insert(canonical, (app.to_owned(), port));
         }

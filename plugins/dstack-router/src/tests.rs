@@ -178,9 +178,19 @@ fn an_app_with_declared_ports_is_reached_on_those_only() {
     }"#,
     )
     .expect("valid config");
-    assert_eq!(summary(&route(&r, "web-443s.dstack.example.com")), "passthrough web-443s 10.0.0.1:443");
-    assert_eq!(summary(&route(&r, "web-8080.dstack.example.com")), "terminate web-8080 10.0.0.1:8080 cert=wild alpn=[]");
-    for (sni, port) in [("web-22s.dstack.example.com", 22), ("web.dstack.example.com", 80), ("web1-9000s.dstack.example.com", 9000)] {
+    assert_eq!(
+        summary(&route(&r, "web-443s.dstack.example.com")),
+        "passthrough web-443s 10.0.0.1:443"
+    );
+    assert_eq!(
+        summary(&route(&r, "web-8080.dstack.example.com")),
+        "terminate web-8080 10.0.0.1:8080 cert=wild alpn=[]"
+    );
+    for (sni, port) in [
+        ("web-22s.dstack.example.com", 22),
+        ("web.dstack.example.com", 80),
+        ("web1-9000s.dstack.example.com", 9000),
+    ] {
         let id = sni.split(['-', '.']).next().unwrap_or_default();
         assert_eq!(
             summary(&route(&r, sni)),
