@@ -15,7 +15,6 @@ Started by `bench/run.sh reload-memory`.
 
 import datetime
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -70,12 +69,7 @@ def main():
     write(False)
     weir = bench.start_weir(CONFIG, "reload-memory")
     try:
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", int(ADMIN.rsplit(":", 1)[1])), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        bench.wait_for_port(int(ADMIN.rsplit(":", 1)[1]), weir)
         rows = [("start", 0.0, rss_mib(weir.pid))]
         write(True)
         for attempt in range(1, ATTEMPTS + 1):

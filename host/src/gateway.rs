@@ -577,30 +577,6 @@ fn in_descriptor_reserve(stream: &TcpStream, reserve: Option<u64>) -> bool {
     }
 }
 
-/// Connections shed at the descriptor reserve, reported at most once a
-/// second with how many.
-#[derive(Default)]
-struct ReserveReports {
-    last: Option<Instant>,
-    unreported: u64,
-}
-
-impl ReserveReports {
-    fn report(&mut self, listener: &str) {
-        self.unreported += 1;
-        if self.last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        tracing::warn!(
-            listener,
-            shed = self.unreported,
-            "connections shed: weir keeps its last descriptors free (limits.descriptor_reserve)"
-        );
-        self.last = Some(Instant::now());
-        self.unreported = 0;
-    }
-}
-
 /// The soft descriptor limit in force when the first gateway started
 /// (`weir run` raises it to the hard limit first); `None`: unlimited.
 static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
@@ -616,7 +592,7 @@ static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock:
 
 async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<Snapshot>>, stats: Arc<ListenerStats>) {
     let mut accept_errors = AcceptErrors::default();
-    let mut reserve_reports = ReserveReports::default();
+    let mut reserve_reports = crate::throttle::EverySecond::default();
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
@@ -652,8 +628,14 @@ async fn accept_loop(name: Arc<str>, socket: TcpListener, snapshot: Arc<ArcSwap<
                     };
                     crate::metrics::METRICS.shed.get_or_create(&labels).inc();
                     tracing::debug!(listener = &*name, %client, limit, "connection shed at its limit");
-                    if limit == "descriptors" {
-                        reserve_reports.report(&name);
+                    if limit == "descriptors"
+                        && let Some(shed) = reserve_reports.event()
+                    {
+                        tracing::warn!(
+                            listener = &*name,
+                            shed,
+                            "connections shed: weir keeps its last descriptors free (limits.descriptor_reserve)"
+                        );
                     }
                     continue;
                 }
@@ -703,17 +685,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// there were: at the descriptor limit every retry fails, and a line per
 /// retry would bury the log.
 #[derive(Default)]
-struct AcceptErrors {
-    last_report: Option<Instant>,
-    unreported: u64,
-}
+struct AcceptErrors(crate::throttle::EverySecond);
 
 impl AcceptErrors {
     fn failed(&mut self, listener: &str, error: &io::Error) {
-        self.unreported += 1;
-        if self.last_report.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+        let Some(failures) = self.0.event() else {
             return;
-        }
+        };
         let limit = if out_of_descriptors(error) {
             " (out of file descriptors: raise `ulimit -n` or set max_connections below it)"
         } else {
@@ -722,11 +700,9 @@ impl AcceptErrors {
         tracing::error!(
             listener,
             error = %error,
-            failures = self.unreported,
+            failures,
             "accept failed{limit}; new connections wait in the backlog"
         );
-        self.last_report = Some(Instant::now());
-        self.unreported = 0;
     }
 }
 

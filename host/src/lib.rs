@@ -35,6 +35,7 @@ pub mod rewind;
 pub mod scaffold;
 pub mod snapshot;
 pub mod sniff;
+pub mod throttle;
 pub mod tls;
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::{OnError, PluginConfig};
+use crate::throttle::{Bucket, EverySecond};
 
 #[allow(unsafe_code, missing_docs, clippy::all)]
 mod bindings {
@@ -67,40 +68,26 @@ const LOG_BURST_BYTES: f64 = 64.0 * 1024.0;
 /// that much; what it drops is counted in `weir_plugin_log_dropped_total`
 /// and said in the next line it may write.
 #[derive(Debug)]
-struct LogBudget(Mutex<LogBucket>);
-
-#[derive(Debug)]
-struct LogBucket {
-    available: f64,
-    at: Instant,
-    dropped: u64,
-}
+struct LogBudget(Mutex<(Bucket, u64)>);
 
 impl LogBudget {
     fn new() -> LogBudget {
-        LogBudget(Mutex::new(LogBucket {
-            available: LOG_BURST_BYTES,
-            at: Instant::now(),
-            dropped: 0,
-        }))
+        LogBudget(Mutex::new((Bucket::full(LOG_BURST_BYTES), 0)))
     }
 
     /// Takes `bytes` from the bucket: `Some(lines dropped since the last
     /// line written)` if they fit, `None` (counted) if not.
     fn take(&self, bytes: usize) -> Option<u64> {
-        let mut bucket = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let earned = now.duration_since(bucket.at).as_secs_f64() * LOG_BYTES_PER_SECOND;
-        bucket.available = (bucket.available + earned).min(LOG_BURST_BYTES);
-        bucket.at = now;
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (bucket, dropped) = &mut *guard;
         // Each line also costs its fixed fields.
         let cost = bytes as f64 + 128.0;
-        if bucket.available < cost {
-            bucket.dropped += 1;
+        if bucket.refill(LOG_BYTES_PER_SECOND, LOG_BURST_BYTES) < cost {
+            *dropped += 1;
             return None;
         }
-        bucket.available -= cost;
-        Some(std::mem::take(&mut bucket.dropped))
+        bucket.spend(cost);
+        Some(std::mem::take(dropped))
     }
 }
 
@@ -494,7 +481,7 @@ impl Runtime {
             budget: arc_swap::ArcSwapOption::empty(),
             calls: AtomicUsize::new(0),
             log: Arc::new(LogBudget::new()),
-            failure_reports: Mutex::new((None, 0)),
+            failure_reports: Mutex::new(EverySecond::default()),
             replenishing: AtomicBool::new(false),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
         };
@@ -646,7 +633,7 @@ pub struct Plugin {
     /// Its log volume, over all its instances.
     log: Arc<LogBudget>,
     /// When a failure was last logged, and how many were not since.
-    failure_reports: Mutex<(Option<Instant>, u64)>,
+    failure_reports: Mutex<EverySecond>,
     /// Whether a background task is configuring replacement instances.
     replenishing: AtomicBool,
     /// How many configured instances the stock should hold.
@@ -752,12 +739,11 @@ impl Plugin {
     /// Takes a place for a call: within the plugin's calls in flight and
     /// its tenant's budget, or refused without running.
     fn begin(self: &Arc<Self>) -> Result<Call<'_>, PluginError> {
-        let busy = self.ticker.busy();
         let held = self.calls.fetch_add(1, Ordering::AcqRel);
         let budget = self.budget.load_full();
         let call = Call {
             plugin: self,
-            _busy: busy,
+            _busy: None,
             spending: None,
             spent: Duration::ZERO,
         };
@@ -773,6 +759,8 @@ impl Plugin {
                 Err(reason) => return Err(call.refuse(PluginError::OverBudget(reason))),
             }
         }
+        // Only a call that runs needs the clock (a refusal wakes no ticker).
+        call._busy = Some(self.ticker.busy());
         Ok(call)
     }
 
@@ -866,19 +854,12 @@ impl Plugin {
         });
     }
 
-    /// Whether to log this failure of a call: the first in a second is,
-    /// with how many were not since; the rest are only counted (metrics and
-    /// the connection log line say each), so a storm of failures, or of
-    /// refusals over budget, cannot flood the log.
+    /// Whether to log this failure of a call: one a second is, with how
+    /// many there were since (this one included); the rest are only counted
+    /// (metrics and the connection log line say each), so a storm of
+    /// failures, or of refusals over budget, cannot flood the log.
     pub fn report_failure(&self) -> Option<u64> {
-        let mut reports = self.failure_reports.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, unreported) = &mut *reports;
-        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-            *unreported += 1;
-            return None;
-        }
-        *last = Some(Instant::now());
-        Some(std::mem::take(unreported))
+        self.failure_reports.lock().unwrap_or_else(|p| p.into_inner()).event()
     }
 
     /// Remembers a call's failure for the admin API.
@@ -929,7 +910,7 @@ fn arm_task_call(store: &mut Store<State>, budget: Duration) {
 /// the budget when it ends.
 struct Call<'a> {
     plugin: &'a Arc<Plugin>,
-    _busy: Busy<'a>,
+    _busy: Option<Busy<'a>>,
     spending: Option<Spending>,
     spent: Duration,
 }
@@ -1028,15 +1009,6 @@ pub struct Budget {
     max_calls: usize,
     calls: AtomicUsize,
     bucket: Mutex<Bucket>,
-    refused: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    /// Seconds of CPU that may still be spent; below zero after a call that
-    /// overdrew it.
-    available: f64,
-    at: Instant,
 }
 
 /// The share of a second of a tenant's `plugin_cpu` its budget holds at once.
@@ -1067,11 +1039,7 @@ impl Budget {
             cpu_per_second,
             max_calls,
             calls: AtomicUsize::new(0),
-            bucket: Mutex::new(Bucket {
-                available: cpu_per_second.as_secs_f64() * BUDGET_BURST,
-                at: Instant::now(),
-            }),
-            refused: std::sync::atomic::AtomicU64::new(0),
+            bucket: Mutex::new(Bucket::full(cpu_per_second.as_secs_f64() * BUDGET_BURST)),
         })
     }
 
@@ -1080,32 +1048,19 @@ impl Budget {
         self.cpu_per_second == cpu_per_second && self.max_calls == max_calls
     }
 
-    /// Calls refused so far.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
-    /// Calls in flight.
-    pub fn calls(&self) -> usize {
-        self.calls.load(Ordering::Relaxed)
-    }
-
     /// Takes a place for a call, or says why not.
     fn start(self: &Arc<Self>) -> Result<Spending, String> {
         let held = self.calls.fetch_add(1, Ordering::AcqRel);
+        // Dropped on refusal, it gives the place back.
         let spending = Spending(Arc::clone(self));
-        let refuse = |reason: String| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            Err(reason)
-        };
         if held >= self.max_calls {
-            return refuse(format!(
+            return Err(format!(
                 "its tenant has {} plugin calls in flight (max_plugin_calls)",
                 self.max_calls
             ));
         }
-        if self.refill() <= 0.0 {
-            return refuse(format!(
+        if self.refill().available() <= 0.0 {
+            return Err(format!(
                 "its tenant has spent its plugin CPU budget of {:?} a second (plugin_cpu)",
                 self.cpu_per_second
             ));
@@ -1113,21 +1068,17 @@ impl Budget {
         Ok(spending)
     }
 
-    /// Brings the bucket up to date and returns what it holds.
-    fn refill(&self) -> f64 {
+    /// The bucket brought up to date, locked: seconds of CPU that may
+    /// still be spent (below zero after a call that overdrew it).
+    fn refill(&self) -> std::sync::MutexGuard<'_, Bucket> {
         let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         let rate = self.cpu_per_second.as_secs_f64();
-        let earned = now.duration_since(bucket.at).as_secs_f64() * rate;
-        bucket.available = (bucket.available + earned).min(rate * BUDGET_BURST);
-        bucket.at = now;
-        bucket.available
+        bucket.refill(rate, rate * BUDGET_BURST);
+        bucket
     }
 
     /// Charges CPU spent by the tenant's plugins.
     fn charge(&self, spent: Duration) {
-        self.refill();
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        bucket.available -= spent.as_secs_f64();
+        self.refill().spend(spent.as_secs_f64());
     }
 }

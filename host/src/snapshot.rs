@@ -154,11 +154,6 @@ impl Tenant {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// What its plugins may spend, and have been refused.
-    pub fn budget(&self) -> &crate::plugin::Budget {
-        &self.budget
-    }
-
     /// The certificates it may present.
     pub fn certificates(&self) -> &std::collections::BTreeSet<String> {
         &self.certificates
@@ -232,8 +227,8 @@ pub async fn admit(
             Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
             Err(error) => {
                 let on_error = plugin.on_error();
-                if let Some(unreported) = plugin.report_failure() {
-                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, unreported, "plugin failed in admit");
+                if let Some(failures) = plugin.report_failure() {
+                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, failures, "plugin failed in admit");
                 }
                 if on_error == OnError::Deny {
                     return Err(format!("plugin `{name}` {error}"));
@@ -253,34 +248,27 @@ pub fn admit_blocking(
     side: wit::Side,
     peer: &wit::Peer,
 ) -> Result<(), String> {
-    let run = || futures_executor::block_on(admit(chain, conn, side, peer));
-    match tokio::runtime::Handle::try_current() {
-        // The worker hands its other tasks to another thread meanwhile, and
-        // a plugin's yield there wakes at once (no core, no deferral).
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(run)
-        }
-        // A current-thread runtime would never see a deferred wake while it
-        // is blocked here: run the chain on a thread of no runtime.
-        Ok(_) => std::thread::scope(|scope| {
-            scope
-                .spawn(run)
-                .join()
-                .unwrap_or_else(|_| Err("the admission thread panicked".into()))
-        }),
-        Err(_) => run(),
-    }
+    off_the_worker(|| futures_executor::block_on(admit(chain, conn, side, peer)))
 }
 
-/// Runs `work`, which may take long and cannot yield, such that the tokio
-/// worker's other tasks move to another thread meanwhile (on a
-/// multi-threaded runtime; elsewhere it just runs).
-pub fn off_the_worker<R>(work: impl FnOnce() -> R) -> R {
+/// Runs `work`, which may take long and cannot yield, off the tokio
+/// scheduler: on a multi-threaded runtime the worker hands its other tasks
+/// to another thread meanwhile (and a plugin's yield inside wakes at once:
+/// no core, no deferral); on a current-thread runtime, which would never
+/// see a deferred wake while it is blocked here, on a thread of no runtime;
+/// outside any runtime, right here.
+pub fn off_the_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)
         }
-        _ => work(),
+        Ok(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(work)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }),
+        Err(_) => work(),
     }
 }
 
@@ -623,8 +611,8 @@ impl Snapshot {
                 }
                 Err(error) => {
                     let on_error = plugin.on_error();
-                    if let Some(unreported) = plugin.report_failure() {
-                        tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, unreported, "plugin failed");
+                    if let Some(failures) = plugin.report_failure() {
+                        tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, failures, "plugin failed");
                     }
                     let reason = format!("plugin `{name}` {error}");
                     steps.push(Step {
