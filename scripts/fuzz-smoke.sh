@@ -3,13 +3,22 @@
 # stable Rust, libFuzzer without a sanitizer (the long runs in
 # docs/reliability.md use AddressSanitizer on nightly), debug assertions on,
 # seeded by fuzz/seed.sh into a scratch corpus. Any crash fails it, with the
-# input left in fuzz/artifacts/<target>/.
+# input left in <fuzz dir>/artifacts/<target>/.
+#
+# Each crate's parsers are fuzzed from a fuzz crate of its own, so the wire
+# and attestation targets build without tokio, rustls or wasmtime.
 #
 #   scripts/fuzz-smoke.sh [SECONDS_PER_TARGET]     (default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-20}"
-targets=(sniff postgres ratls config mesh_rule proxy_header)
+# Target -> the cargo-fuzz crate it lives in.
+declare -A home=(
+    [sniff]=crates/weir-wire/fuzz [postgres]=crates/weir-wire/fuzz [proxy_header]=crates/weir-wire/fuzz
+    [ratls]=crates/weir-attest/fuzz
+    [config]=fuzz [mesh_rule]=fuzz
+)
+targets=(sniff postgres proxy_header ratls config mesh_rule)
 
 # cargo-fuzz, pinned, installed into target/tools rather than ~/.cargo.
 tools="$PWD/target/tools"
@@ -17,9 +26,13 @@ if ! "$tools/bin/cargo-fuzz" --version 2>/dev/null | grep -q '^cargo-fuzz 0.13.2
     cargo install --quiet --locked --root "$tools" cargo-fuzz --version 0.13.2
 fi
 # Its own target directory: the long runs build with other flags (ASan, nightly).
-fuzz() { (cd fuzz && "$tools/bin/cargo-fuzz" fuzz "$1" --target-dir ../target/fuzz-smoke "${@:2}"); }
+# fuzz DIR SUBCOMMAND ARGS...
+fuzz() { (cd "$1" && "$tools/bin/cargo-fuzz" fuzz "$2" --target-dir "$root/target/fuzz-smoke" "${@:3}"); }
+root="$PWD"
 
-fuzz build -s none -O -a
+for dir in crates/weir-wire/fuzz crates/weir-attest/fuzz fuzz; do
+    fuzz "$dir" build -s none -O -a
+done
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 failed=()
@@ -27,14 +40,14 @@ for target in "${targets[@]}"; do
     # Seeds only, so each smoke run starts from the same place.
     WEIR_CORPUS="$scratch" bash fuzz/seed.sh "$target" >/dev/null
     log="$scratch/$target.log"
-    if fuzz run -s none -O -a "$target" "$scratch/corpus/$target" -- \
+    if fuzz "${home[$target]}" run -s none -O -a "$target" "$scratch/corpus/$target" -- \
         -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
         runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
         edges="$(grep -o 'cov: [0-9]*' "$log" | tail -1)"
         echo "fuzz smoke: $target: ${runs:-?} executions in ${seconds} s, ${edges:-cov: ?}, no crash"
     else
         tail -40 "$log"
-        echo "fuzz smoke: $target FAILED (input in fuzz/artifacts/$target/)"
+        echo "fuzz smoke: $target FAILED (input in ${home[$target]}/artifacts/$target/)"
         failed+=("$target")
     fi
 done

@@ -23,11 +23,14 @@
 //! types re-exported here, the [`Plugin`] trait and [`export_plugin!`]. Plugin
 //! logic compiles natively too, so it can be unit-tested with `cargo test`.
 //!
-//! Without its default `bindings` feature this crate is only [`names`], the
-//! host-name rules the host shares with plugins.
+//! Without its default `bindings` feature this crate is only the rules the
+//! host shares with plugins: [`names`] (host names), [`hex`] and [`proxy`]
+//! (the PROXY protocol versions).
 #![deny(unsafe_code)]
 
+pub mod hex;
 pub mod names;
+pub mod proxy;
 
 #[cfg(feature = "bindings")]
 mod sdk;

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::Config;
-use weir::plugin::{Runtime, wit};
+use weir::plugin::Runtime;
+use weir::wit;
 
 fn router_config(reuse: bool) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -123,7 +123,7 @@ pub fn needs_order(cert: &Path, key: &Path, renew_before: Duration) -> Option<St
                 .ok_or_else(|| "no certificate in it".to_owned())?
                 .map_err(|e| e.to_string())
         });
-    let not_after = match leaf.and_then(|leaf| crate::tls::not_after(&leaf)) {
+    let not_after = match leaf.and_then(|leaf| weir_attest::x509::not_after(&leaf)) {
         Ok(not_after) => not_after,
         Err(e) => return Some(format!("{}: {e}", cert.display())),
     };
@@ -317,7 +317,7 @@ mod tests {
             .expect("acmeIdentifier");
         assert!(extension.critical);
         assert_eq!(extension.value, [&[0x04, 32][..], &digest].concat());
-        let sans = crate::tls::describe_peer(&key.cert[0]).expect("describes").sans;
+        let sans = weir_attest::x509::describe(&key.cert[0]).expect("describes").sans;
         assert_eq!(sans, ["a.test"]);
     }
 }

@@ -99,10 +99,6 @@ fn pool_json(pool: &crate::pool::Pool) -> serde_json::Value {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A request body as JSON, at most 64 KiB.
 async fn body_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
     use http_body_util::{BodyExt, Limited};
@@ -351,7 +347,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
                     json!({
                         "name": name,
                         "wasm": plugin.wasm().display().to_string(),
-                        "sha256": hex(&plugin.sha256()),
+                        "sha256": weir_plugin_sdk::hex::encode(&plugin.sha256()),
                         "loaded_at": loaded,
                         "on_error": plugin.on_error(),
                         "status": "loaded",

@@ -959,11 +959,8 @@ impl Config {
                     return Err(self.invalid(field("servers"), "a weight is between 1 and 1000"));
                 }
             }
-            if let Some(version) = pool.proxy_protocol
-                && version != 1
-                && version != 2
-            {
-                return Err(self.invalid(field("proxy_protocol"), "must be 1 or 2"));
+            if let Some(version) = pool.proxy_protocol {
+                weir_plugin_sdk::proxy::check_version(version).map_err(|e| self.invalid(field("proxy_protocol"), e))?;
             }
             if pool.max_attempts == Some(0) {
                 return Err(self.invalid(field("max_attempts"), "must be at least 1"));

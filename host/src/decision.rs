@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use crate::addr::HostPort;
-use crate::plugin::wit;
+use crate::wit;
 
 /// Longest route name accepted: it ends up in logs and metric labels.
 const MAX_ROUTE_LEN: usize = 256;
@@ -283,11 +283,8 @@ impl Target {
                 Upstream::Address(addr)
             }
         };
-        if let Some(version) = target.proxy_protocol
-            && version != 1
-            && version != 2
-        {
-            return Err(format!("PROXY protocol version {version} (only 1 and 2 exist)"));
+        if let Some(version) = target.proxy_protocol {
+            weir_plugin_sdk::proxy::check_version(version)?;
         }
         Ok(Target {
             upstream,

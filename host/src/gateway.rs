@@ -21,15 +21,16 @@ use rustls::pki_types::ServerName;
 
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::decision::{Action, After, ClientAuth, Decision, Target, Termination, Upstream, UpstreamTls};
-use crate::plugin::{PluginError, Runtime, wit};
+use crate::plugin::{PluginError, Runtime};
 use crate::pool::BackendGuard;
-use crate::postgres::{self, First, PostgresError};
-use crate::proxy_protocol;
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay, relay_streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{ClientSlot, Listener, Snapshot, SnapshotError, Tenant, TenantSlot};
-use crate::sniff::{self, ClientHello, SniffError, Sniffed};
 use crate::tls::{Admission, TerminateError, describe};
+use crate::wit;
+use weir_wire::postgres::{self, First, PostgresError};
+use weir_wire::proxy_protocol;
+use weir_wire::sniff::{self, ClientHello, SniffError, Sniffed};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

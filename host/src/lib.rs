@@ -17,29 +17,22 @@
 pub mod acme;
 pub mod addr;
 pub mod admin;
-pub mod attest;
 pub mod config;
 pub mod decision;
 pub mod gateway;
 pub mod heap;
 pub mod logfmt;
 pub mod metrics;
-pub mod ocsp;
 pub mod own;
 pub mod plugin;
 pub mod pool;
-pub mod postgres;
-pub mod proxy_protocol;
 pub mod relay;
 pub mod rewind;
 pub mod scaffold;
 pub mod snapshot;
-pub mod sniff;
 pub mod throttle;
 pub mod tls;
-
-#[cfg(test)]
-mod testdata;
+pub mod wit;
 
 pub use config::Config;
 pub use gateway::Gateway;

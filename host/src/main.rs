@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use weir::plugin::{Runtime, wit};
+use weir::plugin::Runtime;
 use weir::snapshot::Routing;
+use weir::wit;
 use weir::{Config, Gateway, Snapshot};
 use weir_plugin_sdk::names;
 

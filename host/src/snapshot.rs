@@ -15,9 +15,10 @@ use serde::Serialize;
 use crate::addr::HostPort;
 use crate::config::{Config, ListenerConfig, OnError};
 use crate::decision::{Action, Decision, Known};
-use crate::plugin::{Plugin, PluginError, Runtime, wit};
+use crate::plugin::{Plugin, PluginError, Runtime};
 use crate::pool::Pool;
 use crate::tls::{ListenerSettings, TlsMaterial, check_listener};
+use crate::wit;
 
 /// Why a snapshot could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,12 +26,13 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig,
     SignatureScheme, SupportedProtocolVersion,
 };
+use weir_attest::{AttestationPolicy, Verifier};
+use weir_plugin_sdk::hex;
 use weir_plugin_sdk::names::{self, Pattern};
 
-use crate::attest::{AttestationPolicy, Verifier};
 use crate::config::{Config, ListenerTls, TlsVersion};
 use crate::decision::{ClientAuth, Termination, UpstreamTls};
-use crate::plugin::wit;
+use crate::wit;
 
 /// Sessions kept per termination for ID-based (TLS 1.2) resumption.
 const SESSION_CACHE_SIZE: usize = 4096;
@@ -132,19 +132,6 @@ pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
         *byte = u8::from_str_radix(digits.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
     }
     Ok(out)
-}
-
-/// SHA-256 of a DER certificate.
-pub fn fingerprint(der: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
-}
-
-/// Bytes as lower-case hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A named certificate and the names it covers.
@@ -301,7 +288,8 @@ impl TlsMaterial {
                 .key_provider
                 .load_private_key(key)
                 .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
-            let not_after = not_after(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+            let not_after = weir_attest::x509::not_after(leaf)
+                .map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
             warn_of_expiry(name, not_after);
             let now = SystemTime::now();
             let staple = match &cert.ocsp {
@@ -309,14 +297,14 @@ impl TlsMaterial {
                 Some(file) => {
                     let path = config.resolve(file);
                     let der = std::fs::read(&path).map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
-                    let staple = crate::ocsp::check(&der, &chain, now)
+                    let staple = weir_attest::ocsp::check(&der, &chain, now)
                         .map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
                     match staple.next_update {
                         Some(next) if next <= now => {
                             tracing::warn!(
                                 certificate = %name,
                                 file = %path.display(),
-                                next_update = %crate::ocsp::rfc3339(next),
+                                next_update = %weir_attest::ocsp::rfc3339(next),
                                 "the OCSP response is stale: not stapled until a newer one is in place"
                             );
                             None
@@ -639,35 +627,16 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
         .clone()
 }
 
-/// DNS names (SANs) a certificate covers, as patterns.
+/// DNS names (SANs) a certificate covers, as patterns; names that are no
+/// valid pattern are left out.
 fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<Pattern>, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let mut out = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name
-                && let Ok(pattern) = Pattern::parse(dns)
-            {
-                out.push(pattern);
-            }
-        }
-    }
-    Ok(out)
+    let names = weir_attest::x509::dns_names(der)?;
+    Ok(names.iter().filter_map(|name| Pattern::parse(name).ok()).collect())
 }
-
-/// The end-entity certificate's notAfter.
-pub(crate) fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let seconds = cert.validity().not_after.timestamp();
-    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
-}
-
 /// Logs a certificate that has expired (an error: clients refuse it) or
 /// expires within [`EXPIRY_WARNING`].
 fn warn_of_expiry(name: &str, not_after: SystemTime) {
-    let at = crate::ocsp::rfc3339(not_after);
+    let at = weir_attest::ocsp::rfc3339(not_after);
     match not_after.duration_since(SystemTime::now()) {
         Err(_) => {
             tracing::error!(certificate = name, not_after = %at, "the certificate has expired: clients will refuse it")
@@ -683,7 +652,7 @@ fn warn_of_expiry(name: &str, not_after: SystemTime) {
 }
 
 /// What a completed server handshake was, for a PROXY v2 header.
-pub fn facts(conn: &rustls::ServerConnection) -> crate::proxy_protocol::TlsFacts {
+pub fn facts(conn: &rustls::ServerConnection) -> weir_wire::proxy_protocol::TlsFacts {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -706,7 +675,7 @@ pub fn facts(conn: &rustls::ServerConnection) -> crate::proxy_protocol::TlsFacts
             })
             .unwrap_or_default()
     });
-    crate::proxy_protocol::TlsFacts {
+    weir_wire::proxy_protocol::TlsFacts {
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         version: version.into(),
         cipher,
@@ -768,11 +737,14 @@ impl ServerCertVerifier for Pinned {
         if let Some(chain) = &self.chain {
             chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         }
-        let seen = fingerprint(end_entity);
+        let seen = weir_attest::x509::fingerprint(end_entity);
         if self.pins.contains(&seen) {
             return Ok(ServerCertVerified::assertion());
         }
-        Err(refused(format!("certificate SHA-256 {} is not pinned", hex(&seen))))
+        Err(refused(format!(
+            "certificate SHA-256 {} is not pinned",
+            hex::encode(&seen)
+        )))
     }
 
     fn verify_tls12_signature(
@@ -917,12 +889,13 @@ impl ClientCertVerifier for Admitting {
 
 /// A peer's description with its attestation, when it has one; an
 /// attestation that failed its checks fails the description.
-pub fn describe(der: &[u8], attestation: Option<Result<wit::Attestation, String>>) -> Result<wit::Peer, String> {
-    let mut peer = describe_peer(&CertificateDer::from(der))?;
-    if let Some(attestation) = attestation {
-        peer.attestation = Some(attestation.map_err(|e| format!("RA-TLS: {e}"))?);
-    }
-    Ok(peer)
+pub fn describe(
+    der: &[u8],
+    attestation: Option<Result<weir_attest::Attestation, String>>,
+) -> Result<wit::Peer, String> {
+    let peer = weir_attest::x509::describe(der)?;
+    let attestation = attestation.transpose().map_err(|e| format!("RA-TLS: {e}"))?;
+    Ok(wit::Peer::new(peer, attestation.map(wit::Attestation::from)))
 }
 
 /// RA-TLS client certificates: self-signed, so no chain to check; the
@@ -953,7 +926,7 @@ impl ClientCertVerifier for AttestedClient {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        crate::attest::RaTls::from_certificate(end_entity).map_err(|e| refused(format!("RA-TLS: {e}")))?;
+        weir_attest::RaTls::from_certificate(end_entity).map_err(|e| refused(format!("RA-TLS: {e}")))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -1075,82 +1048,6 @@ fn refused(reason: String) -> rustls::Error {
     )))))
 }
 
-/// What plugins see of an authenticated certificate: its subject (RFC 4514),
-/// its DNS and IP subjectAltNames (other SAN types are not identities weir
-/// vouches for), and its SHA-256 fingerprint.
-pub fn describe_peer(der: &CertificateDer<'_>) -> Result<wit::Peer, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable peer certificate: {e}"))?;
-    let mut sans = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(dns) => sans.push((*dns).to_owned()),
-                GeneralName::IPAddress(ip) => match ip.len() {
-                    4 => sans.push(Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default()).to_string()),
-                    16 => sans.push(Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default()).to_string()),
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-    }
-    Ok(wit::Peer {
-        subject: rfc4514(cert.subject()),
-        sans,
-        fingerprint: fingerprint(der).to_vec(),
-        attestation: None,
-    })
-}
-
-/// A distinguished name as RFC 4514 writes it: last RDN first, `,` between
-/// RDNs, `+` inside one, special characters escaped, non-string values as
-/// `#` and the hex of their DER.
-fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
-    use x509_parser::der_parser::asn1_rs::ToDer;
-    let registry = x509_parser::objects::oid_registry();
-    let rdns: Vec<_> = name.iter().collect();
-    rdns.into_iter()
-        .rev()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|attr| {
-                    let oid = attr.attr_type();
-                    let key = match x509_parser::objects::oid2abbrev(oid, registry) {
-                        Ok(abbrev) => abbrev.to_owned(),
-                        Err(_) => oid.to_id_string(),
-                    };
-                    let value = match attr.as_str() {
-                        Ok(text) => escape_rfc4514(text),
-                        Err(_) => format!("#{}", hex(&attr.attr_value().to_der_vec().unwrap_or_default())),
-                    };
-                    format!("{key}={value}")
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn escape_rfc4514(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let last = value.chars().count().saturating_sub(1);
-    for (i, c) in value.chars().enumerate() {
-        match c {
-            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            '#' if i == 0 => out.push_str("\\#"),
-            ' ' if i == 0 || i == last => out.push_str("\\ "),
-            '\0' => out.push_str("\\00"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1229,30 +1126,5 @@ mod tests {
             ..ok
         };
         assert_eq!(check_listener(&empty_alpn).expect_err("empty").0, "alpn");
-    }
-
-    #[test]
-    fn distinguished_names_follow_rfc_4514() {
-        assert_eq!(escape_rfc4514("a,b+c"), "a\\,b\\+c");
-        assert_eq!(escape_rfc4514("#x "), "\\#x\\ ");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(vec!["client.example".into()]).expect("params");
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CountryName, "DE");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "Weir, Inc");
-        params.distinguished_name.push(rcgen::DnType::CommonName, "client one");
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::Rfc822Name("ops@example.com".try_into().expect("email")));
-        let cert = params.self_signed(&key).expect("cert");
-        let peer = describe_peer(cert.der()).expect("describes");
-        assert_eq!(peer.subject, "CN=client one,O=Weir\\, Inc,C=DE");
-        assert_eq!(peer.sans, vec!["client.example".to_owned(), "127.0.0.1".to_owned()]);
-        assert_eq!(peer.fingerprint, fingerprint(cert.der()).to_vec());
     }
 }

@@ -56,12 +56,7 @@ pub fn weir_binary() -> PathBuf {
     path
 }
 
-/// Shared test vectors (`shared/testdata` beside the checkout, or `WEIR_TESTDATA`).
-pub fn testdata(relative: &str) -> Vec<u8> {
-    let dir = std::env::var_os("WEIR_TESTDATA").map_or_else(|| workspace().join("../shared/testdata"), PathBuf::from);
-    let path = dir.join(relative);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("test vector {}: {e}", path.display()))
-}
+pub use weir_testdata::read as testdata;
 
 /// Logs from the gateway go to the test's output (shown on failure).
 pub fn init_logging() {
@@ -280,10 +275,7 @@ impl Identity {
 
     /// SHA-256 of the end-entity certificate, as hex.
     pub fn fingerprint_hex(&self) -> String {
-        weir::tls::fingerprint(&self.chain[0])
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        weir_plugin_sdk::hex::encode(&weir_attest::x509::fingerprint(&self.chain[0]))
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir::postgres::SSL_REQUEST;
 use weir_tests::{Pki, Postgres, STEP, Upstream, psql, read_to_end, recording_upstream, start_gateway, toml_path};
+use weir_wire::postgres::SSL_REQUEST;
 
 const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
 

@@ -28,6 +28,7 @@
 #![deny(unsafe_code)]
 
 use serde::Deserialize;
+use weir_plugin_sdk::hex;
 use weir_plugin_sdk::names::Pattern;
 use weir_plugin_sdk::{Attestation, Connection, Decision, Peer, Plugin, Side, Verdict, export_plugin, parse_config};
 
@@ -119,18 +120,7 @@ pub struct AttestationAllowlist {
 }
 
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
-    let text = text.trim_start_matches("0x");
-    if text.is_empty() || !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("`{text}` is not hex"));
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::decode(text).map_err(|e| format!("`{text}` is not hex: {e}"))
 }
 
 impl Plugin for AttestationAllowlist {
@@ -245,7 +235,7 @@ impl Rule {
         for (measure, allowed) in &self.allowed {
             match measure.value(attestation) {
                 Some(value) if allowed.contains(&value) => {}
-                Some(value) => return Err(format!("{} {} is not allowed", measure.name(), hex(&value))),
+                Some(value) => return Err(format!("{} {} is not allowed", measure.name(), hex::encode(&value))),
                 None => return Err(format!("the attestation has no {}", measure.name())),
             }
         }

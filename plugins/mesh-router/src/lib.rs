@@ -256,8 +256,10 @@ fn compile(dynamic: config::Dynamic, wrapper: &Wrapper) -> Result<MeshRouter, St
                 }
                 let proxy_protocol = match &lb.proxy_protocol {
                     None => None,
-                    Some(pp) if pp.version == 1 || pp.version == 2 => Some(pp.version),
-                    Some(pp) => return Err(at(format!("proxyProtocol version {} (only 1 and 2)", pp.version))),
+                    Some(pp) => Some(
+                        weir_plugin_sdk::proxy::check_version(pp.version)
+                            .map_err(|e| at(format!("proxyProtocol: {e}")))?,
+                    ),
                 };
                 Service::Servers {
                     servers,

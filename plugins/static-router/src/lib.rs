@@ -195,11 +195,9 @@ impl Entry {
             }
             terminate.validate(key)?;
         }
-        if let Some(version) = self.proxy_protocol
-            && version != 1
-            && version != 2
-        {
-            return Err(format!("route `{key}`: proxy_protocol must be 1 or 2, got {version}"));
+        if let Some(version) = self.proxy_protocol {
+            weir_plugin_sdk::proxy::check_version(version)
+                .map_err(|e| format!("route `{key}`: proxy_protocol: {e}"))?;
         }
         Ok(())
     }
@@ -413,7 +411,7 @@ mod tests {
             ),
             (
                 r#"{"routes": {"a": {"pool": "p", "proxy_protocol": 3}}}"#,
-                "proxy_protocol must be 1 or 2",
+                "route `a`: proxy_protocol: PROXY protocol version 3 does not exist (only 1 and 2)",
             ),
             (
                 r#"{"routes": {"a..b": {"pool": "p"}}}"#,

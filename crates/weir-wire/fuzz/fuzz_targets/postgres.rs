@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::postgres::{First, check_answer, classify};
+use weir_wire::postgres::{First, check_answer, classify};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(First::SslRequest { trailing } | First::GssEncRequest { trailing }) = classify(data) {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testdata;
+use weir_testdata as testdata;
 
 /// One entry of `clienthello/manifest.json`.
 #[derive(serde::Deserialize)]

@@ -1,5 +1,6 @@
-//! Shared test vectors (`shared/testdata` beside the checkout, or
-//! `WEIR_TESTDATA`).
+//! The shared test vectors: `shared/testdata` beside the checkout, or the
+//! directory `WEIR_TESTDATA` names. Used by tests and benchmarks only.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
@@ -7,7 +8,8 @@ use std::path::PathBuf;
 pub fn dir() -> PathBuf {
     match std::env::var_os("WEIR_TESTDATA") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata"),
+        // crates/weir-testdata -> the checkout -> the directory beside it.
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata"),
     }
 }
 

@@ -1,18 +1,12 @@
 //! ClientHello sniffing: the parser's cost per hello, on real captures.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use weir::sniff::{Sniffed, parse_client_hello};
+use weir_wire::sniff::{Sniffed, parse_client_hello};
 
 fn testdata(file: &str) -> Vec<u8> {
-    let dir = std::env::var_os("WEIR_TESTDATA").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata"),
-        PathBuf::from,
-    );
-    let path = dir.join("clienthello").join(file);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    weir_testdata::read(&format!("clienthello/{file}"))
 }
 
 fn sniff(c: &mut Criterion) {

@@ -1,9 +1,6 @@
 use super::*;
-use crate::testdata;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use weir_plugin_sdk::hex::encode as hex;
+use weir_testdata as testdata;
 
 /// 2025-07-01, inside the sample collateral's validity window.
 const IN_WINDOW: u64 = 1_751_328_000;
@@ -265,7 +262,7 @@ fn the_legacy_extensions_are_read_and_bound() {
     assert_eq!(ratls.events.len(), 1);
     // The sample's RTMR3 is zero; one app-id event does not replay to it.
     assert!(!ratls.rtmr3_matches);
-    let seen = ratls.to_wit(&Verification {
+    let seen = ratls.attestation(&Verification {
         verified: false,
         tcb_status: None,
         reason: None,
@@ -395,4 +392,21 @@ fn the_msgpack_v1_form_carries_the_same_attestation() {
             .to_string()
             .contains("version 2")
     );
+}
+
+#[test]
+fn a_legacy_event_log_with_bad_hex_is_an_error_not_a_panic() {
+    let log =
+        |digest: &str| format!(r#"[{{"imr":3,"event_type":1,"digest":"{digest}","event":"x","event_payload":""}}]"#);
+    // A multi-byte character where a digit pair would split it used to
+    // panic on a char boundary; `+1` used to read as 0x01.
+    for digest in ["aé0", "+1", "abc", "zz"] {
+        let err = events::parse_event_log_json(log(digest).as_bytes()).expect_err(digest);
+        assert!(
+            matches!(err, AttestError::EventLog(ref m) if m.starts_with("a hex field: ")),
+            "{digest}: {err}"
+        );
+    }
+    let good = events::parse_event_log_json(log(&"ab".repeat(48)).as_bytes()).expect("48-byte digest");
+    assert_eq!(good[0].digest, vec![0xab; 48]);
 }

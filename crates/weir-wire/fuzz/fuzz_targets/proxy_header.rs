@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use weir::proxy_protocol::{decode, encode};
+use weir_wire::proxy_protocol::{decode, encode};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some(received)) = decode(data) {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use der::Decode;
 use der::asn1::ObjectIdentifier;
-use rustls::pki_types::CertificateDer;
+use rustls_pki_types::CertificateDer;
 use x509_ocsp::{BasicOcspResponse, CertStatus, OcspResponse, OcspResponseStatus, SingleResponse};
 
 /// `id-pkix-ocsp-basic` (RFC 6960 4.2.1).
@@ -108,7 +108,7 @@ pub fn check(response: &[u8], chain: &[CertificateDer<'_>], now: SystemTime) -> 
         .responses
         .iter()
         .find(ours)
-        .ok_or_else(|| OcspError::OtherCertificate(crate::tls::hex(serial)))?;
+        .ok_or_else(|| OcspError::OtherCertificate(weir_plugin_sdk::hex::encode(serial)))?;
     match &single.cert_status {
         CertStatus::Good(_) => {}
         CertStatus::Revoked(info) => {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::sniff::{Sniffed, parse_client_hello};
+use weir_wire::sniff::{Sniffed, parse_client_hello};
 use weir_plugin_sdk::names::canonicalize;
 
 fuzz_target!(|data: &[u8]| {

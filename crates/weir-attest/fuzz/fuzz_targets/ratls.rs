@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::attest::{RaTls, decode_attestation, parse_quote, replay_rtmr3};
+use weir_attest::{RaTls, decode_attestation, parse_quote, replay_rtmr3};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(attestation) = decode_attestation(data) {
