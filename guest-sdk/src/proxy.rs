@@ -22,7 +22,11 @@ mod tests {
         assert_eq!(super::check_version(1), Ok(1));
         assert_eq!(super::check_version(2), Ok(2));
         for v in [0, 3, 255] {
-            assert!(super::check_version(v).expect_err("not a version").contains("only 1 and 2"));
+            assert!(
+                super::check_version(v)
+                    .expect_err("not a version")
+                    .contains("only 1 and 2")
+            );
         }
     }
 }

@@ -61,18 +61,15 @@ pub struct Challenges(Mutex<HashMap<String, Arc<CertifiedKey>>>);
 impl Challenges {
     /// The challenge certificate for `name`, while its validation is open.
     pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        crate::sync::lock(&self.0).get(name).cloned()
     }
 
     fn set(&self, name: &str, key: Arc<CertifiedKey>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), key);
+        crate::sync::lock(&self.0).insert(name.to_owned(), key);
     }
 
     fn clear(&self, names: &[String]) {
-        let mut challenges = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut challenges = crate::sync::lock(&self.0);
         for name in names {
             challenges.remove(name);
         }

@@ -327,6 +327,12 @@ impl Metrics {
         }
     }
 
+    /// Counts a rebuild-and-swap of the configuration by its result.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
     /// The `route` label for a route name decided for a tenant's connection
     /// (`tenant`), or else for `listener`'s: the name itself while that owner
     /// has fewer than [`MAX_ROUTE_LABELS`] names with a series, `other` for
@@ -336,15 +342,13 @@ impl Metrics {
             Some(tenant) => (&self.route_labels.tenants, tenant),
             None => (&self.route_labels.listeners, listener),
         };
-        let known = owners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let known = crate::sync::read(&owners)
             .get(owner)
             .is_some_and(|names| names.contains(route));
         if known {
             return route.into();
         }
-        let mut owners = owners.write().unwrap_or_else(|p| p.into_inner());
+        let mut owners = crate::sync::write(&owners);
         let names = owners.entry(owner.to_owned()).or_default();
         if names.len() >= MAX_ROUTE_LABELS && !names.contains(route) {
             return "other".into();

@@ -20,14 +20,14 @@ pub struct OwnAddress(SocketAddr);
 impl OwnAddress {
     /// Registers `addr` (a bound listener's local address).
     pub fn register(addr: SocketAddr) -> OwnAddress {
-        OWN.write().unwrap_or_else(|p| p.into_inner()).push(addr);
+        crate::sync::write(&OWN).push(addr);
         OwnAddress(addr)
     }
 }
 
 impl Drop for OwnAddress {
     fn drop(&mut self) {
-        let mut own = OWN.write().unwrap_or_else(|p| p.into_inner());
+        let mut own = crate::sync::write(&OWN);
         if let Some(at) = own.iter().position(|a| *a == self.0) {
             own.swap_remove(at);
         }
@@ -37,7 +37,7 @@ impl Drop for OwnAddress {
 /// Whether connecting to `target` would reach one of weir's own listening
 /// sockets; the error names it.
 pub fn check(target: SocketAddr) -> Result<(), String> {
-    let own = OWN.read().unwrap_or_else(|p| p.into_inner());
+    let own = crate::sync::read(&OWN);
     let ip = target.ip().to_canonical();
     // Connecting to 0.0.0.0 or :: reaches this host.
     let ip = match ip {

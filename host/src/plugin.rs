@@ -65,7 +65,7 @@ impl LogBudget {
     /// Takes `bytes` from the bucket: `Some(lines dropped since the last
     /// line written)` if they fit, `None` (counted) if not.
     fn take(&self, bytes: usize) -> Option<u64> {
-        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::sync::lock(&self.0);
         let (bucket, dropped) = &mut *guard;
         // Each line also costs its fixed fields.
         let cost = bytes as f64 + 128.0;
@@ -373,15 +373,12 @@ impl Runtime {
     /// Drops the compiled components no plugin in `in_use` was loaded from.
     pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
         let keep: std::collections::HashSet<[u8; 32]> = in_use.into_iter().map(|plugin| plugin.sha256).collect();
-        self.compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|sha256, _| keep.contains(sha256));
+        crate::sync::lock(&self.compiled).retain(|sha256, _| keep.contains(sha256));
     }
 
     /// How many compiled components are kept for reuse.
     pub fn compiled_count(&self) -> usize {
-        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.compiled).len()
     }
 
     /// Compiles, links and configures a plugin: everything that can fail
@@ -421,12 +418,7 @@ impl Runtime {
         {
             return Err(PluginError::Unchanged);
         }
-        let cached = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sha256)
-            .cloned();
+        let cached = crate::sync::lock(&self.compiled).get(&sha256).cloned();
         let component = match cached {
             Some(component) => component,
             None => {
@@ -434,10 +426,7 @@ impl Runtime {
                     path: path.to_owned(),
                     reason: format!("{e:#}"),
                 })?;
-                self.compiled
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(sha256, component.clone());
+                crate::sync::lock(&self.compiled).insert(sha256, component.clone());
                 component
             }
         };
@@ -679,12 +668,12 @@ impl Plugin {
     /// The latest failure of a call (seconds since the Unix epoch, what
     /// happened), if any.
     pub fn last_error(&self) -> Option<(u64, String)> {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.last_error).clone()
     }
 
     /// Configured instances waiting for a call.
     pub fn idle_instances(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.idle).len()
     }
 
     /// Puts the plugin under a tenant's budget (or none).
@@ -846,7 +835,7 @@ impl Plugin {
     /// (metrics and the connection log line say each), so a storm of
     /// failures, or of refusals over budget, cannot flood the log.
     pub fn report_failure(&self) -> Option<u64> {
-        self.failure_reports.lock().unwrap_or_else(|p| p.into_inner()).event()
+        crate::sync::lock(&self.failure_reports).event()
     }
 
     /// Remembers a call's failure for the admin API.
@@ -854,14 +843,14 @@ impl Plugin {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, error.to_string()));
+        *crate::sync::lock(&self.last_error) = Some((at, error.to_string()));
     }
 
     fn put_back(&self, instance: Instance) {
         if !self.reuse_instances {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = crate::sync::lock(&self.idle);
         if idle.len() < MAX_IDLE_INSTANCES {
             idle.push(instance);
         }
@@ -912,7 +901,7 @@ impl Call<'_> {
     /// An idle instance, or a fresh one configured within
     /// `configure_timeout` (the connection waits for it).
     async fn checkout(&mut self) -> Result<Instance, PluginError> {
-        let idle = self.plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let idle = crate::sync::lock(&self.plugin.idle).pop();
         if let Some(instance) = idle {
             return Ok(instance);
         }
@@ -1058,7 +1047,7 @@ impl Budget {
     /// The bucket brought up to date, locked: seconds of CPU that may
     /// still be spent (below zero after a call that overdrew it).
     fn refill(&self) -> std::sync::MutexGuard<'_, Bucket> {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bucket = crate::sync::lock(&self.bucket);
         let rate = self.cpu_per_second.as_secs_f64();
         bucket.refill(rate, rate * BUDGET_BURST);
         bucket

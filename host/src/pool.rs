@@ -270,7 +270,7 @@ impl Pool {
     /// Smooth weighted round robin over the available servers (nginx's
     /// algorithm): the same sequence each cycle, spread out, exact shares.
     fn next_weighted(&self) -> Option<usize> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sync::lock(&self.current);
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, backend) in self.backends.iter().enumerate() {

@@ -339,7 +339,7 @@ mod splice {
     static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
     fn take_pipe() -> io::Result<Pipe> {
-        if let Some(pipe) = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        if let Some(pipe) = crate::sync::lock(&POOL).pop() {
             return Ok(pipe);
         }
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
@@ -351,7 +351,7 @@ mod splice {
 
     /// Returns an empty pipe to the pool.
     fn give_back(pipe: Pipe) {
-        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = crate::sync::lock(&POOL);
         if pool.len() < POOL_MAX {
             pool.push(pipe);
         }

@@ -84,7 +84,7 @@ impl ClientCounts {
     /// Takes a place for `client`, or returns how many it holds already
     /// when that is `max`.
     pub fn admit(self: &Arc<Self>, client: IpAddr, max: u32) -> Result<ClientSlot, u32> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.0);
         let held = counts.get(&client).copied().unwrap_or(0);
         if held >= max {
             return Err(held);
@@ -99,7 +99,7 @@ impl ClientCounts {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.counts.0);
         if let std::collections::hash_map::Entry::Occupied(mut held) = counts.entry(self.client) {
             *held.get_mut() -= 1;
             if *held.get() == 0 {

@@ -447,10 +447,7 @@ impl TlsMaterial {
             client_auth: termination.client_auth.clone(),
             alpn,
         };
-        let cached = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let cached = crate::sync::lock(&self.servers)
             .get(&owner)
             .and_then(|configs| configs.get(&key))
             .cloned();
@@ -458,7 +455,7 @@ impl TlsMaterial {
             Some(entry) => entry,
             None => {
                 let entry = self.build_server(settings, &key, certificates)?;
-                let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+                let mut servers = crate::sync::lock(&self.servers);
                 let configs = servers.entry(owner).or_default();
                 if configs.len() < MAX_CACHED_CONFIGS {
                     configs.insert(key, entry.clone());
@@ -543,7 +540,7 @@ impl TlsMaterial {
             alpn: alpn.map(<[u8]>::to_vec),
             attested: upstream.attested,
         };
-        if let Some(config) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(config) = crate::sync::lock(&self.clients).get(&key) {
             return Ok(Arc::clone(config));
         }
         let provider = Arc::new(base_provider());
@@ -592,7 +589,7 @@ impl TlsMaterial {
         };
         config.alpn_protocols = key.alpn.iter().cloned().collect();
         let config = Arc::new(config);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = crate::sync::lock(&self.clients);
         if clients.len() < MAX_CACHED_CONFIGS {
             clients.insert(key, Arc::clone(&config));
         }
@@ -800,9 +797,9 @@ impl Admission {
     /// why it could not be described); the first refusal is the answer.
     /// Remembers the outcome.
     pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
-        let chain = self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let chain = crate::sync::lock(&self.chain).clone();
         let outcome = peer.and_then(|peer| crate::snapshot::admit_blocking(&chain, &self.conn, side, &peer));
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        *crate::sync::lock(&self.outcome) = Some(outcome.clone());
         outcome
     }
 
@@ -811,12 +808,12 @@ impl Admission {
     /// plugins alive. A check after this admits by no plugin at all, so it
     /// is called only once the handshake and its checks are over.
     pub fn release(&self) {
-        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        crate::sync::lock(&self.chain).clear();
     }
 
     /// What the last check said, if one ran.
     pub fn outcome(&self) -> Option<Result<(), String>> {
-        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.outcome).clone()
     }
 }
 

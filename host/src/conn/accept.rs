@@ -1,0 +1,183 @@
+//! Accepting: one task per listener, shedding before any byte is read when
+//! a limit is reached (connections, descriptors), one task per connection.
+
+use crate::conn::handle;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::gateway::ListenerStats;
+use crate::snapshot::Snapshot;
+
+/// Connections in progress over all listeners.
+pub(crate) static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counter behind connection ids.
+pub(crate) static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Whether a connection was accepted with one of the last descriptors the
+/// reserve keeps free. The kernel hands out the lowest free descriptor, so
+/// a connection's number is a lower bound of the descriptors open.
+pub(crate) fn in_descriptor_reserve(stream: &TcpStream, reserve: Option<u64>) -> bool {
+    #[cfg(unix)]
+    {
+        let Some(limit) = *DESCRIPTOR_LIMIT else {
+            return false;
+        };
+        let reserve = reserve.unwrap_or_else(|| (limit / 16).clamp(16, 1024));
+        let fd = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(stream)).unwrap_or(0);
+        fd.saturating_add(reserve) >= limit
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (stream, reserve);
+        false
+    }
+}
+
+/// The soft descriptor limit in force when the first gateway started
+/// (`weir run` raises it to the hard limit first); `None`: unlimited.
+pub(crate) static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+});
+
+pub(crate) async fn accept_loop(
+    name: Arc<str>,
+    socket: TcpListener,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    stats: Arc<ListenerStats>,
+) {
+    let mut accept_errors = AcceptErrors::default();
+    let mut reserve_reports = crate::throttle::EverySecond::default();
+    loop {
+        match socket.accept().await {
+            Ok((stream, client)) => {
+                let snapshot = snapshot.load_full();
+                let Some(listener) = snapshot.listener(&name).cloned() else {
+                    continue;
+                };
+                // Shed at the limits before any work: closing at once costs
+                // less than anything else, and those in progress go on.
+                let shed = if listener
+                    .config
+                    .max_connections
+                    .is_some_and(|max| stats.active.load(Ordering::Relaxed) >= max as u64)
+                {
+                    Some("listener")
+                } else if snapshot
+                    .config
+                    .limits
+                    .max_connections
+                    .is_some_and(|max| ACTIVE.load(Ordering::Relaxed) >= max)
+                {
+                    Some("global")
+                } else if in_descriptor_reserve(&stream, snapshot.config.limits.descriptor_reserve) {
+                    Some("descriptors")
+                } else {
+                    None
+                };
+                if let Some(limit) = shed {
+                    drop(stream);
+                    let labels = crate::metrics::ShedLabels {
+                        listener: name.to_string().into(),
+                        limit,
+                    };
+                    crate::metrics::METRICS.shed.get_or_create(&labels).inc();
+                    tracing::debug!(listener = &*name, %client, limit, "connection shed at its limit");
+                    if limit == "descriptors"
+                        && let Some(shed) = reserve_reports.event()
+                    {
+                        tracing::warn!(
+                            listener = &*name,
+                            shed,
+                            "connections shed: weir keeps its last descriptors free (limits.descriptor_reserve)"
+                        );
+                    }
+                    continue;
+                }
+                // Relayed handshake flights must not wait on Nagle.
+                let _ = stream.set_nodelay(true);
+                stats.total.fetch_add(1, Ordering::Relaxed);
+                stats.active.fetch_add(1, Ordering::Relaxed);
+                ACTIVE.fetch_add(1, Ordering::Relaxed);
+                let stats = Arc::clone(&stats);
+                tokio::spawn(async move {
+                    handle(stream, client, listener, snapshot).await;
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    ACTIVE.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                // That one connection went away before it was accepted.
+                tracing::debug!(listener = &*name, error = %e, "connection gone before accept");
+            }
+            Err(e) => {
+                // Out of file descriptors or memory. The connection stays
+                // in the kernel's backlog, to be accepted once descriptors
+                // free up: back off instead of spinning on the error.
+                crate::metrics::METRICS
+                    .accept_errors
+                    .get_or_create(&crate::metrics::ListenerLabels {
+                        listener: name.to_string().into(),
+                    })
+                    .inc();
+                accept_errors.failed(&name, &e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// How long a listener waits after a failed `accept` before trying again,
+/// and a connect out of descriptors before it tries to open a socket again.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Reports failed `accept` calls at most once a second, with how many
+/// there were: at the descriptor limit every retry fails, and a line per
+/// retry would bury the log.
+#[derive(Default)]
+pub(crate) struct AcceptErrors(crate::throttle::EverySecond);
+
+impl AcceptErrors {
+    pub(crate) fn failed(&mut self, listener: &str, error: &io::Error) {
+        let Some(failures) = self.0.event() else {
+            return;
+        };
+        let limit = if out_of_descriptors(error) {
+            " (out of file descriptors: raise `ulimit -n` or set max_connections below it)"
+        } else {
+            ""
+        };
+        tracing::error!(
+            listener,
+            error = %error,
+            failures,
+            "accept failed{limit}; new connections wait in the backlog"
+        );
+    }
+}
+
+/// Whether `error` is "too many open files", per process (EMFILE) or
+/// system-wide (ENFILE): weir's own shortage, not the peer's fault. (The
+/// errno values are the same on Linux and the BSDs.)
+pub(crate) fn out_of_descriptors(error: &io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE)
+}

@@ -1,0 +1,247 @@
+//! A connection, stage by stage: [`accept`] → [`front`] (PROXY header,
+//! STARTTLS, ClientHello) → the plugin chain → [`passthrough`] or
+//! [`terminate`] (and re-encrypt) → [`dial`]ing the upstream → relay; how it
+//! ended is its [`outcome`]. One task per connection; a connection holds the
+//! snapshot it started with until it is relaying, then lets it go.
+
+use crate::conn::accept::NEXT_CONNECTION_ID;
+use crate::conn::front::ALERT_ACCESS_DENIED;
+use crate::conn::front::ALERT_INTERNAL_ERROR;
+use crate::conn::front::ALERT_UNRECOGNIZED_NAME;
+use crate::conn::front::answer_acme_challenge;
+use crate::conn::front::read_front;
+use crate::conn::outcome::Outcome;
+use crate::conn::outcome::Record;
+use crate::conn::passthrough::passthrough;
+use crate::conn::terminate::Terminated;
+use crate::conn::terminate::terminate;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use crate::config::ListenerConfig;
+use crate::decision::{Action, Decision};
+use crate::relay::{Timeouts, Transfer, relay};
+use crate::snapshot::{Listener, Snapshot};
+use crate::wit;
+
+pub(crate) mod accept;
+mod dial;
+mod front;
+mod outcome;
+mod passthrough;
+mod terminate;
+
+/// Serves one connection to its end and records it. The routing state
+/// (`listener`, `snapshot`: compiled plugins, TLS material, pools) is let go
+/// before the relay starts, so a connection relayed for days holds only its
+/// streams and counters, however many reloads happen meanwhile.
+pub(crate) async fn handle(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    listener: Arc<Listener>,
+    snapshot: Arc<Snapshot>,
+) {
+    let mut record = Record {
+        id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+        started: Instant::now(),
+        client: client_addr,
+        sni: None,
+        tenant: None,
+        route: None,
+        mode: None,
+        upstream: None,
+        backend: None,
+        tenant_slot: None,
+        client_slot: None,
+        transfer: Transfer::default(),
+    };
+    let metrics = &crate::metrics::METRICS;
+    let listener_labels = crate::metrics::ListenerLabels {
+        listener: (*listener.name).into(),
+    };
+    let active = metrics.active.get_or_create(&listener_labels).clone();
+    active.inc();
+    let proxied = proxy(client, &listener, &snapshot, &mut record).await;
+    let (name, mode, timeouts) = (
+        Arc::clone(&listener.name),
+        listener.config.relay,
+        relay_timeouts(&listener.config),
+    );
+    drop((listener, snapshot));
+    let ended = match proxied {
+        Proxied::Ended(outcome) => Err(outcome),
+        Proxied::Relay(client, upstream) => Ok(relay(client, upstream, mode, timeouts, &record.transfer).await),
+        // Boxed: the TLS relay's state does not size every connection's task.
+        Proxied::Terminated(streams) => Ok(Box::pin(streams.relay(timeouts, &record.transfer)).await),
+    };
+    let outcome = match ended {
+        Err(outcome) => outcome,
+        Ok(Ok(end)) => Outcome::Relayed(end),
+        Ok(Err(e)) => Outcome::Io(e),
+    };
+    active.dec();
+    let transfer = &record.transfer;
+    let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
+    let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);
+    if let Some(guard) = &record.backend {
+        guard.backend().bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
+        guard.backend().bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
+    }
+    for (direction, bytes) in [("up", bytes_up), ("down", bytes_down)] {
+        let labels = crate::metrics::BytesLabels {
+            listener: listener_labels.listener.clone(),
+            direction,
+        };
+        metrics.bytes.get_or_create(&labels).inc_by(bytes);
+    }
+    if let Some(reason) = outcome.sniff_failure() {
+        let labels = crate::metrics::SniffLabels {
+            listener: listener_labels.listener.clone(),
+            reason,
+        };
+        metrics.sniff_failures.get_or_create(&labels).inc();
+    }
+    let labels = crate::metrics::ConnectionLabels {
+        tenant: record.tenant.as_deref().unwrap_or("-").into(),
+        listener: listener_labels.listener,
+        route: metrics.route_label(record.tenant.as_deref(), &name, record.route.as_deref().unwrap_or("-")),
+        outcome: outcome.kind().into(),
+    };
+    metrics.connections.get_or_create(&labels).inc();
+    let spliced = transfer.spliced.load(Ordering::Relaxed);
+    let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let sni = record.sni.as_deref().unwrap_or("-");
+    let route = record.route.as_deref().unwrap_or("-");
+    let tenant = record.tenant.as_deref().unwrap_or("-");
+    let mode = record.mode.unwrap_or("-");
+    let upstream = record.upstream.as_deref().unwrap_or("-");
+    let listener = &*name;
+    let (id, client) = (record.id, record.client);
+    tracing::info!(id, listener, %client, sni, tenant, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
+}
+
+/// Where [`proxy`] leaves a connection.
+pub(crate) enum Proxied {
+    Ended(Outcome),
+    /// A passthrough connection, introduced to its upstream, to be relayed.
+    /// The relay runs in [`handle`] rather than here so that a connection
+    /// relayed for hours keeps nothing of the routing in its task.
+    Relay(TcpStream, TcpStream),
+    /// A terminated connection, handshakes done, to be relayed likewise.
+    Terminated(Box<Terminated>),
+}
+
+/// Takes a connection from sniffing through routing to its end, or, for a
+/// passthrough, to the point where [`handle`] relays it. Returning
+/// `Ended` drops (closes) the client socket.
+pub(crate) async fn proxy(
+    client: TcpStream,
+    listener: &Arc<Listener>,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Proxied {
+    // Boxed, like `terminate` below: freed before the relay starts.
+    let mut front = match Box::pin(read_front(client, listener, record)).await {
+        Ok(front) => front,
+        Err(outcome) => return Proxied::Ended(outcome),
+    };
+    record.sni.clone_from(&front.hello.sni);
+    // A CA validating one of weir's own ACME orders: answered here, never
+    // routed. Any other `acme-tls/1` connection (an upstream's own order,
+    // behind passthrough) is routed like the rest.
+    if front.protocol == wit::Protocol::Tls
+        && let [protocol] = front.hello.alpn.as_slice()
+        && protocol == crate::acme::ACME_TLS_ALPN
+        && let Some(challenge) = front
+            .hello
+            .sni
+            .as_deref()
+            .and_then(|sni| snapshot.acme_challenges().get(sni))
+    {
+        record.mode = Some("acme-challenge");
+        return Proxied::Ended(Box::pin(answer_acme_challenge(front, challenge, &listener.config)).await);
+    }
+    let conn = wit::Connection {
+        id: record.id,
+        listener: listener.name.to_string(),
+        tenant: None,
+        client_addr: record.client.to_string(),
+        local_addr: front.local_addr.to_string(),
+        protocol: front.protocol,
+        sni: front.hello.sni.clone(),
+        alpn: std::mem::take(&mut front.hello.alpn),
+        tls_versions: std::mem::take(&mut front.hello.versions),
+    };
+    let mut conn = conn;
+    let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
+    record.tenant_slot = match &tenant {
+        None => None,
+        Some(tenant) => {
+            conn.tenant = Some(tenant.name.to_string());
+            record.tenant = Some(Arc::clone(&tenant.name));
+            match tenant.admit_connection() {
+                Ok(slot) => Some(slot),
+                Err(reason) => {
+                    crate::metrics::METRICS
+                        .tenant_limited
+                        .get_or_create(&crate::metrics::TenantLabels {
+                            tenant: tenant.name.to_string().into(),
+                        })
+                        .inc();
+                    record.route = Some("tenant-limit".into());
+                    front.refuse(listener, ALERT_INTERNAL_ERROR, &reason).await;
+                    return Proxied::Ended(Outcome::Rejected(reason));
+                }
+            }
+        }
+    };
+    // Boxed like the sniffing: an asynchronous plugin call's state (the
+    // wasm call's future) would otherwise size every connection's task, for
+    // the connection's whole life.
+    let routing = Box::pin(snapshot.route(listener, tenant.as_deref(), &conn)).await;
+    let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
+        (_, true) => ALERT_INTERNAL_ERROR,
+        (true, false) => ALERT_ACCESS_DENIED,
+        (false, false) => ALERT_UNRECOGNIZED_NAME,
+    };
+    let Decision { route, action } = routing.decision;
+    record.route = Some(route);
+    match action {
+        Action::Reject(reason) => {
+            front.refuse(listener, refusal_alert, &reason).await;
+            Proxied::Ended(Outcome::Rejected(reason))
+        }
+        Action::Passthrough(target) => {
+            record.mode = Some("passthrough");
+            passthrough(front, &target, listener, snapshot, record).await
+        }
+        // Boxed, so that the task's own allocation is sized for the
+        // passthrough relay, not for a TLS handshake.
+        Action::Terminate(termination) => match Box::pin(terminate(
+            front,
+            conn,
+            &termination,
+            listener,
+            tenant.as_deref(),
+            snapshot,
+            record,
+        ))
+        .await
+        {
+            Ok(streams) => Proxied::Terminated(Box::new(streams)),
+            Err(outcome) => Proxied::Ended(outcome),
+        },
+    }
+}
+
+/// A listener's timeouts for a relayed connection.
+pub(crate) fn relay_timeouts(config: &ListenerConfig) -> Timeouts {
+    Timeouts {
+        idle: config.idle_timeout,
+        half_close: config.half_close_timeout,
+    }
+}
