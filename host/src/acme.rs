@@ -23,7 +23,6 @@ use instant_acme::{
 use rustls::sign::CertifiedKey;
 
 use crate::config::{AcmeConfig, CertificateConfig, Config};
-use crate::gateway::Gateway;
 
 /// The ALPN protocol of TLS-ALPN-01 validation connections.
 pub const ACME_TLS_ALPN: &str = "acme-tls/1";
@@ -228,14 +227,23 @@ pub async fn order(certificate: &CertificateConfig, config: &Config, challenges:
     Ok(())
 }
 
+/// What the renewal task needs of a gateway, and nothing more.
+pub trait Renewing: Send + Sync {
+    /// The config in force, and the challenge responder its listeners
+    /// answer `acme-tls/1` from.
+    fn current(&self) -> (Config, Arc<Challenges>);
+    /// Makes newly written certificates current.
+    fn reload(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
 /// Keeps every ACME certificate of the gateway's config ordered and
 /// renewed, reloading the gateway after each issue. Runs until dropped.
-pub async fn run(gateway: Arc<Gateway>) {
+pub async fn run(gateway: Arc<impl Renewing>) {
     // Per certificate: when to try again after a failure, and the wait after that.
     let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
     loop {
-        let snapshot = gateway.snapshot();
-        let config = &snapshot.config;
+        let (config, challenges) = gateway.current();
+        let config = &config;
         let mut issued = false;
         for (name, certificate) in &config.certificates {
             let Some(acme) = &certificate.acme else { continue };
@@ -247,7 +255,7 @@ pub async fn run(gateway: Arc<Gateway>) {
                 continue;
             };
             tracing::info!(certificate = name.as_str(), domains = ?acme.domains, reason, "ordering a certificate over ACME");
-            let ordered = tokio::time::timeout(ORDER_TIMEOUT, order(certificate, config, snapshot.acme_challenges()))
+            let ordered = tokio::time::timeout(ORDER_TIMEOUT, order(certificate, config, &challenges))
                 .await
                 .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
             match ordered {
@@ -265,9 +273,8 @@ pub async fn run(gateway: Arc<Gateway>) {
                 }
             }
         }
-        drop(snapshot);
         if issued {
-            gateway.reload("acme").await;
+            gateway.reload().await;
         }
         tokio::time::sleep(CHECK_EVERY).await;
     }

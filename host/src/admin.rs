@@ -308,134 +308,16 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
     }
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => {
-            let metrics = &crate::metrics::METRICS;
-            metrics.set_certificates(&gateway.snapshot().tls().certificate_status());
-            metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.encode(),
-            )
-        }
-        (&Method::GET, "/api/certificates") => {
-            let snapshot = gateway.snapshot();
-            let certificates = snapshot.tls().certificate_status();
-            // ACME certificates not issued yet: not loaded, so not served.
-            let awaiting_acme: Vec<&String> = snapshot
-                .config
-                .certificates
-                .iter()
-                .filter(|(name, c)| c.acme.is_some() && !snapshot.tls().has_certificate(name))
-                .map(|(name, _)| name)
-                .collect();
-            json_reply(
-                StatusCode::OK,
-                &json!({ "certificates": certificates, "awaiting_acme": awaiting_acme }),
-            )
-        }
-        (&Method::GET, "/api/plugins") => {
-            let snapshot = gateway.snapshot();
-            let plugins: Vec<_> = snapshot
-                .plugins()
-                .iter()
-                .map(|(name, plugin)| {
-                    let loaded = plugin
-                        .loaded_at()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    json!({
-                        "name": name,
-                        "wasm": plugin.wasm().display().to_string(),
-                        "sha256": weir_plugin_sdk::hex::encode(&plugin.sha256()),
-                        "loaded_at": loaded,
-                        "on_error": plugin.on_error(),
-                        "status": "loaded",
-                        "last_error": plugin.last_error().map(|(at, error)| json!({ "at": at, "error": error })),
-                        "idle_instances": plugin.idle_instances(),
-                    })
-                })
-                .collect();
-            let reloads = gateway.reload_status().await;
-            json_reply(StatusCode::OK, &json!({ "plugins": plugins, "reloads": reloads }))
-        }
-        (&Method::GET, "/api/routes") => {
-            let snapshot = gateway.snapshot();
-            let config = &snapshot.config;
-            let listeners: serde_json::Map<_, _> = config
-                .listeners
-                .iter()
-                .map(|(name, listener)| {
-                    let bound = gateway.local_addr(name).map(|a| a.to_string());
-                    (
-                        name.clone(),
-                        json!({ "bind": bound, "plugins": listener.plugins, "protocol": format!("{:?}", listener.protocol).to_lowercase() }),
-                    )
-                })
-                .collect();
-            let pools: serde_json::Map<_, _> = snapshot
-                .pools()
-                .iter()
-                .map(|(name, pool)| {
-                    let servers: Vec<String> = pool.backends().iter().map(|b| b.addr.to_string()).collect();
-                    (
-                        name.clone(),
-                        json!({ "servers": servers, "policy": pool.config.policy }),
-                    )
-                })
-                .collect();
-            json_reply(
-                StatusCode::OK,
-                &json!({
-                    "listeners": listeners,
-                    "pools": pools,
-                    "certificates": config.certificates.keys().collect::<Vec<_>>(),
-                    "cas": config.cas.keys().collect::<Vec<_>>(),
-                }),
-            )
-        }
-        (&Method::GET, "/api/tenants") => {
-            let snapshot = gateway.snapshot();
-            let tenants: serde_json::Map<_, _> = snapshot
-                .config
-                .tenants
-                .iter()
-                .map(|(name, tenant)| {
-                    let active = snapshot.tenants().get(name).map_or(0, |t| t.active());
-                    (
-                        name.clone(),
-                        json!({
-                            "domains": tenant.domains,
-                            "plugins": tenant.plugins,
-                            "pools": tenant.pools,
-                            "active": active,
-                            "max_connections": tenant.max_connections,
-                        }),
-                    )
-                })
-                .collect();
-            json_reply(StatusCode::OK, &json!({ "tenants": tenants }))
-        }
+        (&Method::GET, "/metrics") => metrics_reply(gateway),
+        (&Method::GET, "/api/certificates") => certificates_reply(gateway),
+        (&Method::GET, "/api/plugins") => plugins_reply(gateway).await,
+        (&Method::GET, "/api/routes") => routes_reply(gateway),
+        (&Method::GET, "/api/tenants") => tenants_reply(gateway),
         (method, pools) if pools == "/api/pools" || pools.starts_with("/api/pools/") => {
             let method = method.clone();
             return pools_api(request, gateway, &method, &path).await;
         }
-        (&Method::GET, "/api/connections") => {
-            let listeners: serde_json::Map<_, _> = gateway
-                .stats()
-                .iter()
-                .map(|(name, stats)| {
-                    (
-                        name.clone(),
-                        json!({
-                            "active": stats.active.load(Ordering::Relaxed),
-                            "total": stats.total.load(Ordering::Relaxed),
-                        }),
-                    )
-                })
-                .collect();
-            json_reply(StatusCode::OK, &json!({ "listeners": listeners }))
-        }
+        (&Method::GET, "/api/connections") => connections_reply(gateway),
         (&Method::GET, "/api/reload") => json_reply(StatusCode::OK, &json!(gateway.reload_status().await)),
         (&Method::POST, "/api/reload") => {
             let report = gateway.reload("api").await;
@@ -452,4 +334,140 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+/// The metrics, with the gauges read at scrape time.
+fn metrics_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let metrics = &crate::metrics::METRICS;
+    metrics.set_certificates(&gateway.snapshot().tls().certificate_status());
+    metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());
+    reply(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        metrics.encode(),
+    )
+}
+
+/// Certificates loaded, and ACME certificates not issued yet.
+fn certificates_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let snapshot = gateway.snapshot();
+    let certificates = snapshot.tls().certificate_status();
+    // ACME certificates not issued yet: not loaded, so not served.
+    let awaiting_acme: Vec<&String> = snapshot
+        .config
+        .certificates
+        .iter()
+        .filter(|(name, c)| c.acme.is_some() && !snapshot.tls().has_certificate(name))
+        .map(|(name, _)| name)
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({ "certificates": certificates, "awaiting_acme": awaiting_acme }),
+    )
+}
+
+/// Plugins loaded (version, load time, last error, idle instances) and the reloads.
+async fn plugins_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let snapshot = gateway.snapshot();
+    let plugins: Vec<_> = snapshot
+        .plugins()
+        .iter()
+        .map(|(name, plugin)| {
+            let loaded = plugin
+                .loaded_at()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            json!({
+                "name": name,
+                "wasm": plugin.wasm().display().to_string(),
+                "sha256": weir_plugin_sdk::hex::encode(&plugin.sha256()),
+                "loaded_at": loaded,
+                "on_error": plugin.on_error(),
+                "status": "loaded",
+                "last_error": plugin.last_error().map(|(at, error)| json!({ "at": at, "error": error })),
+                "idle_instances": plugin.idle_instances(),
+            })
+        })
+        .collect();
+    let reloads = gateway.reload_status().await;
+    json_reply(StatusCode::OK, &json!({ "plugins": plugins, "reloads": reloads }))
+}
+
+/// Listeners with their chains, pools with their servers, certificate and CA names.
+fn routes_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let snapshot = gateway.snapshot();
+    let config = &snapshot.config;
+    let listeners: serde_json::Map<_, _> = config
+        .listeners
+        .iter()
+        .map(|(name, listener)| {
+            let bound = gateway.local_addr(name).map(|a| a.to_string());
+            (
+                name.clone(),
+                json!({ "bind": bound, "plugins": listener.plugins, "protocol": format!("{:?}", listener.protocol).to_lowercase() }),
+            )
+        })
+        .collect();
+    let pools: serde_json::Map<_, _> = snapshot
+        .pools()
+        .iter()
+        .map(|(name, pool)| {
+            let servers: Vec<String> = pool.backends().iter().map(|b| b.addr.to_string()).collect();
+            (
+                name.clone(),
+                json!({ "servers": servers, "policy": pool.config.policy }),
+            )
+        })
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({
+            "listeners": listeners,
+            "pools": pools,
+            "certificates": config.certificates.keys().collect::<Vec<_>>(),
+            "cas": config.cas.keys().collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// Tenants with their domains, chains, pools and connections.
+fn tenants_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let snapshot = gateway.snapshot();
+    let tenants: serde_json::Map<_, _> = snapshot
+        .config
+        .tenants
+        .iter()
+        .map(|(name, tenant)| {
+            let active = snapshot.tenants().get(name).map_or(0, |t| t.active());
+            (
+                name.clone(),
+                json!({
+                    "domains": tenant.domains,
+                    "plugins": tenant.plugins,
+                    "pools": tenant.pools,
+                    "active": active,
+                    "max_connections": tenant.max_connections,
+                }),
+            )
+        })
+        .collect();
+    json_reply(StatusCode::OK, &json!({ "tenants": tenants }))
+}
+
+/// Connections by listener.
+fn connections_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let listeners: serde_json::Map<_, _> = gateway
+        .stats()
+        .iter()
+        .map(|(name, stats)| {
+            (
+                name.clone(),
+                json!({
+                    "active": stats.active.load(Ordering::Relaxed),
+                    "total": stats.total.load(Ordering::Relaxed),
+                }),
+            )
+        })
+        .collect();
+    json_reply(StatusCode::OK, &json!({ "listeners": listeners }))
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::source::{ConfigSource, FileSource};
 
+pub use crate::conn::accept::ListenerStats;
 use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop};
 use crate::plugin::{PluginError, Runtime};
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -90,15 +91,6 @@ pub enum PoolEditError {
     /// The config with the change does not check or build.
     #[error("{0}")]
     Invalid(String),
-}
-
-/// Connection counts of one listener.
-#[derive(Debug, Default, Serialize)]
-pub struct ListenerStats {
-    /// Connections in progress.
-    pub active: AtomicU64,
-    /// Connections accepted since start.
-    pub total: AtomicU64,
 }
 
 /// What reloads have done so far.
@@ -390,5 +382,16 @@ fn same_listeners(old: &Config, new: &Config) -> Result<(), String> {
     match old.listeners.keys().find(|name| !new.listeners.contains_key(*name)) {
         Some(gone) => Err(format!("listeners.{gone} was removed: restart weir to unbind it")),
         None => Ok(()),
+    }
+}
+
+impl crate::acme::Renewing for Gateway {
+    fn current(&self) -> (Config, Arc<crate::acme::Challenges>) {
+        let snapshot = self.snapshot.load();
+        (snapshot.config.clone(), snapshot.acme_challenges_arc())
+    }
+
+    async fn reload(&self) {
+        Gateway::reload(self, "acme").await;
     }
 }

@@ -19,7 +19,6 @@ pub mod addr;
 pub mod admin;
 pub mod config;
 mod conn;
-pub mod decision;
 pub mod gateway;
 pub mod heap;
 pub mod logfmt;
@@ -33,6 +32,9 @@ pub mod scaffold;
 pub mod snapshot;
 pub mod source;
 mod sync;
+
+#[cfg(test)]
+mod layout_tests;
 pub mod throttle;
 pub mod tls;
 pub mod watch;

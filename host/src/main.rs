@@ -5,12 +5,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use weir::plugin::chain::Routing;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use weir::plugin::Runtime;
-use weir::snapshot::Routing;
 use weir::wit;
 use weir::{Config, Gateway, Snapshot};
 use weir_plugin_sdk::names;
@@ -396,7 +396,7 @@ fn route(
 fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> String {
     use std::fmt::Write as _;
     use weir::config::OnError;
-    use weir::snapshot::StepOutcome;
+    use weir::plugin::chain::StepOutcome;
     let mut out = String::new();
     let sni = conn.sni.as_deref().unwrap_or("(none)");
     let _ = writeln!(
@@ -436,8 +436,8 @@ fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> Str
     out
 }
 
-fn describe_target(target: &weir::decision::Target) -> String {
-    use weir::decision::Upstream;
+fn describe_target(target: &weir::plugin::decision::Target) -> String {
+    use weir::plugin::decision::Upstream;
     let to = match &target.upstream {
         Upstream::Pool(pool) => format!("pool `{pool}`"),
         Upstream::PoolOnPort(pool, port) => format!("pool `{pool}` on port {port}"),
@@ -449,8 +449,8 @@ fn describe_target(target: &weir::decision::Target) -> String {
     }
 }
 
-fn describe_action(action: &weir::decision::Action) -> String {
-    use weir::decision::{Action, After, ClientAuth};
+fn describe_action(action: &weir::plugin::decision::Action) -> String {
+    use weir::plugin::decision::{Action, After, ClientAuth};
     match action {
         Action::Passthrough(target) => format!("pass through untouched to {}", describe_target(target)),
         Action::Reject(reason) => format!("reject ({reason:?})"),

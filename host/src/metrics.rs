@@ -201,130 +201,121 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Metrics {
     fn new() -> Metrics {
+        let mut metrics = Metrics {
+            registry: Registry::with_prefix("weir"),
+            connections: Family::<ConnectionLabels, Counter>::default(),
+            active: Family::<ListenerLabels, Gauge>::default(),
+            bytes: Family::<BytesLabels, Counter>::default(),
+            plugin_calls: Family::<PluginLabels, Histogram>::new_with_constructor(|| {
+                // 1 µs .. ~1 s
+                Histogram::new(exponential_buckets(1e-6, 4.0, 11))
+            }),
+            plugin_failures: Family::<FailureLabels, Counter>::default(),
+            plugin_log_dropped: Family::<PluginLabels, Counter>::default(),
+            plugins_loaded: Gauge::default(),
+            plugin_instances: Gauge::default(),
+            sniff_failures: Family::<SniffLabels, Counter>::default(),
+            reloads: Family::<ReloadLabels, Counter>::default(),
+            tenant_violations: Family::<TenantLabels, Counter>::default(),
+            tenant_limited: Family::<TenantLabels, Counter>::default(),
+            shed: Family::<ShedLabels, Counter>::default(),
+            accept_errors: Family::<ListenerLabels, Counter>::default(),
+            certificate_not_after: Family::<CertificateLabels, Gauge>::default(),
+            ocsp_next_update: Family::<CertificateLabels, Gauge>::default(),
+            ocsp_stapled: Family::<CertificateLabels, Gauge>::default(),
+            route_labels: RouteLabels::default(),
+        };
         let mut registry = Registry::with_prefix("weir");
-        let connections = Family::<ConnectionLabels, Counter>::default();
-        let active = Family::<ListenerLabels, Gauge>::default();
-        let bytes = Family::<BytesLabels, Counter>::default();
-        let plugin_calls = Family::<PluginLabels, Histogram>::new_with_constructor(|| {
-            // 1 µs .. ~1 s
-            Histogram::new(exponential_buckets(1e-6, 4.0, 11))
-        });
-        let plugin_failures = Family::<FailureLabels, Counter>::default();
-        let plugin_log_dropped = Family::<PluginLabels, Counter>::default();
-        let plugins_loaded = Gauge::default();
-        let plugin_instances = Gauge::default();
-        registry.register(
-            "plugins_loaded",
-            "Loaded plugins in memory: the running config's, and any older one a connection or task still holds",
-            plugins_loaded.clone(),
-        );
-        registry.register(
-            "plugin_instances",
-            "Plugin instances in memory, idle or in a call",
-            plugin_instances.clone(),
-        );
-        let sniff_failures = Family::<SniffLabels, Counter>::default();
-        let reloads = Family::<ReloadLabels, Counter>::default();
-        let tenant_violations = Family::<TenantLabels, Counter>::default();
-        let tenant_limited = Family::<TenantLabels, Counter>::default();
-        let shed = Family::<ShedLabels, Counter>::default();
-        let accept_errors = Family::<ListenerLabels, Counter>::default();
-        let certificate_not_after = Family::<CertificateLabels, Gauge>::default();
-        let ocsp_next_update = Family::<CertificateLabels, Gauge>::default();
-        let ocsp_stapled = Family::<CertificateLabels, Gauge>::default();
-        registry.register(
-            "certificate_not_after_timestamp_seconds",
-            "When each certificate expires (its notAfter), seconds since the Unix epoch",
-            certificate_not_after.clone(),
-        );
-        registry.register(
-            "certificate_ocsp_next_update_timestamp_seconds",
-            "When each certificate's OCSP response goes stale (its nextUpdate), for responses that say",
-            ocsp_next_update.clone(),
-        );
-        registry.register(
-            "certificate_ocsp_stapled",
-            "1 while an OCSP response is stapled to the certificate's handshakes",
-            ocsp_stapled.clone(),
-        );
+        metrics.register_traffic(&mut registry);
+        metrics.register_plugins_and_certificates(&mut registry);
+        metrics.registry = registry;
+        // Alerts on `result="error"` must see 0 before the first failure, not
+        // a missing series.
+        for result in ["ok", "error"] {
+            drop(metrics.reloads.get_or_create(&ReloadLabels { result }));
+        }
+        metrics
+    }
+
+    /// Connections, bytes, refusals, reloads and tenants.
+    fn register_traffic(&self, registry: &mut Registry) {
         registry.register(
             "accept_errors",
             "Failed accept calls (out of file descriptors or memory); the connection waits in the kernel's backlog",
-            accept_errors.clone(),
+            self.accept_errors.clone(),
         );
-        registry.register(
-            "shed",
-            "Connections closed on accept at a listener's or the global connection limit, or at a client's limit on a listener",
-            shed.clone(),
-        );
+        registry.register("shed", "Connections closed on accept at a listener's or the global connection limit, or at a client's limit on a listener", self.shed.clone());
         registry.register(
             "tenant_violations",
             "Tenant decisions naming a pool, address, certificate or CA outside the tenant",
-            tenant_violations.clone(),
+            self.tenant_violations.clone(),
         );
         registry.register(
             "tenant_limited",
             "Tenant connections refused at the tenant's connection limit",
-            tenant_limited.clone(),
+            self.tenant_limited.clone(),
         );
         registry.register(
             "connections",
             "Finished connections by listener, tenant, route and outcome",
-            connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "connections_active",
             "Connections in progress by listener",
-            active.clone(),
+            self.active.clone(),
         );
-        registry.register("bytes", "Bytes relayed by listener and direction", bytes.clone());
+        registry.register("bytes", "Bytes relayed by listener and direction", self.bytes.clone());
+        registry.register(
+            "sniff_failures",
+            "Connections closed before routing, by reason",
+            self.sniff_failures.clone(),
+        );
+        registry.register("reloads", "Config reloads by result", self.reloads.clone());
+    }
+
+    /// Plugins, their instances and failures, and certificates.
+    fn register_plugins_and_certificates(&self, registry: &mut Registry) {
+        registry.register(
+            "plugins_loaded",
+            "Loaded plugins in memory: the running config's, and any older one a connection or task still holds",
+            self.plugins_loaded.clone(),
+        );
+        registry.register(
+            "plugin_instances",
+            "Plugin instances in memory, idle or in a call",
+            self.plugin_instances.clone(),
+        );
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "When each certificate expires (its notAfter), seconds since the Unix epoch",
+            self.certificate_not_after.clone(),
+        );
+        registry.register(
+            "certificate_ocsp_next_update_timestamp_seconds",
+            "When each certificate's OCSP response goes stale (its nextUpdate), for responses that say",
+            self.ocsp_next_update.clone(),
+        );
+        registry.register(
+            "certificate_ocsp_stapled",
+            "1 while an OCSP response is stapled to the certificate's handshakes",
+            self.ocsp_stapled.clone(),
+        );
         registry.register(
             "plugin_call_seconds",
             "Duration of plugin calls (route and admit)",
-            plugin_calls.clone(),
+            self.plugin_calls.clone(),
         );
         registry.register(
             "plugin_failures",
             "Plugin traps, timeouts, memory refusals, invalid decisions and calls refused over budget",
-            plugin_failures.clone(),
+            self.plugin_failures.clone(),
         );
         registry.register(
             "plugin_log_dropped",
             "Plugin log lines dropped because the plugin logged faster than 32 KiB a second",
-            plugin_log_dropped.clone(),
+            self.plugin_log_dropped.clone(),
         );
-        registry.register(
-            "sniff_failures",
-            "Connections closed before routing, by reason",
-            sniff_failures.clone(),
-        );
-        registry.register("reloads", "Config reloads by result", reloads.clone());
-        // Alerts on `result="error"` must see 0 before the first failure, not
-        // a missing series.
-        for result in ["ok", "error"] {
-            drop(reloads.get_or_create(&ReloadLabels { result }));
-        }
-        Metrics {
-            registry,
-            connections,
-            active,
-            bytes,
-            plugin_calls,
-            plugin_failures,
-            plugin_log_dropped,
-            plugins_loaded,
-            plugin_instances,
-            sniff_failures,
-            reloads,
-            tenant_violations,
-            tenant_limited,
-            shed,
-            accept_errors,
-            certificate_not_after,
-            ocsp_next_update,
-            ocsp_stapled,
-            route_labels: RouteLabels::default(),
-        }
     }
 
     /// Counts a rebuild-and-swap of the configuration by its result.
@@ -342,13 +333,13 @@ impl Metrics {
             Some(tenant) => (&self.route_labels.tenants, tenant),
             None => (&self.route_labels.listeners, listener),
         };
-        let known = crate::sync::read(&owners)
+        let known = crate::sync::read(owners)
             .get(owner)
             .is_some_and(|names| names.contains(route));
         if known {
             return route.into();
         }
-        let mut owners = crate::sync::write(&owners);
+        let mut owners = crate::sync::write(owners);
         let names = owners.entry(owner.to_owned()).or_default();
         if names.len() >= MAX_ROUTE_LABELS && !names.contains(route) {
             return "other".into();
@@ -359,7 +350,7 @@ impl Metrics {
 
     /// Sets the certificate gauges to the certificates in use now (those
     /// a reload removed disappear).
-    pub fn set_certificates(&self, certificates: &[crate::tls::CertificateStatus]) {
+    pub fn set_certificates(&self, certificates: &[CertificateStatus]) {
         self.certificate_not_after.clear();
         self.ocsp_next_update.clear();
         self.ocsp_stapled.clear();
@@ -440,4 +431,18 @@ mod tests {
         );
         assert_eq!(metrics.route_label(None, "a", "one-more").as_str(), "one-more");
     }
+}
+
+/// What the admin API and the metrics say about a certificate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateStatus {
+    /// Its name in the config.
+    pub name: String,
+    /// The end-entity certificate's notAfter, seconds since the Unix epoch.
+    pub not_after: u64,
+    /// Its OCSP response's nextUpdate (seconds since the Unix epoch), if
+    /// one is stapled and says.
+    pub ocsp_next_update: Option<u64>,
+    /// Whether an OCSP response is stapled right now.
+    pub ocsp_stapled: bool,
 }

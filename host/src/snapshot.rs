@@ -4,20 +4,20 @@
 //! resolved — and never changes after that. A new config means a new
 //! snapshot; a connection keeps the one it started with.
 
+use crate::plugin::chain;
+use crate::plugin::chain::Routing;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use serde::Serialize;
 
 use crate::addr::HostPort;
-use crate::config::{Config, ListenerConfig, OnError};
-use crate::decision::{Action, Decision, Known};
+use crate::config::tls::{Invalid, ListenerSettings, check_listener};
+use crate::config::{Config, ListenerConfig};
+use crate::plugin::decision::Known;
 use crate::plugin::{Plugin, PluginError, Runtime};
 use crate::pool::Pool;
-use crate::tls::{ListenerSettings, TlsMaterial, check_listener};
+use crate::tls::TlsMaterial;
 use crate::wit;
 
 /// Why a snapshot could not be built.
@@ -209,70 +209,6 @@ impl Known for TenantScope<'_> {
     }
 }
 
-/// Asks every plugin of a chain whether to admit an authenticated peer. The
-/// first deny is the answer; a failing plugin denies, unless its
-/// `on_error` is `next`, which skips it.
-pub async fn admit(
-    chain: &[Arc<Plugin>],
-    conn: &wit::Connection,
-    side: wit::Side,
-    peer: &wit::Peer,
-) -> Result<(), String> {
-    for plugin in chain {
-        let name = plugin.name();
-        let started = Instant::now();
-        let verdict = plugin.admit(conn, side, peer).await;
-        observe(plugin, started, verdict.as_ref().err());
-        match verdict {
-            Ok(wit::Verdict::Allow) => {}
-            Ok(wit::Verdict::Deny(reason)) => return Err(format!("plugin `{name}` denied: {reason}")),
-            Err(error) => {
-                let on_error = plugin.on_error();
-                if let Some(failures) = plugin.report_failure() {
-                    tracing::warn!(conn = conn.id, plugin = &**name, %error, ?on_error, failures, "plugin failed in admit");
-                }
-                if on_error == OnError::Deny {
-                    return Err(format!("plugin `{name}` {error}"));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// [`admit`] for a caller that cannot wait asynchronously (a rustls
-/// certificate verifier, inside the handshake). On a multi-threaded runtime
-/// the worker's other tasks move to another thread while the chain runs.
-pub fn admit_blocking(
-    chain: &[Arc<Plugin>],
-    conn: &wit::Connection,
-    side: wit::Side,
-    peer: &wit::Peer,
-) -> Result<(), String> {
-    off_the_worker(|| futures_executor::block_on(admit(chain, conn, side, peer)))
-}
-
-/// Runs `work`, which may take long and cannot yield, off the tokio
-/// scheduler: on a multi-threaded runtime the worker hands its other tasks
-/// to another thread meanwhile (and a plugin's yield inside wakes at once:
-/// no core, no deferral); on a current-thread runtime, which would never
-/// see a deferred wake while it is blocked here, on a thread of no runtime;
-/// outside any runtime, right here.
-pub fn off_the_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        Ok(_) => std::thread::scope(|scope| {
-            scope
-                .spawn(work)
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        }),
-        Err(_) => work(),
-    }
-}
-
 /// Immutable routing state.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -305,81 +241,6 @@ impl Known for Snapshot {
     }
 }
 
-/// What one plugin of the chain did.
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    /// The plugin.
-    pub plugin: Arc<str>,
-    /// `next`, `decided`, or the failure.
-    pub outcome: StepOutcome,
-    /// How long the call took, in microseconds.
-    pub micros: u64,
-}
-
-/// The result of one plugin call.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StepOutcome {
-    /// The plugin abstained.
-    Next,
-    /// The plugin decided.
-    Decided,
-    /// The plugin failed; `on_error` said what followed.
-    Failed {
-        /// The failure.
-        error: String,
-        /// What the host did about it.
-        on_error: OnError,
-    },
-}
-
-/// The chain's verdict on a connection.
-#[derive(Debug, Clone, Serialize)]
-pub struct Routing {
-    /// The plugin whose decision (or failure) is final; none when every
-    /// plugin abstained.
-    pub plugin: Option<Arc<str>>,
-    /// What the host does.
-    pub decision: Decision,
-    /// Each plugin asked, in order.
-    pub steps: Vec<Step>,
-}
-
-impl Routing {
-    /// Whether the final decision came from a plugin failure.
-    pub fn failed(&self) -> bool {
-        matches!(
-            self.steps.last(),
-            Some(Step {
-                outcome: StepOutcome::Failed {
-                    on_error: OnError::Deny,
-                    ..
-                },
-                ..
-            })
-        )
-    }
-}
-
-/// Records a plugin call's duration, and its failure if it failed.
-fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
-    let metrics = &crate::metrics::METRICS;
-    let labels = crate::metrics::PluginLabels {
-        plugin: plugin.name().to_string().into(),
-    };
-    metrics
-        .plugin_calls
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    if let Some(error) = error {
-        let labels = crate::metrics::FailureLabels {
-            plugin: labels.plugin,
-            kind: error.kind(),
-        };
-        metrics.plugin_failures.get_or_create(&labels).inc();
-    }
-}
-
 impl Snapshot {
     /// Loads and configures every plugin, and resolves every reference.
     pub fn build(config: Config, runtime: &Runtime) -> Result<Snapshot, SnapshotError> {
@@ -390,7 +251,7 @@ impl Snapshot {
     /// settings and config are unchanged (instances and all), and compiles
     /// only what changed.
     pub fn rebuild(config: Config, runtime: &Runtime, previous: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
-        let tls_error = |(field, reason): crate::tls::Invalid| SnapshotError::Tls {
+        let tls_error = |(field, reason): Invalid| SnapshotError::Tls {
             config: config.path.clone(),
             field,
             reason,
@@ -400,21 +261,13 @@ impl Snapshot {
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);
             let old = previous.and_then(|p| p.plugins.get(name));
-            let loaded = match runtime.load_reusing(name, &path, plugin, old) {
-                Ok(loaded) => Arc::new(loaded),
-                Err(PluginError::Unchanged) => old.cloned().ok_or_else(|| SnapshotError::Plugin {
+            let loaded = runtime
+                .load_reusing(name, &path, plugin, old)
+                .map_err(|error| SnapshotError::Plugin {
                     config: config.path.clone(),
                     name: name.clone(),
-                    error: PluginError::Unchanged,
-                })?,
-                Err(error) => {
-                    return Err(SnapshotError::Plugin {
-                        config: config.path.clone(),
-                        name: name.clone(),
-                        error,
-                    });
-                }
-            };
+                    error,
+                })?;
             plugins.insert(name.clone(), loaded);
         }
         let listeners = config
@@ -450,44 +303,7 @@ impl Snapshot {
                 (name.clone(), Arc::new(Pool::new(name, pool, previous)))
             })
             .collect();
-        let mut tenants = BTreeMap::new();
-        let mut domains = std::collections::HashMap::new();
-        for (name, tenant) in &config.tenants {
-            // `Config::check` proved every name and reference.
-            let active = previous
-                .and_then(|p| p.tenants.get(name))
-                .map_or_else(Arc::default, |t| Arc::clone(&t.active));
-            let max_calls = tenant
-                .max_plugin_calls
-                .unwrap_or_else(crate::plugin::default_tenant_calls);
-            let budget = previous
-                .and_then(|p| p.tenants.get(name))
-                .map(|t| Arc::clone(&t.budget))
-                .filter(|b| b.has_limits(tenant.plugin_cpu, max_calls))
-                .unwrap_or_else(|| crate::plugin::Budget::new(tenant.plugin_cpu, max_calls));
-            for domain in &tenant.domains {
-                if let Ok(canonical) = weir_plugin_sdk::names::canonicalize(domain.as_bytes()) {
-                    domains.insert(canonical, name.clone());
-                }
-            }
-            let chain: Vec<Arc<Plugin>> = tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
-            for plugin in &chain {
-                // A tenant's plugins are its own (`Config::check`).
-                plugin.set_budget(Some(Arc::clone(&budget)));
-            }
-            let tenant = Tenant {
-                name: name.as_str().into(),
-                chain,
-                pools: tenant.pools.iter().cloned().collect(),
-                upstreams: tenant.upstreams.clone(),
-                certificates: tenant.certificates.iter().cloned().collect(),
-                cas: tenant.cas.iter().cloned().collect(),
-                max_connections: tenant.max_connections,
-                active,
-                budget,
-            };
-            tenants.insert(name.clone(), Arc::new(tenant));
-        }
+        let (tenants, domains) = build_tenants(&config, &plugins, previous);
         Ok(Snapshot {
             config,
             listeners,
@@ -504,6 +320,11 @@ impl Snapshot {
     /// The TLS-ALPN-01 challenges of ACME orders in progress.
     pub fn acme_challenges(&self) -> &crate::acme::Challenges {
         &self.acme
+    }
+
+    /// The open TLS-ALPN-01 challenges, shared.
+    pub fn acme_challenges_arc(&self) -> Arc<crate::acme::Challenges> {
+        Arc::clone(&self.acme)
     }
 
     /// A listener by name.
@@ -568,84 +389,68 @@ impl Snapshot {
     /// tenant is a failure of its plugin. When no plugin decides, the
     /// connection is rejected.
     pub async fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
-        let chain = tenant.map_or(&listener.chain, |t| &t.chain);
-        let mut steps = Vec::with_capacity(chain.len());
-        for plugin in chain {
-            let started = Instant::now();
-            let result = plugin.route(conn).await.and_then(|decision| {
-                let validated = match tenant {
-                    Some(tenant) => Decision::from_wit(decision, &TenantScope { snapshot: self, tenant }),
-                    None => Decision::from_wit(decision, self),
+        match tenant {
+            None => chain::route(&listener.chain, conn, self, || {}).await,
+            Some(tenant) => {
+                let scope = TenantScope { snapshot: self, tenant };
+                let violated = || {
+                    crate::metrics::METRICS
+                        .tenant_violations
+                        .get_or_create(&crate::metrics::TenantLabels {
+                            tenant: tenant.name.to_string().into(),
+                        })
+                        .inc();
                 };
-                validated.map_err(|reason| {
-                    if let Some(tenant) = tenant {
-                        crate::metrics::METRICS
-                            .tenant_violations
-                            .get_or_create(&crate::metrics::TenantLabels {
-                                tenant: tenant.name.to_string().into(),
-                            })
-                            .inc();
-                    }
-                    PluginError::InvalidDecision(reason)
-                })
-            });
-            observe(plugin, started, result.as_ref().err());
-            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let name = Arc::clone(plugin.name());
-            match result {
-                Ok(None) => steps.push(Step {
-                    plugin: name,
-                    outcome: StepOutcome::Next,
-                    micros,
-                }),
-                Ok(Some(decision)) => {
-                    steps.push(Step {
-                        plugin: Arc::clone(&name),
-                        outcome: StepOutcome::Decided,
-                        micros,
-                    });
-                    return Routing {
-                        plugin: Some(name),
-                        decision,
-                        steps,
-                    };
-                }
-                Err(error) => {
-                    let on_error = plugin.on_error();
-                    if let Some(failures) = plugin.report_failure() {
-                        tracing::warn!(conn = conn.id, plugin = &*name, %error, ?on_error, failures, "plugin failed");
-                    }
-                    let reason = format!("plugin `{name}` {error}");
-                    steps.push(Step {
-                        plugin: Arc::clone(&name),
-                        outcome: StepOutcome::Failed {
-                            error: error.to_string(),
-                            on_error,
-                        },
-                        micros,
-                    });
-                    if on_error == OnError::Deny {
-                        let decision = Decision {
-                            route: "plugin-error".into(),
-                            action: Action::Reject(reason),
-                        };
-                        return Routing {
-                            plugin: Some(name),
-                            decision,
-                            steps,
-                        };
-                    }
-                }
+                chain::route(&tenant.chain, conn, &scope, violated).await
             }
         }
-        let decision = Decision {
-            route: "no-route".into(),
-            action: Action::Reject("no plugin in the chain decided".into()),
-        };
-        Routing {
-            plugin: None,
-            decision,
-            steps,
-        }
     }
+}
+
+/// The tenants of `config`, their budgets and connection counts carried over
+/// from `previous`, and the index of their domains.
+fn build_tenants(
+    config: &Config,
+    plugins: &BTreeMap<String, Arc<Plugin>>,
+    previous: Option<&Snapshot>,
+) -> (BTreeMap<String, Arc<Tenant>>, std::collections::HashMap<String, String>) {
+    let mut tenants = BTreeMap::new();
+    let mut domains = std::collections::HashMap::new();
+    for (name, tenant) in &config.tenants {
+        // `Config::check` proved every name and reference.
+        let active = previous
+            .and_then(|p| p.tenants.get(name))
+            .map_or_else(Arc::default, |t| Arc::clone(&t.active));
+        let max_calls = tenant
+            .max_plugin_calls
+            .unwrap_or_else(crate::plugin::default_tenant_calls);
+        let budget = previous
+            .and_then(|p| p.tenants.get(name))
+            .map(|t| Arc::clone(&t.budget))
+            .filter(|b| b.has_limits(tenant.plugin_cpu, max_calls))
+            .unwrap_or_else(|| crate::plugin::Budget::new(tenant.plugin_cpu, max_calls));
+        for domain in &tenant.domains {
+            if let Ok(canonical) = weir_plugin_sdk::names::canonicalize(domain.as_bytes()) {
+                domains.insert(canonical, name.clone());
+            }
+        }
+        let chain: Vec<Arc<Plugin>> = tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
+        for plugin in &chain {
+            // A tenant's plugins are its own (`Config::check`).
+            plugin.set_budget(Some(Arc::clone(&budget)));
+        }
+        let tenant = Tenant {
+            name: name.as_str().into(),
+            chain,
+            pools: tenant.pools.iter().cloned().collect(),
+            upstreams: tenant.upstreams.clone(),
+            certificates: tenant.certificates.iter().cloned().collect(),
+            cas: tenant.cas.iter().cloned().collect(),
+            max_connections: tenant.max_connections,
+            active,
+            budget,
+        };
+        tenants.insert(name.clone(), Arc::new(tenant));
+    }
+    (tenants, domains)
 }

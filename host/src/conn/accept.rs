@@ -10,8 +10,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::gateway::ListenerStats;
 use crate::snapshot::Snapshot;
+use serde::Serialize;
 
 /// Connections in progress over all listeners.
 pub(crate) static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -180,4 +180,13 @@ pub(crate) fn out_of_descriptors(error: &io::Error) -> bool {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE)
+}
+
+/// Connection counts of one listener.
+#[derive(Debug, Default, Serialize)]
+pub struct ListenerStats {
+    /// Connections in progress.
+    pub active: AtomicU64,
+    /// Connections accepted since start.
+    pub total: AtomicU64,
 }

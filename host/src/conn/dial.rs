@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::addr::HostPort;
 
-use crate::decision::{Target, Upstream};
+use crate::plugin::decision::{Target, Upstream};
 use crate::pool::BackendGuard;
 use crate::snapshot::{Listener, Snapshot};
 use weir_wire::postgres::{self};

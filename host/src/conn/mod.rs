@@ -23,7 +23,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::config::ListenerConfig;
-use crate::decision::{Action, Decision};
+use crate::plugin::decision::{Action, Decision};
 use crate::relay::{Timeouts, Transfer, relay};
 use crate::snapshot::{Listener, Snapshot};
 use crate::wit;

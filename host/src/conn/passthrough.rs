@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::decision::Target;
+use crate::plugin::decision::Target;
 use crate::snapshot::{Listener, Snapshot};
 use crate::wit;
 

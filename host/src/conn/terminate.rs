@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use rustls::pki_types::ServerName;
 
-use crate::decision::{After, ClientAuth, Termination, UpstreamTls};
+use crate::plugin::decision::{After, ClientAuth, Termination, UpstreamTls};
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay_streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{Listener, Snapshot, Tenant};
@@ -66,6 +66,77 @@ pub(crate) async fn terminate(
         ClientAuth::None => None,
         _ => Some(Arc::new(Admission::new(chain, conn.clone()))),
     };
+    let local_addr = front.local_addr;
+    let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
+    let mut tls = handshake(
+        front,
+        &conn,
+        termination,
+        listener,
+        tenant,
+        snapshot,
+        admission.as_ref(),
+    )
+    .await?;
+    // The connection's server config (which rustls keeps) need not keep
+    // the plugins alive once they have spoken.
+    if let Some(admission) = &admission {
+        admission.release();
+    }
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let target = termination.then.target();
+    let opening = open_upstream(
+        target,
+        ssl_request,
+        local_addr,
+        Some(tls.get_ref().1),
+        listener,
+        snapshot,
+        record,
+    );
+    let upstream = match opening.await {
+        Ok(upstream) => upstream,
+        Err(outcome) => {
+            close_tls(&mut tls).await;
+            return Err(outcome);
+        }
+    };
+    match &termination.then {
+        After::Plain(_) => Ok(Terminated::Plain(tls, upstream)),
+        After::Reencrypt(_, upstream_tls) => {
+            match reencrypt(
+                upstream,
+                upstream_tls,
+                &conn,
+                alpn.as_deref(),
+                listener,
+                chain,
+                snapshot,
+            )
+            .await
+            {
+                Ok(upstream) => Ok(Terminated::Reencrypted(tls, upstream)),
+                Err(outcome) => {
+                    close_tls(&mut tls).await;
+                    Err(outcome)
+                }
+            }
+        }
+    }
+}
+
+/// The handshake with the client, with the certificate the termination
+/// names; with client authentication, `admit` runs inside it, or after it
+/// for a resumed session (which skips verification).
+async fn handshake(
+    mut front: Front,
+    conn: &wit::Connection,
+    termination: &Termination,
+    listener: &Arc<Listener>,
+    tenant: Option<&Tenant>,
+    snapshot: &Snapshot,
+    admission: Option<&Arc<Admission>>,
+) -> Result<tokio_rustls::server::TlsStream<Rewind<TcpStream>>, Outcome> {
     let sni = conn.sni.as_deref();
     let server_config = match snapshot.tls().server_config(
         &listener.name,
@@ -73,7 +144,7 @@ pub(crate) async fn terminate(
         termination,
         sni,
         tenant.map(|t| (&t.name, t.certificates())),
-        admission.clone(),
+        admission.cloned(),
     ) {
         Ok(config) => config,
         Err(e) => {
@@ -115,52 +186,7 @@ pub(crate) async fn terminate(
             return Err(Outcome::Denied(reason));
         }
     }
-    // The connection's server config (which rustls keeps) need not keep
-    // the plugins alive once they have spoken.
-    if let Some(admission) = &admission {
-        admission.release();
-    }
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let target = termination.then.target();
-    let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
-    let opening = open_upstream(
-        target,
-        ssl_request,
-        front.local_addr,
-        Some(tls.get_ref().1),
-        listener,
-        snapshot,
-        record,
-    );
-    let upstream = match opening.await {
-        Ok(upstream) => upstream,
-        Err(outcome) => {
-            close_tls(&mut tls).await;
-            return Err(outcome);
-        }
-    };
-    match &termination.then {
-        After::Plain(_) => Ok(Terminated::Plain(tls, upstream)),
-        After::Reencrypt(_, upstream_tls) => {
-            match reencrypt(
-                upstream,
-                upstream_tls,
-                &conn,
-                alpn.as_deref(),
-                listener,
-                chain,
-                snapshot,
-            )
-            .await
-            {
-                Ok(upstream) => Ok(Terminated::Reencrypted(tls, upstream)),
-                Err(outcome) => {
-                    close_tls(&mut tls).await;
-                    Err(outcome)
-                }
-            }
-        }
-    }
+    Ok(tls)
 }
 
 /// The TLS handshake with an upstream, then the plugins' `admit` on its
@@ -203,7 +229,7 @@ pub(crate) async fn reencrypt(
         .attested
         .then(|| snapshot.tls().attestation().examine(cert));
     let admitted = match describe(cert, attestation) {
-        Ok(peer) => crate::snapshot::admit(chain, conn, wit::Side::Upstream, &peer).await,
+        Ok(peer) => crate::plugin::chain::admit(chain, conn, wit::Side::Upstream, &peer).await,
         Err(reason) => Err(reason),
     };
     match admitted {

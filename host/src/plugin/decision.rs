@@ -210,7 +210,7 @@ impl Termination {
             wit::ClientAuth::Required(ca) => ClientAuth::Required(client_ca(ca)?),
             wit::ClientAuth::Attested => ClientAuth::Attested,
         };
-        crate::tls::alpn_list(&t.alpn)?;
+        crate::config::tls::alpn_list(&t.alpn)?;
         let then = match t.then {
             wit::After::Plain(target) => After::Plain(Target::from_wit(target, known)?),
             wit::After::Reencrypt((target, tls)) => {

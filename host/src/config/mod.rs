@@ -1,0 +1,528 @@
+//! The config file as written (TOML), and the checks that need nothing but
+//! the file: references between sections, addresses, limits. Checks that need
+//! the plugins themselves (loading, `configure`) happen when a
+//! [`Snapshot`](crate::snapshot::Snapshot) is built from this.
+//!
+//! Every section refuses unknown fields, so a misspelt setting is an error,
+//! never a silently ignored line. The README's config reference documents
+//! each field below.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::relay::RelayMode;
+
+mod check;
+mod defaults;
+mod pool;
+pub mod tls;
+
+pub use check::check_pool_name;
+pub use pool::{HealthConfig, PassiveConfig, Policy, PoolConfig, ServerConfig};
+
+/// Most servers in one pool.
+pub const MAX_POOL_SERVERS: usize = 10_000;
+/// Shortest interval between a pool's health checks: each check of each
+/// server is a connection, so a short interval on a large pool is load.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Most calls of one plugin in flight at once, over all connections; more
+/// are refused without running. Each call in flight holds an instance (up
+/// to `max_memory_mib` each), so this bounds a slow plugin's memory.
+pub const MAX_PLUGIN_CALLS: usize = 64;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {error}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML, or a field has the wrong name or type.
+    #[error("{path}: {error}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The TOML error, with line, column and field.
+        error: toml::de::Error,
+    },
+    /// The file parses but says something impossible.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The dotted path of the offending field, e.g. `listeners.public.plugins`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Sockets that accept clients, by name.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, ListenerConfig>,
+    /// WebAssembly plugins, by name; listeners refer to them in their chain.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Named groups of upstream servers that decisions can target.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Certificates (chain and key) the gateway presents, by name: to
+    /// clients when it terminates TLS, to upstreams as a client certificate.
+    #[serde(default)]
+    pub certificates: BTreeMap<String, CertificateConfig>,
+    /// Trust anchors, by name: CA bundles that verify client certificates
+    /// and upstreams, and pinned upstream certificate fingerprints.
+    #[serde(default)]
+    pub cas: BTreeMap<String, CaConfig>,
+    /// How RA-TLS attestations are checked.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
+    /// Tenants: who owns which server names, and what their plugins may
+    /// route to.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// The admin HTTP server (metrics, status, reload); off when absent.
+    pub admin: Option<AdminConfig>,
+    /// When the config is read again.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+    /// Process-wide limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What `weir run` does on SIGTERM or SIGINT.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Where the file was read from; relative paths in it are relative to its
+    /// directory.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// What a listener expects its clients to send first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerProtocol {
+    /// A TLS ClientHello; anything else is closed.
+    #[default]
+    Tls,
+    /// PostgreSQL clients: an SSLRequest is answered `S` and the
+    /// ClientHello that follows is routed (`postgres-tls`); a ClientHello
+    /// first (PostgreSQL 17 direct TLS) is routed as `tls`; a StartupMessage
+    /// without TLS is routed as `plain`.
+    Postgres,
+    /// Nothing is sniffed; plugins route on addresses alone.
+    Plain,
+}
+
+/// One listening socket and the plugin chain that routes its connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on, `ip:port`.
+    pub bind: SocketAddr,
+    /// What clients send first.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Plugin names, in the order they are asked; the first decision that is
+    /// not `next` wins.
+    pub plugins: Vec<String>,
+    /// Deadline for everything before routing: the ClientHello must have
+    /// arrived by then.
+    #[serde(default = "defaults::sniff_timeout", with = "humantime_serde")]
+    pub sniff_timeout: Duration,
+    /// Deadline for connecting to an upstream server.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A relayed connection with no bytes in either direction for this long
+    /// is closed.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Source ranges (CIDR) of load balancers that put a PROXY protocol v1
+    /// or v2 header in front of every connection. A connection from these
+    /// ranges must begin with one, and its source and destination become the
+    /// connection's client and local addresses (for plugins, PROXY headers
+    /// sent upstream, and logs). A header from any other source is refused.
+    #[serde(default)]
+    pub accept_proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// Once either side of a relayed connection has sent FIN, no byte for
+    /// this long closes it (the idle timeout still applies if shorter).
+    #[serde(default = "defaults::half_close_timeout", with = "humantime_serde")]
+    pub half_close_timeout: Duration,
+    /// How passthrough bytes are moved: `copy` (the default), `auto` (copy,
+    /// then `splice(2)` past 64 KiB in a direction), or `splice`.
+    #[serde(default)]
+    pub relay: RelayMode,
+    /// Most connections this listener serves at once; more are closed as
+    /// soon as they are accepted (those in progress are untouched).
+    pub max_connections: Option<usize>,
+    /// Most connections one client holds on this listener at once (the
+    /// PROXY header's source behind a trusted load balancer); more are
+    /// closed before their first byte is read. A client is its address cut
+    /// to `client_prefix_v4` / `client_prefix_v6` bits, so one IPv6 /64 (a
+    /// single customer's network) is one client.
+    #[serde(default = "defaults::max_connections_per_client")]
+    pub max_connections_per_client: u32,
+    /// Bits of an IPv4 client address that name one client (1-32).
+    #[serde(default = "defaults::client_prefix_v4")]
+    pub client_prefix_v4: u8,
+    /// Bits of an IPv6 client address that name one client (1-128).
+    #[serde(default = "defaults::client_prefix_v6")]
+    pub client_prefix_v6: u8,
+    /// Deadline for the TLS handshake with the client when the gateway
+    /// terminates, counted from the routing decision.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// TLS settings used when a decision terminates TLS on this listener.
+    #[serde(default)]
+    pub tls: ListenerTls,
+}
+
+/// A listener's TLS settings for terminated connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Lowest TLS version accepted from clients.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Cipher suites offered, by their IANA names (e.g.
+    /// `TLS13_AES_128_GCM_SHA256`, `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`),
+    /// in order of preference. Empty means rustls's defaults.
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
+    /// ALPN protocols offered to clients when a decision names none.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// The chain, end-entity certificate first, relative to the config file.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 RSA or SEC1 EC), relative to the
+    /// config file.
+    pub key: PathBuf,
+    /// A DER OCSP response for the certificate, stapled to handshakes
+    /// while it is current; relative to the config file.
+    pub ocsp: Option<PathBuf>,
+    /// Obtain and renew the certificate from an ACME CA, keeping it in
+    /// `cert` and `key`.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Where and how a certificate is ordered over ACME (RFC 8555), validated
+/// with TLS-ALPN-01 (RFC 8737) on weir's own TLS listeners.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL (`https://`).
+    pub directory: String,
+    /// The names the certificate is for; no wildcards (TLS-ALPN-01 cannot
+    /// validate them).
+    pub domains: Vec<String>,
+    /// Contact URLs for the account (`mailto:ops@example.com`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// PEM file of roots trusted for the directory's own HTTPS, for a
+    /// private CA (the system roots otherwise); relative to the config file.
+    pub directory_ca: Option<PathBuf>,
+    /// Where the account's credentials are kept; `cert` with the extension
+    /// `account.json` when absent. Relative to the config file.
+    pub account: Option<PathBuf>,
+    /// Renew when the certificate expires within this long.
+    #[serde(default = "defaults::renew_before", with = "humantime_serde")]
+    pub renew_before: Duration,
+}
+
+impl AcmeConfig {
+    /// The account credentials file for a certificate kept in `cert`.
+    pub fn account_file(&self, cert: &Path) -> PathBuf {
+        self.account
+            .clone()
+            .unwrap_or_else(|| cert.with_extension("account.json"))
+    }
+}
+
+/// A tenant: the server names it owns, its plugin chain, what its
+/// decisions may name, and its limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Domain suffixes: a connection whose SNI is one of these or lies below
+    /// one belongs to the tenant (the longest match among all tenants wins).
+    pub domains: Vec<String>,
+    /// The tenant's plugin chain, used instead of the listener's for its
+    /// connections. Its plugins may not be used by anyone else.
+    pub plugins: Vec<String>,
+    /// Pools its decisions may name.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// IP ranges its decisions may name as addresses (DNS names are refused).
+    #[serde(default)]
+    pub upstreams: Vec<ipnet::IpNet>,
+    /// Certificates its terminations may present (also when chosen by SNI).
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// CAs its decisions may name.
+    #[serde(default)]
+    pub cas: Vec<String>,
+    /// Most connections of the tenant at once; more are refused at once.
+    pub max_connections: Option<usize>,
+    /// Largest `max_memory_mib` its plugins may have.
+    pub max_plugin_memory_mib: Option<u32>,
+    /// Longest `timeout` its plugins may have (an operator may raise it, up
+    /// to the 1 s every plugin is held to).
+    #[serde(default = "defaults::tenant_plugin_timeout", with = "humantime_serde")]
+    pub max_plugin_timeout: Duration,
+    /// Plugin CPU the tenant may spend a second (a bucket that holds a tenth
+    /// of a second's worth): while it is spent, its connections get their
+    /// plugin's `on_error` at once, without the plugin running.
+    #[serde(default = "defaults::tenant_plugin_cpu", with = "humantime_serde")]
+    pub plugin_cpu: Duration,
+    /// Most calls into the tenant's plugins in flight at once; more are
+    /// refused the same way. Default: 4, or the number of worker threads if
+    /// more (a fast plugin's calls overlap at most once per worker).
+    pub max_plugin_calls: Option<usize>,
+}
+
+/// Process-wide limits.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most connections served at once over all listeners; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: Option<usize>,
+    /// File descriptors kept free: a connection accepted with one of the
+    /// last `descriptor_reserve` descriptors is closed at once, so weir never
+    /// runs out (an accepted connection still finds one for its upstream,
+    /// the admin API one for its client). Default: 1/16 of the descriptor
+    /// limit, between 16 and 1024; 0 turns it off.
+    pub descriptor_reserve: Option<u64>,
+}
+
+/// What `weir run` does on SIGTERM or SIGINT.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest weir waits, once it has stopped accepting, for the
+    /// connections in progress to end before it closes them (0 s: at once).
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> ShutdownConfig {
+        ShutdownConfig {
+            drain_timeout: defaults::drain_timeout(),
+        }
+    }
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on; keep it on loopback or a management network.
+    #[serde(default = "defaults::admin_bind")]
+    pub bind: SocketAddr,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// When the config is read again.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Reload when the config file or a file it names changes.
+    #[serde(default = "defaults::yes")]
+    pub watch: bool,
+    /// Quiet time after the last file event before reloading.
+    #[serde(default = "defaults::debounce", with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> ReloadConfig {
+        ReloadConfig {
+            watch: true,
+            debounce: defaults::debounce(),
+        }
+    }
+}
+
+/// How the attestations in RA-TLS certificates are checked.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// DCAP collateral files (JSON), relative to the config file. A quote
+    /// verifies when one of them verifies it; with none, every attestation
+    /// is reported unverified.
+    #[serde(default)]
+    pub collateral: Vec<PathBuf>,
+    /// Accept TDs that run with the debug attribute (never in production:
+    /// the host can read a debug TD's memory).
+    #[serde(default)]
+    pub allow_debug: bool,
+}
+
+/// A trust anchor: a CA bundle, pinned certificate fingerprints, or both (then
+/// both must hold).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// PEM file of CA certificates, relative to the config file.
+    pub file: Option<PathBuf>,
+    /// SHA-256 fingerprints (hex, colons allowed) of accepted upstream
+    /// end-entity certificates. Only for verifying upstreams.
+    #[serde(default)]
+    pub pin_sha256: Vec<String>,
+}
+
+/// What the host does with a connection when a plugin fails (traps, runs out
+/// of time or memory, or returns an invalid decision).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Refuse the connection.
+    #[default]
+    Deny,
+    /// Ask the next plugin in the chain, as if this one had abstained.
+    Next,
+}
+
+/// One plugin: a WebAssembly component and its settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Path of the `.wasm` component, relative to the config file.
+    pub wasm: PathBuf,
+    /// Handed to the plugin's `configure`: a table becomes JSON, a string is
+    /// passed verbatim. Absent means an empty string.
+    #[serde(default)]
+    pub config: Option<toml::Value>,
+    /// A file whose text is handed to `configure` verbatim, in place of
+    /// `config` (e.g. a Traefik dynamic configuration for mesh-router).
+    /// Relative to the config file; read whenever the config is loaded.
+    pub config_file: Option<PathBuf>,
+    /// What a failure of this plugin means for the connection.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Longest a single call into the plugin may run (1 ms to 1 s). A call runs
+    /// on one of the gateway's worker threads.
+    #[serde(default = "defaults::plugin_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest instantiating the plugin and running its `configure` may take
+    /// when it is loaded (1 ms to 60 s). Loads run off the connection path;
+    /// an instance created for a connection (none idle) is bounded by
+    /// `timeout` instead, as that connection's wait.
+    #[serde(default = "defaults::configure_timeout", with = "humantime_serde")]
+    pub configure_timeout: Duration,
+    /// Most linear memory one instance may grow to, in MiB.
+    #[serde(default = "defaults::plugin_memory_mib")]
+    pub max_memory_mib: u32,
+    /// Keep configured instances for later calls (the default). `false` gives
+    /// every call a fresh instance, configured and then discarded, so no state
+    /// survives from one connection to the next, at the price of an
+    /// instantiation and a `configure` per call.
+    #[serde(default = "defaults::yes")]
+    pub reuse_instances: bool,
+}
+
+impl PluginConfig {
+    /// The string handed to `configure`: `config_file`'s text, or `config`.
+    pub fn config_string(&self) -> std::io::Result<String> {
+        if let Some(file) = &self.config_file {
+            return std::fs::read_to_string(file);
+        }
+        Ok(match &self.config {
+            None => String::new(),
+            Some(toml::Value::String(verbatim)) => verbatim.clone(),
+            // A TOML value always serialises to JSON: same data model.
+            Some(table) => serde_json::to_string(table).unwrap_or_default(),
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            error,
+        })?;
+        config.path = path.to_owned();
+        config.check()?;
+        let resolved: Vec<(String, PathBuf)> = config
+            .plugins
+            .iter()
+            .filter_map(|(name, p)| p.config_file.as_ref().map(|f| (name.clone(), config.resolve(f))))
+            .collect();
+        for (name, file) in resolved {
+            if let Some(plugin) = config.plugins.get_mut(&name) {
+                plugin.config_file = Some(file);
+            }
+        }
+        Ok(config)
+    }
+
+    /// This config with `pools` added or replaced (`None`: removed),
+    /// checked whole again.
+    pub fn with_pools(&self, pools: &BTreeMap<String, Option<PoolConfig>>) -> Result<Config, ConfigError> {
+        let mut config = self.clone();
+        for (name, pool) in pools {
+            match pool {
+                Some(pool) => config.pools.insert(name.clone(), pool.clone()),
+                None => config.pools.remove(name),
+            };
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Resolves a path written in the file against the file's directory.
+    pub fn resolve(&self, relative: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if relative.is_relative() => dir.join(relative),
+            _ => relative.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,100 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/weir/weir.toml"))
+}
+
+const MINIMAL: &str = r#"
+    [listeners.public]
+    bind = "127.0.0.1:8443"
+    plugins = ["router"]
+
+    [plugins.router]
+    wasm = "static_router.wasm"
+    config = { routes = { "a.example" = { pool = "app" } } }
+
+    [pools.app]
+    servers = ["127.0.0.1:9000", "backend.internal:9000"]
+"#;
+
+#[test]
+fn a_minimal_config_gets_the_documented_defaults() {
+    let config = parse(MINIMAL).expect("valid");
+    let listener = &config.listeners["public"];
+    assert_eq!(listener.protocol, ListenerProtocol::Tls);
+    assert_eq!(listener.sniff_timeout, Duration::from_secs(5));
+    assert_eq!(listener.relay, RelayMode::Copy);
+    let plugin = &config.plugins["router"];
+    assert_eq!(plugin.on_error, OnError::Deny);
+    assert_eq!(plugin.timeout, Duration::from_millis(10));
+    assert_eq!(plugin.configure_timeout, Duration::from_secs(1));
+    assert_eq!(plugin.max_memory_mib, 16);
+    assert_eq!(
+        plugin.config_string().expect("inline"),
+        r#"{"routes":{"a.example":{"pool":"app"}}}"#
+    );
+    assert_eq!(config.resolve(&plugin.wasm), Path::new("/etc/weir/static_router.wasm"));
+}
+
+#[test]
+fn errors_name_the_file_the_field_and_the_reason() {
+    let cases = [
+        (
+            MINIMAL.replace("plugins = [\"router\"]", "plugins = [\"ruoter\"]"),
+            "listeners.public.plugins: no plugin named `ruoter`",
+        ),
+        (MINIMAL.replace("bind =", "bnid ="), "unknown field `bnid`"),
+        (
+            MINIMAL.replace("\"127.0.0.1:9000\"", "\"127.0.0.1\""),
+            "pools.app.servers",
+        ),
+        (MINIMAL.replace("[\"router\"]", "[]"), "the plugin chain is empty"),
+        (
+            MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
+            "plugins.router.timeout",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = {{ directory = \"https://ca.example/dir\", domains = [\"*.example.com\"] }}\n"
+            ),
+            "certificates.site.acme.domains: `*.example.com`: a wildcard needs the DNS-01 challenge",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = {{ directory = \"http://ca.example/dir\", domains = [\"a.example.com\"] }}\n"
+            ),
+            "certificates.site.acme.directory: must be an https:// URL",
+        ),
+        (
+            MINIMAL.replace("bind =", "max_connections_per_client = 0\nbind ="),
+            "listeners.public.max_connections_per_client: must be at least 1",
+        ),
+        (
+            MINIMAL.replace("wasm =", "configure_timeout = \"2m\"\nwasm ="),
+            "plugins.router.configure_timeout: must be between 1ms and 60s",
+        ),
+        (
+            MINIMAL.replace("wasm =", "on_error = \"ignore\"\nwasm ="),
+            "unknown variant `ignore`",
+        ),
+        (MINIMAL.replace("wasm =", "config = 3\nwasm ="), "duplicate key"),
+    ];
+    for (text, expected) in cases {
+        let err = parse(&text).expect_err(expected).to_string();
+        assert!(err.starts_with("/etc/weir/weir.toml: "), "{err}");
+        assert!(err.contains(expected), "expected `{expected}` in: {err}");
+    }
+}
+
+#[test]
+fn a_string_config_is_passed_verbatim() {
+    let text = MINIMAL.replace(
+        r#"config = { routes = { "a.example" = { pool = "app" } } }"#,
+        r#"config = "tcp:\n  routers: {}""#,
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(
+        config.plugins["router"].config_string().expect("inline"),
+        "tcp:\n  routers: {}"
+    );
+}

@@ -1,0 +1,443 @@
+//! A loaded plugin: its instances (idle ones reused, fresh ones configured
+//! off the connection path), and each call — checked out, deadline armed,
+//! CPU time measured and charged, instance returned or dropped.
+
+use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
+use crate::config::{OnError, PluginConfig};
+use crate::plugin::Budget;
+use crate::plugin::EPOCH_TICK;
+use crate::plugin::MAX_IDLE_INSTANCES;
+use crate::plugin::PluginError;
+use crate::plugin::budget::Spending;
+use crate::plugin::state::Busy;
+use crate::plugin::state::LogBudget;
+use crate::plugin::state::MemoryCap;
+use crate::plugin::state::State;
+use crate::plugin::state::Ticker;
+use crate::throttle::EverySecond;
+use crate::wit;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtx;
+
+/// A configured, live instance of a plugin.
+pub(crate) struct Instance {
+    pub(crate) store: Store<State>,
+    pub(crate) exports: wit::WeirPlugin,
+}
+
+/// Plugins loaded and instances alive in this process, for the gauges that
+/// show whether anything (a long-lived connection, say) keeps replaced
+/// plugins in memory.
+pub(crate) static LIVE_PLUGINS: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
+
+/// Loaded plugins alive in this process (those of the running snapshot, and
+/// of any older one something still holds).
+pub fn live_plugins() -> usize {
+    LIVE_PLUGINS.load(Ordering::Relaxed)
+}
+
+/// Plugin instances alive in this process, idle or in a call.
+pub fn live_instances() -> usize {
+    LIVE_INSTANCES.load(Ordering::Relaxed)
+}
+
+impl Instance {
+    pub(crate) fn new(store: Store<State>, exports: wit::WeirPlugin) -> Instance {
+        LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
+        Instance { store, exports }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        LIVE_PLUGINS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A loaded plugin: its compiled component, settings, and idle instances.
+pub struct Plugin {
+    pub(crate) name: Arc<str>,
+    pub(crate) pre: wit::WeirPluginPre<State>,
+    pub(crate) wasm: PathBuf,
+    pub(crate) sha256: [u8; 32],
+    pub(crate) settings: PluginConfig,
+    pub(crate) loaded_at: std::time::SystemTime,
+    /// The latest failure of a call, and when (seconds since the Unix epoch).
+    pub(crate) last_error: Mutex<Option<(u64, String)>>,
+    pub(crate) config: String,
+    pub(crate) timeout: Duration,
+    pub(crate) configure_timeout: Duration,
+    pub(crate) max_memory_mib: u32,
+    pub(crate) on_error: OnError,
+    pub(crate) reuse_instances: bool,
+    pub(crate) idle: Mutex<Vec<Instance>>,
+    pub(crate) ticker: Arc<Ticker>,
+    /// The budget of the tenant that owns the plugin, if any.
+    pub(crate) budget: arc_swap::ArcSwapOption<Budget>,
+    /// Calls in flight.
+    pub(crate) calls: AtomicUsize,
+    /// Its log volume, over all its instances.
+    pub(crate) log: Arc<LogBudget>,
+    /// When a failure was last logged, and how many were not since.
+    pub(crate) failure_reports: Mutex<EverySecond>,
+    /// Whether a background task is configuring replacement instances.
+    pub(crate) replenishing: AtomicBool,
+    /// How many configured instances the stock should hold.
+    pub(crate) warm: usize,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("on_error", &self.on_error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets the deadline for the next call: whole ticks, plus one because the
+/// current tick is already partly gone. The call yields at each tick.
+pub(crate) fn arm(store: &mut Store<State>, budget: Duration) {
+    let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+    store.data_mut().ticks_left = ticks;
+    store.set_epoch_deadline(1);
+}
+
+/// Arms a call made from a tokio task: its yields go behind other work.
+pub(crate) fn arm_task_call(store: &mut Store<State>, budget: Duration) {
+    arm(store, budget);
+    store.data_mut().defer_yield = true;
+}
+
+/// One call of a plugin in progress: its place among the plugin's calls in
+/// flight and in its tenant's budget, and the CPU it has spent, charged to
+/// the budget when it ends.
+pub(crate) struct Call<'a> {
+    pub(crate) plugin: &'a Arc<Plugin>,
+    pub(crate) _busy: Option<Busy<'a>>,
+    pub(crate) spending: Option<Spending>,
+    pub(crate) spent: Duration,
+}
+
+impl Call<'_> {
+    /// Ends a call that was refused before it ran, recording why.
+    pub(crate) fn refuse(self, error: PluginError) -> PluginError {
+        self.plugin.record(&error);
+        error
+    }
+
+    /// An idle instance, or a fresh one configured within
+    /// `configure_timeout` (the connection waits for it).
+    pub(crate) async fn checkout(&mut self) -> Result<Instance, PluginError> {
+        let idle = crate::sync::lock(&self.plugin.idle).pop();
+        if let Some(instance) = idle {
+            return Ok(instance);
+        }
+        let plugin = self.plugin;
+        // A fresh instance per call (no reuse) is part of the call, within
+        // its `timeout`; a stock that ran dry waits within `configure_timeout`.
+        let making = async {
+            if plugin.reuse_instances {
+                plugin.configured_instance(true).await
+            } else {
+                plugin.instantiate(plugin.timeout, true).await
+            }
+        };
+        let made = Timed::new(std::pin::pin!(making), &mut self.spent).await;
+        made.inspect_err(|error| self.plugin.record(error))
+    }
+
+    /// Returns the instance to the stock after a good call; discards it after
+    /// a failed one (its state may be broken) and has a replacement made.
+    pub(crate) fn finish<R>(self, instance: Instance, result: wasmtime::Result<R>) -> Result<R, PluginError> {
+        let plugin = self.plugin;
+        match result {
+            Ok(value) => {
+                plugin.put_back(instance);
+                Ok(value)
+            }
+            Err(e) => {
+                let error = plugin.classify(e, &instance.store, plugin.timeout);
+                drop(instance);
+                plugin.record(&error);
+                plugin.replenish();
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.plugin.calls.fetch_sub(1, Ordering::AcqRel);
+        if let Some(spending) = self.spending.take() {
+            spending.end(self.spent);
+        }
+    }
+}
+
+/// Adds the time spent polling a future — the plugin running on this
+/// thread, not the time it waits to be polled again — to a total.
+pub(crate) struct Timed<'a, F> {
+    pub(crate) inner: F,
+    pub(crate) spent: &'a mut Duration,
+}
+
+impl<'a, F> Timed<'a, F> {
+    pub(crate) fn new(inner: F, spent: &'a mut Duration) -> Self {
+        Timed { inner, spent }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Timed<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let started = Instant::now();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll(cx);
+        *this.spent += started.elapsed();
+        polled
+    }
+}
+
+impl Plugin {
+    /// The plugin's name in the config.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// What a failure of this plugin means for the connection.
+    pub fn on_error(&self) -> OnError {
+        self.on_error
+    }
+
+    /// The `.wasm` file it was loaded from.
+    pub fn wasm(&self) -> &Path {
+        &self.wasm
+    }
+
+    /// SHA-256 of the `.wasm` bytes: the plugin's version.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> std::time::SystemTime {
+        self.loaded_at
+    }
+
+    /// The latest failure of a call (seconds since the Unix epoch, what
+    /// happened), if any.
+    pub fn last_error(&self) -> Option<(u64, String)> {
+        crate::sync::lock(&self.last_error).clone()
+    }
+
+    /// Configured instances waiting for a call.
+    pub fn idle_instances(&self) -> usize {
+        crate::sync::lock(&self.idle).len()
+    }
+
+    /// Puts the plugin under a tenant's budget (or none).
+    pub fn set_budget(&self, budget: Option<Arc<Budget>>) {
+        self.budget.store(budget);
+    }
+
+    /// Asks the plugin to route a connection.
+    pub async fn route(self: &Arc<Self>, conn: &wit::Connection) -> Result<wit::Decision, PluginError> {
+        let mut call = self.begin()?;
+        let mut instance = call.checkout().await?;
+        arm_task_call(&mut instance.store, self.timeout);
+        let result = {
+            let exports = instance.exports.weir_plugin_plugin();
+            let running = std::pin::pin!(exports.call_route(&mut instance.store, conn));
+            Timed::new(running, &mut call.spent).await
+        };
+        call.finish(instance, result)
+    }
+
+    /// Asks the plugin whether to admit an authenticated peer.
+    pub async fn admit(
+        self: &Arc<Self>,
+        conn: &wit::Connection,
+        side: wit::Side,
+        peer: &wit::Peer,
+    ) -> Result<wit::Verdict, PluginError> {
+        let mut call = self.begin()?;
+        let mut instance = call.checkout().await?;
+        arm_task_call(&mut instance.store, self.timeout);
+        let result = {
+            let exports = instance.exports.weir_plugin_plugin();
+            let running = std::pin::pin!(exports.call_admit(&mut instance.store, conn, side, peer));
+            Timed::new(running, &mut call.spent).await
+        };
+        call.finish(instance, result)
+    }
+
+    /// Takes a place for a call: within the plugin's calls in flight and
+    /// its tenant's budget, or refused without running.
+    pub(crate) fn begin(self: &Arc<Self>) -> Result<Call<'_>, PluginError> {
+        let held = self.calls.fetch_add(1, Ordering::AcqRel);
+        let budget = self.budget.load_full();
+        let call = Call {
+            plugin: self,
+            _busy: None,
+            spending: None,
+            spent: Duration::ZERO,
+        };
+        if held >= MAX_CALLS_IN_FLIGHT {
+            return Err(call.refuse(PluginError::OverBudget(format!(
+                "{MAX_CALLS_IN_FLIGHT} calls of this plugin are in flight"
+            ))));
+        }
+        let mut call = call;
+        if let Some(budget) = budget {
+            match budget.start() {
+                Ok(spending) => call.spending = Some(spending),
+                Err(reason) => return Err(call.refuse(PluginError::OverBudget(reason))),
+            }
+        }
+        // Only a call that runs needs the clock (a refusal wakes no ticker).
+        call._busy = Some(self.ticker.busy());
+        Ok(call)
+    }
+
+    /// Creates and configures a fresh instance within `configure_timeout`.
+    pub(crate) async fn configured_instance(&self, defer_yield: bool) -> Result<Instance, PluginError> {
+        self.instantiate(self.configure_timeout, defer_yield)
+            .await
+            .map_err(|e| match e {
+                PluginError::Timeout(budget) => PluginError::ConfigureTimeout(budget),
+                other => other,
+            })
+    }
+
+    /// Creates and configures a fresh instance, each step within `budget`;
+    /// `defer_yield` says whether it runs in a tokio task (see [`State`]).
+    pub(crate) async fn instantiate(&self, budget: Duration, defer_yield: bool) -> Result<Instance, PluginError> {
+        let _busy = self.ticker.busy();
+        let state = State {
+            plugin: Arc::clone(&self.name),
+            log: Arc::clone(&self.log),
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limiter: MemoryCap {
+                max_bytes: self.max_memory_mib as usize * 1024 * 1024,
+                refused: false,
+            },
+            ticks_left: 0,
+            defer_yield,
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        // At every tick the call yields to the scheduler, until its ticks
+        // are spent; then it is interrupted.
+        store.epoch_deadline_callback(|mut store| {
+            let state = store.data_mut();
+            if state.ticks_left == 0 {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            state.ticks_left -= 1;
+            if state.defer_yield {
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        arm(&mut store, budget);
+        let exports = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| self.classify(e, &store, budget))?;
+        arm(&mut store, budget);
+        exports
+            .weir_plugin_plugin()
+            .call_configure(&mut store, &self.config)
+            .await
+            .map_err(|e| self.classify(e, &store, budget))?
+            .map_err(PluginError::Configure)?;
+        Ok(Instance::new(store, exports))
+    }
+
+    /// Refills the stock of configured instances in the background, one at
+    /// a time, after a failed call discarded one. Off the connection path,
+    /// and under `configure_timeout`, so a plugin whose `configure` is slower
+    /// than its call deadline recovers from a trap.
+    pub(crate) fn replenish(self: &Arc<Self>) {
+        if self.warm == 0 || self.replenishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.replenishing.store(false, Ordering::Release);
+            return;
+        };
+        let plugin = Arc::clone(self);
+        runtime.spawn(async move {
+            while plugin.idle_instances() < plugin.warm {
+                let mut spent = Duration::ZERO;
+                let made = Timed::new(std::pin::pin!(plugin.configured_instance(true)), &mut spent).await;
+                if let Some(budget) = plugin.budget.load_full() {
+                    budget.charge(spent);
+                }
+                match made {
+                    Ok(instance) => plugin.put_back(instance),
+                    Err(error) => {
+                        tracing::warn!(plugin = &*plugin.name, %error, "cannot configure a replacement instance");
+                        break;
+                    }
+                }
+            }
+            plugin.replenishing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Whether to log this failure of a call: one a second is, with how
+    /// many there were since (this one included); the rest are only counted
+    /// (metrics and the connection log line say each), so a storm of
+    /// failures, or of refusals over budget, cannot flood the log.
+    pub fn report_failure(&self) -> Option<u64> {
+        crate::sync::lock(&self.failure_reports).event()
+    }
+
+    /// Remembers a call's failure for the admin API.
+    pub(crate) fn record(&self, error: &PluginError) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        *crate::sync::lock(&self.last_error) = Some((at, error.to_string()));
+    }
+
+    pub(crate) fn put_back(&self, instance: Instance) {
+        if !self.reuse_instances {
+            return;
+        }
+        let mut idle = crate::sync::lock(&self.idle);
+        if idle.len() < MAX_IDLE_INSTANCES {
+            idle.push(instance);
+        }
+    }
+
+    pub(crate) fn classify(&self, error: wasmtime::Error, store: &Store<State>, budget: Duration) -> PluginError {
+        if store.data().limiter.refused {
+            return PluginError::OutOfMemory(self.max_memory_mib);
+        }
+        if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+            return PluginError::Timeout(budget);
+        }
+        PluginError::Trap(format!("{error:#}"))
+    }
+}

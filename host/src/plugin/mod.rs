@@ -1,0 +1,341 @@
+//! Runs plugins: one shared wasmtime [`Engine`], one compiled and
+//! pre-linked component per plugin, and a small stock of configured
+//! instances per plugin that connections borrow one call at a time.
+//!
+//! Every call runs under an epoch deadline and a memory cap. A trap, a
+//! timeout or a refused memory grow discards the instance that failed (its
+//! state may be broken); a replacement is configured in the background,
+//! under `configure_timeout`. The host never dies of a plugin.
+//!
+//! Calls are asynchronous: a call yields to the tokio scheduler at every
+//! epoch tick (1 ms of running), so a plugin that runs to its deadline
+//! holds no worker thread while other connections wait. What a plugin may
+//! spend is bounded twice: per plugin, calls in flight
+//! ([`crate::config::MAX_PLUGIN_CALLS`]); per tenant, a [`Budget`] of CPU a second and
+//! calls at once. A call over either is refused without running, and the
+//! connection gets the plugin's `on_error`.
+//!
+//! Plugins get the host's `log` import, clocks, random numbers and an empty
+//! environment. Every other import (files, sockets, stdio) is linked to a
+//! trap: a plugin that reaches for the outside world fails its call.
+
+use crate::plugin::instance::LIVE_PLUGINS;
+use crate::plugin::link::link_harmless_wasi;
+use crate::plugin::link::stub_unprovided_imports;
+use crate::plugin::state::LogBudget;
+use crate::plugin::state::State;
+use crate::plugin::state::Ticker;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use crate::config::PluginConfig;
+use crate::throttle::EverySecond;
+use crate::wit;
+
+mod budget;
+pub mod chain;
+pub mod decision;
+mod instance;
+mod link;
+mod state;
+
+pub use budget::Budget;
+pub use instance::{Plugin, live_instances, live_plugins};
+
+/// How often the engine's epoch advances: the resolution of plugin deadlines,
+/// and the longest a running call holds its worker thread before it yields.
+/// A quarter of a millisecond keeps other connections' wait behind a
+/// looping plugin short (with 1 ms slices, a bystander tenant's p99 was 8x
+/// its quiet p99 in `bench/run.sh isolation`; with these, about 2x).
+const EPOCH_TICK: Duration = Duration::from_micros(250);
+/// Most idle instances kept per plugin. A call that finishes within a tick
+/// never yields, so more than one per worker is rarely in use.
+const MAX_IDLE_INSTANCES: usize = 16;
+
+/// Why a plugin could not be loaded or a call into it failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The engine could not be set up.
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The `.wasm` file could not be read.
+    #[error("{path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        reason: String,
+    },
+    /// The file is not a WebAssembly component that weir can run.
+    #[error("{path}: not a loadable WebAssembly component: {reason}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// What wasmtime said.
+        reason: String,
+    },
+    /// The component does not implement the `weir:plugin` world.
+    #[error("{path}: does not implement weir:plugin/plugin@0.1.0: {reason}")]
+    Link {
+        /// The file.
+        path: PathBuf,
+        /// What wasmtime said.
+        reason: String,
+    },
+    /// The plugin's `configure` refused its config.
+    #[error("configure refused the config: {0}")]
+    Configure(String),
+    /// The call did not finish within the plugin's deadline.
+    #[error("did not return within {0:?}")]
+    Timeout(Duration),
+    /// Instantiating the plugin and running `configure` at load took longer
+    /// than its `configure_timeout`.
+    #[error("instantiation and configure did not finish within {0:?} (configure_timeout)")]
+    ConfigureTimeout(Duration),
+    /// The plugin tried to grow its memory beyond the cap.
+    #[error("exceeded its memory limit of {0} MiB")]
+    OutOfMemory(u32),
+    /// The plugin trapped (a panic, an invalid operation, a forbidden import).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The plugin returned a decision the host cannot carry out.
+    #[error("returned an invalid decision: {0}")]
+    InvalidDecision(String),
+    /// The call was refused without running: the plugin or its tenant is
+    /// over its budget (CPU a second, or calls in flight).
+    #[error("was not run: {0}")]
+    OverBudget(String),
+}
+
+/// The engine every plugin runs on, and the clock of its deadlines.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<State>,
+    ticker: Arc<Ticker>,
+    /// Compiled components by SHA-256 of their bytes, so a reload that
+    /// keeps a `.wasm` file, or brings back the one before, does not compile
+    /// it again. Pruned after every reload to what the running and the
+    /// previous snapshot use ([`Runtime::retain_compiled`]), so replacing
+    /// `.wasm` files does not accumulate compiled code.
+    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    /// Configured instances each plugin gets at load: one per thread that
+    /// may call plugins at once (the gateway's worker threads).
+    warm_instances: usize,
+}
+
+/// A tenant's `max_plugin_calls` when its config says none: 4, or one per
+/// worker thread if there are more.
+pub fn default_tenant_calls() -> usize {
+    worker_threads().max(4)
+}
+
+/// How many threads may call plugins at once: tokio's worker count
+/// (`TOKIO_WORKER_THREADS`, else one per CPU), at most [`MAX_IDLE_INSTANCES`].
+fn worker_threads() -> usize {
+    let configured = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    configured
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+        .clamp(1, MAX_IDLE_INSTANCES)
+}
+
+impl Runtime {
+    /// Sets up the engine, the host imports and the epoch ticker thread.
+    pub fn new() -> Result<Runtime, PluginError> {
+        let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let mut config = Config::new();
+        // No wasm backtraces: a failure is reported in one line, and traps are cheaper.
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .wasm_backtrace_max_frames(None);
+        let engine = Engine::new(&config).map_err(engine_error)?;
+
+        let mut linker = Linker::new(&engine);
+        wit::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
+        link_harmless_wasi(&mut linker).map_err(engine_error)?;
+
+        let ticker = Arc::new(Ticker {
+            in_flight: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        });
+        let (ticker_engine, ticker_state) = (engine.clone(), Arc::clone(&ticker));
+        let thread = std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || ticker_state.run(&ticker_engine))
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(Runtime {
+            engine,
+            linker,
+            ticker,
+            compiled: Mutex::new(HashMap::new()),
+            warm_instances: worker_threads(),
+        })
+    }
+
+    /// Sets how many configured instances each plugin gets at load (at
+    /// least one: it proves the config), for a caller that knows how many
+    /// threads will call plugins at once.
+    pub fn with_warm_instances(mut self, instances: usize) -> Runtime {
+        self.warm_instances = instances.clamp(1, MAX_IDLE_INSTANCES);
+        self
+    }
+
+    /// Drops the compiled components no plugin in `in_use` was loaded from.
+    pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
+        let keep: std::collections::HashSet<[u8; 32]> = in_use.into_iter().map(|plugin| plugin.sha256).collect();
+        crate::sync::lock(&self.compiled).retain(|sha256, _| keep.contains(sha256));
+    }
+
+    /// How many compiled components are kept for reuse.
+    pub fn compiled_count(&self) -> usize {
+        crate::sync::lock(&self.compiled).len()
+    }
+
+    /// Compiles, links and configures a plugin: everything that can fail
+    /// happens here, before any connection depends on it.
+    pub fn load(&self, name: &str, path: &Path, config: &PluginConfig) -> Result<Plugin, PluginError> {
+        let (bytes, sha256, config_text) = read(path, config)?;
+        self.instantiate(name, path, config, &bytes, sha256, config_text)
+    }
+
+    /// Like [`load`](Runtime::load), but returns `previous` itself when it was
+    /// loaded from the same bytes with the same settings and config text, so
+    /// a reload keeps its configured instances.
+    pub fn load_reusing(
+        &self,
+        name: &str,
+        path: &Path,
+        config: &PluginConfig,
+        previous: Option<&Arc<Plugin>>,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let (bytes, sha256, config_text) = read(path, config)?;
+        if let Some(previous) = previous
+            && previous.sha256 == sha256
+            && previous.settings == *config
+            && previous.config == config_text
+        {
+            return Ok(Arc::clone(previous));
+        }
+        self.instantiate(name, path, config, &bytes, sha256, config_text)
+            .map(Arc::new)
+    }
+
+    /// Compiles (or takes from the cache), links and configures a plugin.
+    fn instantiate(
+        &self,
+        name: &str,
+        path: &Path,
+        config: &PluginConfig,
+        bytes: &[u8],
+        sha256: [u8; 32],
+        config_text: String,
+    ) -> Result<Plugin, PluginError> {
+        let cached = crate::sync::lock(&self.compiled).get(&sha256).cloned();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                    path: path.to_owned(),
+                    reason: format!("{e:#}"),
+                })?;
+                crate::sync::lock(&self.compiled).insert(sha256, component.clone());
+                component
+            }
+        };
+        let mut linker = self.linker.clone();
+        let link_error = |e: wasmtime::Error| PluginError::Link {
+            path: path.to_owned(),
+            reason: format!("{e:#}"),
+        };
+        stub_unprovided_imports(&mut linker, &component, &self.engine).map_err(link_error)?;
+        let pre = linker.instantiate_pre(&component).map_err(link_error)?;
+        let pre = wit::WeirPluginPre::new(pre).map_err(link_error)?;
+        let plugin = Plugin {
+            name: name.into(),
+            pre,
+            wasm: path.to_owned(),
+            sha256,
+            settings: config.clone(),
+            loaded_at: std::time::SystemTime::now(),
+            last_error: Mutex::new(None),
+            config: config_text,
+            timeout: config.timeout,
+            configure_timeout: config.configure_timeout,
+            max_memory_mib: config.max_memory_mib,
+            on_error: config.on_error,
+            reuse_instances: config.reuse_instances,
+            idle: Mutex::new(Vec::new()),
+            ticker: Arc::clone(&self.ticker),
+            budget: arc_swap::ArcSwapOption::empty(),
+            calls: AtomicUsize::new(0),
+            log: Arc::new(LogBudget::new()),
+            failure_reports: Mutex::new(EverySecond::default()),
+            replenishing: AtomicBool::new(false),
+            warm: if config.reuse_instances { self.warm_instances } else { 0 },
+        };
+        LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
+        // Configure the instances now, one per worker thread, so that no
+        // connection waits for an instantiation and a `configure` (which may
+        // take longer than a call's deadline); a refused config fails the
+        // load. Without reuse, one instance proves the config.
+        for _ in 0..plugin.warm.max(1) {
+            let instance = futures_executor::block_on(plugin.configured_instance(false))?;
+            plugin.put_back(instance);
+        }
+        Ok(plugin)
+    }
+}
+
+/// A plugin's component bytes, their SHA-256 and its config text.
+fn read(path: &Path, config: &PluginConfig) -> Result<(Vec<u8>, [u8; 32], String), PluginError> {
+    let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let config_text = config.config_string().map_err(|e| PluginError::Read {
+        path: config.config_file.clone().unwrap_or_default(),
+        reason: e.to_string(),
+    })?;
+    let sha256 = {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        out
+    };
+    Ok((bytes, sha256, config_text))
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker.stop.store(true, Ordering::SeqCst);
+        self.ticker.wake();
+    }
+}
+
+impl PluginError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Timeout(_) | PluginError::ConfigureTimeout(_) => "timeout",
+            PluginError::OutOfMemory(_) => "memory",
+            PluginError::Trap(_) => "trap",
+            PluginError::InvalidDecision(_) => "invalid-decision",
+            PluginError::OverBudget(_) => "budget",
+            _ => "load",
+        }
+    }
+}
