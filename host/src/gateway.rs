@@ -143,6 +143,7 @@ impl Gateway {
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
         let mut stats = BTreeMap::new();
+        let all = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::sync::LazyLock::force(&DESCRIPTOR_LIMIT);
         let mut own = Vec::new();
         for (name, local, socket) in sockets {
@@ -155,6 +156,7 @@ impl Gateway {
                 socket,
                 Arc::clone(&snapshot),
                 listener_stats,
+                Arc::clone(&all),
             )));
         }
         Ok(Gateway {

@@ -13,9 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::snapshot::Snapshot;
 use serde::Serialize;
 
-/// Connections in progress over all listeners.
-pub(crate) static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-
 /// Counter behind connection ids.
 pub(crate) static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -57,6 +54,8 @@ pub(crate) async fn accept_loop(
     socket: TcpListener,
     snapshot: Arc<ArcSwap<Snapshot>>,
     stats: Arc<ListenerStats>,
+    // Connections in progress over all of the gateway's listeners.
+    all: Arc<AtomicUsize>,
 ) {
     let mut accept_errors = AcceptErrors::default();
     let mut reserve_reports = crate::throttle::EverySecond::default();
@@ -79,7 +78,7 @@ pub(crate) async fn accept_loop(
                     .config
                     .limits
                     .max_connections
-                    .is_some_and(|max| ACTIVE.load(Ordering::Relaxed) >= max)
+                    .is_some_and(|max| all.load(Ordering::Relaxed) >= max)
                 {
                     Some("global")
                 } else if in_descriptor_reserve(&stream, snapshot.config.limits.descriptor_reserve) {
@@ -110,12 +109,12 @@ pub(crate) async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 stats.total.fetch_add(1, Ordering::Relaxed);
                 stats.active.fetch_add(1, Ordering::Relaxed);
-                ACTIVE.fetch_add(1, Ordering::Relaxed);
-                let stats = Arc::clone(&stats);
+                all.fetch_add(1, Ordering::Relaxed);
+                let (stats, all) = (Arc::clone(&stats), Arc::clone(&all));
                 tokio::spawn(async move {
                     handle(stream, client, listener, snapshot).await;
                     stats.active.fetch_sub(1, Ordering::Relaxed);
-                    ACTIVE.fetch_sub(1, Ordering::Relaxed);
+                    all.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e)

@@ -1,0 +1,28 @@
+//! weir's end-to-end tests, one binary (linking wasmtime once, not once per
+//! file): each module starts real gateways, plugins and peers (openssl,
+//! curl, psql and PostgreSQL, Pebble) on loopback and checks what they see.
+//! Shared helpers are in the `weir-tests` library (`tests/src/lib.rs`).
+//!
+//! Run one area with `cargo test -p weir-tests --test e2e <module>::`.
+
+mod acme;
+mod admin;
+mod adversarial;
+mod attestation;
+mod cli;
+mod dstack;
+mod example_plugins;
+mod limits;
+mod mesh;
+mod ocsp;
+mod openssl;
+mod passthrough;
+mod plugin_faults;
+mod pools;
+mod postgres;
+mod proxy_protocol;
+mod reload;
+mod signals;
+mod sniffing;
+mod tenants;
+mod termination;
