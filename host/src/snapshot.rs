@@ -251,7 +251,7 @@ impl Snapshot {
     /// settings and config are unchanged (instances and all), and compiles
     /// only what changed.
     pub fn rebuild(config: Config, runtime: &Runtime, previous: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
-        let tls_error = |(field, reason): Invalid| SnapshotError::Tls {
+        let tls_error = |Invalid { field, reason }| SnapshotError::Tls {
             config: config.path.clone(),
             field,
             reason,
@@ -275,7 +275,7 @@ impl Snapshot {
             .iter()
             .map(|(name, listener)| {
                 let settings = check_listener(&listener.tls)
-                    .map_err(|(field, reason)| tls_error((format!("listeners.{name}.tls.{field}"), reason)))?;
+                    .map_err(|e| tls_error(Invalid::new(format!("listeners.{name}.tls.{}", e.field), e.reason)))?;
                 // `Config::check` proved every chain entry names a plugin.
                 let chain = listener
                     .plugins

@@ -188,7 +188,7 @@ impl Config {
                 return Err(self.invalid(field("max_connections"), "must be at least 1"));
             }
             tls::check_listener(&listener.tls)
-                .map_err(|(f, reason)| self.invalid(field(&format!("tls.{f}")), reason))?;
+                .map_err(|e| self.invalid(field(&format!("tls.{}", e.field)), e.reason))?;
         }
         Ok(())
     }

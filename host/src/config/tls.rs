@@ -8,7 +8,24 @@ use rustls::crypto::CryptoProvider;
 use std::sync::Arc;
 
 /// A field of the config and what is wrong with it.
-pub type Invalid = (String, String);
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// The field, dotted (`certificates.site.key`).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Invalid {
+    /// `field` and what is wrong with it.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 pub(crate) static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
@@ -28,7 +45,7 @@ pub struct ListenerSettings {
 /// Checks a listener's TLS settings and resolves them. Errors name the field
 /// under `tls`.
 pub fn check_listener(tls: &ListenerTls) -> Result<ListenerSettings, Invalid> {
-    let invalid = |field: &str, reason: String| (field.to_owned(), reason);
+    let invalid = |field: &str, reason: String| Invalid::new(field, reason);
     let versions: &'static [&'static SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => rustls::ALL_VERSIONS,
         TlsVersion::Tls13 => TLS13_ONLY,
@@ -131,7 +148,7 @@ mod tests {
             cipher_suites: vec!["TLS_RSA_WITH_RC4_128_MD5".into()],
             ..ok.clone()
         };
-        let (field, reason) = check_listener(&unknown).expect_err("unknown suite");
+        let Invalid { field, reason } = check_listener(&unknown).expect_err("unknown suite");
         assert_eq!(field, "cipher_suites");
         assert!(reason.contains("TLS_RSA_WITH_RC4_128_MD5"), "{reason}");
         let only12 = ListenerTls {
@@ -143,6 +160,6 @@ mod tests {
             alpn: vec![String::new()],
             ..ok
         };
-        assert_eq!(check_listener(&empty_alpn).expect_err("empty").0, "alpn");
+        assert_eq!(check_listener(&empty_alpn).expect_err("empty").field, "alpn");
     }
 }

@@ -21,11 +21,79 @@ pub const MAX_ALPN: usize = 16;
 
 /// Refuses a name from a decision that is longer than any real one, before
 /// it is looked up or quoted in an error.
-fn bounded<'a>(what: &str, name: &'a str) -> Result<&'a str, String> {
+fn bounded<'a>(what: &'static str, name: &'a str) -> Result<&'a str, DecisionError> {
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("a {what} of {} bytes (at most {MAX_NAME_LEN})", name.len()));
+        return Err(DecisionError::TooLong { what, len: name.len() });
     }
     Ok(name)
+}
+
+/// Why a plugin's decision was refused (a failure of that plugin).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecisionError {
+    /// A name longer than any real one.
+    #[error("a {what} of {len} bytes (at most {MAX_NAME_LEN})")]
+    TooLong {
+        /// What the name names.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A pool or address name longer than any real one.
+    #[error("an upstream of {0} bytes (at most {MAX_NAME_LEN})")]
+    UpstreamTooLong(usize),
+    /// A reject reason over [`MAX_REASON_LEN`].
+    #[error("a reject reason of {0} bytes (at most {MAX_REASON_LEN})")]
+    ReasonTooLong(usize),
+    /// No route name.
+    #[error("the route name is empty")]
+    EmptyRoute,
+    /// A route name over 256 bytes.
+    #[error("the route name is {0} bytes, more than {MAX_ROUTE_LEN}")]
+    RouteTooLong(usize),
+    /// A route name with control characters (shown escaped).
+    #[error("the route name {0:?} contains control characters")]
+    RouteControl(String),
+    /// More ALPN protocols than [`MAX_ALPN`].
+    #[error("{0} ALPN protocols (at most {MAX_ALPN})")]
+    TooManyAlpn(usize),
+    /// An ALPN protocol name that is empty or over 255 bytes.
+    #[error("{0}")]
+    Alpn(String),
+    /// A certificate the snapshot (or the tenant) does not have.
+    #[error("unknown certificate `{0}`")]
+    UnknownCertificate(String),
+    /// A CA the snapshot (or the tenant) does not have.
+    #[error("unknown CA `{0}`")]
+    UnknownCa(String),
+    /// Client authentication against a CA that has only pins.
+    #[error("client authentication needs a CA bundle, and CA `{0}` has only pins")]
+    PinsOnly(String),
+    /// Both attestation and a CA for one upstream.
+    #[error("upstream-tls: an attested upstream is identified by its attestation; drop `ca`")]
+    AttestedWithCa,
+    /// An upstream server name that is neither a DNS name nor an IP address.
+    #[error("upstream server-name `{0}` is neither a DNS name nor an IP address")]
+    ServerName(String),
+    /// A pool the snapshot (or the tenant) does not have.
+    #[error("unknown pool `{0}`")]
+    UnknownPool(String),
+    /// `pool:port` with a port that is not one.
+    #[error("pool `{pool}`: `{port}` is not a port (1-65535)")]
+    PoolPort {
+        /// What the decision named.
+        pool: String,
+        /// The part after the colon.
+        port: String,
+    },
+    /// An address that does not parse, or that the decision may not name
+    /// (outside the tenant, one of weir's own).
+    #[error("{0}")]
+    Address(String),
+    /// A PROXY protocol version that does not exist.
+    #[error("{0}")]
+    ProxyVersion(String),
 }
 
 /// A validated routing decision.
@@ -154,40 +222,34 @@ pub trait Known {
 
 impl Decision {
     /// Validates a plugin's decision. `Ok(None)` is `next`.
-    pub fn from_wit(decision: wit::Decision, known: &dyn Known) -> Result<Option<Decision>, String> {
+    pub fn from_wit(decision: wit::Decision, known: &dyn Known) -> Result<Option<Decision>, DecisionError> {
         let action = match decision.action {
             wit::Action::Next => return Ok(None),
             wit::Action::Passthrough(target) => Action::Passthrough(Target::from_wit(target, known)?),
             wit::Action::Reject(reason) if reason.len() > MAX_REASON_LEN => {
-                return Err(format!(
-                    "a reject reason of {} bytes (at most {MAX_REASON_LEN})",
-                    reason.len()
-                ));
+                return Err(DecisionError::ReasonTooLong(reason.len()));
             }
             wit::Action::Reject(reason) => Action::Reject(reason),
             wit::Action::Terminate(termination) => Action::Terminate(Termination::from_wit(termination, known)?),
         };
         let route = decision.route;
         if route.is_empty() {
-            return Err("the route name is empty".into());
+            return Err(DecisionError::EmptyRoute);
         }
         if route.len() > MAX_ROUTE_LEN {
-            return Err(format!(
-                "the route name is {} bytes, more than {MAX_ROUTE_LEN}",
-                route.len()
-            ));
+            return Err(DecisionError::RouteTooLong(route.len()));
         }
         if route.chars().any(char::is_control) {
-            return Err(format!("the route name {route:?} contains control characters"));
+            return Err(DecisionError::RouteControl(route));
         }
         Ok(Some(Decision { route, action }))
     }
 }
 
 impl Termination {
-    fn from_wit(t: wit::Termination, known: &dyn Known) -> Result<Termination, String> {
+    fn from_wit(t: wit::Termination, known: &dyn Known) -> Result<Termination, DecisionError> {
         if t.alpn.len() > MAX_ALPN {
-            return Err(format!("{} ALPN protocols (at most {MAX_ALPN})", t.alpn.len()));
+            return Err(DecisionError::TooManyAlpn(t.alpn.len()));
         }
         if let Some(name) = &t.certificate {
             bounded("certificate name", name)?;
@@ -195,14 +257,12 @@ impl Termination {
         if let Some(name) = &t.certificate
             && !known.has_certificate(name)
         {
-            return Err(format!("unknown certificate `{name}`"));
+            return Err(DecisionError::UnknownCertificate(name.clone()));
         }
         let client_ca = |name: String| match bounded("CA name", &name).map(|name| known.ca(name))? {
             Some(true) => Ok(name),
-            Some(false) => Err(format!(
-                "client authentication needs a CA bundle, and CA `{name}` has only pins"
-            )),
-            None => Err(format!("unknown CA `{name}`")),
+            Some(false) => Err(DecisionError::PinsOnly(name)),
+            None => Err(DecisionError::UnknownCa(name)),
         };
         let client_auth = match t.client_auth {
             wit::ClientAuth::None => ClientAuth::None,
@@ -210,7 +270,7 @@ impl Termination {
             wit::ClientAuth::Required(ca) => ClientAuth::Required(client_ca(ca)?),
             wit::ClientAuth::Attested => ClientAuth::Attested,
         };
-        crate::config::tls::alpn_list(&t.alpn)?;
+        crate::config::tls::alpn_list(&t.alpn).map_err(DecisionError::Alpn)?;
         let then = match t.then {
             wit::After::Plain(target) => After::Plain(Target::from_wit(target, known)?),
             wit::After::Reencrypt((target, tls)) => {
@@ -227,7 +287,7 @@ impl Termination {
 }
 
 impl UpstreamTls {
-    fn from_wit(tls: wit::UpstreamTls, known: &dyn Known) -> Result<UpstreamTls, String> {
+    fn from_wit(tls: wit::UpstreamTls, known: &dyn Known) -> Result<UpstreamTls, DecisionError> {
         for (what, name) in [
             ("server name", &tls.server_name),
             ("CA name", &tls.ca),
@@ -238,21 +298,21 @@ impl UpstreamTls {
             }
         }
         if tls.attested && tls.ca.is_some() {
-            return Err("upstream-tls: an attested upstream is identified by its attestation; drop `ca`".into());
+            return Err(DecisionError::AttestedWithCa);
         }
         if let Some(name) = &tls.server_name {
             rustls::pki_types::ServerName::try_from(name.as_str())
-                .map_err(|_| format!("upstream server-name `{name}` is neither a DNS name nor an IP address"))?;
+                .map_err(|_| DecisionError::ServerName(name.clone()))?;
         }
         if let Some(name) = &tls.ca
             && known.ca(name).is_none()
         {
-            return Err(format!("unknown CA `{name}`"));
+            return Err(DecisionError::UnknownCa(name.clone()));
         }
         if let Some(name) = &tls.client_cert
             && !known.has_certificate(name)
         {
-            return Err(format!("unknown certificate `{name}`"));
+            return Err(DecisionError::UnknownCertificate(name.clone()));
         }
         Ok(UpstreamTls {
             server_name: tls.server_name,
@@ -264,27 +324,32 @@ impl UpstreamTls {
 }
 
 impl Target {
-    fn from_wit(target: wit::Target, known: &dyn Known) -> Result<Target, String> {
+    fn from_wit(target: wit::Target, known: &dyn Known) -> Result<Target, DecisionError> {
         let upstream = match target.upstream {
             wit::Upstream::Pool(name) | wit::Upstream::Address(name) if name.len() > MAX_NAME_LEN => {
-                return Err(format!("an upstream of {} bytes (at most {MAX_NAME_LEN})", name.len()));
+                return Err(DecisionError::UpstreamTooLong(name.len()));
             }
             wit::Upstream::Pool(name) if known.has_pool(&name) => Upstream::Pool(name),
             wit::Upstream::Pool(name) => match name.rsplit_once(':') {
                 Some((pool, port)) if known.has_pool(pool) => match port.parse::<u16>() {
                     Ok(port) if port > 0 => Upstream::PoolOnPort(pool.to_owned(), port),
-                    _ => return Err(format!("pool `{name}`: `{port}` is not a port (1-65535)")),
+                    _ => {
+                        return Err(DecisionError::PoolPort {
+                            pool: name.clone(),
+                            port: port.to_owned(),
+                        });
+                    }
                 },
-                _ => return Err(format!("unknown pool `{name}`")),
+                _ => return Err(DecisionError::UnknownPool(name)),
             },
             wit::Upstream::Address(addr) => {
-                let addr = HostPort::parse(&addr).map_err(|e| e.to_string())?;
-                known.check_address(&addr)?;
+                let addr = HostPort::parse(&addr).map_err(|e| DecisionError::Address(e.to_string()))?;
+                known.check_address(&addr).map_err(DecisionError::Address)?;
                 Upstream::Address(addr)
             }
         };
         if let Some(version) = target.proxy_protocol {
-            weir_plugin_sdk::proxy::check_version(version)?;
+            weir_plugin_sdk::proxy::check_version(version).map_err(DecisionError::ProxyVersion)?;
         }
         Ok(Target {
             upstream,
@@ -434,7 +499,7 @@ mod tests {
         ];
         for (decision, expected) in cases {
             let err = Decision::from_wit(decision, &Pools).expect_err(expected);
-            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+            assert!(err.to_string().contains(expected), "expected `{expected}` in: {err}");
         }
     }
 
@@ -546,7 +611,7 @@ mod tests {
         ];
         for (decision, expected) in cases {
             let err = Decision::from_wit(decision, &Pools).expect_err(expected);
-            assert!(err.contains(expected), "{err}");
+            assert!(err.to_string().contains(expected), "{err}");
         }
     }
 }

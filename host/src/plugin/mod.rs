@@ -107,7 +107,7 @@ pub enum PluginError {
     Trap(String),
     /// The plugin returned a decision the host cannot carry out.
     #[error("returned an invalid decision: {0}")]
-    InvalidDecision(String),
+    InvalidDecision(decision::DecisionError),
     /// The call was refused without running: the plugin or its tenant is
     /// over its budget (CPU a second, or calls in flight).
     #[error("was not run: {0}")]

@@ -183,7 +183,7 @@ impl TlsMaterial {
             .iter()
             .map(|f| config.resolve(f))
             .collect();
-        let verifier = Verifier::load(&collateral).map_err(|e| ("attestation.collateral".to_owned(), e))?;
+        let verifier = Verifier::load(&collateral).map_err(|e| Invalid::new("attestation.collateral", e))?;
         material.attestation = Arc::new(AttestationPolicy::new(verifier, config.attestation.allow_debug));
         for (name, cert) in &config.certificates {
             let Some((certificate, names)) = load_certificate(config, &provider, name, cert)? else {
@@ -265,34 +265,34 @@ fn load_certificate(
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
         .and_then(Iterator::collect)
-        .map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+        .map_err(|e| Invalid::new(field("cert"), format!("{}: {e}", cert_path.display())))?;
     let Some(leaf) = chain.first() else {
-        return Err((
+        return Err(Invalid::new(
             field("cert"),
             format!("{}: no certificate in the file", cert_path.display()),
         ));
     };
-    let names = dns_names(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+    let names = dns_names(leaf).map_err(|e| Invalid::new(field("cert"), format!("{}: {e}", cert_path.display())))?;
     let key_path = config.resolve(&cert.key);
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
         let reason = match e {
             rustls::pki_types::pem::Error::NoItemsFound => "no private key in the file".to_owned(),
             other => other.to_string(),
         };
-        (field("key"), format!("{}: {reason}", key_path.display()))
+        Invalid::new(field("key"), format!("{}: {reason}", key_path.display()))
     })?;
     let key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+        .map_err(|e| Invalid::new(field("key"), format!("{}: {e}", key_path.display())))?;
     let not_after =
-        weir_attest::x509::not_after(leaf).map_err(|e| (field("cert"), format!("{}: {e}", cert_path.display())))?;
+        weir_attest::x509::not_after(leaf).map_err(|e| Invalid::new(field("cert"), format!("{}: {e}", cert_path.display())))?;
     warn_of_expiry(name, not_after);
     let staple = load_staple(config, name, cert, &chain)?;
     let certified = CertifiedKey::new(chain, key);
     certified
         .keys_match()
-        .map_err(|e| (field("key"), format!("{}: {e}", key_path.display())))?;
+        .map_err(|e| Invalid::new(field("key"), format!("{}: {e}", key_path.display())))?;
     let stapled = staple.map(|staple| {
         let mut with = certified.clone();
         with.ocsp = Some(staple.der);
@@ -321,9 +321,9 @@ fn load_staple(
         None => None,
         Some(file) => {
             let path = config.resolve(file);
-            let der = std::fs::read(&path).map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
+            let der = std::fs::read(&path).map_err(|e| Invalid::new(field("ocsp"), format!("{}: {e}", path.display())))?;
             let staple = weir_attest::ocsp::check(&der, chain, now)
-                .map_err(|e| (field("ocsp"), format!("{}: {e}", path.display())))?;
+                .map_err(|e| Invalid::new(field("ocsp"), format!("{}: {e}", path.display())))?;
             match staple.next_update {
                 Some(next) if next <= now => {
                     tracing::warn!(
@@ -350,15 +350,15 @@ fn load_ca(config: &Config, name: &str, ca: &CaConfig) -> Result<Ca, Invalid> {
             let path = config.resolve(file);
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
                 .and_then(Iterator::collect)
-                .map_err(|e| (field.clone(), format!("{}: {e}", path.display())))?;
+                .map_err(|e| Invalid::new(field.clone(), format!("{}: {e}", path.display())))?;
             let mut store = RootCertStore::empty();
             for cert in certs {
                 store
                     .add(cert)
-                    .map_err(|e| (field.clone(), format!("{}: {e}", path.display())))?;
+                    .map_err(|e| Invalid::new(field.clone(), format!("{}: {e}", path.display())))?;
             }
             if store.is_empty() {
-                return Err((field, format!("{}: no certificate in the file", path.display())));
+                return Err(Invalid::new(field, format!("{}: no certificate in the file", path.display())));
             }
             Some(Arc::new(store))
         }
