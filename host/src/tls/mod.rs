@@ -285,8 +285,8 @@ fn load_certificate(
         .key_provider
         .load_private_key(key)
         .map_err(|e| Invalid::new(field("key"), format!("{}: {e}", key_path.display())))?;
-    let not_after =
-        weir_attest::x509::not_after(leaf).map_err(|e| Invalid::new(field("cert"), format!("{}: {e}", cert_path.display())))?;
+    let not_after = weir_attest::x509::not_after(leaf)
+        .map_err(|e| Invalid::new(field("cert"), format!("{}: {e}", cert_path.display())))?;
     warn_of_expiry(name, not_after);
     let staple = load_staple(config, name, cert, &chain)?;
     let certified = CertifiedKey::new(chain, key);
@@ -321,7 +321,8 @@ fn load_staple(
         None => None,
         Some(file) => {
             let path = config.resolve(file);
-            let der = std::fs::read(&path).map_err(|e| Invalid::new(field("ocsp"), format!("{}: {e}", path.display())))?;
+            let der =
+                std::fs::read(&path).map_err(|e| Invalid::new(field("ocsp"), format!("{}: {e}", path.display())))?;
             let staple = weir_attest::ocsp::check(&der, chain, now)
                 .map_err(|e| Invalid::new(field("ocsp"), format!("{}: {e}", path.display())))?;
             match staple.next_update {
@@ -358,7 +359,10 @@ fn load_ca(config: &Config, name: &str, ca: &CaConfig) -> Result<Ca, Invalid> {
                     .map_err(|e| Invalid::new(field.clone(), format!("{}: {e}", path.display())))?;
             }
             if store.is_empty() {
-                return Err(Invalid::new(field, format!("{}: no certificate in the file", path.display())));
+                return Err(Invalid::new(
+                    field,
+                    format!("{}: no certificate in the file", path.display()),
+                ));
             }
             Some(Arc::new(store))
         }
