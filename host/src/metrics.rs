@@ -318,6 +318,91 @@ impl Metrics {
         );
     }
 
+    /// The gauge of `listener`'s connections in progress.
+    pub fn active(&self, listener: &str) -> Gauge {
+        let labels = ListenerLabels {
+            listener: listener.into(),
+        };
+        self.active.get_or_create(&labels).clone()
+    }
+
+    /// Records a finished connection: its outcome (with its route, capped
+    /// per tenant and listener), its sniff failure if any, its bytes.
+    pub fn connection_ended(&self, ended: &Ended<'_>) {
+        let listener = LabelValue::from(ended.listener);
+        for (direction, bytes) in [("up", ended.bytes_up), ("down", ended.bytes_down)] {
+            let labels = BytesLabels {
+                listener: listener.clone(),
+                direction,
+            };
+            self.bytes.get_or_create(&labels).inc_by(bytes);
+        }
+        if let Some(reason) = ended.sniff_failure {
+            let labels = SniffLabels {
+                listener: listener.clone(),
+                reason,
+            };
+            self.sniff_failures.get_or_create(&labels).inc();
+        }
+        let labels = ConnectionLabels {
+            tenant: ended.tenant.unwrap_or("-").into(),
+            listener,
+            route: self.route_label(ended.tenant, ended.listener, ended.route.unwrap_or("-")),
+            outcome: ended.outcome.into(),
+        };
+        self.connections.get_or_create(&labels).inc();
+    }
+
+    /// Counts a connection closed at accept (or at its client's limit) on
+    /// `listener`; `limit` is `listener`, `global`, `client` or
+    /// `descriptors`.
+    pub fn shed(&self, listener: &str, limit: &'static str) {
+        let labels = ShedLabels {
+            listener: listener.into(),
+            limit,
+        };
+        self.shed.get_or_create(&labels).inc();
+    }
+
+    /// Counts a failed `accept` on `listener`.
+    pub fn accept_failed(&self, listener: &str) {
+        let labels = ListenerLabels {
+            listener: listener.into(),
+        };
+        self.accept_errors.get_or_create(&labels).inc();
+    }
+
+    /// Counts a tenant connection refused at the tenant's limit.
+    pub fn tenant_limited(&self, tenant: &str) {
+        let labels = TenantLabels { tenant: tenant.into() };
+        self.tenant_limited.get_or_create(&labels).inc();
+    }
+
+    /// Counts a tenant decision that named something outside the tenant.
+    pub fn tenant_violation(&self, tenant: &str) {
+        let labels = TenantLabels { tenant: tenant.into() };
+        self.tenant_violations.get_or_create(&labels).inc();
+    }
+
+    /// Counts a plugin log line dropped over the plugin's log budget.
+    pub fn plugin_log_dropped(&self, plugin: &str) {
+        let labels = PluginLabels { plugin: plugin.into() };
+        self.plugin_log_dropped.get_or_create(&labels).inc();
+    }
+
+    /// Records a plugin call's duration, and its failure's kind if it failed.
+    pub fn plugin_call(&self, plugin: &str, seconds: f64, failure: Option<&'static str>) {
+        let labels = PluginLabels { plugin: plugin.into() };
+        self.plugin_calls.get_or_create(&labels).observe(seconds);
+        if let Some(kind) = failure {
+            let labels = FailureLabels {
+                plugin: labels.plugin,
+                kind,
+            };
+            self.plugin_failures.get_or_create(&labels).inc();
+        }
+    }
+
     /// Counts a rebuild-and-swap of the configuration by its result.
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
@@ -445,4 +530,23 @@ pub struct CertificateStatus {
     pub ocsp_next_update: Option<u64>,
     /// Whether an OCSP response is stapled right now.
     pub ocsp_stapled: bool,
+}
+
+/// A finished connection, as [`Metrics::connection_ended`] counts it.
+#[derive(Debug)]
+pub struct Ended<'a> {
+    /// Its listener.
+    pub listener: &'a str,
+    /// Its tenant, if it had one.
+    pub tenant: Option<&'a str>,
+    /// The route the decision named, if one did.
+    pub route: Option<&'a str>,
+    /// How it ended (`closed`, `rejected`, ...).
+    pub outcome: &'static str,
+    /// Why it ended before routing, if it did.
+    pub sniff_failure: Option<&'static str>,
+    /// Bytes from the client to the upstream.
+    pub bytes_up: u64,
+    /// Bytes from the upstream to the client.
+    pub bytes_down: u64,
 }

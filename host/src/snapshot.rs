@@ -393,14 +393,7 @@ impl Snapshot {
             None => chain::route(&listener.chain, conn, self, || {}).await,
             Some(tenant) => {
                 let scope = TenantScope { snapshot: self, tenant };
-                let violated = || {
-                    crate::metrics::METRICS
-                        .tenant_violations
-                        .get_or_create(&crate::metrics::TenantLabels {
-                            tenant: tenant.name.to_string().into(),
-                        })
-                        .inc();
-                };
+                let violated = || crate::metrics::METRICS.tenant_violation(&tenant.name);
                 chain::route(&tenant.chain, conn, &scope, violated).await
             }
         }

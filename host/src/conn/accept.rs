@@ -88,11 +88,7 @@ pub(crate) async fn accept_loop(
                 };
                 if let Some(limit) = shed {
                     drop(stream);
-                    let labels = crate::metrics::ShedLabels {
-                        listener: name.to_string().into(),
-                        limit,
-                    };
-                    crate::metrics::METRICS.shed.get_or_create(&labels).inc();
+                    crate::metrics::METRICS.shed(&name, limit);
                     tracing::debug!(listener = &*name, %client, limit, "connection shed at its limit");
                     if limit == "descriptors"
                         && let Some(shed) = reserve_reports.event()
@@ -130,12 +126,7 @@ pub(crate) async fn accept_loop(
                 // Out of file descriptors or memory. The connection stays
                 // in the kernel's backlog, to be accepted once descriptors
                 // free up: back off instead of spinning on the error.
-                crate::metrics::METRICS
-                    .accept_errors
-                    .get_or_create(&crate::metrics::ListenerLabels {
-                        listener: name.to_string().into(),
-                    })
-                    .inc();
+                crate::metrics::METRICS.accept_failed(&name);
                 accept_errors.failed(&name, &e);
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }

@@ -131,11 +131,7 @@ pub(crate) async fn read_front(
         match listener.clients.admit(client, max) {
             Ok(slot) => record.client_slot = Some(slot),
             Err(held) => {
-                let labels = crate::metrics::ShedLabels {
-                    listener: listener.name.to_string().into(),
-                    limit: "client",
-                };
-                crate::metrics::METRICS.shed.get_or_create(&labels).inc();
+                crate::metrics::METRICS.shed(&listener.name, "client");
                 return Err(Outcome::ClientLimit { client, prefix, held });
             }
         }

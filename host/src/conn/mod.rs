@@ -35,6 +35,11 @@ mod outcome;
 mod passthrough;
 mod terminate;
 
+/// The log target of the one record each connection ends with. Operators
+/// filter and ship on it (`RUST_LOG=weir::gateway=info`), so it stays what it
+/// was when connections were served from `gateway.rs`.
+const RECORD_TARGET: &str = "weir::gateway";
+
 /// Serves one connection to its end and records it. The routing state
 /// (`listener`, `snapshot`: compiled plugins, TLS material, pools) is let go
 /// before the relay starts, so a connection relayed for days holds only its
@@ -60,10 +65,7 @@ pub(crate) async fn handle(
         transfer: Transfer::default(),
     };
     let metrics = &crate::metrics::METRICS;
-    let listener_labels = crate::metrics::ListenerLabels {
-        listener: (*listener.name).into(),
-    };
-    let active = metrics.active.get_or_create(&listener_labels).clone();
+    let active = metrics.active(&listener.name);
     active.inc();
     let proxied = proxy(client, &listener, &snapshot, &mut record).await;
     let (name, mode, timeouts) = (
@@ -91,27 +93,15 @@ pub(crate) async fn handle(
         guard.backend().bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
         guard.backend().bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
     }
-    for (direction, bytes) in [("up", bytes_up), ("down", bytes_down)] {
-        let labels = crate::metrics::BytesLabels {
-            listener: listener_labels.listener.clone(),
-            direction,
-        };
-        metrics.bytes.get_or_create(&labels).inc_by(bytes);
-    }
-    if let Some(reason) = outcome.sniff_failure() {
-        let labels = crate::metrics::SniffLabels {
-            listener: listener_labels.listener.clone(),
-            reason,
-        };
-        metrics.sniff_failures.get_or_create(&labels).inc();
-    }
-    let labels = crate::metrics::ConnectionLabels {
-        tenant: record.tenant.as_deref().unwrap_or("-").into(),
-        listener: listener_labels.listener,
-        route: metrics.route_label(record.tenant.as_deref(), &name, record.route.as_deref().unwrap_or("-")),
-        outcome: outcome.kind().into(),
-    };
-    metrics.connections.get_or_create(&labels).inc();
+    metrics.connection_ended(&crate::metrics::Ended {
+        listener: &name,
+        tenant: record.tenant.as_deref(),
+        route: record.route.as_deref(),
+        outcome: outcome.kind(),
+        sniff_failure: outcome.sniff_failure(),
+        bytes_up,
+        bytes_down,
+    });
     let spliced = transfer.spliced.load(Ordering::Relaxed);
     let ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let sni = record.sni.as_deref().unwrap_or("-");
@@ -121,7 +111,7 @@ pub(crate) async fn handle(
     let upstream = record.upstream.as_deref().unwrap_or("-");
     let listener = &*name;
     let (id, client) = (record.id, record.client);
-    tracing::info!(id, listener, %client, sni, tenant, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
+    tracing::info!(target: RECORD_TARGET, id, listener, %client, sni, tenant, route, mode, upstream, bytes_up, bytes_down, spliced, ms, %outcome, "connection");
 }
 
 /// Where [`proxy`] leaves a connection.
@@ -186,12 +176,7 @@ pub(crate) async fn proxy(
             match tenant.admit_connection() {
                 Ok(slot) => Some(slot),
                 Err(reason) => {
-                    crate::metrics::METRICS
-                        .tenant_limited
-                        .get_or_create(&crate::metrics::TenantLabels {
-                            tenant: tenant.name.to_string().into(),
-                        })
-                        .inc();
+                    crate::metrics::METRICS.tenant_limited(&tenant.name);
                     record.route = Some("tenant-limit".into());
                     front.refuse(listener, ALERT_INTERNAL_ERROR, &reason).await;
                     return Proxied::Ended(Outcome::Rejected(reason));

@@ -193,19 +193,6 @@ impl Routing {
 
 /// Records a plugin call's duration, and its failure if it failed.
 fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
-    let metrics = &crate::metrics::METRICS;
-    let labels = crate::metrics::PluginLabels {
-        plugin: plugin.name().to_string().into(),
-    };
-    metrics
-        .plugin_calls
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    if let Some(error) = error {
-        let labels = crate::metrics::FailureLabels {
-            plugin: labels.plugin,
-            kind: error.kind(),
-        };
-        metrics.plugin_failures.get_or_create(&labels).inc();
-    }
+    let seconds = started.elapsed().as_secs_f64();
+    crate::metrics::METRICS.plugin_call(plugin.name(), seconds, error.map(PluginError::kind));
 }

@@ -91,10 +91,7 @@ impl wit::host::Host for State {
         let plugin = &*self.plugin;
         match self.log.take(message.len()) {
             None => {
-                crate::metrics::METRICS
-                    .plugin_log_dropped
-                    .get_or_create(&crate::metrics::PluginLabels { plugin: plugin.into() })
-                    .inc();
+                crate::metrics::METRICS.plugin_log_dropped(plugin);
                 return;
             }
             Some(0) => {}

@@ -221,7 +221,10 @@ async fn client_certificates_are_verified_then_admitted_by_the_plugins() {
     let alice = client_pki.client("alice");
     let reply = tls_exchange(addr, "mtls.test", site_pki.client_config_with(&alice), "hi").await;
     assert_eq!(reply.expect("alice is served"), "upstream heard: hi\n");
-    assert!(weir.connection_line().await.contains("outcome=closed"));
+    let line = weir.connection_line().await;
+    assert!(line.contains("outcome=closed"), "{line}");
+    // The record's log target is what operators filter and ship on.
+    assert!(line.contains(" weir::gateway: connection id="), "{line}");
     let (cert, key) = alice.write(dir.path(), "alice");
     let site_ca = site_pki.write_ca(dir.path(), "site-ca");
     let (stdout, stderr) = s_client(
