@@ -22,11 +22,13 @@
 #                                     200 connections a second)
 #   bench/run.sh reload-memory        weir's RSS over failed reloads of the
 #                                     18 MB Python example plugin
+#   bench/run.sh coldstart            `weir route` and `weir run` start times
+#                                     with and without the compiled-code cache
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation | reload-memory) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory | coldstart) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -62,4 +64,5 @@ case "$mode" in
     soak) exec python3 bench/soak.py "$@" ;;
     isolation) exec python3 bench/isolation.py "$@" ;;
     reload-memory) exec python3 bench/reload_memory.py "$@" ;;
+    coldstart) exec python3 bench/coldstart.py "$@" ;;
 esac

@@ -123,7 +123,7 @@ impl Gateway {
     /// Builds the snapshot (loading every plugin), binds every listener and
     /// starts accepting on the current tokio runtime.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
-        let runtime = Arc::new(Runtime::new()?);
+        let runtime = Arc::new(Runtime::for_config(&config)?);
         let snapshot = Snapshot::build(config, &runtime)?;
         let mut sockets = Vec::new();
         for listener in snapshot.listeners() {

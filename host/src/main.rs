@@ -30,6 +30,9 @@ enum Command {
         /// The config file.
         #[arg(long)]
         config: PathBuf,
+        /// Compile every plugin, neither reading nor writing the compiled-code cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Load the config and every plugin (calling each plugin's configure),
     /// then exit: 0 when all is well, 1 with the reason otherwise.
@@ -37,38 +40,64 @@ enum Command {
         /// The config file.
         #[arg(long)]
         config: PathBuf,
+        /// Compile every plugin, neither reading nor writing the compiled-code cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Print, as one JSON object, how a listener's plugin chain routes a
     /// connection with these properties. Opens no sockets.
-    Route {
-        /// The config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// The listener whose chain decides.
-        #[arg(long)]
-        listener: String,
-        /// The server name the client sends (canonicalised as the gateway does).
-        // A name that starts with `-` is still a value here; weir's own
-        // check then says what is wrong with it.
-        #[arg(long, allow_hyphen_values = true)]
-        sni: Option<String>,
-        /// ALPN protocols the client offers, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        alpn: Vec<String>,
-        /// The client's address (an IP, or ip:port).
-        #[arg(long, default_value = "127.0.0.1")]
-        client_ip: String,
-        /// How the client started the connection.
-        #[arg(long, value_enum, default_value_t = ProtocolArg::Tls)]
-        protocol: ProtocolArg,
-        /// Explain in words, plugin by plugin, instead of printing JSON.
-        #[arg(long)]
-        explain: bool,
+    Route(RouteArgs),
+    /// The compiled-code cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
     },
     /// Plugin authoring.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+/// What `weir route` asks.
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// The config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// The listener whose chain decides.
+    #[arg(long)]
+    listener: String,
+    /// The server name the client sends (canonicalised as the gateway does).
+    // A name that starts with `-` is still a value here; weir's own
+    // check then says what is wrong with it.
+    #[arg(long, allow_hyphen_values = true)]
+    sni: Option<String>,
+    /// ALPN protocols the client offers, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    alpn: Vec<String>,
+    /// The client's address (an IP, or ip:port).
+    #[arg(long, default_value = "127.0.0.1")]
+    client_ip: String,
+    /// How the client started the connection.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tls)]
+    protocol: ProtocolArg,
+    /// Explain in words, plugin by plugin, instead of printing JSON.
+    #[arg(long)]
+    explain: bool,
+    /// Compile every plugin, neither reading nor writing the compiled-code cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Remove entries that are corrupt or not weir's, then the ones used
+    /// longest ago until the cache fits `cache.max_size_mib`.
+    Prune {
+        /// The config file whose `[cache]` to prune.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -98,17 +127,12 @@ enum ProtocolArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
-        Command::Check { config } => check(config),
-        Command::Route {
-            config,
-            listener,
-            sni,
-            alpn,
-            client_ip,
-            protocol,
-            explain,
-        } => route(config, &listener, sni, alpn, &client_ip, protocol, explain),
+        Command::Run { config, no_cache } => run(config, no_cache),
+        Command::Check { config, no_cache } => check(config, no_cache),
+        Command::Route(args) => route(args),
+        Command::Cache {
+            command: CacheCommand::Prune { config },
+        } => prune_cache(&config),
         Command::Plugin {
             command: PluginCommand::New { name, dir, sdk },
         } => new_plugin(&name, &dir, &sdk),
@@ -147,18 +171,27 @@ fn init_logging() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
-    let config = Config::load(path)?;
+/// The config at `path`, with its cache turned off for `--no-cache`.
+fn load_config(path: &Path, no_cache: bool) -> anyhow::Result<Config> {
+    let mut config = Config::load(path)?;
+    if no_cache {
+        config.cache.enabled = false;
+    }
+    Ok(config)
+}
+
+fn build_snapshot(path: &Path, no_cache: bool) -> anyhow::Result<Snapshot> {
+    let config = load_config(path, no_cache)?;
     // One thread calls the plugins here: one instance each proves the config.
-    let runtime = Runtime::new()?.with_warm_instances(1);
+    let runtime = Runtime::for_config(&config)?.with_warm_instances(1);
     Ok(Snapshot::build(config, &runtime)?)
 }
 
-fn check(path: PathBuf) -> anyhow::Result<()> {
+fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     // Warnings (a certificate about to expire, a stale OCSP response) go
     // to stderr as when running.
     init_logging()?;
-    let snapshot = build_snapshot(&path)?;
+    let snapshot = build_snapshot(&path, no_cache)?;
     let config = &snapshot.config;
     println!(
         "{}: ok ({} listeners, {} plugins, {} pools)",
@@ -170,10 +203,10 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(path: PathBuf) -> anyhow::Result<()> {
+fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     init_logging()?;
-    let config = Config::load(&path)?;
+    let config = load_config(&path, no_cache)?;
     #[cfg(target_os = "linux")]
     match raise_descriptor_limit() {
         Some(limit) => tracing::info!(limit, "file descriptor limit (two per relayed connection)"),
@@ -319,16 +352,22 @@ struct ConnectionReport<'a> {
     alpn: &'a [String],
 }
 
-fn route(
-    path: PathBuf,
-    listener_name: &str,
-    sni: Option<String>,
-    alpn: Vec<String>,
-    client_ip: &str,
-    protocol: ProtocolArg,
-    explain: bool,
-) -> anyhow::Result<()> {
-    let snapshot = build_snapshot(&path)?;
+fn route(args: RouteArgs) -> anyhow::Result<()> {
+    let RouteArgs {
+        config: path,
+        listener,
+        sni,
+        alpn,
+        client_ip,
+        protocol,
+        explain,
+        no_cache,
+    } = args;
+    let (listener_name, client_ip) = (listener.as_str(), client_ip.as_str());
+    // Warnings (a cache entry compiled again, a certificate about to expire)
+    // go to stderr; the decision alone goes to stdout.
+    init_logging()?;
+    let snapshot = build_snapshot(&path, no_cache)?;
     let Some(listener) = snapshot.listener(listener_name) else {
         let known: Vec<&str> = snapshot.config.listeners.keys().map(String::as_str).collect();
         bail!(
@@ -500,5 +539,17 @@ fn new_plugin(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
         "  try:   weir route --config {}/weir.toml --listener public --sni app.example.com --explain",
         root.display()
     );
+    Ok(())
+}
+
+fn prune_cache(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let Some(dir) = config.cache_dir() else {
+        println!("the compiled-code cache is off (cache.enabled = false, or no home directory)");
+        return Ok(());
+    };
+    let runtime = Runtime::new()?.with_cache(&dir, config.cache.max_size_mib.saturating_mul(1024 * 1024))?;
+    let removed = runtime.disk_cache().map_or(0, |cache| cache.prune());
+    println!("{}: {removed} entries removed", dir.display());
     Ok(())
 }

@@ -137,7 +137,11 @@ impl Config {
         self.check_plugins()?;
         self.check_cas()?;
         self.check_tenants()?;
-        self.check_pools()
+        self.check_pools()?;
+        if !(1..=1_048_576).contains(&self.cache.max_size_mib) {
+            return Err(self.invalid("cache.max_size_mib".into(), "must be between 1 and 1048576 (1 TiB)"));
+        }
+        Ok(())
     }
 
     /// Listeners: a plugin chain of known plugins, distinct addresses, timeouts and limits, TLS settings.

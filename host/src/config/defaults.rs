@@ -78,3 +78,7 @@ pub fn plugin_memory_mib() -> u32 {
 pub fn yes() -> bool {
     true
 }
+
+pub fn cache_max_mib() -> u64 {
+    1024
+}

@@ -106,6 +106,9 @@ pub struct Config {
     /// What `weir run` does on SIGTERM or SIGINT.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Where compiled plugin code is kept between starts.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -354,6 +357,54 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// When set, every request must carry `Authorization: Bearer <token>`.
     pub token: Option<String>,
+}
+
+/// The compiled-code cache: plugins compiled once, loaded from disk by
+/// every later start, check and route. Read at start.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Use the cache (`weir run|check|route --no-cache` turns it off too).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// The directory (relative to the config file); by default
+    /// `$XDG_CACHE_HOME/weir/compiled`, else `~/.cache/weir/compiled`.
+    pub dir: Option<PathBuf>,
+    /// Most MiB kept; the entries used longest ago are evicted beyond it.
+    #[serde(default = "defaults::cache_max_mib")]
+    pub max_size_mib: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig {
+            enabled: true,
+            dir: None,
+            max_size_mib: defaults::cache_max_mib(),
+        }
+    }
+}
+
+impl Config {
+    /// The cache directory this config names, or the default one; `None`
+    /// when the cache is off or there is no home to put it in.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if !self.cache.enabled {
+            return None;
+        }
+        match &self.cache.dir {
+            Some(dir) => Some(self.resolve(dir)),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|d| !d.is_empty())
+                        .map(|h| PathBuf::from(h).join(".cache"))
+                })
+                .map(|base| base.join("weir").join("compiled")),
+        }
+    }
 }
 
 /// When the config is read again.

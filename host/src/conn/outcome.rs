@@ -61,28 +61,29 @@ impl Outcome {
         }
     }
 
-    /// For a connection refused before routing, why.
+    /// For a connection refused before routing, why: its label, without
+    /// the `sniff-` that `weir_sniff_failures_total` does not repeat.
     pub(crate) fn sniff_failure(&self) -> Option<&'static str> {
         match self {
-            Outcome::SniffTimeout => Some("timeout"),
-            Outcome::ClientGone => Some("client-closed"),
-            Outcome::BadHello(_) => Some("bad-hello"),
-            Outcome::BadStartup(_) => Some("bad-startup"),
-            Outcome::BadProxyHeader(_) => Some("bad-proxy-header"),
+            Outcome::SniffTimeout
+            | Outcome::ClientGone
+            | Outcome::BadHello(_)
+            | Outcome::BadStartup(_)
+            | Outcome::BadProxyHeader(_) => Some(self.kind().trim_start_matches("sniff-")),
             _ => None,
         }
     }
 }
 
+/// The label, then what happened in words: `bad-hello: ...`.
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())?;
         match self {
-            Outcome::Relayed(RelayEnd::Closed) => f.write_str("closed"),
-            Outcome::Relayed(RelayEnd::Idle) => f.write_str("idle-timeout"),
-            Outcome::Relayed(RelayEnd::HalfCloseTimeout) => f.write_str("half-close-timeout"),
-            Outcome::SniffTimeout => f.write_str("sniff-timeout: no complete ClientHello before the deadline"),
-            Outcome::ClientGone => f.write_str("client-closed: before its first bytes were complete"),
-            Outcome::BadProxyHeader(reason) => write!(f, "bad-proxy-header: {reason}"),
+            Outcome::Relayed(_) => Ok(()),
+            Outcome::SniffTimeout => f.write_str(": no complete ClientHello before the deadline"),
+            Outcome::ClientGone => f.write_str(": before its first bytes were complete"),
+            Outcome::BadProxyHeader(reason) => write!(f, ": {reason}"),
             Outcome::ClientLimit { client, prefix, held } => {
                 let full = if client.is_ipv4() { 32 } else { 128 };
                 let network = if *prefix < full {
@@ -92,19 +93,19 @@ impl std::fmt::Display for Outcome {
                 };
                 write!(
                     f,
-                    "client-limit: {client}{network} already has {held} connections here (max_connections_per_client)"
+                    ": {client}{network} already has {held} connections here (max_connections_per_client)"
                 )
             }
-            Outcome::BadHello(e) => write!(f, "bad-hello: {e}"),
-            Outcome::BadStartup(e) => write!(f, "bad-startup: {e}"),
+            Outcome::BadHello(e) => write!(f, ": {e}"),
+            Outcome::BadStartup(e) => write!(f, ": {e}"),
             // Plugin-supplied text: escaped so it cannot forge log lines.
-            Outcome::Rejected(reason) => write!(f, "rejected: {reason:?}"),
-            Outcome::AcmeChallenge => f.write_str("acme-challenge: a TLS-ALPN-01 validation, answered"),
-            Outcome::HandshakeTimeout => f.write_str("handshake-timeout: the client's TLS handshake took too long"),
-            Outcome::HandshakeFailed(e) => write!(f, "handshake-failed: {}", handshake_error(e)),
-            Outcome::Denied(reason) => write!(f, "denied: {reason:?}"),
-            Outcome::ConnectFailed(reason) => write!(f, "connect-failed: {reason}"),
-            Outcome::Io(e) => write!(f, "io-error: {e}"),
+            Outcome::Rejected(reason) => write!(f, ": {reason:?}"),
+            Outcome::AcmeChallenge => f.write_str(": a TLS-ALPN-01 validation, answered"),
+            Outcome::HandshakeTimeout => f.write_str(": the client's TLS handshake took too long"),
+            Outcome::HandshakeFailed(e) => write!(f, ": {}", handshake_error(e)),
+            Outcome::Denied(reason) => write!(f, ": {reason:?}"),
+            Outcome::ConnectFailed(reason) => write!(f, ": {reason}"),
+            Outcome::Io(e) => write!(f, ": {e}"),
         }
     }
 }
@@ -152,5 +153,42 @@ impl From<SniffFailure> for Outcome {
             SniffFailure::BadProxy(reason) => Outcome::BadProxyHeader(reason),
             SniffFailure::Io(e) => Outcome::Io(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_label_is_spelled_once() {
+        let outcomes = [
+            Outcome::Relayed(RelayEnd::Closed),
+            Outcome::SniffTimeout,
+            Outcome::ClientGone,
+            Outcome::BadProxyHeader("no".into()),
+            Outcome::ClientLimit {
+                client: "10.0.0.1".parse().expect("ip"),
+                prefix: 24,
+                held: 3,
+            },
+            Outcome::Rejected("a\nb".into()),
+            Outcome::HandshakeTimeout,
+            Outcome::ConnectFailed("refused".into()),
+        ];
+        for outcome in &outcomes {
+            let words = outcome.to_string();
+            assert!(words.starts_with(outcome.kind()), "{words}");
+        }
+        assert_eq!(outcomes[0].to_string(), "closed");
+        assert_eq!(outcomes[1].sniff_failure(), Some("timeout"));
+        assert_eq!(outcomes[2].sniff_failure(), Some("client-closed"));
+        assert_eq!(outcomes[3].sniff_failure(), Some("bad-proxy-header"));
+        assert_eq!(outcomes[5].sniff_failure(), None);
+        assert_eq!(
+            outcomes[4].to_string(),
+            "client-limit: 10.0.0.1/24 already has 3 connections here (max_connections_per_client)"
+        );
+        assert_eq!(outcomes[5].to_string(), r#"rejected: "a\nb""#);
     }
 }

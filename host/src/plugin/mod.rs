@@ -39,6 +39,7 @@ use crate::throttle::EverySecond;
 use crate::wit;
 
 mod budget;
+pub mod cache;
 pub mod chain;
 pub mod decision;
 mod instance;
@@ -125,6 +126,8 @@ pub struct Runtime {
     /// previous snapshot use ([`Runtime::retain_compiled`]), so replacing
     /// `.wasm` files does not accumulate compiled code.
     compiled: Mutex<HashMap<[u8; 32], Component>>,
+    /// Compiled code on disk, when the config keeps it.
+    disk: Option<cache::CompiledCache>,
     /// Configured instances each plugin gets at load: one per thread that
     /// may call plugins at once (the gateway's worker threads).
     warm_instances: usize,
@@ -182,8 +185,33 @@ impl Runtime {
             linker,
             ticker,
             compiled: Mutex::new(HashMap::new()),
+            disk: None,
             warm_instances: worker_threads(),
         })
+    }
+
+    /// Keeps compiled code in `dir` (bounded to `max_bytes`) and loads it
+    /// from there; a directory others can write is refused.
+    pub fn with_cache(mut self, dir: &Path, max_bytes: u64) -> Result<Runtime, cache::CacheError> {
+        self.disk = Some(cache::CompiledCache::open(dir, max_bytes, &self.engine)?);
+        Ok(self)
+    }
+
+    /// The runtime a config asks for: with its compiled-code cache unless
+    /// the config (or `--no-cache`) turns it off or there is no home for it.
+    pub fn for_config(config: &crate::config::Config) -> Result<Runtime, PluginError> {
+        let runtime = Runtime::new()?;
+        match config.cache_dir() {
+            None => Ok(runtime),
+            Some(dir) => runtime
+                .with_cache(&dir, config.cache.max_size_mib.saturating_mul(1024 * 1024))
+                .map_err(|e| PluginError::Engine(e.to_string())),
+        }
+    }
+
+    /// The compiled-code cache in use, if any.
+    pub fn disk_cache(&self) -> Option<&cache::CompiledCache> {
+        self.disk.as_ref()
     }
 
     /// Sets how many configured instances each plugin gets at load (at
@@ -248,10 +276,19 @@ impl Runtime {
         let component = match cached {
             Some(component) => component,
             None => {
-                let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
-                    path: path.to_owned(),
-                    reason: format!("{e:#}"),
-                })?;
+                let component = match self.disk.as_ref().and_then(|disk| disk.load(&self.engine, &sha256)) {
+                    Some(component) => component,
+                    None => {
+                        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                            path: path.to_owned(),
+                            reason: format!("{e:#}"),
+                        })?;
+                        if let Some(disk) = &self.disk {
+                            disk.store(&sha256, &component);
+                        }
+                        component
+                    }
+                };
                 crate::sync::lock(&self.compiled).insert(sha256, component.clone());
                 component
             }

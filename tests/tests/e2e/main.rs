@@ -9,6 +9,7 @@ mod acme;
 mod admin;
 mod adversarial;
 mod attestation;
+mod cache;
 mod cli;
 mod dstack;
 mod example_plugins;
