@@ -265,10 +265,22 @@ impl CompiledCache {
         removed
     }
 
-    /// Removes every entry that is corrupt or not weir's, then evicts down
-    /// to the bound; returns how many entries were removed.
+    /// Removes every entry that is corrupt or not weir's and the temporary
+    /// files of writes that never finished (older than an hour), then evicts
+    /// down to the bound; returns how many files were removed.
     pub fn prune(&self) -> usize {
         let mut removed = 0;
+        let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified < hour_ago);
+            if name.starts_with('.') && name.ends_with(".tmp") && stale && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
         for (path, _, _) in self.entries() {
             let good = matches!(read_private(&path), Ok(Some(bytes)) if checked(&bytes, None).is_ok());
             if !good && fs::remove_file(&path).is_ok() {
@@ -294,17 +306,23 @@ impl CompiledCache {
 }
 
 /// An entry's bytes, if the file exists and only weir's user can write it.
+/// Opened without following a symlink and checked on the open file, so the
+/// file checked is the file read.
 fn read_private(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    let metadata = match fs::symlink_metadata(path) {
-        Ok(metadata) => metadata,
+    use std::io::Read as _;
+    let mut file = match fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(format!("cannot open it (a symlink is not followed): {e}")),
     };
+    let metadata = file.metadata().map_err(|e| e.to_string())?;
     if !metadata.is_file() {
         return Err("not a regular file".into());
     }
     check_private(path, &metadata).map_err(|e| e.to_string())?;
-    fs::read(path).map(Some).map_err(|e| e.to_string())
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(Some(bytes))
 }
 
 /// The compiled code of an entry whose header, key (when given) and
@@ -371,6 +389,23 @@ mod tests {
         );
         assert_eq!(checked(&entry[..40], Some(&key)), Err("truncated"));
         assert_eq!(checked(b"\0asm....", None), Err("not a weir cache entry"));
+    }
+
+    #[test]
+    fn a_symlinked_or_shared_entry_is_not_read() {
+        let dir = private_dir();
+        let real = dir.path().join("real");
+        fs::write(&real, b"bytes").expect("write");
+        let link = dir.path().join(format!("link{SUFFIX}"));
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let err = read_private(&link).expect_err("a symlink was followed");
+        assert!(err.contains("a symlink is not followed"), "{err}");
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o666)).expect("chmod");
+        let err = read_private(&real).expect_err("a world-writable entry was read");
+        assert!(err.contains("lets others write to it"), "{err}");
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(read_private(&real), Ok(Some(b"bytes".to_vec())));
+        assert_eq!(read_private(&dir.path().join("missing")), Ok(None));
     }
 
     #[test]
