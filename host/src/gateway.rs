@@ -1,6 +1,6 @@
 //! A running gateway: started from a config (snapshot built, listeners
 //! bound, accept loops spawned), and changed only through
-//! [`Gateway::swap`], the one rebuild-and-swap that reloads, pool changes
+//! `Gateway::swap`, the one rebuild-and-swap that reloads, pool changes
 //! and any configuration source use. Connections themselves are served by
 //! `conn`; file watching is [`crate::watch`].
 
@@ -173,7 +173,7 @@ impl Gateway {
     }
 
     /// Reads the configuration again from its source (the config file) and
-    /// makes it current through [`Gateway::swap`]: on success new
+    /// makes it current through `Gateway::swap`: on success new
     /// connections use it, connections in flight keep theirs. Any failure
     /// (unreadable or invalid config, a plugin that does not load or refuses
     /// its config, a certificate that does not load, a listener added,

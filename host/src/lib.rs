@@ -2,16 +2,21 @@
 //! WebAssembly plugins behind one WIT contract (`wit/weir.wit`).
 //!
 //! The host owns sockets, sniffing, TLS and relaying; plugins only decide. A
-//! connection flows through [`gateway`]: its first bytes are parsed by
-//! [`sniff`] (after [`postgres`]'s SSLRequest on PostgreSQL listeners), the
-//! listener's plugin chain in the current [`snapshot`] decides (plugins run in
-//! [`plugin`]), the decision is validated ([`decision`]), and the bytes are
-//! [`relay`]ed untouched, or TLS is terminated (and re-encrypted) with the
-//! certificates and trust anchors of [`tls`] (OCSP responses checked by
-//! [`ocsp`]; certificates ordered and renewed by [`acme`]).
+//! connection is served by `conn`, a module per stage: accepted (and shed at
+//! the limits), its first bytes read (PROXY header, PostgreSQL's SSLRequest,
+//! the ClientHello — parsed by the `weir-wire` crate), the listener's or
+//! tenant's plugin chain in the current [`snapshot`] asked ([`plugin::chain`],
+//! plugins run by [`plugin`], decisions validated by [`plugin::decision`]),
+//! then the bytes [`relay`]ed untouched, or TLS terminated (and re-encrypted)
+//! with the certificates and trust anchors of [`tls`] (attestations and OCSP
+//! responses checked by the `weir-attest` crate; certificates ordered by
+//! [`acme`]). [`gateway`] starts all this and changes it only through its one
+//! rebuild-and-swap, fed by a [`source`] of configuration and [`watch`].
 //!
-//! Unsafe code is denied crate-wide; the only exception is the module that
-//! wasmtime's `bindgen!` generates for the WIT contract.
+//! Unsafe code is denied crate-wide; the exceptions are the module that
+//! wasmtime's `bindgen!` generates for the WIT contract ([`wit`]), glibc's
+//! `malloc_trim` ([`heap`]) and loading compiled plugin code from the cache
+//! ([`plugin::cache`]), each with what it trusts.
 #![deny(unsafe_code)]
 
 pub mod acme;
@@ -32,13 +37,13 @@ pub mod scaffold;
 pub mod snapshot;
 pub mod source;
 mod sync;
-
-#[cfg(test)]
-mod layout_tests;
 pub mod throttle;
 pub mod tls;
 pub mod watch;
 pub mod wit;
+
+#[cfg(test)]
+mod layout_tests;
 
 pub use config::Config;
 pub use gateway::Gateway;
