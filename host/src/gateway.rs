@@ -17,12 +17,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::source::{ConfigSource, FileSource};
-
-pub use crate::conn::accept::ListenerStats;
 use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop};
 use crate::plugin::{PluginError, Runtime};
 use crate::snapshot::{Snapshot, SnapshotError};
+use crate::source::{ConfigSource, FileSource};
+
+pub use crate::conn::accept::ListenerStats;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

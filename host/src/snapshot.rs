@@ -4,8 +4,6 @@
 //! resolved — and never changes after that. A new config means a new
 //! snapshot; a connection keeps the one it started with.
 
-use crate::plugin::chain;
-use crate::plugin::chain::Routing;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use crate::addr::HostPort;
 use crate::config::tls::{Invalid, ListenerSettings, check_listener};
 use crate::config::{Config, ListenerConfig};
+use crate::plugin::chain;
+use crate::plugin::chain::Routing;
 use crate::plugin::decision::Known;
 use crate::plugin::{Plugin, PluginError, Runtime};
 use crate::pool::Pool;

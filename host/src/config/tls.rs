@@ -2,10 +2,12 @@
 //! resolved once, and the other TLS rules a config is checked against
 //! (ALPN names, SHA-256 pins).
 
-use crate::config::{ListenerTls, TlsVersion};
+use std::sync::Arc;
+
 use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
-use std::sync::Arc;
+
+use crate::config::{ListenerTls, TlsVersion};
 
 /// A field of the config and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

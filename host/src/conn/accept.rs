@@ -1,17 +1,17 @@
 //! Accepting: one task per listener, shedding before any byte is read when
 //! a limit is reached (connections, descriptors), one task per connection.
 
-use crate::conn::handle;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::conn::handle;
 use crate::snapshot::Snapshot;
-use serde::Serialize;
 
 /// Counter behind connection ids.
 pub(crate) static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);

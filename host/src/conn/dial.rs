@@ -1,23 +1,20 @@
 //! Dialling upstreams: a pool's servers in the balancer's order with
 //! retries and health reporting, or an address; never one of weir's own.
 
-use crate::conn::accept::ACCEPT_BACKOFF;
-use crate::conn::accept::out_of_descriptors;
-use crate::conn::outcome::Outcome;
-use crate::conn::outcome::Record;
 use std::io;
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use weir_wire::postgres::{self};
+use weir_wire::proxy_protocol;
 
 use crate::addr::HostPort;
-
+use crate::conn::accept::{ACCEPT_BACKOFF, out_of_descriptors};
+use crate::conn::outcome::{Outcome, Record};
 use crate::plugin::decision::{Target, Upstream};
 use crate::pool::BackendGuard;
 use crate::snapshot::{Listener, Snapshot};
-use weir_wire::postgres::{self};
-use weir_wire::proxy_protocol;
 
 /// Connects to the target and sends what precedes the client's own bytes:
 /// the PROXY header (version 2 also says what `tls`, a terminated

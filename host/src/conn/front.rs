@@ -3,10 +3,6 @@
 //! deadline without consuming anything a passthrough must replay — and the
 //! alerts and closes sent to clients that are refused there.
 
-use crate::conn::outcome::Outcome;
-use crate::conn::outcome::Record;
-use crate::conn::outcome::SniffFailure;
-use crate::conn::terminate::close_tls;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,14 +10,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use crate::config::{ListenerConfig, ListenerProtocol};
-use crate::rewind::Rewind;
-use crate::snapshot::Listener;
-use crate::wit;
 use weir_wire::postgres::{self, First, PostgresError};
 use weir_wire::proxy_protocol;
 use weir_wire::sniff::{self, ClientHello, SniffError, Sniffed};
+
+use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::conn::outcome::{Outcome, Record, SniffFailure};
+use crate::conn::terminate::close_tls;
+use crate::rewind::Rewind;
+use crate::snapshot::Listener;
+use crate::wit;
 
 /// What the client sent before routing, and how.
 pub(crate) struct Front {

@@ -4,17 +4,6 @@
 //! ended is its [`outcome`]. One task per connection; a connection holds the
 //! snapshot it started with until it is relaying, then lets it go.
 
-use crate::conn::accept::NEXT_CONNECTION_ID;
-use crate::conn::front::ALERT_ACCESS_DENIED;
-use crate::conn::front::ALERT_INTERNAL_ERROR;
-use crate::conn::front::ALERT_UNRECOGNIZED_NAME;
-use crate::conn::front::answer_acme_challenge;
-use crate::conn::front::read_front;
-use crate::conn::outcome::Outcome;
-use crate::conn::outcome::Record;
-use crate::conn::passthrough::passthrough;
-use crate::conn::terminate::Terminated;
-use crate::conn::terminate::terminate;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,6 +12,13 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::config::ListenerConfig;
+use crate::conn::accept::NEXT_CONNECTION_ID;
+use crate::conn::front::{
+    ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, answer_acme_challenge, read_front,
+};
+use crate::conn::outcome::{Outcome, Record};
+use crate::conn::passthrough::passthrough;
+use crate::conn::terminate::{Terminated, terminate};
 use crate::plugin::decision::{Action, Decision};
 use crate::relay::{Timeouts, Transfer, relay};
 use crate::snapshot::{Listener, Snapshot};

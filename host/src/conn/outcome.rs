@@ -1,17 +1,18 @@
 //! How a connection ended: the outcome (its label, its sniff-failure cause,
 //! its words), and the record logged and counted once per connection.
 
-use crate::conn::terminate::handshake_error;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use weir_wire::postgres::PostgresError;
+use weir_wire::sniff::SniffError;
+
+use crate::conn::terminate::handshake_error;
 use crate::pool::BackendGuard;
 use crate::relay::{RelayEnd, Transfer};
 use crate::snapshot::{ClientSlot, TenantSlot};
-use weir_wire::postgres::PostgresError;
-use weir_wire::sniff::SniffError;
 
 /// How a connection ended, for the log line.
 pub(crate) enum Outcome {

@@ -1,16 +1,14 @@
 //! Passthrough: the sniffed bytes replayed to the upstream, then relayed
 //! untouched.
 
-use crate::conn::Proxied;
-use crate::conn::dial::open_upstream;
-use crate::conn::front::ALERT_INTERNAL_ERROR;
-use crate::conn::front::Front;
-use crate::conn::outcome::Outcome;
-use crate::conn::outcome::Record;
 use std::sync::atomic::Ordering;
 
 use tokio::io::AsyncWriteExt;
 
+use crate::conn::Proxied;
+use crate::conn::dial::open_upstream;
+use crate::conn::front::{ALERT_INTERNAL_ERROR, Front};
+use crate::conn::outcome::{Outcome, Record};
 use crate::plugin::decision::Target;
 use crate::snapshot::{Listener, Snapshot};
 use crate::wit;

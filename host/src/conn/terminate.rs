@@ -1,21 +1,16 @@
 //! Termination: the TLS handshake with the client (certificate chosen,
 //! client certificate admitted), then plain or re-encrypted to the upstream.
 
-use crate::conn::dial::open_upstream;
-use crate::conn::front::ALERT_INTERNAL_ERROR;
-use crate::conn::front::ALERT_UNRECOGNIZED_NAME;
-use crate::conn::front::Front;
-use crate::conn::front::linger_close;
-use crate::conn::outcome::Outcome;
-use crate::conn::outcome::Record;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use rustls::pki_types::ServerName;
-
+use crate::conn::dial::open_upstream;
+use crate::conn::front::{ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, Front, linger_close};
+use crate::conn::outcome::{Outcome, Record};
 use crate::plugin::decision::{After, ClientAuth, Termination, UpstreamTls};
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay_streams};
 use crate::rewind::Rewind;

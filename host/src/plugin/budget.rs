@@ -1,10 +1,11 @@
 //! A tenant's budget of plugin time: CPU per second (a token bucket charged
 //! with polled time) and calls in flight.
 
-use crate::throttle::Bucket;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::throttle::Bucket;
 
 /// A tenant's allowance of plugin time: CPU a second, as a bucket that holds
 /// a tenth of a second's worth and refills continuously, and calls in flight

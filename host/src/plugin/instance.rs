@@ -2,27 +2,22 @@
 //! off the connection path), and each call — checked out, deadline armed,
 //! CPU time measured and charged, instance returned or dropped.
 
-use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
-use crate::config::{OnError, PluginConfig};
-use crate::plugin::Budget;
-use crate::plugin::EPOCH_TICK;
-use crate::plugin::MAX_IDLE_INSTANCES;
-use crate::plugin::PluginError;
-use crate::plugin::budget::Spending;
-use crate::plugin::state::Busy;
-use crate::plugin::state::LogBudget;
-use crate::plugin::state::MemoryCap;
-use crate::plugin::state::State;
-use crate::plugin::state::Ticker;
-use crate::throttle::EverySecond;
-use crate::wit;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
+
+use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
+use crate::config::{OnError, PluginConfig};
+use crate::plugin::budget::Spending;
+use crate::plugin::state::{Busy, LogBudget, MemoryCap, State, Ticker};
+use crate::plugin::{Budget, EPOCH_TICK, MAX_IDLE_INSTANCES, PluginError};
+use crate::throttle::EverySecond;
+use crate::wit;
 
 /// A configured, live instance of a plugin.
 pub(crate) struct Instance {

@@ -1,9 +1,10 @@
 //! What a plugin component may import: weir's host interface, the harmless
 //! parts of WASI, and traps for everything else.
 
-use crate::plugin::state::State;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
+
+use crate::plugin::state::State;
 
 /// Interfaces (without their version) that plugins get for real; every
 /// other import is linked to a trap by [`stub_unprovided_imports`].

@@ -19,12 +19,6 @@
 //! environment. Every other import (files, sockets, stdio) is linked to a
 //! trap: a plugin that reaches for the outside world fails its call.
 
-use crate::plugin::instance::LIVE_PLUGINS;
-use crate::plugin::link::link_harmless_wasi;
-use crate::plugin::link::stub_unprovided_imports;
-use crate::plugin::state::LogBudget;
-use crate::plugin::state::State;
-use crate::plugin::state::Ticker;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,6 +29,9 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::config::PluginConfig;
+use crate::plugin::instance::LIVE_PLUGINS;
+use crate::plugin::link::{link_harmless_wasi, stub_unprovided_imports};
+use crate::plugin::state::{LogBudget, State, Ticker};
 use crate::throttle::EverySecond;
 use crate::wit;
 

@@ -2,14 +2,16 @@
 //! call (`log`, bounded by a per-plugin log budget), its memory cap, and the
 //! epoch ticker that interrupts and yields long calls.
 
-use crate::plugin::EPOCH_TICK;
-use crate::throttle::Bucket;
-use crate::wit;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::plugin::EPOCH_TICK;
+use crate::throttle::Bucket;
+use crate::wit;
 
 /// Longest log line a plugin may write; longer ones are cut.
 pub(crate) const MAX_LOG_LINE: usize = 4096;

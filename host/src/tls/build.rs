@@ -2,30 +2,22 @@
 //! for terminations (cached per tenant), client configs for re-encryption —
 //! and the resolvers that hand rustls the certificate to present.
 
-use crate::plugin::decision::{ClientAuth, Termination, UpstreamTls};
-use crate::tls::Admission;
-use crate::tls::Certificate;
-use crate::tls::ClientKey;
-use crate::tls::ListenerSettings;
-use crate::tls::MAX_CACHED_CONFIGS;
-use crate::tls::SESSION_CACHE_SIZE;
-use crate::tls::ServerEntry;
-use crate::tls::ServerKey;
-use crate::tls::TerminateError;
-use crate::tls::TlsMaterial;
-use crate::tls::base_provider;
-use crate::tls::client_verifier::Admitting;
-use crate::tls::client_verifier::AttestedClient;
-use crate::tls::server_verifier::AttestedServer;
-use crate::tls::server_verifier::Pinned;
-use crate::tls::system_roots;
+use std::sync::Arc;
+
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
-use std::sync::Arc;
+
+use crate::plugin::decision::{ClientAuth, Termination, UpstreamTls};
+use crate::tls::client_verifier::{Admitting, AttestedClient};
+use crate::tls::server_verifier::{AttestedServer, Pinned};
+use crate::tls::{
+    Admission, Certificate, ClientKey, ListenerSettings, MAX_CACHED_CONFIGS, SESSION_CACHE_SIZE, ServerEntry,
+    ServerKey, TerminateError, TlsMaterial, base_provider, system_roots,
+};
 
 /// What a completed server handshake was, for a PROXY v2 header.
 pub fn facts(conn: &rustls::ServerConnection) -> weir_wire::proxy_protocol::TlsFacts {

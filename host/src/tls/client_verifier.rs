@@ -2,15 +2,17 @@
 //! RA-TLS client certificates, and the admission of an authenticated peer
 //! by the plugin chain's `admit`.
 
-use crate::wit;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
-use std::fmt;
-use std::sync::{Arc, Mutex};
 use weir_attest::AttestationPolicy;
+
+use crate::wit;
 
 /// The plugin chain's say on one connection's authenticated peers.
 pub struct Admission {

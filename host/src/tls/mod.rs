@@ -9,12 +9,12 @@
 //! another's. A ticket therefore cannot carry a client past a different
 //! route's client authentication, a changed CA, or a reload.
 
-use crate::tls::build::Candidates;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
@@ -27,7 +27,7 @@ use crate::config::tls::{Invalid, ListenerSettings, base_provider, parse_pin};
 use crate::config::{CaConfig, CertificateConfig, Config};
 use crate::metrics::CertificateStatus;
 use crate::plugin::decision::ClientAuth;
-use rustls::crypto::CryptoProvider;
+use crate::tls::build::Candidates;
 
 /// The signature checks of a rustls verifier that holds its provider's
 /// `algorithms` (`WebPkiSupportedAlgorithms`): one definition for the

@@ -1,14 +1,16 @@
 //! Verifying upstream servers beyond the web PKI: SHA-256 pins, and RA-TLS
 //! attestation (after which the chain's `admit` decides).
 
-use crate::tls::client_verifier::refused;
+use std::sync::Arc;
+
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use std::sync::Arc;
 use weir_attest::AttestationPolicy;
 use weir_plugin_sdk::hex;
+
+use crate::tls::client_verifier::refused;
 
 /// Verifies an upstream by pinned end-entity fingerprint, after its chain
 /// when a CA bundle is also given. Without a bundle the pin is the whole
