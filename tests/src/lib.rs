@@ -942,3 +942,16 @@ pub fn plain_route_config(upstream: SocketAddr, extra: &str) -> String {
         "#
     )
 }
+
+/// Runs the `weir` binary with `args` to its end.
+pub fn run_weir(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(weir_binary())
+        .args(args)
+        .output()
+        .expect("weir runs")
+}
+
+/// Bytes a process printed, as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

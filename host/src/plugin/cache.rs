@@ -85,7 +85,8 @@ impl Hasher for Sha256Hasher {
     }
 }
 
-fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+/// SHA-256 over `parts` in order.
+pub(crate) fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     for part in parts {
         context.update(part);

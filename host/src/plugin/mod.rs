@@ -344,12 +344,7 @@ fn read(path: &Path, config: &PluginConfig) -> Result<(Vec<u8>, [u8; 32], String
         path: config.config_file.clone().unwrap_or_default(),
         reason: e.to_string(),
     })?;
-    let sha256 = {
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        out
-    };
+    let sha256 = cache::sha256(&[&bytes]);
     Ok((bytes, sha256, config_text))
 }
 

@@ -4,17 +4,10 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Output};
 
-use weir_tests::{weir_binary, write_config};
+use weir_tests::write_config;
 
-fn weir(args: &[&str]) -> Output {
-    Command::new(weir_binary()).args(args).output().expect("weir runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use weir_tests::{run_weir as weir, text};
 
 /// A static-router and a mesh-router config with its cache in `cache`.
 fn config(dir: &Path, cache: &Path) -> String {

@@ -4,19 +4,13 @@
 //! logs one line per connection.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use weir_tests::{Upstream, WeirProcess, read_to_end, testdata, weir_binary, workspace, write_config};
 
-fn weir(args: &[&str]) -> Output {
-    Command::new(weir_binary()).args(args).output().expect("weir runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use weir_tests::{run_weir as weir, text};
 
 /// Writes `toml` (placeholders expanded) to a config file in `dir`.
 fn config_file(dir: &Path, toml: &str) -> String {
