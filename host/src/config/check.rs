@@ -141,6 +141,15 @@ impl Config {
         if !(1..=1_048_576).contains(&self.cache.max_size_mib) {
             return Err(self.invalid("cache.max_size_mib".into(), "must be between 1 and 1048576 (1 TiB)"));
         }
+        let most = super::MAX_ISOLATED_INSTANCES;
+        if let Some(slots) = self.limits.isolated_instances
+            && !(1..=most).contains(&slots)
+        {
+            return Err(self.invalid(
+                "limits.isolated_instances".into(),
+                format!("must be between 1 and {most}"),
+            ));
+        }
         Ok(())
     }
 

@@ -35,6 +35,14 @@ pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 /// to `max_memory_mib` each), so this bounds a slow plugin's memory.
 pub const MAX_PLUGIN_CALLS: usize = 64;
 
+/// Instances of `reuse_instances = false` plugins alive at once, over all
+/// of them, unless `[limits] isolated_instances` says otherwise.
+pub const DEFAULT_ISOLATED_INSTANCES: u32 = 1000;
+
+/// Most `[limits] isolated_instances`: each slot reserves (not commits)
+/// 4 GiB of address space for its linear memory.
+pub const MAX_ISOLATED_INSTANCES: u32 = 10_000;
+
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -328,6 +336,10 @@ pub struct Limits {
     /// the admin API one for its client). Default: 1/16 of the descriptor
     /// limit, between 16 and 1024; 0 turns it off.
     pub descriptor_reserve: Option<u64>,
+    /// Most instances of `reuse_instances = false` plugins alive at once
+    /// (their calls in flight, over all of them): slots reserved at start,
+    /// so read at start only. Default 1000.
+    pub isolated_instances: Option<u32>,
 }
 
 /// What `weir run` does on SIGTERM or SIGINT.

@@ -64,8 +64,6 @@ pub enum CacheError {
 pub struct CompiledCache {
     dir: PathBuf,
     max_bytes: u64,
-    /// The engine's compatibility hash, part of every key.
-    engine: [u8; 32],
 }
 
 /// SHA-256 as a [`Hasher`], to turn wasmtime's compatibility hash into bytes
@@ -118,8 +116,8 @@ fn check_private(path: &Path, metadata: &fs::Metadata) -> Result<(), CacheError>
 
 impl CompiledCache {
     /// Opens (creating it, mode 0700, if missing) the cache at `dir`, bounded
-    /// to `max_bytes`, for code compiled by `engine`.
-    pub fn open(dir: &Path, max_bytes: u64, engine: &Engine) -> Result<CompiledCache, CacheError> {
+    /// to `max_bytes`.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<CompiledCache, CacheError> {
         let io = |reason: std::io::Error| CacheError::Io {
             path: dir.to_owned(),
             reason: reason.to_string(),
@@ -139,13 +137,9 @@ impl CompiledCache {
             });
         }
         check_private(dir, &metadata)?;
-        let mut hasher = Sha256Hasher(ring::digest::Context::new(&ring::digest::SHA256));
-        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
-        let engine = sha256(&[hasher.0.finish().as_ref()]);
         Ok(CompiledCache {
             dir: dir.to_owned(),
             max_bytes,
-            engine,
         })
     }
 
@@ -154,8 +148,13 @@ impl CompiledCache {
         &self.dir
     }
 
-    fn key(&self, component_sha256: &[u8; 32]) -> [u8; 32] {
-        sha256(&[component_sha256, &self.engine])
+    /// The entry's key: the component's bytes and the engine's
+    /// compatibility hash (wasmtime's version, its settings, the CPU).
+    fn key(engine: &Engine, component_sha256: &[u8; 32]) -> [u8; 32] {
+        let mut hasher = Sha256Hasher(ring::digest::Context::new(&ring::digest::SHA256));
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+        let engine = sha256(&[hasher.0.finish().as_ref()]);
+        sha256(&[component_sha256, &engine])
     }
 
     fn entry(&self, key: &[u8; 32]) -> PathBuf {
@@ -165,7 +164,7 @@ impl CompiledCache {
     /// The compiled component for `component_sha256`, if a good entry holds
     /// it. A bad entry is logged and removed.
     pub fn load(&self, engine: &Engine, component_sha256: &[u8; 32]) -> Option<Component> {
-        let key = self.key(component_sha256);
+        let key = Self::key(engine, component_sha256);
         let path = self.entry(&key);
         let bytes = match read_private(&path) {
             Ok(Some(bytes)) => bytes,
@@ -219,7 +218,7 @@ impl CompiledCache {
                 return;
             }
         };
-        let key = self.key(component_sha256);
+        let key = Self::key(component.engine(), component_sha256);
         let path = self.entry(&key);
         let temporary = self.dir.join(format!(
             ".{}.{}.tmp",
@@ -357,15 +356,14 @@ mod tests {
     #[test]
     fn a_directory_others_can_write_is_refused() {
         let dir = private_dir();
-        let engine = Engine::default();
-        assert!(CompiledCache::open(dir.path(), 1 << 20, &engine).is_ok());
+        assert!(CompiledCache::open(dir.path(), 1 << 20).is_ok());
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
-        let err = CompiledCache::open(dir.path(), 1 << 20, &engine).expect_err("world-writable");
+        let err = CompiledCache::open(dir.path(), 1 << 20).expect_err("world-writable");
         assert!(err.to_string().contains("mode 777 lets others write to it"), "{err}");
         // A missing directory is made private.
         let nested = dir.path().join("a/b");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
-        CompiledCache::open(&nested, 1 << 20, &engine).expect("created");
+        CompiledCache::open(&nested, 1 << 20).expect("created");
         assert_eq!(fs::metadata(&nested).expect("made").permissions().mode() & 0o777, 0o700);
     }
 
@@ -412,8 +410,7 @@ mod tests {
     #[test]
     fn the_size_bound_evicts_the_entries_used_longest_ago() {
         let dir = private_dir();
-        let engine = Engine::default();
-        let cache = CompiledCache::open(dir.path(), 2500, &engine).expect("opens");
+        let cache = CompiledCache::open(dir.path(), 2500).expect("opens");
         let now = SystemTime::now();
         for (name, age) in [("old", 30), ("middle", 20), ("new", 10)] {
             let path = dir.path().join(format!("{name}{SUFFIX}"));

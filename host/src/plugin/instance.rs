@@ -92,6 +92,9 @@ pub struct Plugin {
     pub(crate) replenishing: AtomicBool,
     /// How many configured instances the stock should hold.
     pub(crate) warm: usize,
+    /// The isolated engine's instance slots (for the refusal when all are
+    /// in use).
+    pub(crate) isolated_slots: u32,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -432,6 +435,12 @@ impl Plugin {
         }
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
             return PluginError::Timeout(budget);
+        }
+        if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+            return PluginError::OverBudget(format!(
+                "all {} isolated instance slots ([limits] isolated_instances) are in use",
+                self.isolated_slots
+            ));
         }
         PluginError::Trap(format!("{error:#}"))
     }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-use crate::config::PluginConfig;
+use crate::config::{DEFAULT_ISOLATED_INSTANCES, MAX_ISOLATED_INSTANCES, PluginConfig};
 use crate::plugin::instance::LIVE_PLUGINS;
 use crate::plugin::link::{link_harmless_wasi, stub_unprovided_imports};
 use crate::plugin::state::{LogBudget, State, Ticker};
@@ -112,22 +112,87 @@ pub enum PluginError {
     OverBudget(String),
 }
 
-/// The engine every plugin runs on, and the clock of its deadlines.
-pub struct Runtime {
+/// An engine and the host imports linked for it.
+struct Host {
     engine: Engine,
     linker: Linker<State>,
+}
+
+/// The engines every plugin runs on, and the clock of their deadlines.
+///
+/// Two engines, the same code: plugins that keep their instances run on
+/// one that allocates each instance on demand (they instantiate rarely);
+/// `reuse_instances = false` plugins, which instantiate on every call, run
+/// on one with wasmtime's pooling allocator — linear memories, tables and
+/// fiber stacks taken from slots reserved at start, memory reset from its
+/// copy-on-write image, the pages a call touched kept resident — which
+/// made a fresh instance per call about 7x cheaper (`host/benches/plugin.rs`).
+/// Its slots are a fixed number ([`DEFAULT_ISOLATED_INSTANCES`]): a call
+/// that finds none free is refused like one over budget.
+pub struct Runtime {
+    reused: Host,
+    isolated: Host,
+    isolated_slots: u32,
     ticker: Arc<Ticker>,
-    /// Compiled components by SHA-256 of their bytes, so a reload that
+    /// Compiled components by SHA-256 of their bytes and whether they are
+    /// compiled for the isolated engine, so a reload that
     /// keeps a `.wasm` file, or brings back the one before, does not compile
     /// it again. Pruned after every reload to what the running and the
     /// previous snapshot use ([`Runtime::retain_compiled`]), so replacing
     /// `.wasm` files does not accumulate compiled code.
-    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    compiled: Mutex<HashMap<([u8; 32], bool), Component>>,
     /// Compiled code on disk, when the config keeps it.
     disk: Option<cache::CompiledCache>,
     /// Configured instances each plugin gets at load: one per thread that
     /// may call plugins at once (the gateway's worker threads).
     warm_instances: usize,
+}
+
+/// The engine settings both engines share: compiled code is the same for
+/// both (and so is its entry in the compiled-code cache).
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    // No wasm backtraces: a failure is reported in one line, and traps are cheaper.
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .wasm_backtrace_max_frames(None);
+    config
+}
+
+/// The pool of the isolated engine: `slots` component instances, with room
+/// for the several core instances, memories and tables a component made by
+/// a guest toolchain holds (componentize-py's hold more than Rust's).
+fn isolated_pool(slots: u32) -> wasmtime::PoolingAllocationConfig {
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(8))
+        .total_memories(slots.saturating_mul(2))
+        .total_tables(slots.saturating_mul(4))
+        .total_stacks(slots)
+        .table_elements(100_000)
+        // The largest `max_memory_mib` a plugin may have; the store's
+        // limiter holds each plugin to its own.
+        .max_memory_size(4096 << 20)
+        .max_core_instance_size(4 << 20)
+        // Reset the pages a call dirtied by copying instead of unmapping
+        // them, so the next instance does not fault them in again.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10)
+        .async_stack_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
+    pool
+}
+
+impl Host {
+    fn new(config: &Config) -> Result<Host, PluginError> {
+        let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let engine = Engine::new(config).map_err(engine_error)?;
+        let mut linker = Linker::new(&engine);
+        wit::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
+        link_harmless_wasi(&mut linker).map_err(engine_error)?;
+        Ok(Host { engine, linker })
+    }
 }
 
 /// A tenant's `max_plugin_calls` when its config says none: 4, or one per
@@ -150,20 +215,20 @@ fn worker_threads() -> usize {
 }
 
 impl Runtime {
-    /// Sets up the engine, the host imports and the epoch ticker thread.
+    /// Sets up the engines, the host imports and the epoch ticker thread,
+    /// with [`DEFAULT_ISOLATED_INSTANCES`] isolated slots.
     pub fn new() -> Result<Runtime, PluginError> {
-        let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
-        let mut config = Config::new();
-        // No wasm backtraces: a failure is reported in one line, and traps are cheaper.
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .wasm_backtrace_max_frames(None);
-        let engine = Engine::new(&config).map_err(engine_error)?;
+        Runtime::with_isolated_slots(DEFAULT_ISOLATED_INSTANCES)
+    }
 
-        let mut linker = Linker::new(&engine);
-        wit::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
-        link_harmless_wasi(&mut linker).map_err(engine_error)?;
+    /// Like [`Runtime::new`], with `slots` instances of `reuse_instances =
+    /// false` plugins alive at once.
+    pub fn with_isolated_slots(slots: u32) -> Result<Runtime, PluginError> {
+        let slots = slots.clamp(1, MAX_ISOLATED_INSTANCES);
+        let reused = Host::new(&engine_config())?;
+        let mut pooled = engine_config();
+        pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(isolated_pool(slots)));
+        let isolated = Host::new(&pooled)?;
 
         let ticker = Arc::new(Ticker {
             in_flight: AtomicUsize::new(0),
@@ -171,15 +236,17 @@ impl Runtime {
             stop: AtomicBool::new(false),
             thread: OnceLock::new(),
         });
-        let (ticker_engine, ticker_state) = (engine.clone(), Arc::clone(&ticker));
+        let engines = [reused.engine.clone(), isolated.engine.clone()];
+        let ticker_state = Arc::clone(&ticker);
         let thread = std::thread::Builder::new()
             .name("weir-epoch".into())
-            .spawn(move || ticker_state.run(&ticker_engine))
+            .spawn(move || ticker_state.run(&engines))
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let _ = ticker.thread.set(thread.thread().clone());
         Ok(Runtime {
-            engine,
-            linker,
+            reused,
+            isolated,
+            isolated_slots: slots,
             ticker,
             compiled: Mutex::new(HashMap::new()),
             disk: None,
@@ -190,14 +257,15 @@ impl Runtime {
     /// Keeps compiled code in `dir` (bounded to `max_bytes`) and loads it
     /// from there; a directory others can write is refused.
     pub fn with_cache(mut self, dir: &Path, max_bytes: u64) -> Result<Runtime, cache::CacheError> {
-        self.disk = Some(cache::CompiledCache::open(dir, max_bytes, &self.engine)?);
+        self.disk = Some(cache::CompiledCache::open(dir, max_bytes)?);
         Ok(self)
     }
 
     /// The runtime a config asks for: with its compiled-code cache unless
     /// the config (or `--no-cache`) turns it off or there is no home for it.
     pub fn for_config(config: &crate::config::Config) -> Result<Runtime, PluginError> {
-        let runtime = Runtime::new()?;
+        let slots = config.limits.isolated_instances.unwrap_or(DEFAULT_ISOLATED_INSTANCES);
+        let runtime = Runtime::with_isolated_slots(slots)?;
         match config.cache_dir() {
             None => Ok(runtime),
             Some(dir) => runtime
@@ -221,8 +289,11 @@ impl Runtime {
 
     /// Drops the compiled components no plugin in `in_use` was loaded from.
     pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
-        let keep: std::collections::HashSet<[u8; 32]> = in_use.into_iter().map(|plugin| plugin.sha256).collect();
-        crate::sync::lock(&self.compiled).retain(|sha256, _| keep.contains(sha256));
+        let keep: std::collections::HashSet<([u8; 32], bool)> = in_use
+            .into_iter()
+            .map(|plugin| (plugin.sha256, !plugin.reuse_instances))
+            .collect();
+        crate::sync::lock(&self.compiled).retain(|key, _| keep.contains(key));
     }
 
     /// How many compiled components are kept for reuse.
@@ -269,14 +340,16 @@ impl Runtime {
         sha256: [u8; 32],
         config_text: String,
     ) -> Result<Plugin, PluginError> {
-        let cached = crate::sync::lock(&self.compiled).get(&sha256).cloned();
+        let isolated = !config.reuse_instances;
+        let host = if isolated { &self.isolated } else { &self.reused };
+        let cached = crate::sync::lock(&self.compiled).get(&(sha256, isolated)).cloned();
         let component = match cached {
             Some(component) => component,
             None => {
-                let component = match self.disk.as_ref().and_then(|disk| disk.load(&self.engine, &sha256)) {
+                let component = match self.disk.as_ref().and_then(|disk| disk.load(&host.engine, &sha256)) {
                     Some(component) => component,
                     None => {
-                        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                        let component = Component::new(&host.engine, bytes).map_err(|e| PluginError::Compile {
                             path: path.to_owned(),
                             reason: format!("{e:#}"),
                         })?;
@@ -286,16 +359,16 @@ impl Runtime {
                         component
                     }
                 };
-                crate::sync::lock(&self.compiled).insert(sha256, component.clone());
+                crate::sync::lock(&self.compiled).insert((sha256, isolated), component.clone());
                 component
             }
         };
-        let mut linker = self.linker.clone();
+        let mut linker = host.linker.clone();
         let link_error = |e: wasmtime::Error| PluginError::Link {
             path: path.to_owned(),
             reason: format!("{e:#}"),
         };
-        stub_unprovided_imports(&mut linker, &component, &self.engine).map_err(link_error)?;
+        stub_unprovided_imports(&mut linker, &component, &host.engine).map_err(link_error)?;
         let pre = linker.instantiate_pre(&component).map_err(link_error)?;
         let pre = wit::WeirPluginPre::new(pre).map_err(link_error)?;
         let plugin = Plugin {
@@ -320,6 +393,7 @@ impl Runtime {
             failure_reports: Mutex::new(EverySecond::default()),
             replenishing: AtomicBool::new(false),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
+            isolated_slots: self.isolated_slots,
         };
         LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
         // Configure the instances now, one per worker thread, so that no

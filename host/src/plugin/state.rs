@@ -138,7 +138,7 @@ impl ResourceLimiter for MemoryCap {
 /// (100 ms of linger cost 3 % of a core at 80 connections a second).
 pub(crate) const IDLE_TICKS_BEFORE_PARKING: u32 = 2;
 
-/// The clock of plugin deadlines: a thread that advances the engine's epoch
+/// The clock of plugin deadlines: a thread that advances the engines' epoch
 /// every [`EPOCH_TICK`] while any plugin call may be running, and sleeps
 /// otherwise.
 ///
@@ -154,7 +154,7 @@ pub(crate) struct Ticker {
 }
 
 impl Ticker {
-    pub(crate) fn run(&self, engine: &Engine) {
+    pub(crate) fn run(&self, engines: &[Engine]) {
         let mut idle_ticks = 0;
         while !self.stop.load(Ordering::SeqCst) {
             if self.in_flight.load(Ordering::SeqCst) > 0 {
@@ -171,7 +171,9 @@ impl Ticker {
                 idle_ticks += 1;
             }
             std::thread::sleep(EPOCH_TICK);
-            engine.increment_epoch();
+            for engine in engines {
+                engine.increment_epoch();
+            }
         }
     }
 

@@ -374,3 +374,69 @@ async fn a_plugin_cannot_flood_the_log() {
         .unwrap_or(0.0);
     assert!(dropped >= 1800.0, "{dropped} dropped");
 }
+
+/// `reuse_instances = false` plugins take their instances from a fixed pool
+/// of slots (`[limits] isolated_instances`): a call that finds every slot
+/// in use is refused at once, with the limit named, instead of waiting or
+/// failing obscurely; once the slot is free again calls run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_finding_every_isolated_slot_in_use_is_refused_and_says_so() {
+    let pki = Pki::new("upstream CA");
+    let upstream = echo_upstream(&pki).await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [limits]
+        isolated_instances = 1
+
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["faulty", "router"]
+
+        [plugins.faulty]
+        wasm = "{{misbehave}}"
+        config = {{ mode = "loop", only_sni = "bad.test" }}
+        reuse_instances = false
+        on_error = "deny"
+        timeout = "1s"
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."good.test" = {{ pool = "echo" }}
+
+        [pools.echo]
+        servers = ["{}"]
+        "#,
+        upstream.addr
+    ))
+    .await;
+    exchange(&gateway, &pki, "good.test").await.expect("served before");
+    let addr = gateway.local_addr("public").expect("listener");
+    let client = pki.client_config();
+    // The looping call holds the only slot until its deadline.
+    let looping = tokio::spawn(async move { tls_connect(addr, "bad.test", client).await.map(|_| ()) });
+    let started = Instant::now();
+    let mut refused = None;
+    while started.elapsed() < Duration::from_millis(900) {
+        match tls_connect(addr, "good.test", pki.client_config()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("no call was refused while the only slot was held");
+    assert!(refused.contains("received fatal alert"), "{refused}");
+    let (_, failure) = gateway.snapshot().plugins()["faulty"]
+        .last_error()
+        .expect("the refusal is recorded");
+    assert!(
+        failure.contains("was not run: all 1 isolated instance slots ([limits] isolated_instances) are in use"),
+        "{failure}"
+    );
+    let looped = tokio::time::timeout(STEP, looping).await.expect("the loop was cut off");
+    assert!(looped.expect("task").is_err(), "bad.test was served");
+    exchange(&gateway, &pki, "good.test")
+        .await
+        .expect("served once the slot is free");
+}
