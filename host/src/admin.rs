@@ -319,6 +319,10 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
         }
         (&Method::GET, "/api/connections") => connections_reply(gateway),
         (&Method::GET, "/api/reload") => json_reply(StatusCode::OK, &json!(gateway.reload_status().await)),
+        (&Method::GET, "/api/fleet") => match gateway.fleet_status().await {
+            Some(status) => json_reply(StatusCode::OK, &status),
+            None => error(StatusCode::NOT_FOUND, "this node is not in fleet mode"),
+        },
         (&Method::POST, "/api/reload") => {
             let report = gateway.reload("api").await;
             let status = match report.error {
@@ -330,7 +334,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
         (
             _,
             "/metrics" | "/api/plugins" | "/api/routes" | "/api/certificates" | "/api/tenants" | "/api/connections"
-            | "/api/reload",
+            | "/api/reload" | "/api/fleet",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop};
 use crate::plugin::{PluginError, Runtime};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::source::{ConfigSource, FileSource};
+use crate::source::{ConfigSource, FileSource, SetPoolError, SharedPools};
 
 pub use crate::conn::accept::ListenerStats;
 
@@ -62,6 +62,10 @@ pub struct Gateway {
     runtime_pools: std::sync::Mutex<BTreeMap<String, Option<crate::config::PoolConfig>>>,
     /// The listeners' addresses, registered so that no decision reaches them.
     _own: Vec<crate::own::OwnAddress>,
+    /// Where pool changes go when nodes share them (fleet mode).
+    shared: std::sync::OnceLock<Arc<dyn SharedPools>>,
+    /// Shared pool changes made through this node, one at a time.
+    shared_edits: tokio::sync::Mutex<()>,
 }
 
 /// A change to one pool through the admin API.
@@ -75,6 +79,45 @@ pub enum PoolEdit {
     RemoveServer(String),
     /// Remove the pool.
     Delete,
+}
+
+impl PoolEdit {
+    /// The pool `name` after this change to `current` (`None`: removed).
+    fn apply(
+        &self,
+        name: &str,
+        current: Option<crate::config::PoolConfig>,
+    ) -> Result<Option<crate::config::PoolConfig>, PoolEditError> {
+        match (self, current) {
+            (PoolEdit::Set(pool), _) => {
+                crate::config::check_pool_name(name).map_err(PoolEditError::Invalid)?;
+                Ok(Some(pool.clone()))
+            }
+            (PoolEdit::Delete, Some(_)) => Ok(None),
+            (PoolEdit::AddServer(server), Some(mut pool)) => {
+                if pool.servers.iter().any(|s| s.address() == server.address()) {
+                    return Err(PoolEditError::Conflict(format!(
+                        "`{}` is already in the pool",
+                        server.address()
+                    )));
+                }
+                pool.servers.push(server.clone());
+                Ok(Some(pool))
+            }
+            (PoolEdit::RemoveServer(address), Some(mut pool)) => {
+                let before = pool.servers.len();
+                pool.servers.retain(|s| s.address() != address);
+                if pool.servers.len() == before {
+                    return Err(PoolEditError::NotFound(format!("`{address}` is not in the pool")));
+                }
+                if pool.servers.is_empty() {
+                    return Err(PoolEditError::Conflict("a pool needs at least one server".into()));
+                }
+                Ok(Some(pool))
+            }
+            (_, None) => Err(PoolEditError::NotFound(format!("no pool named `{name}`"))),
+        }
+    }
 }
 
 /// Why a pool change was not made.
@@ -121,8 +164,15 @@ pub struct ReloadReport {
 
 impl Gateway {
     /// Builds the snapshot (loading every plugin), binds every listener and
-    /// starts accepting on the current tokio runtime.
+    /// starts accepting on the current tokio runtime; reloads read the
+    /// config file again.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let source = Box::new(FileSource::new(config.path.clone()));
+        Gateway::start_with_source(config, source).await
+    }
+
+    /// Like [`Gateway::start`], with reloads reading `source`.
+    pub async fn start_with_source(config: Config, source: Box<dyn ConfigSource>) -> Result<Gateway, GatewayError> {
         let runtime = Arc::new(Runtime::for_config(&config)?);
         let snapshot = Snapshot::build(config, &runtime)?;
         let mut sockets = Vec::new();
@@ -137,7 +187,6 @@ impl Gateway {
             let local = socket.local_addr().map_err(bind_error)?;
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
-        let source = Box::new(FileSource::new(snapshot.config.path.clone()));
         snapshot.start_health_checks();
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
@@ -169,6 +218,8 @@ impl Gateway {
             stats,
             runtime_pools: std::sync::Mutex::new(BTreeMap::new()),
             _own: own,
+            shared: std::sync::OnceLock::new(),
+            shared_edits: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -268,44 +319,34 @@ impl Gateway {
         self.runtime.compiled_count()
     }
 
+    /// Sends the admin API's pool changes to `shared` (every node's store)
+    /// instead of keeping them in this process.
+    pub fn share_pools(&self, shared: Arc<dyn SharedPools>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// The fleet as this node sees it, in fleet mode.
+    pub async fn fleet_status(&self) -> Option<serde_json::Value> {
+        match self.shared.get() {
+            Some(shared) => Some(shared.fleet_status().await),
+            None => None,
+        }
+    }
+
     /// Changes a pool at runtime: the current config with the change,
     /// checked and built whole like a reload; nothing changes when anything
     /// fails. The pool is read, changed and stored under the reload lock, so
     /// concurrent changes never lose one another. Runtime changes are kept
-    /// across reloads, not restarts.
+    /// across reloads, not restarts — except in fleet mode, where they are
+    /// stored for every node (and kept across restarts), a change made
+    /// meanwhile by another node being read before this one is made again.
     pub async fn edit_pool(&self, name: &str, edit: PoolEdit) -> Result<(), PoolEditError> {
+        if let Some(shared) = self.shared.get() {
+            return self.edit_shared_pool(shared.as_ref(), name, &edit).await;
+        }
         let mut status = self.reloads.lock().await;
         let old = self.snapshot.load_full();
-        let current = old.config.pools.get(name).cloned();
-        let changed = match (edit, current) {
-            (PoolEdit::Set(pool), _) => {
-                crate::config::check_pool_name(name).map_err(PoolEditError::Invalid)?;
-                Some(pool)
-            }
-            (PoolEdit::Delete, Some(_)) => None,
-            (PoolEdit::AddServer(server), Some(mut pool)) => {
-                if pool.servers.iter().any(|s| s.address() == server.address()) {
-                    return Err(PoolEditError::Conflict(format!(
-                        "`{}` is already in the pool",
-                        server.address()
-                    )));
-                }
-                pool.servers.push(server);
-                Some(pool)
-            }
-            (PoolEdit::RemoveServer(address), Some(mut pool)) => {
-                let before = pool.servers.len();
-                pool.servers.retain(|s| s.address() != address);
-                if pool.servers.len() == before {
-                    return Err(PoolEditError::NotFound(format!("`{address}` is not in the pool")));
-                }
-                if pool.servers.is_empty() {
-                    return Err(PoolEditError::Conflict("a pool needs at least one server".into()));
-                }
-                Some(pool)
-            }
-            (_, None) => return Err(PoolEditError::NotFound(format!("no pool named `{name}`"))),
-        };
+        let changed = edit.apply(name, old.config.pools.get(name).cloned())?;
         let mut overrides = crate::sync::lock(&self.runtime_pools).clone();
         overrides.insert(name.to_owned(), changed);
         let config = old
@@ -319,6 +360,34 @@ impl Gateway {
         *crate::sync::lock(&self.runtime_pools) = overrides;
         tracing::info!(pool = name, "pool changed at runtime");
         Ok(())
+    }
+
+    async fn edit_shared_pool(
+        &self,
+        shared: &dyn SharedPools,
+        name: &str,
+        edit: &PoolEdit,
+    ) -> Result<(), PoolEditError> {
+        let _one = self.shared_edits.lock().await;
+        for _ in 0..5 {
+            let old = self.snapshot.load_full();
+            let changed = edit.apply(name, old.config.pools.get(name).cloned())?;
+            let overrides = BTreeMap::from([(name.to_owned(), changed.clone())]);
+            old.config
+                .with_pools(&overrides)
+                .map_err(|e| PoolEditError::Invalid(e.to_string()))?;
+            match shared.set_pool(name, changed).await {
+                Ok(()) => {
+                    tracing::info!(pool = name, "pool changed for the fleet");
+                    return Ok(());
+                }
+                Err(SetPoolError::Conflict) => continue,
+                Err(SetPoolError::Failed(error)) => return Err(PoolEditError::Invalid(error)),
+            }
+        }
+        Err(PoolEditError::Conflict(
+            "the pool kept being changed by other nodes; try again".into(),
+        ))
     }
 
     /// What reloads have done so far.

@@ -15,6 +15,8 @@ use weir::wit;
 use weir::{Config, Gateway, Snapshot};
 use weir_plugin_sdk::names;
 
+mod fleet_cmd;
+
 /// A TLS gateway whose routing decisions are made by WebAssembly plugins.
 #[derive(Parser)]
 #[command(version, about)]
@@ -56,6 +58,14 @@ enum Command {
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+    /// Check a config as `weir check` does, then publish it and the files
+    /// it names to the fleet's etcd; prints the new revision.
+    Publish(fleet_cmd::PublishArgs),
+    /// The fleet's nodes.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet_cmd::FleetCommand,
     },
 }
 
@@ -136,6 +146,12 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::New { name, dir, sdk },
         } => new_plugin(&name, &dir, &sdk),
+        Command::Publish(args) => {
+            init_logging().and_then(|()| fleet_cmd::publish(args, |path| build_snapshot(path, false).map(drop)))
+        }
+        Command::Fleet {
+            command: fleet_cmd::FleetCommand::Status(args),
+        } => fleet_cmd::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,7 +222,12 @@ fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
 fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     init_logging()?;
-    let config = load_config(&path, no_cache)?;
+    let fleet = weir::fleet::NodeFile::is_node_file(&path);
+    let config = if fleet {
+        None
+    } else {
+        Some(load_config(&path, no_cache)?)
+    };
     #[cfg(target_os = "linux")]
     match raise_descriptor_limit() {
         Some(limit) => tracing::info!(limit, "file descriptor limit (two per relayed connection)"),
@@ -217,7 +238,14 @@ fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
         .event_interval(4)
         .build()?;
     runtime.block_on(async {
-        let gateway = Arc::new(Gateway::start(config).await?);
+        let (gateway, node) = match config {
+            Some(config) => (Arc::new(Gateway::start(config).await?), None),
+            None => {
+                let (gateway, node) = fleet_cmd::start_node(&path, no_cache).await?;
+                (gateway, Some(node))
+            }
+        };
+        let _following = node.as_ref().map(|node| node.attach(&gateway));
         // Everything that reloads (file watch, SIGHUP, the admin API) is in
         // place before the "listening" lines: whoever waits for them may
         // change a file or send SIGHUP at once.
@@ -262,6 +290,9 @@ fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
             }
         };
         drain(&gateway, signal, &mut int, &mut term).await;
+        if let Some(node) = node {
+            node.leave().await;
+        }
         tracing::info!("shutting down");
         Ok(())
     })

@@ -16,26 +16,10 @@ impl Gateway {
     /// config files, certificates, keys, OCSP responses, CA bundles,
     /// collateral.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let snapshot = self.snapshot.load();
-        let config = &snapshot.config;
+        let mut config = self.snapshot.load().config.clone();
+        let named: Vec<PathBuf> = config.files_mut().into_iter().map(|(_, path)| path.clone()).collect();
         let mut files = self.source.files();
-        for plugin in config.plugins.values() {
-            files.push(config.resolve(&plugin.wasm));
-            files.extend(plugin.config_file.clone());
-        }
-        for cert in config.certificates.values() {
-            files.push(config.resolve(&cert.cert));
-            files.push(config.resolve(&cert.key));
-            files.extend(cert.ocsp.as_ref().map(|f| config.resolve(f)));
-        }
-        files.extend(
-            config
-                .cas
-                .values()
-                .filter_map(|ca| ca.file.as_ref())
-                .map(|f| config.resolve(f)),
-        );
-        files.extend(config.attestation.collateral.iter().map(|f| config.resolve(f)));
+        files.extend(named.iter().map(|path| config.resolve(path)));
         files
     }
 

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::defaults;
 
 /// A named set of upstream servers.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Servers: `"host:port"`, or `{ address = "host:port", weight = 3 }`.
@@ -31,7 +31,7 @@ pub struct PoolConfig {
 }
 
 /// One server of a pool.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ServerConfig {
     /// `"host:port"`, weight 1.
@@ -64,7 +64,7 @@ impl ServerConfig {
 }
 
 /// How a pool picks the first server to try.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Each connection starts one server further along.
@@ -79,7 +79,7 @@ pub enum Policy {
 }
 
 /// Active health checks of a pool's servers.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Time between checks.
@@ -101,7 +101,7 @@ pub struct HealthConfig {
 }
 
 /// Passive ejection settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveConfig {
     /// Consecutive connect failures that eject a server (0 turns it off).

@@ -96,22 +96,30 @@ pub(crate) fn sha256(parts: &[&[u8]]) -> [u8; 32] {
 
 /// Refuses a path that another user owns or that group or others may write.
 fn check_private(path: &Path, metadata: &fs::Metadata) -> Result<(), CacheError> {
-    let unsafe_path = |reason: String| CacheError::Unsafe {
-        path: path.to_owned(),
-        reason,
-    };
+    match not_private(metadata, 0o022) {
+        None => Ok(()),
+        Some(reason) => Err(CacheError::Unsafe {
+            path: path.to_owned(),
+            reason,
+        }),
+    }
+}
+
+/// Why a file is not private to weir's user: another user owns it, or its
+/// mode has a bit of `forbidden` (0o022: group or others may write).
+pub(crate) fn not_private(metadata: &fs::Metadata, forbidden: u32) -> Option<String> {
     let me = rustix::process::geteuid().as_raw();
     if metadata.uid() != me {
-        return Err(unsafe_path(format!(
-            "owned by uid {}, not weir's uid {me}",
-            metadata.uid()
-        )));
+        return Some(format!("owned by uid {}, not weir's uid {me}", metadata.uid()));
     }
     let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(unsafe_path(format!("mode {mode:03o} lets others write to it")));
+    if mode & forbidden & 0o022 != 0 {
+        return Some(format!("mode {mode:03o} lets others write to it"));
     }
-    Ok(())
+    if mode & forbidden != 0 {
+        return Some(format!("mode {mode:03o} lets others read it"));
+    }
+    None
 }
 
 impl CompiledCache {

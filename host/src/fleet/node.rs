@@ -1,0 +1,504 @@
+//! A fleet node: reads its revision from etcd, applies it through the
+//! gateway's rebuild-and-swap, follows the prefix with a watch, stores the
+//! admin API's pool changes in etcd, and reports itself under a lease.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError, PoolConfig};
+use crate::fleet::store::LocalStore;
+use crate::fleet::{FleetError, Keys, NodeFile, State, connect, fetch_blob, fetch_state, is_sha256_hex, now};
+use crate::gateway::Gateway;
+use crate::source::{ConfigSource, SetPoolError, SharedPools};
+
+/// How long a node waits for etcd at start before it serves the revision
+/// it kept on disk.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a node says of itself at `<prefix>nodes/<node>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Its name.
+    pub node: String,
+    /// weir's version.
+    pub version: String,
+    /// Its admin address, if it serves one.
+    pub admin: Option<String>,
+    /// Its listeners' addresses.
+    pub listeners: BTreeMap<String, String>,
+    /// The etcd revision of the state it serves (0: none from etcd yet).
+    pub revision: i64,
+    /// The revision that published the config it serves.
+    pub config_revision: i64,
+    /// When it applied that state (seconds since the Unix epoch).
+    pub applied_at: u64,
+    /// `etcd`, or `disk` while it serves the state it kept there.
+    pub serving: String,
+    /// Why the latest state it read was not applied, if it was not.
+    pub error: Option<String>,
+    /// The revision of that state.
+    pub failed_revision: Option<i64>,
+}
+
+/// A running fleet node.
+pub struct Node {
+    file: NodeFile,
+    name: String,
+    keys: Keys,
+    client: tokio::sync::Mutex<Option<etcd_client::Client>>,
+    store: LocalStore,
+    /// The state the running snapshot was built from.
+    applied: Mutex<Option<State>>,
+    /// The revision of the last read, applied or not.
+    last_read: Mutex<i64>,
+    /// The config the next reload builds (what [`FleetSource`] gives).
+    pending: Mutex<Option<Config>>,
+    report: Mutex<Report>,
+    report_changed: tokio::sync::Notify,
+    /// One read-and-apply at a time.
+    syncing: tokio::sync::Mutex<()>,
+    gateway: OnceLock<Weak<Gateway>>,
+    lease: Mutex<Option<i64>>,
+}
+
+/// The configuration a fleet node builds: the state it read last.
+pub struct FleetSource(Arc<Node>);
+
+impl ConfigSource for FleetSource {
+    fn load(&self) -> Result<Config, ConfigError> {
+        crate::sync::lock(&self.0.pending)
+            .clone()
+            .ok_or_else(|| ConfigError::Invalid {
+                path: PathBuf::from(self.0.keys.config()),
+                field: "fleet".into(),
+                reason: "no revision has been read from etcd".into(),
+            })
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+}
+
+fn default_state_dir(node: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    base.join("weir").join(node)
+}
+
+impl Node {
+    /// Reads the fleet's current revision (or, if etcd cannot be reached
+    /// within a few seconds, the one kept on disk) and builds the config to
+    /// start the gateway with.
+    pub async fn start(file: NodeFile) -> Result<(Arc<Node>, Config), FleetError> {
+        let name = file.node_name();
+        let keys = file.fleet.keys();
+        let state_dir = file.fleet.state_dir.clone().unwrap_or_else(|| default_state_dir(&name));
+        let store = LocalStore::open(&state_dir)?;
+        let node = Arc::new(Node {
+            report: Mutex::new(Report {
+                node: name.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                serving: "etcd".into(),
+                admin: file.admin.as_ref().map(|a| a.bind.to_string()),
+                ..Report::default()
+            }),
+            file,
+            name,
+            keys,
+            client: tokio::sync::Mutex::new(None),
+            store,
+            applied: Mutex::new(None),
+            last_read: Mutex::new(0),
+            pending: Mutex::new(None),
+            report_changed: tokio::sync::Notify::new(),
+            syncing: tokio::sync::Mutex::new(()),
+            gateway: OnceLock::new(),
+            lease: Mutex::new(None),
+        });
+        let online = tokio::time::timeout(START_TIMEOUT, async {
+            let mut client = node.client().await?;
+            let state = fetch_state(&mut client, &node.keys).await?;
+            let config = node.materialize(Some(&mut client), &state).await?;
+            Ok::<_, FleetError>((state, config))
+        })
+        .await
+        .unwrap_or_else(|_| Err(FleetError::Etcd(format!("no answer within {START_TIMEOUT:?}"))));
+        let (state, config) = match online {
+            Ok(read) => read,
+            Err(error) => {
+                let Some(state) = node.store.load_state()? else {
+                    return Err(error);
+                };
+                let config = node.materialize(None, &state).await?;
+                tracing::warn!(
+                    %error,
+                    revision = state.revision,
+                    dir = %node.store.dir().display(),
+                    "etcd cannot be read; serving the revision kept on disk until it can"
+                );
+                crate::sync::lock(&node.report).serving = "disk".into();
+                (state, config)
+            }
+        };
+        node.applied_state(state);
+        *crate::sync::lock(&node.pending) = Some(config.clone());
+        Ok((node, config))
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The configuration source for [`Gateway::start_with_source`].
+    pub fn source(self: &Arc<Self>) -> Box<dyn ConfigSource> {
+        Box::new(FleetSource(Arc::clone(self)))
+    }
+
+    /// Follows the fleet for `gateway` (which must have been started with
+    /// [`Node::source`]): applies every new revision, keeps the report
+    /// alive, takes the admin API's pool changes. Runs until the gateway is
+    /// dropped.
+    pub fn attach(self: &Arc<Self>, gateway: &Arc<Gateway>) -> Vec<tokio::task::JoinHandle<()>> {
+        let _ = self.gateway.set(Arc::downgrade(gateway));
+        {
+            let mut report = crate::sync::lock(&self.report);
+            report.listeners = gateway
+                .local_addrs()
+                .iter()
+                .map(|(name, addr)| (name.clone(), addr.to_string()))
+                .collect();
+        }
+        gateway.share_pools(Arc::clone(self) as Arc<dyn SharedPools>);
+        vec![
+            tokio::spawn(Arc::clone(self).follow()),
+            tokio::spawn(Arc::clone(self).keep_reporting()),
+        ]
+    }
+
+    /// Takes the node out of `nodes/` at once (its lease revoked), at
+    /// shutdown.
+    pub async fn leave(&self) {
+        let lease = crate::sync::lock(&self.lease).take();
+        if let (Some(lease), Ok(mut client)) = (lease, self.client().await) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+        }
+    }
+
+    /// What the node reports now.
+    pub fn report(&self) -> Report {
+        crate::sync::lock(&self.report).clone()
+    }
+
+    async fn client(&self) -> Result<etcd_client::Client, FleetError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = connect(&self.file.fleet).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// The config a state describes: its text parsed, every file it names
+    /// taken from the state directory (fetched from etcd and checked against
+    /// its hash when missing), this node's own sections and addresses laid
+    /// over it, then the admin API's pools.
+    async fn materialize(
+        &self,
+        mut client: Option<&mut etcd_client::Client>,
+        state: &State,
+    ) -> Result<Config, FleetError> {
+        let config_key = self.keys.config();
+        let bad = |reason: String| FleetError::BadValue {
+            key: config_key.clone(),
+            reason,
+        };
+        let mut config = Config::parse(&state.published.toml, &self.store.dir().join("fleet.toml"))
+            .map_err(|e| bad(format!("revision {}: {e}", state.config_revision)))?;
+        for (field, path) in config.files_mut() {
+            let Some(sha256) = state.published.files.get(&field).filter(|s| is_sha256_hex(s)) else {
+                return Err(bad(format!("{field} names a file the publish did not upload")));
+            };
+            if !self.store.has_blob(sha256) {
+                let Some(client) = client.as_deref_mut() else {
+                    return Err(bad(format!("{field}: blob {sha256} is not in the state directory")));
+                };
+                let bytes = fetch_blob(client, &self.keys, sha256).await?;
+                self.store.put_blob(sha256, &bytes)?;
+            }
+            *path = self.store.blob_path(sha256);
+        }
+        if let Some(admin) = &self.file.admin {
+            config.admin = Some(admin.clone());
+        }
+        if let Some(cache) = &self.file.cache {
+            config.cache = cache.clone();
+        }
+        for (listener, addr) in &self.file.fleet.binds {
+            match config.listeners.get_mut(listener) {
+                Some(settings) => settings.bind = *addr,
+                None => {
+                    return Err(bad(format!(
+                        "{}: fleet.binds names listener `{listener}`, which the published config does not have",
+                        self.file.path.display()
+                    )));
+                }
+            }
+        }
+        config.reload.watch = false;
+        Ok(config.with_pools(&state.pools)?)
+    }
+
+    fn applied_state(&self, state: State) {
+        let mut report = crate::sync::lock(&self.report);
+        report.revision = state.revision;
+        report.config_revision = state.config_revision;
+        report.applied_at = now();
+        report.error = None;
+        report.failed_revision = None;
+        *crate::sync::lock(&self.last_read) = state.revision;
+        *crate::sync::lock(&self.applied) = Some(state);
+        drop(report);
+        self.report_changed.notify_one();
+    }
+
+    fn failed(&self, revision: i64, error: String) {
+        tracing::error!(revision, %error, "fleet revision not applied; the previous one stays in use");
+        let mut report = crate::sync::lock(&self.report);
+        report.error = Some(error);
+        report.failed_revision = Some(revision);
+        drop(report);
+        self.report_changed.notify_one();
+    }
+
+    /// Reads the fleet's state and applies it if it changed. An error is
+    /// returned only when etcd cannot be read; a state that does not build
+    /// is reported (and the running one stays).
+    pub async fn sync(&self) -> Result<(), FleetError> {
+        let _one = self.syncing.lock().await;
+        let mut client = self.client().await?;
+        let state = match fetch_state(&mut client, &self.keys).await {
+            Ok(state) => state,
+            Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
+            Err(other) => {
+                let revision = *crate::sync::lock(&self.last_read);
+                self.failed(revision, other.to_string());
+                return Ok(());
+            }
+        };
+        *crate::sync::lock(&self.last_read) = state.revision;
+        let unchanged = crate::sync::lock(&self.applied)
+            .as_ref()
+            .is_some_and(|applied| applied.same_content(&state));
+        let was_serving_disk = {
+            let mut report = crate::sync::lock(&self.report);
+            std::mem::replace(&mut report.serving, "etcd".into()) != "etcd"
+        };
+        if was_serving_disk {
+            self.report_changed.notify_one();
+        }
+        if unchanged {
+            return Ok(());
+        }
+        let config = match self.materialize(Some(&mut client), &state).await {
+            Ok(config) => config,
+            Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
+            Err(other) => {
+                self.failed(state.revision, other.to_string());
+                return Ok(());
+            }
+        };
+        let Some(gateway) = self.gateway.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        *crate::sync::lock(&self.pending) = Some(config);
+        let reload = gateway.reload("fleet").await;
+        match reload.error {
+            None => {
+                if let Err(e) = self.store.save_state(&state) {
+                    tracing::warn!(error = %e, "cannot keep the applied revision on disk");
+                }
+                tracing::info!(
+                    revision = state.revision,
+                    config_revision = state.config_revision,
+                    "fleet revision applied"
+                );
+                self.applied_state(state);
+            }
+            Some(error) => self.failed(state.revision, error),
+        }
+        Ok(())
+    }
+
+    /// Applies every change under the prefix until the gateway is gone:
+    /// a read of the whole state, then a watch from the revision after it;
+    /// when the watch ends (etcd away, history compacted past it) the node
+    /// reads the whole state again.
+    async fn follow(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut unreachable = false;
+        while self.gateway.get().and_then(Weak::upgrade).is_some() {
+            if let Err(error) = self.sync().await {
+                if !unreachable {
+                    tracing::warn!(%error, "etcd cannot be read; serving the current revision until it can");
+                    unreachable = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            if unreachable {
+                tracing::info!("etcd can be read again");
+                unreachable = false;
+            }
+            backoff = Duration::from_millis(200);
+            let start = *crate::sync::lock(&self.last_read) + 1;
+            if let Err(error) = self.watch_from(start).await {
+                tracing::warn!(%error, "etcd watch ended; reading the whole state again");
+            }
+        }
+    }
+
+    /// Watches the prefix from `start`, applying each change to the config
+    /// or the pools, until the watch ends.
+    async fn watch_from(&self, start: i64) -> Result<(), FleetError> {
+        let mut client = self.client().await?;
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start);
+        let mut stream = client.watch(self.keys.prefix(), Some(options)).await?;
+        let config_key = self.keys.config();
+        let pools = self.keys.pools();
+        while let Some(response) = stream.message().await? {
+            if response.canceled() {
+                if response.compact_revision() > 0 {
+                    tracing::info!(
+                        compacted = response.compact_revision(),
+                        "etcd's history was compacted past this node's revision"
+                    );
+                }
+                return Ok(());
+            }
+            let relevant = response.events().iter().filter_map(|e| e.kv()).any(|kv| {
+                let key = kv.key();
+                key == config_key.as_bytes() || key.starts_with(pools.as_bytes())
+            });
+            if relevant {
+                self.sync().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `nodes/<node>` saying what the node serves, under a lease kept
+    /// alive every third of its time to live; a new lease after etcd lost
+    /// the old one.
+    async fn keep_reporting(self: Arc<Self>) {
+        let ttl = self.file.fleet.lease_ttl;
+        while self.gateway.get().and_then(Weak::upgrade).is_some() {
+            if let Err(error) = self.report_under_lease(ttl).await {
+                tracing::debug!(%error, "node report interrupted");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn report_under_lease(&self, ttl: Duration) -> Result<(), FleetError> {
+        let mut client = self.client().await?;
+        let lease = client
+            .lease_grant(i64::try_from(ttl.as_secs()).unwrap_or(10), None)
+            .await?
+            .id();
+        *crate::sync::lock(&self.lease) = Some(lease);
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+        let mut tick = tokio::time::interval(ttl / 3);
+        loop {
+            let value = serde_json::to_vec(&self.report()).unwrap_or_default();
+            let options = etcd_client::PutOptions::new().with_lease(lease);
+            client.put(self.keys.node(&self.name), value, Some(options)).await?;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        keeper.keep_alive().await?;
+                        match answers.message().await? {
+                            Some(answer) if answer.ttl() > 0 => {}
+                            _ => return Err(FleetError::Etcd("the node's lease expired".into())),
+                        }
+                    }
+                    () = self.report_changed.notified() => break,
+                }
+            }
+        }
+    }
+
+    /// Every node's report, by name.
+    pub async fn nodes(&self) -> Result<BTreeMap<String, Report>, FleetError> {
+        let mut client = self.client().await?;
+        list_nodes(&mut client, &self.keys).await
+    }
+}
+
+/// Every node's report under `keys`, by name.
+pub async fn list_nodes(client: &mut etcd_client::Client, keys: &Keys) -> Result<BTreeMap<String, Report>, FleetError> {
+    let answer = client
+        .get(keys.nodes(), Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    let mut nodes = BTreeMap::new();
+    for kv in answer.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let report: Report = super::decode(&key, kv.value())?;
+        nodes.insert(report.node.clone(), report);
+    }
+    Ok(nodes)
+}
+
+type Boxed<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+impl SharedPools for Node {
+    fn set_pool<'a>(&'a self, name: &'a str, pool: Option<PoolConfig>) -> Boxed<'a, Result<(), SetPoolError>> {
+        Box::pin(async move {
+            use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+            let seen = crate::sync::lock(&self.applied)
+                .as_ref()
+                .and_then(|state| state.pool_revisions.get(name).copied())
+                .unwrap_or(0);
+            let key = self.keys.pool(name);
+            let value = serde_json::to_vec(&pool).map_err(|e| SetPoolError::Failed(e.to_string()))?;
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
+                .and_then(vec![TxnOp::put(key, value, None)]);
+            let failed = |e: FleetError| SetPoolError::Failed(e.to_string());
+            let mut client = self.client().await.map_err(failed)?;
+            let answer = client.txn(txn).await.map_err(|e| failed(e.into()))?;
+            let written = answer.header().map_or(0, |h| h.revision());
+            self.sync().await.map_err(failed)?;
+            if !answer.succeeded() {
+                return Err(SetPoolError::Conflict);
+            }
+            let report = self.report();
+            match (report.error, report.failed_revision) {
+                (Some(error), Some(revision)) if revision >= written => Err(SetPoolError::Failed(error)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn fleet_status(&self) -> Boxed<'_, serde_json::Value> {
+        Box::pin(async move {
+            let this = self.report();
+            match self.nodes().await {
+                Ok(nodes) => serde_json::json!({ "node": this, "prefix": self.keys.prefix(), "nodes": nodes }),
+                Err(e) => serde_json::json!({ "node": this, "prefix": self.keys.prefix(), "error": e.to_string() }),
+            }
+        })
+    }
+}

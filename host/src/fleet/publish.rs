@@ -1,0 +1,155 @@
+//! `weir publish`: a config (checked beforehand as `weir check` does) and
+//! the files it names go to etcd — the files etcd does not hold yet first,
+//! chunk by chunk, then the config in one transaction — and, with
+//! `--wait`, the nodes' reports are followed until each applied it or
+//! said why not.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::fleet::node::list_nodes;
+use crate::fleet::{BlobMeta, CHUNK, FORMAT, FleetError, Keys, MAX_BLOB_BYTES, MAX_CONFIG_BYTES, Published, now};
+
+/// What a publish did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The etcd revision of the published config.
+    pub revision: i64,
+    /// Files uploaded now: field, SHA-256, bytes.
+    pub uploaded: Vec<(String, String, u64)>,
+    /// Files etcd already held.
+    pub reused: usize,
+}
+
+/// Where the nodes stand on a revision.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Nodes that serve it (or a later one).
+    pub applied: Vec<String>,
+    /// Nodes that refused it, and why.
+    pub failed: Vec<(String, String)>,
+    /// Nodes that have done neither yet.
+    pub pending: Vec<String>,
+}
+
+fn read(path: &Path, limit: u64) -> Result<Vec<u8>, FleetError> {
+    let io = |reason: String| FleetError::Io {
+        path: path.to_owned(),
+        reason,
+    };
+    let length = std::fs::metadata(path).map_err(|e| io(e.to_string()))?.len();
+    if length > limit {
+        return Err(io(format!(
+            "{length} bytes; a publish carries files of at most {limit} bytes"
+        )));
+    }
+    std::fs::read(path).map_err(|e| io(e.to_string()))
+}
+
+/// Publishes the config at `path` under `keys`.
+pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path) -> Result<Outcome, FleetError> {
+    let text = String::from_utf8(read(path, MAX_CONFIG_BYTES as u64)?).map_err(|_| FleetError::Io {
+        path: path.to_owned(),
+        reason: "not UTF-8".into(),
+    })?;
+    let mut config = Config::parse(&text, path)?;
+    if let Some(name) = config
+        .certificates
+        .iter()
+        .find(|(_, c)| c.acme.is_some())
+        .map(|(n, _)| n)
+    {
+        return Err(FleetError::Io {
+            path: path.to_owned(),
+            reason: format!("certificates.{name}: ACME certificates cannot be published to a fleet yet"),
+        });
+    }
+    let base = config.clone();
+    let mut files = BTreeMap::new();
+    let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut fields = BTreeMap::new();
+    for (field, named) in config.files_mut() {
+        let bytes = read(&base.resolve(named), MAX_BLOB_BYTES)?;
+        let sha256 = weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes]));
+        files.insert(field.clone(), sha256.clone());
+        fields.entry(sha256.clone()).or_insert(field);
+        blobs.insert(sha256, bytes);
+    }
+    let mut outcome = Outcome {
+        revision: 0,
+        uploaded: Vec::new(),
+        reused: 0,
+    };
+    for (sha256, bytes) in &blobs {
+        let meta_key = keys.blob_meta(sha256);
+        let held = client
+            .get(meta_key.clone(), Some(etcd_client::GetOptions::new().with_count_only()))
+            .await?;
+        if held.count() > 0 {
+            outcome.reused += 1;
+            continue;
+        }
+        for (n, chunk) in bytes.chunks(CHUNK).enumerate() {
+            client.put(keys.blob_chunk(sha256, n), chunk, None).await?;
+        }
+        let meta = BlobMeta {
+            size: bytes.len() as u64,
+            chunks: bytes.len().div_ceil(CHUNK),
+        };
+        client
+            .put(meta_key, serde_json::to_vec(&meta).unwrap_or_default(), None)
+            .await?;
+        outcome
+            .uploaded
+            .push((fields[sha256].clone(), sha256.clone(), bytes.len() as u64));
+    }
+    let published = Published {
+        format: FORMAT,
+        toml: text,
+        files,
+        published_at: now(),
+        source: path.display().to_string(),
+    };
+    let value = serde_json::to_vec(&published).map_err(|e| FleetError::Etcd(e.to_string()))?;
+    let txn = etcd_client::Txn::new().and_then(vec![etcd_client::TxnOp::put(keys.config(), value, None)]);
+    let answer = client.txn(txn).await?;
+    outcome.revision = answer.header().map_or(0, |h| h.revision());
+    Ok(outcome)
+}
+
+/// Where the live nodes stand on `revision` now.
+pub async fn progress(client: &mut etcd_client::Client, keys: &Keys, revision: i64) -> Result<Progress, FleetError> {
+    let mut progress = Progress::default();
+    for (name, report) in list_nodes(client, keys).await? {
+        if report.revision >= revision {
+            progress.applied.push(name);
+        } else if let (Some(error), Some(failed)) = (report.error, report.failed_revision)
+            && failed >= revision
+        {
+            progress.failed.push((name, error));
+        } else {
+            progress.pending.push(name);
+        }
+    }
+    Ok(progress)
+}
+
+/// Follows the nodes' reports until none is pending on `revision`, or
+/// `timeout` passes.
+pub async fn wait(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    revision: i64,
+    timeout: Duration,
+) -> Result<Progress, FleetError> {
+    let started = Instant::now();
+    loop {
+        let progress = progress(client, keys, revision).await?;
+        if progress.pending.is_empty() || started.elapsed() >= timeout {
+            return Ok(progress);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
