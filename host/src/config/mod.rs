@@ -18,6 +18,7 @@ use crate::relay::RelayMode;
 
 mod check;
 mod defaults;
+mod files;
 mod pool;
 pub mod tls;
 
@@ -576,35 +577,6 @@ impl Config {
         }
         config.check()?;
         Ok(config)
-    }
-
-    /// Every file the config names, by the dotted field that names it
-    /// (`plugins.router.wasm`, `certificates.site.key`, `attestation.collateral.0`),
-    /// as written (relative to the file, but `config_file`, resolved at parse).
-    pub fn files_mut(&mut self) -> Vec<(String, &mut PathBuf)> {
-        let mut files = Vec::new();
-        for (name, plugin) in &mut self.plugins {
-            files.push((format!("plugins.{name}.wasm"), &mut plugin.wasm));
-            if let Some(file) = &mut plugin.config_file {
-                files.push((format!("plugins.{name}.config_file"), file));
-            }
-        }
-        for (name, cert) in &mut self.certificates {
-            files.push((format!("certificates.{name}.cert"), &mut cert.cert));
-            files.push((format!("certificates.{name}.key"), &mut cert.key));
-            if let Some(ocsp) = &mut cert.ocsp {
-                files.push((format!("certificates.{name}.ocsp"), ocsp));
-            }
-        }
-        for (name, ca) in &mut self.cas {
-            if let Some(file) = &mut ca.file {
-                files.push((format!("cas.{name}.file"), file));
-            }
-        }
-        for (n, file) in self.attestation.collateral.iter_mut().enumerate() {
-            files.push((format!("attestation.collateral.{n}"), file));
-        }
-        files
     }
 
     /// Resolves a path written in the file against the file's directory.

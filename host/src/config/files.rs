@@ -1,0 +1,38 @@
+//! The files a config names, field by field: what the file watcher
+//! watches, and what a fleet publish uploads and a node replaces with the
+//! blobs it fetched.
+
+use std::path::PathBuf;
+
+use super::Config;
+
+impl Config {
+    /// Every file the config names, by the dotted field that names it
+    /// (`plugins.router.wasm`, `certificates.site.key`, `attestation.collateral.0`),
+    /// as written (relative to the file, but `config_file`, resolved at parse).
+    pub fn files_mut(&mut self) -> Vec<(String, &mut PathBuf)> {
+        let mut files = Vec::new();
+        for (name, plugin) in &mut self.plugins {
+            files.push((format!("plugins.{name}.wasm"), &mut plugin.wasm));
+            if let Some(file) = &mut plugin.config_file {
+                files.push((format!("plugins.{name}.config_file"), file));
+            }
+        }
+        for (name, cert) in &mut self.certificates {
+            files.push((format!("certificates.{name}.cert"), &mut cert.cert));
+            files.push((format!("certificates.{name}.key"), &mut cert.key));
+            if let Some(ocsp) = &mut cert.ocsp {
+                files.push((format!("certificates.{name}.ocsp"), ocsp));
+            }
+        }
+        for (name, ca) in &mut self.cas {
+            if let Some(file) = &mut ca.file {
+                files.push((format!("cas.{name}.file"), file));
+            }
+        }
+        for (n, file) in self.attestation.collateral.iter_mut().enumerate() {
+            files.push((format!("attestation.collateral.{n}"), file));
+        }
+        files
+    }
+}
