@@ -5,6 +5,15 @@
 # Builds the plugins, weir and demo-upstream.
 demo_build() {
     command -v cargo >/dev/null || { echo "weir needs a Rust toolchain installed with rustup (https://rustup.rs)" >&2; exit 1; }
+    # etcd-client (fleet mode) compiles etcd's protobuf definitions with protoc.
+    if ! command -v protoc >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler
+        else
+            echo "building weir needs protoc: apt-get install protobuf-compiler (Debian), or set PROTOC" >&2
+            exit 1
+        fi
+    fi
     scripts/build-plugins.sh
     cargo build --locked -p weir -p demo-upstream
 }

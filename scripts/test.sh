@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests run: the openssl and curl clients, PostgreSQL 15
-# (server and psql) and Pebble; python3 to build the Python example plugin. Debian
+# (server and psql), Pebble and etcd 3.4 (server and etcdctl); python3 to
+# build the Python example plugin, protoc for etcd-client's build. Debian
 # package names; only what is missing is installed.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
@@ -17,6 +18,10 @@ python3 -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
 # Pebble, Let's Encrypt's ACME test server, and its DNS stub (pebble-challtestsrv).
 command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
+# etcd, the store fleet mode shares one configuration through.
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

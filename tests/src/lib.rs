@@ -58,6 +58,8 @@ pub fn weir_binary() -> PathBuf {
 
 pub use weir_testdata::read as testdata;
 
+pub mod etcd;
+
 /// Logs from the gateway go to the test's output (shown on failure).
 pub fn init_logging() {
     static ONCE: Once = Once::new();
@@ -500,8 +502,18 @@ impl WeirProcess {
     /// Like [`WeirProcess::spawn`], run by `wrapper` (a command and its
     /// arguments that execs the rest, such as `prlimit --nofile=64:64`).
     pub async fn spawn_under(config: &Path, wrapper: &[&str]) -> WeirProcess {
-        use tokio::io::AsyncBufReadExt as _;
         let listeners = Config::load(config).expect("the config is valid").listeners.len();
+        WeirProcess::spawn_with(config, wrapper, listeners).await
+    }
+
+    /// Starts `weir run --config <node file>` for a fleet node and waits until
+    /// its `listeners` listeners (those of the published config) listen.
+    pub async fn spawn_node(node_file: &Path, listeners: usize) -> WeirProcess {
+        WeirProcess::spawn_with(node_file, &[], listeners).await
+    }
+
+    async fn spawn_with(config: &Path, wrapper: &[&str], listeners: usize) -> WeirProcess {
+        use tokio::io::AsyncBufReadExt as _;
         let weir = weir_binary();
         let mut command: Vec<&std::ffi::OsStr> = wrapper.iter().map(std::ffi::OsStr::new).collect();
         command.push(weir.as_os_str());
@@ -927,6 +939,22 @@ pub fn free_port() -> u16 {
 /// A config with one plain listener, `public`, whose static-router sends
 /// every connection to `upstream`, followed by `extra` TOML.
 pub fn plain_route_config(upstream: SocketAddr, extra: &str) -> String {
+    plain_config(&format!("address = \"{upstream}\""), extra)
+}
+
+/// A config with one plain listener, `public`, whose static-router sends
+/// every connection to the pool `pool` of `servers` (TOML strings, comma-separated),
+/// followed by `extra` TOML (in the pool's section).
+pub fn plain_pool_config(pool: &str, servers: &str, extra: &str) -> String {
+    plain_config(
+        &format!("pool = \"{pool}\""),
+        &format!("[pools.{pool}]\nservers = [{servers}]\n{extra}"),
+    )
+}
+
+/// One plain listener, `public`, whose static-router sends every
+/// connection to `target` (`address = ...` or `pool = ...`), then `extra`.
+fn plain_config(target: &str, extra: &str) -> String {
     format!(
         r#"
         [listeners.public]
@@ -936,7 +964,7 @@ pub fn plain_route_config(upstream: SocketAddr, extra: &str) -> String {
 
         [plugins.router]
         wasm = "{{static_router}}"
-        config.no_sni = {{ address = "{upstream}" }}
+        config.no_sni = {{ {target} }}
 
         {extra}
         "#

@@ -132,7 +132,12 @@ impl Node {
         .await
         .unwrap_or_else(|_| Err(FleetError::Etcd(format!("no answer within {START_TIMEOUT:?}"))));
         let (state, config) = match online {
-            Ok(read) => read,
+            Ok((state, config)) => {
+                if let Err(e) = node.store.save_state(&state) {
+                    tracing::warn!(error = %e, "cannot keep the revision on disk");
+                }
+                (state, config)
+            }
             Err(error) => {
                 let Some(state) = node.store.load_state()? else {
                     return Err(error);

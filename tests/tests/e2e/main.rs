@@ -13,6 +13,7 @@ mod cache;
 mod cli;
 mod dstack;
 mod example_plugins;
+mod fleet;
 mod limits;
 mod mesh;
 mod ocsp;

@@ -20,22 +20,7 @@ async fn ask(addr: std::net::SocketAddr) -> std::io::Result<String> {
 }
 
 fn pool_config(servers: &str, extra: &str) -> String {
-    format!(
-        r#"
-        [listeners.public]
-        bind = "127.0.0.1:0"
-        protocol = "plain"
-        plugins = ["router"]
-
-        [plugins.router]
-        wasm = "{{static_router}}"
-        config.no_sni = {{ pool = "p" }}
-
-        [pools.p]
-        servers = [{servers}]
-        {extra}
-        "#
-    )
+    weir_tests::plain_pool_config("p", servers, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

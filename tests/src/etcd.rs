@@ -1,0 +1,275 @@
+//! Real etcd (Debian's `etcd-server`, 3.4) for the fleet tests: a single
+//! member or a cluster on loopback, in a temporary directory, each member
+//! stopped by its PID when dropped; `etcdctl` for what an operator would do
+//! by hand; and a link that can be cut, to take one node away from etcd
+//! while the others stay.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{STEP, free_port};
+
+/// One member of an etcd cluster.
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+/// An etcd cluster on loopback; every member stopped when dropped.
+pub struct Etcd {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// A single-member etcd, ready.
+    pub fn start() -> Etcd {
+        Etcd::cluster(1)
+    }
+
+    /// An `n`-member cluster, ready (every member healthy). Elections are
+    /// quick (50 ms heartbeats, 500 ms election timeout), as on a LAN.
+    pub fn cluster(n: usize) -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd { members, dir };
+        for i in 0..n {
+            etcd.spawn(i, "new");
+        }
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let initial = self.initial_cluster();
+        let data = self.dir.path().join(&self.members[i].name);
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.members[i].name))).expect("log");
+        let member = &mut self.members[i];
+        let client = format!("http://127.0.0.1:{}", member.client);
+        let peer = format!("http://127.0.0.1:{}", member.peer);
+        let child = Command::new("etcd")
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial, "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", &format!("weir-test-{}", std::process::id())])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts (Debian package etcd-server)");
+        member.child = Some(child);
+    }
+
+    /// The running members' client URLs.
+    fn running(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// Waits until every running member answers as healthy.
+    pub fn wait_healthy(&self) {
+        let started = Instant::now();
+        let running = self.running();
+        loop {
+            let health = Command::new("etcdctl")
+                .args(["--endpoints", &running.join(","), "endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .expect("etcdctl runs (Debian package etcd-client)");
+            if health.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < STEP,
+                "etcd did not become healthy: {}{}",
+                String::from_utf8_lossy(&health.stdout),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The members' logs (for a failure message).
+    pub fn log(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default())
+            .collect()
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// Member `i`'s client address.
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.members[i].client))
+    }
+
+    /// Stops member `i` (SIGKILL, as a crash).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.spawn(i, "existing");
+        self.wait_healthy();
+    }
+
+    /// The index of the current leader.
+    pub fn leader(&self) -> usize {
+        let status = self.etcdctl(&["endpoint", "status", "--cluster", "-w", "json"]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        let value: serde_json::Value = serde_json::from_str(&text).expect("etcdctl JSON");
+        let leader = value[0]["Status"]["leader"].as_u64().expect("a leader");
+        let member = value
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|m| m["Status"]["header"]["member_id"].as_u64() == Some(leader))
+            .expect("the leader's own status");
+        let endpoint = member["Endpoint"].as_str().expect("endpoint");
+        self.endpoints()
+            .iter()
+            .position(|e| e == endpoint)
+            .expect("the leader is a member")
+    }
+
+    /// Runs `etcdctl` against the running members with `args`; panics if it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        let output = self.etcdctl_as(None, args);
+        assert!(
+            output.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Runs `etcdctl` as `user` (`name:password`), if any; returns what it did.
+    pub fn etcdctl_as(&self, user: Option<&str>, args: &[&str]) -> Output {
+        let running = self.running();
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(running.join(","));
+        if let Some(user) = user {
+            command.arg("--user").arg(user);
+        }
+        command.args(args).output().expect("etcdctl runs")
+    }
+
+    /// The temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
+    }
+}
+
+/// A TCP link to `target` that the test can cut (every connection closed,
+/// new ones refused) and restore: one node's way to etcd.
+pub struct Link {
+    /// Where the link listens.
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// A link to `target`.
+    pub async fn to(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let (c, g) = (Arc::clone(&cut), Arc::clone(&generation));
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut closed = g.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = closed.changed() => {}
+                    }
+                });
+            }
+        });
+        Link {
+            addr,
+            cut,
+            generation,
+            _task: task,
+        }
+    }
+
+    /// The link's URL, for a node's `fleet.endpoints`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every connection through the link and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}

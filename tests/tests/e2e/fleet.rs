@@ -1,0 +1,529 @@
+//! Fleet mode against a real etcd (Debian's etcd-server 3.4): weir nodes
+//! as processes, `weir publish` and `weir fleet status` as an operator runs
+//! them, `etcdctl` for what an operator or an attacker writes by hand.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use weir_tests::etcd::{Etcd, Link};
+use weir_tests::{STEP, Upstream, WeirProcess, admin_request, echo, expand, pattern, read_to_end, run_weir};
+
+/// A published config: one plain listener whose router sends everything to
+/// the pool `app` (`servers`).
+fn gateway_config(servers: &[String]) -> String {
+    let servers = servers
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    expand(&weir_tests::plain_pool_config("app", &servers, ""))
+}
+
+/// Writes a node's file for `name`, reaching etcd at `endpoints`.
+fn node_file(dir: &Path, name: &str, endpoints: &[String], extra: &str) -> PathBuf {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = dir.join(format!("{name}.toml"));
+    let lease = if extra.contains("lease_ttl") {
+        ""
+    } else {
+        r#"lease_ttl = "2s""#
+    };
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+            [fleet]
+            endpoints = [{endpoints}]
+            node = "{name}"
+            state_dir = "state-{name}"
+            {lease}
+            {extra}
+
+            [admin]
+            bind = "127.0.0.1:0"
+            "#
+        ),
+    )
+    .expect("write node file");
+    path
+}
+
+/// Writes `text` as `name` in `dir`.
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// Runs the weir binary with `args`.
+fn weir(args: &[&str]) -> Output {
+    run_weir(args)
+}
+
+fn text(output: &Output) -> String {
+    weir_tests::text(&output.stdout) + &weir_tests::text(&output.stderr)
+}
+
+/// `weir publish --config <config> --etcd <endpoints> [--wait]`.
+fn publish(config: &Path, endpoints: &[String], wait: bool) -> Output {
+    let joined = endpoints.join(",");
+    let mut args = vec![
+        "publish",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--etcd",
+        &joined,
+    ];
+    if wait {
+        args.extend(["--wait", "--timeout", "20"]);
+    }
+    weir(&args)
+}
+
+/// A whole exchange through `addr`: `sent` out, the echo back.
+async fn exchange(addr: std::net::SocketAddr, sent: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(sent).await?;
+    stream.shutdown().await?;
+    read_to_end(&mut stream).await
+}
+
+/// Waits until `check` holds, for at most `STEP`.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < STEP, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fleet_json(admin: &str) -> serde_json::Value {
+    let (status, body) = admin_request(admin, "GET", "/api/fleet", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_every_node_and_open_connections_keep_flowing() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old, new) = (Upstream::tcp(echo).await, Upstream::tcp(echo).await);
+    let v1 = write(dir.path(), "v1.toml", &gateway_config(&[old.addr.to_string()]));
+    let published = publish(&v1, &etcd.endpoints(), false);
+    assert!(published.status.success(), "{}", text(&published));
+    assert!(
+        text(&published).contains("uploaded plugins.router.wasm"),
+        "{}",
+        text(&published)
+    );
+
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(WeirProcess::spawn_node(&node_file(dir.path(), name, &etcd.endpoints(), ""), 1).await);
+    }
+    for node in &nodes {
+        assert_eq!(exchange(node.addr("public"), b"v1").await.expect("served"), b"v1");
+    }
+    assert_eq!(old.accepted(), 3);
+    // A connection opened before the publish, half sent.
+    let first = pattern(64 * 1024, 7);
+    let mut held = TcpStream::connect(nodes[0].addr("public")).await.expect("connect");
+    held.write_all(&first[..32 * 1024]).await.expect("first half");
+
+    let v2 = write(dir.path(), "v2.toml", &gateway_config(&[new.addr.to_string()]));
+    let started = Instant::now();
+    let published = publish(&v2, &etcd.endpoints(), true);
+    let elapsed = started.elapsed();
+    let said = text(&published);
+    assert!(published.status.success(), "{said}");
+    for name in ["n1", "n2", "n3"] {
+        assert!(said.contains(&format!("{name}: applied")), "{said}");
+    }
+    assert!(
+        said.contains("1 files already there"),
+        "the unchanged plugin was uploaded again: {said}"
+    );
+    eprintln!("publish to the last of 3 nodes applying it: {elapsed:?}");
+    for node in &nodes {
+        assert_eq!(exchange(node.addr("public"), b"v2").await.expect("served"), b"v2");
+    }
+    assert_eq!(new.accepted(), 3, "a node still routes by the old revision");
+    held.write_all(&first[32 * 1024..]).await.expect("second half");
+    held.shutdown().await.expect("half-close");
+    assert!(
+        read_to_end(&mut held).await.expect("echo") == first,
+        "the held connection lost bytes"
+    );
+    assert_eq!(old.accepted(), 4);
+
+    let status = weir(&["fleet", "status", "--etcd", &etcd.endpoints()[0]]);
+    let listed = text(&status);
+    assert!(status.status.success(), "{listed}");
+    for name in ["n1", "n2", "n3"] {
+        assert!(listed.contains(name) && listed.contains("ok"), "{listed}");
+    }
+    let fleet = fleet_json(&nodes[1].admin_addr().await).await;
+    assert_eq!(fleet["node"]["node"], "n2", "{fleet}");
+    assert_eq!(fleet["nodes"].as_object().map(|n| n.len()), Some(3), "{fleet}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_changed_through_one_node_is_used_by_another_and_survives_restarts() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (first, second) = (Upstream::tcp(echo).await, Upstream::tcp(echo).await);
+    let config = write(dir.path(), "weir.toml", &gateway_config(&[first.addr.to_string()]));
+    assert!(publish(&config, &etcd.endpoints(), false).status.success());
+    let files = [
+        node_file(dir.path(), "a", &etcd.endpoints(), ""),
+        node_file(dir.path(), "b", &etcd.endpoints(), ""),
+    ];
+    let mut a = WeirProcess::spawn_node(&files[0], 1).await;
+    let mut b = WeirProcess::spawn_node(&files[1], 1).await;
+    let admin_a = a.admin_addr().await;
+    // The pool as a whole, replaced through A: only `second` now.
+    let body = format!(r#"{{"name": "app", "servers": ["{}"]}}"#, second.addr);
+    let (status, reply) = admin_request(&admin_a, "POST", "/api/pools", None, &body).await;
+    assert_eq!(status, 201, "{reply}");
+    let b_addr = b.addr("public");
+    eventually("B uses the pool set through A", async || {
+        exchange(b_addr, b"x").await.is_ok() && second.accepted() > 0
+    })
+    .await;
+    // Then a server added through B, and seen by A.
+    let admin_b = b.admin_addr().await;
+    let (status, reply) = admin_request(
+        &admin_b,
+        "POST",
+        "/api/pools/app/backends",
+        None,
+        &format!("\"{}\"", first.addr),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let (_, pool) = admin_request(&admin_a, "GET", "/api/pools/app", None, "").await;
+    eventually("A has both servers", async || {
+        let (_, pool) = admin_request(&admin_a, "GET", "/api/pools/app", None, "").await;
+        pool.contains(&first.addr.to_string()) && pool.contains(&second.addr.to_string())
+    })
+    .await;
+    drop(pool);
+
+    drop((a, b));
+    let a = WeirProcess::spawn_node(&files[0], 1).await;
+    let b = WeirProcess::spawn_node(&files[1], 1).await;
+    let before = (first.accepted(), second.accepted());
+    for _ in 0..4 {
+        exchange(a.addr("public"), b"after").await.expect("served by A");
+        exchange(b.addr("public"), b"after").await.expect("served by B");
+    }
+    assert_eq!(
+        (first.accepted() - before.0, second.accepted() - before.1),
+        (4, 4),
+        "after restarts both nodes use both servers, in turn"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_that_does_not_build_is_refused_by_every_node_and_named() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = write(dir.path(), "weir.toml", &gateway_config(&[upstream.addr.to_string()]));
+    assert!(publish(&config, &etcd.endpoints(), false).status.success());
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        nodes.push(WeirProcess::spawn_node(&node_file(dir.path(), name, &etcd.endpoints(), ""), 1).await);
+    }
+    // Checks and builds on its own, but a running node cannot take a new
+    // listener without a restart.
+    let grown = gateway_config(&[upstream.addr.to_string()])
+        + "\n[listeners.second]\nbind = \"127.0.0.1:0\"\nprotocol = \"plain\"\nplugins = [\"router\"]\n";
+    let grown = write(dir.path(), "grown.toml", &grown);
+    let published = publish(&grown, &etcd.endpoints(), true);
+    let said = text(&published);
+    assert!(!published.status.success(), "{said}");
+    for name in ["a", "b"] {
+        assert!(said.contains(&format!("{name}: refused:")), "{said}");
+    }
+    assert!(said.contains("listener"), "the error does not say what: {said}");
+    assert!(said.contains("is not served by 2 of 2 nodes"), "{said}");
+    for node in &nodes {
+        assert_eq!(exchange(node.addr("public"), b"still").await.expect("served"), b"still");
+    }
+
+    // Garbage written by hand: refused, naming the key; still serving.
+    etcd.etcdctl(&["put", "/weir/config", "not json"]);
+    let mut a = nodes.remove(0);
+    let admin_a = a.admin_addr().await;
+    eventually("A reports the garbage", async || {
+        let fleet = fleet_json(&admin_a).await;
+        fleet["node"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("etcd key /weir/config") && e.contains("not what weir writes there"))
+    })
+    .await;
+    assert_eq!(
+        exchange(a.addr("public"), b"after garbage").await.expect("served"),
+        b"after garbage"
+    );
+
+    // A config naming a blob whose bytes are not what its name says.
+    let forged_sha = "0".repeat(64);
+    let forged = serde_json::json!({
+        "format": 1,
+        "toml": gateway_config(&[upstream.addr.to_string()]),
+        "files": { "plugins.router.wasm": forged_sha },
+        "published_at": 0,
+        "source": "forged",
+    });
+    etcd.etcdctl(&[
+        "put",
+        &format!("/weir/blobs/{forged_sha}/meta"),
+        r#"{"size": 3, "chunks": 1}"#,
+    ]);
+    etcd.etcdctl(&["put", &format!("/weir/blobs/{forged_sha}/00000"), "abc"]);
+    etcd.etcdctl(&["put", "/weir/config", &forged.to_string()]);
+    eventually("A refuses the forged blob", async || {
+        let fleet = fleet_json(&admin_a).await;
+        fleet["node"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not to the name they are stored under"))
+    })
+    .await;
+    assert_eq!(
+        exchange(a.addr("public"), b"after forgery").await.expect("served"),
+        b"after forgery"
+    );
+    assert!(
+        !dir.path().join("state-a/blobs").join(&forged_sha).exists(),
+        "the forged blob was kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_larger_than_an_etcd_request_is_chunked_and_loaded() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (grpc, web) = (Upstream::tcp(echo).await, Upstream::tcp(echo).await);
+    let config = expand(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["alpn"]
+
+        [plugins.alpn]
+        wasm = "{{alpn_router_py}}"
+        timeout = "500ms"
+        config = {{ protocols = {{ h2 = "grpc" }}, default = "web" }}
+
+        [pools.grpc]
+        servers = ["{}"]
+        [pools.web]
+        servers = ["{}"]
+        "#,
+        grpc.addr, web.addr
+    ));
+    let config = write(dir.path(), "weir.toml", &config);
+    let published = publish(&config, &etcd.endpoints(), false);
+    let said = text(&published);
+    assert!(published.status.success(), "{said}");
+    let size: u64 = said
+        .split("uploaded plugins.alpn.wasm: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(size > 3 << 20, "the Python component is {size} bytes");
+    let chunks = etcd.etcdctl(&["get", "/weir/blobs/", "--prefix", "--keys-only"]);
+    let keys = String::from_utf8_lossy(&chunks.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(keys > 3, "{keys} keys for a {size}-byte file");
+    let node = WeirProcess::spawn_node(&node_file(dir.path(), "py", &etcd.endpoints(), ""), 1).await;
+    assert_eq!(exchange(node.addr("public"), b"py").await.expect("served"), b"py");
+    assert_eq!(web.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_while_etcd_is_away_and_catch_up_after_compaction() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (one, two, three) = (
+        Upstream::tcp(echo).await,
+        Upstream::tcp(echo).await,
+        Upstream::tcp(echo).await,
+    );
+    let v1 = write(dir.path(), "v1.toml", &gateway_config(&[one.addr.to_string()]));
+    assert!(publish(&v1, &etcd.endpoints(), false).status.success());
+    // Node `far` reaches etcd through a link the test can cut.
+    let link = Link::to(etcd.client_addr(0)).await;
+    let near_file = node_file(dir.path(), "near", &etcd.endpoints(), "");
+    let far_file = node_file(dir.path(), "far", &[link.url()], "");
+    let near = WeirProcess::spawn_node(&near_file, 1).await;
+    let far = WeirProcess::spawn_node(&far_file, 1).await;
+
+    // etcd stops: both keep serving; `near`, restarted meanwhile, serves
+    // the revision it kept on disk.
+    etcd.stop(0);
+    assert_eq!(exchange(far.addr("public"), b"a").await.expect("served"), b"a");
+    drop(near);
+    let mut near = WeirProcess::spawn_node(&near_file, 1).await;
+    let near_admin = near.admin_addr().await;
+    assert_eq!(fleet_json(&near_admin).await["node"]["serving"], "disk");
+    assert_eq!(exchange(near.addr("public"), b"b").await.expect("served"), b"b");
+    assert_eq!(one.accepted(), 2);
+
+    // etcd back, a publish: both converge.
+    etcd.restart(0);
+    let v2 = write(dir.path(), "v2.toml", &gateway_config(&[two.addr.to_string()]));
+    let published = publish(&v2, &etcd.endpoints(), true);
+    assert!(published.status.success(), "{}", text(&published));
+    assert_eq!(exchange(near.addr("public"), b"c").await.expect("served"), b"c");
+    assert_eq!(fleet_json(&near_admin).await["node"]["serving"], "etcd");
+    assert_eq!(exchange(far.addr("public"), b"d").await.expect("served"), b"d");
+    assert_eq!(two.accepted(), 2);
+
+    // `far` cut off; meanwhile two publishes and a compaction past them.
+    link.cut();
+    let v3 = write(
+        dir.path(),
+        "v3.toml",
+        &gateway_config(&[three.addr.to_string(), two.addr.to_string()]),
+    );
+    assert!(publish(&v3, &etcd.endpoints(), false).status.success());
+    let v4 = write(dir.path(), "v4.toml", &gateway_config(&[three.addr.to_string()]));
+    let published = publish(&v4, &etcd.endpoints(), false);
+    let said = text(&published);
+    let revision = said
+        .split("as revision ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_owned();
+    etcd.etcdctl(&["compact", &revision]);
+    assert_eq!(
+        exchange(far.addr("public"), b"e").await.expect("served while cut off"),
+        b"e"
+    );
+    assert_eq!(two.accepted(), 3, "far changed while cut off");
+    link.restore();
+    let far_addr = far.addr("public");
+    eventually("far catches up past the compaction", async || {
+        let before = three.accepted();
+        exchange(far_addr, b"f").await.is_ok() && three.accepted() > before
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_etcd_s_leader_refuses_no_connection_and_the_survivors_take_a_publish() {
+    let mut etcd = Etcd::cluster(3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (one, two) = (Upstream::tcp(echo).await, Upstream::tcp(echo).await);
+    let v1 = write(dir.path(), "v1.toml", &gateway_config(&[one.addr.to_string()]));
+    assert!(publish(&v1, &etcd.endpoints(), false).status.success());
+    let a = WeirProcess::spawn_node(&node_file(dir.path(), "a", &etcd.endpoints(), ""), 1).await;
+    let b = WeirProcess::spawn_node(&node_file(dir.path(), "b", &etcd.endpoints(), ""), 1).await;
+    let addrs = [a.addr("public"), b.addr("public")];
+    let clients = tokio::spawn(async move {
+        let mut served = 0;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            for addr in addrs {
+                let sent = format!("connection {served}");
+                let back = exchange(addr, sent.as_bytes())
+                    .await
+                    .expect("a connection was refused or reset");
+                assert_eq!(back, sent.as_bytes());
+                served += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        served
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = etcd.leader();
+    etcd.stop(leader);
+    let served = clients.await.expect("every connection served");
+    assert!(served > 20, "{served} connections");
+
+    let survivors: Vec<String> = etcd
+        .endpoints()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, e)| e)
+        .collect();
+    let v2 = write(dir.path(), "v2.toml", &gateway_config(&[two.addr.to_string()]));
+    let published = publish(&v2, &survivors, true);
+    assert!(published.status.success(), "{}", text(&published));
+    for addr in addrs {
+        exchange(addr, b"after").await.expect("served");
+    }
+    assert_eq!(two.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_status_within_its_lease() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = write(dir.path(), "weir.toml", &gateway_config(&[upstream.addr.to_string()]));
+    assert!(publish(&config, &etcd.endpoints(), false).status.success());
+    let mut doomed = WeirProcess::spawn_node(&node_file(dir.path(), "doomed", &etcd.endpoints(), ""), 1).await;
+    let _alive = WeirProcess::spawn_node(&node_file(dir.path(), "alive", &etcd.endpoints(), ""), 1).await;
+    let listed = || text(&weir(&["fleet", "status", "--etcd", &etcd.endpoints()[0]]));
+    eventually("both nodes are listed", async || {
+        listed().contains("doomed") && listed().contains("alive")
+    })
+    .await;
+    doomed.child.start_kill().expect("SIGKILL");
+    let _ = doomed.child.wait().await;
+    let killed = Instant::now();
+    eventually("the killed node is gone", async || !listed().contains("doomed")).await;
+    // Lease of 2 s, kept alive every 2/3 s: gone within about 2 s.
+    assert!(killed.elapsed() < Duration::from_secs(10), "{:?}", killed.elapsed());
+    assert!(listed().contains("alive"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fleet_settings_are_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = write(dir.path(), "password", "hunter2\n");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    for (extra, expected) in [
+        (r#"prefix = "weir""#, "fleet.prefix: `weir` must start and end with `/`"),
+        (r#"lease_ttl = "1s""#, "fleet.lease_ttl: must be between 2 s and 300 s"),
+        (
+            r#"user = "node"
+            password_file = "password""#,
+            "lets others read it; a secret must be readable by weir's user alone",
+        ),
+    ] {
+        let file = node_file(dir.path(), "n", &["http://127.0.0.1:1".into()], extra);
+        let run = weir(&["run", "--config", file.to_str().expect("utf-8")]);
+        assert!(!run.status.success());
+        assert!(text(&run).contains(expected), "{extra}: {}", text(&run));
+    }
+    // Nothing published and no state on disk: a clear refusal, not a hang.
+    let etcd = Etcd::start();
+    let file = node_file(dir.path(), "empty", &etcd.endpoints(), "");
+    let run = weir(&["run", "--config", file.to_str().expect("utf-8")]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("nothing has been published under this prefix"),
+        "{}",
+        text(&run)
+    );
+}
