@@ -24,11 +24,14 @@
 #                                     18 MB Python example plugin
 #   bench/run.sh coldstart            `weir route` and `weir run` start times
 #                                     with and without the compiled-code cache
+#   bench/run.sh fleet [--publishes N]
+#                                     three fleet nodes on one etcd: publish to
+#                                     applied, storage, a new component
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation | reload-memory | coldstart) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory | coldstart | fleet) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -42,6 +45,11 @@ if [ "$mode" = compare ]; then
     [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 fi
 command -v taskset >/dev/null || need+=(util-linux)
+if [ "$mode" = fleet ]; then
+    command -v etcd >/dev/null || need+=(etcd-server)
+    command -v etcdctl >/dev/null || need+=(etcd-client)
+fi
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -65,4 +73,5 @@ case "$mode" in
     isolation) exec python3 bench/isolation.py "$@" ;;
     reload-memory) exec python3 bench/reload_memory.py "$@" ;;
     coldstart) exec python3 bench/coldstart.py "$@" ;;
+    fleet) exec python3 bench/fleet.py "$@" ;;
 esac
