@@ -53,6 +53,10 @@ pub struct PublishArgs {
     /// How long `--wait` waits, in seconds.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// Publish `--config` as this tenant's own policy (its chain, plugins
+    /// and pools) instead of the fleet's config.
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 /// `weir fleet` subcommands.
@@ -84,7 +88,18 @@ pub async fn start_node(path: &Path, no_cache: bool) -> anyhow::Result<(Arc<Gate
     if no_cache {
         config.cache.enabled = false;
     }
-    let gateway = Arc::new(Gateway::start_with_source(config, node.source()).await?);
+    let gateway = match Gateway::start_with_source(config, node.source()).await {
+        Ok(gateway) => gateway,
+        // A tenant's new policy must not keep the node from starting.
+        Err(error) => match node.start_without_new_policies(&error.to_string()).await {
+            Some(mut config) => {
+                config.cache.enabled &= !no_cache;
+                Gateway::start_with_source(config, node.source()).await?
+            }
+            None => return Err(error.into()),
+        },
+    };
+    let gateway = Arc::new(gateway);
     tracing::info!(
         node = node.name(),
         revision = node.report().revision,
@@ -96,12 +111,19 @@ pub async fn start_node(path: &Path, no_cache: bool) -> anyhow::Result<(Arc<Gate
 /// `weir publish`: `check` proves the config first (plugins compiled and
 /// configured), as `weir check` does.
 pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    check(&args.config)?;
+    match &args.tenant {
+        None => check(&args.config)?,
+        Some(tenant) => check_policy(&args.config, tenant)?,
+    }
     let settings = args.etcd.settings()?;
     let keys = settings.keys();
+    let tenant = args.tenant.as_deref();
     current_thread()?.block_on(async {
         let mut client = weir::fleet::connect(&settings).await?;
-        let outcome = weir::fleet::publish::publish(&mut client, &keys, &args.config).await?;
+        let outcome = match tenant {
+            None => weir::fleet::publish::publish(&mut client, &keys, &args.config).await?,
+            Some(tenant) => weir::fleet::publish::publish_tenant(&mut client, &keys, tenant, &args.config).await?,
+        };
         for (field, sha256, bytes) in &outcome.uploaded {
             println!("uploaded {field}: {bytes} bytes, sha256 {sha256}");
         }
@@ -115,8 +137,14 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
         if !args.wait {
             return Ok(());
         }
-        let progress =
-            weir::fleet::publish::wait(&mut client, &keys, outcome.revision, Duration::from_secs(args.timeout)).await?;
+        let progress = weir::fleet::publish::wait(
+            &mut client,
+            &keys,
+            outcome.revision,
+            tenant,
+            Duration::from_secs(args.timeout),
+        )
+        .await?;
         for node in &progress.applied {
             println!("{node}: applied");
         }
@@ -139,6 +167,33 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
         }
         Ok(())
     })
+}
+
+/// Checks a tenant's policy as `weir check` checks a config: its own rules,
+/// then each plugin compiled and configured. What it may route to is the
+/// operator's, checked by every node.
+fn check_policy(path: &Path, tenant: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let mut policy = weir::fleet::tenant::TenantPolicy::parse(&text, tenant)
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (_, file) in policy.files_mut() {
+        *file = dir.join(&*file);
+    }
+    let runtime = weir::plugin::Runtime::new()?.with_warm_instances(1);
+    for (name, plugin) in &policy.plugins {
+        runtime
+            .load(name, &plugin.wasm, plugin)
+            .with_context(|| format!("{}: plugins.{name}", path.display()))?;
+    }
+    println!(
+        "{}: ok (tenant {tenant}: {} plugins, {} pools)",
+        path.display(),
+        policy.plugins.len(),
+        policy.pools.len()
+    );
+    Ok(())
 }
 
 /// `weir fleet status`.
@@ -168,6 +223,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 report.admin.as_deref().unwrap_or("-"),
                 state
             );
+            for (tenant, t) in &report.tenants {
+                let state = match (&t.error, t.failed_revision) {
+                    (Some(error), Some(failed)) => format!("revision {failed} refused: {error}"),
+                    _ => "ok".into(),
+                };
+                println!("  tenant {tenant}  policy revision {}  {state}", t.revision);
+            }
         }
         Ok(())
     })

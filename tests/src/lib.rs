@@ -538,9 +538,13 @@ impl WeirProcess {
             }
         });
         let mut addrs = std::collections::BTreeMap::new();
+        let mut said = Vec::new();
         tokio::time::timeout(STEP, async {
             while addrs.len() < listeners {
-                let line = lines.recv().await.expect("weir exited early");
+                let Some(line) = lines.recv().await else {
+                    panic!("weir exited early:\n{}", said.join("\n"));
+                };
+                said.push(line.clone());
                 if line.contains("listening") && line.contains("listener=") {
                     let field = |name: &str| {
                         let at = line.find(&format!("{name}="))? + name.len() + 1;

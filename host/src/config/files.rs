@@ -2,22 +2,30 @@
 //! watches, and what a fleet publish uploads and a node replaces with the
 //! blobs it fetched.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::Config;
+use super::{Config, PluginConfig};
+
+/// The files of a set of plugins, by field (`plugins.NAME.wasm`,
+/// `plugins.NAME.config_file`).
+pub fn plugin_files_mut(plugins: &mut BTreeMap<String, PluginConfig>) -> Vec<(String, &mut PathBuf)> {
+    let mut files = Vec::new();
+    for (name, plugin) in plugins {
+        files.push((format!("plugins.{name}.wasm"), &mut plugin.wasm));
+        if let Some(file) = &mut plugin.config_file {
+            files.push((format!("plugins.{name}.config_file"), file));
+        }
+    }
+    files
+}
 
 impl Config {
     /// Every file the config names, by the dotted field that names it
     /// (`plugins.router.wasm`, `certificates.site.key`, `attestation.collateral.0`),
     /// as written (relative to the file, but `config_file`, resolved at parse).
     pub fn files_mut(&mut self) -> Vec<(String, &mut PathBuf)> {
-        let mut files = Vec::new();
-        for (name, plugin) in &mut self.plugins {
-            files.push((format!("plugins.{name}.wasm"), &mut plugin.wasm));
-            if let Some(file) = &mut plugin.config_file {
-                files.push((format!("plugins.{name}.config_file"), file));
-            }
-        }
+        let mut files = plugin_files_mut(&mut self.plugins);
         for (name, cert) in &mut self.certificates {
             files.push((format!("certificates.{name}.cert"), &mut cert.cert));
             files.push((format!("certificates.{name}.key"), &mut cert.key));

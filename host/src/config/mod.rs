@@ -19,6 +19,7 @@ use crate::relay::RelayMode;
 mod check;
 mod defaults;
 mod files;
+pub use files::plugin_files_mut;
 mod pool;
 pub mod tls;
 

@@ -14,6 +14,10 @@
 //!   config's own (`null` removes a pool the config has).
 //! - `nodes/<node>`: each node's report ([`node::Report`]), under a lease, so
 //!   a node that dies disappears.
+//! - `policies/<tenant>`: a tenant's own policy ([`tenant::TenantPolicy`]),
+//!   its files under `tenants/<tenant>/blobs/`, and what each node says of
+//!   it under `tenants/<tenant>/nodes/<node>`: keys a tenant's etcd role may
+//!   be granted without reaching anyone else's.
 //!
 //! A node reads the config and the pools in one transaction (one revision),
 //! builds the files it names into a private state directory, and applies
@@ -23,17 +27,20 @@
 //! serves it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AdminConfig, CacheConfig, ConfigError, PoolConfig};
+use crate::config::{ConfigError, PoolConfig, check_pool_name};
 
+mod apply;
 pub mod node;
 pub mod publish;
+mod settings;
 mod store;
+pub mod tenant;
+
+pub use settings::{EtcdTls, FleetSettings, NodeFile, connect, valid_node_name};
 
 pub use node::{Node, Report};
 
@@ -93,269 +100,6 @@ impl From<etcd_client::Error> for FleetError {
     }
 }
 
-/// How to reach the fleet's etcd: `[fleet]` in a node's file, or the
-/// `--etcd` flags of `weir publish` and `weir fleet status`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetSettings {
-    /// etcd client URLs (`http://host:2379`, or `https://` with `tls`).
-    pub endpoints: Vec<String>,
-    /// The key prefix the fleet lives under.
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    /// This node's name; default the host name.
-    pub node: Option<String>,
-    /// Where the node keeps the files of the revision it serves and the last
-    /// good revision; default `$XDG_STATE_HOME/weir/<node>` (or
-    /// `~/.local/state/weir/<node>`). Private to weir's user.
-    pub state_dir: Option<PathBuf>,
-    /// etcd user (with `password_file`).
-    pub user: Option<String>,
-    /// File holding the etcd user's password; must not be readable by
-    /// group or others.
-    pub password_file: Option<PathBuf>,
-    /// TLS to etcd.
-    pub tls: Option<EtcdTls>,
-    /// Lifetime of the node's report without keep-alives.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    /// This node's own address for a listener of the published config, by
-    /// listener name (nodes sharing a host, or binding a host's own address).
-    #[serde(default)]
-    pub binds: BTreeMap<String, SocketAddr>,
-}
-
-/// TLS to etcd.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdTls {
-    /// PEM bundle of the CAs that sign etcd's certificates.
-    pub ca: Option<PathBuf>,
-    /// Client certificate chain (PEM), with `key`.
-    pub cert: Option<PathBuf>,
-    /// Client private key (PEM); must not be readable by group or others.
-    pub key: Option<PathBuf>,
-    /// The name etcd's certificate must carry, when not the endpoint's host.
-    pub server_name: Option<String>,
-}
-
-fn default_prefix() -> String {
-    "/weir/".into()
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// A node's own file: `[fleet]`, and the sections that belong to the node
-/// rather than to the fleet (replacing the published config's when given).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeFile {
-    /// How to reach the fleet.
-    pub fleet: FleetSettings,
-    /// This node's admin server.
-    pub admin: Option<AdminConfig>,
-    /// This node's compiled-code cache.
-    pub cache: Option<CacheConfig>,
-    /// Where the file was read from.
-    #[serde(skip)]
-    pub path: PathBuf,
-}
-
-impl NodeFile {
-    /// Whether the file at `path` is a node's file (it has `[fleet]`).
-    pub fn is_node_file(path: &Path) -> bool {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| text.parse::<toml::Table>().ok())
-            .is_some_and(|table| table.contains_key("fleet"))
-    }
-
-    /// Reads and checks a node's file; relative paths in it are resolved
-    /// against its directory.
-    pub fn load(path: &Path) -> Result<NodeFile, FleetError> {
-        let text = std::fs::read_to_string(path).map_err(|e| FleetError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let mut file: NodeFile = toml::from_str(&text).map_err(|e| FleetError::Settings {
-            path: path.to_owned(),
-            field: "fleet".into(),
-            reason: e.to_string(),
-        })?;
-        file.path = path.to_owned();
-        // Absolute, so what the node builds from these paths does not
-        // depend on its working directory.
-        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        let dir = absolute.parent().unwrap_or(Path::new("/"));
-        file.fleet.resolve(dir);
-        file.fleet.check(path)?;
-        Ok(file)
-    }
-
-    /// The node's name: `fleet.node`, else the host name.
-    pub fn node_name(&self) -> String {
-        self.fleet.node.clone().unwrap_or_else(host_name)
-    }
-}
-
-/// The host name, as the kernel has it.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| valid_node_name(name))
-        .unwrap_or_else(|| "weir".into())
-}
-
-/// A node name: 1 to 64 letters, digits, `.`, `-`, `_`.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-}
-
-impl FleetSettings {
-    /// Settings from flags: endpoints and a prefix, nothing else.
-    pub fn from_endpoints(endpoints: Vec<String>, prefix: String) -> FleetSettings {
-        FleetSettings {
-            endpoints,
-            prefix,
-            node: None,
-            state_dir: None,
-            user: None,
-            password_file: None,
-            tls: None,
-            lease_ttl: default_lease_ttl(),
-            binds: BTreeMap::new(),
-        }
-    }
-
-    fn resolve(&mut self, dir: &Path) {
-        let join = |p: &mut Option<PathBuf>| {
-            if let Some(path) = p
-                && path.is_relative()
-            {
-                *path = dir.join(&*path);
-            }
-        };
-        join(&mut self.state_dir);
-        join(&mut self.password_file);
-        if let Some(tls) = &mut self.tls {
-            join(&mut tls.ca);
-            join(&mut tls.cert);
-            join(&mut tls.key);
-        }
-    }
-
-    /// Checks the settings (`path` names the file in messages).
-    pub fn check(&self, path: &Path) -> Result<(), FleetError> {
-        let invalid = |field: &str, reason: String| FleetError::Settings {
-            path: path.to_owned(),
-            field: format!("fleet.{field}"),
-            reason,
-        };
-        if self.endpoints.is_empty() {
-            return Err(invalid("endpoints", "at least one etcd endpoint is needed".into()));
-        }
-        for endpoint in &self.endpoints {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) || endpoint.len() > 256 {
-                return Err(invalid(
-                    "endpoints",
-                    format!("`{}` is not an http:// or https:// URL", endpoint.escape_debug()),
-                ));
-            }
-        }
-        if !valid_prefix(&self.prefix) {
-            return Err(invalid(
-                "prefix",
-                format!(
-                    "`{}` must start and end with `/` (at most 128 printable ASCII characters)",
-                    self.prefix.escape_debug()
-                ),
-            ));
-        }
-        if let Some(node) = &self.node
-            && !valid_node_name(node)
-        {
-            return Err(invalid(
-                "node",
-                format!(
-                    "`{}` must be 1 to 64 letters, digits, `.`, `-`, `_`",
-                    node.escape_debug()
-                ),
-            ));
-        }
-        if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&self.lease_ttl) {
-            return Err(invalid("lease_ttl", "must be between 2 s and 300 s".into()));
-        }
-        if self.user.is_some() != self.password_file.is_some() {
-            return Err(invalid("user", "`user` and `password_file` go together".into()));
-        }
-        for secret in [
-            self.password_file.as_ref(),
-            self.tls.as_ref().and_then(|t| t.key.as_ref()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            store::check_secret(secret)?;
-        }
-        Ok(())
-    }
-
-    /// The key layout under the prefix.
-    pub fn keys(&self) -> Keys {
-        Keys {
-            prefix: self.prefix.clone(),
-        }
-    }
-}
-
-fn valid_prefix(prefix: &str) -> bool {
-    prefix.len() <= 128
-        && prefix.starts_with('/')
-        && prefix.ends_with('/')
-        && prefix.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Opens a client to the fleet's etcd. The connection itself is made on
-/// first use: an unreachable etcd shows in the first request.
-pub async fn connect(settings: &FleetSettings) -> Result<etcd_client::Client, FleetError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| FleetError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
-    };
-    let mut options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(10))
-        .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3));
-    if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
-        let password = String::from_utf8_lossy(&read(file)?).trim().to_owned();
-        options = options.with_user(user.clone(), password);
-    }
-    if let Some(tls) = &settings.tls {
-        let mut config = etcd_client::TlsOptions::new();
-        if let Some(ca) = &tls.ca {
-            config = config.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-            config = config.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
-        }
-        if let Some(name) = &tls.server_name {
-            config = config.domain_name(name.clone());
-        }
-        options = options.with_tls(config);
-    }
-    Ok(etcd_client::Client::connect(&settings.endpoints, Some(options)).await?)
-}
-
 /// Where each thing lives under the prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -383,14 +127,34 @@ impl Keys {
         format!("{}pools/{name}", self.prefix)
     }
 
-    /// A blob's size and chunk count.
-    pub fn blob_meta(&self, sha256: &str) -> String {
-        format!("{}blobs/{sha256}/meta", self.prefix)
+    /// Where the operator's files are kept.
+    pub fn blobs(&self) -> Blobs {
+        Blobs(format!("{}blobs/", self.prefix))
     }
 
-    /// One chunk of a blob.
-    pub fn blob_chunk(&self, sha256: &str, n: usize) -> String {
-        format!("{}blobs/{sha256}/{n:05}", self.prefix)
+    /// Where a tenant's files are kept.
+    pub fn tenant_blobs(&self, tenant: &str) -> Blobs {
+        Blobs(format!("{}tenants/{tenant}/blobs/", self.prefix))
+    }
+
+    /// What the nodes say of a tenant's policy.
+    pub fn tenant_nodes(&self, tenant: &str) -> String {
+        format!("{}tenants/{tenant}/nodes/", self.prefix)
+    }
+
+    /// What one node says of a tenant's policy.
+    pub fn tenant_node(&self, tenant: &str, node: &str) -> String {
+        format!("{}tenants/{tenant}/nodes/{node}", self.prefix)
+    }
+
+    /// All tenants' policies.
+    pub fn policies(&self) -> String {
+        format!("{}policies/", self.prefix)
+    }
+
+    /// One tenant's policy.
+    pub fn policy(&self, tenant: &str) -> String {
+        format!("{}policies/{tenant}", self.prefix)
     }
 
     /// All node reports.
@@ -401,6 +165,22 @@ impl Keys {
     /// One node's report.
     pub fn node(&self, name: &str) -> String {
         format!("{}nodes/{name}", self.prefix)
+    }
+}
+
+/// A place blobs are kept: `<root><sha256>/meta` and `<root><sha256>/<n>`.
+#[derive(Debug, Clone)]
+pub struct Blobs(String);
+
+impl Blobs {
+    /// A blob's size and chunk count.
+    pub fn meta(&self, sha256: &str) -> String {
+        format!("{}{sha256}/meta", self.0)
+    }
+
+    /// One chunk of a blob.
+    pub fn chunk(&self, sha256: &str, n: usize) -> String {
+        format!("{}{sha256}/{n:05}", self.0)
     }
 }
 
@@ -443,13 +223,21 @@ pub struct State {
     pub pools: BTreeMap<String, Option<PoolConfig>>,
     /// The revision that last changed each of those pools.
     pub pool_revisions: BTreeMap<String, i64>,
+    /// Tenants' own policies, by tenant (or why a value is not one).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, Result<Published, String>>,
+    /// The revision that last changed each of those policies.
+    #[serde(default)]
+    pub tenant_revisions: BTreeMap<String, i64>,
 }
 
 impl State {
     /// Whether `other` holds the same config and pools (whatever revision it
     /// was read at).
     pub fn same_content(&self, other: &State) -> bool {
-        self.config_revision == other.config_revision && self.pool_revisions == other.pool_revisions
+        self.config_revision == other.config_revision
+            && self.pool_revisions == other.pool_revisions
+            && self.tenant_revisions == other.tenant_revisions
     }
 }
 
@@ -468,6 +256,7 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     let txn = Txn::new().and_then(vec![
         TxnOp::get(keys.config(), None),
         TxnOp::get(keys.pools(), Some(GetOptions::new().with_prefix())),
+        TxnOp::get(keys.policies(), Some(GetOptions::new().with_prefix())),
     ]);
     let response = client.txn(txn).await?;
     let revision = response.header().map_or(0, |h| h.revision());
@@ -475,7 +264,7 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
         TxnOpResponse::Get(get) => Some(get),
         _ => None,
     });
-    let (Some(config), Some(pools)) = (gets.next(), gets.next()) else {
+    let (Some(config), Some(pools), Some(policies)) = (gets.next(), gets.next(), gets.next()) else {
         return Err(FleetError::Etcd("a transaction answered without its reads".into()));
     };
     let config_key = keys.config();
@@ -485,31 +274,21 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
             reason: "nothing has been published under this prefix (run `weir publish`)".into(),
         });
     };
-    if kv.value().len() > MAX_CONFIG_BYTES * 2 {
-        return Err(FleetError::BadValue {
-            key: config_key,
-            reason: format!("{} bytes, more than a config may have", kv.value().len()),
-        });
-    }
-    let published: Published = decode(&config_key, kv.value())?;
-    if published.format != FORMAT {
-        return Err(FleetError::BadValue {
-            key: config_key,
-            reason: format!("format {} (this weir reads format {FORMAT})", published.format),
-        });
-    }
+    let published = decode_published(&config_key, kv.value())?;
     let mut state = State {
         revision,
         config_revision: kv.mod_revision(),
         published,
         pools: BTreeMap::new(),
         pool_revisions: BTreeMap::new(),
+        tenants: BTreeMap::new(),
+        tenant_revisions: BTreeMap::new(),
     };
     let pools_prefix = keys.pools();
     for kv in pools.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let name = key.strip_prefix(&pools_prefix).unwrap_or(&key).to_owned();
-        crate::config::check_pool_name(&name).map_err(|reason| FleetError::BadValue {
+        check_pool_name(&name).map_err(|reason| FleetError::BadValue {
             key: key.clone(),
             reason,
         })?;
@@ -517,12 +296,45 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
         state.pool_revisions.insert(name.clone(), kv.mod_revision());
         state.pools.insert(name, pool);
     }
+    let policies_prefix = keys.policies();
+    for kv in policies.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let tenant = key.strip_prefix(&policies_prefix).unwrap_or(&key).to_owned();
+        check_pool_name(&tenant).map_err(|reason| FleetError::BadValue {
+            key: key.clone(),
+            reason: format!("not a tenant's name: {reason}"),
+        })?;
+        // A bad policy is its tenant's failure alone: it is kept here and
+        // refused when the node lays it over the config.
+        let published = decode_published(&key, kv.value()).map_err(|e| e.to_string());
+        state.tenant_revisions.insert(tenant.clone(), kv.mod_revision());
+        state.tenants.insert(tenant, published);
+    }
     Ok(state)
 }
 
+/// A [`Published`] value, bounded and of a format this weir reads.
+fn decode_published(key: &str, value: &[u8]) -> Result<Published, FleetError> {
+    let bad = |reason: String| FleetError::BadValue {
+        key: key.to_owned(),
+        reason,
+    };
+    if value.len() > MAX_CONFIG_BYTES * 2 {
+        return Err(bad(format!("{} bytes, more than a config may have", value.len())));
+    }
+    let published: Published = decode(key, value)?;
+    if published.format != FORMAT {
+        return Err(bad(format!(
+            "format {} (this weir reads format {FORMAT})",
+            published.format
+        )));
+    }
+    Ok(published)
+}
+
 /// Reads a blob and checks that its bytes hash to its name.
-pub async fn fetch_blob(client: &mut etcd_client::Client, keys: &Keys, sha256: &str) -> Result<Vec<u8>, FleetError> {
-    let meta_key = keys.blob_meta(sha256);
+pub async fn fetch_blob(client: &mut etcd_client::Client, blobs: &Blobs, sha256: &str) -> Result<Vec<u8>, FleetError> {
+    let meta_key = blobs.meta(sha256);
     let meta = client.get(meta_key.clone(), None).await?;
     let Some(kv) = meta.kvs().first() else {
         return Err(FleetError::BadValue {
@@ -542,7 +354,7 @@ pub async fn fetch_blob(client: &mut etcd_client::Client, keys: &Keys, sha256: &
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.size).unwrap_or(0));
     for n in 0..meta.chunks {
-        let key = keys.blob_chunk(sha256, n);
+        let key = blobs.chunk(sha256, n);
         let chunk = client.get(key.clone(), None).await?;
         let Some(kv) = chunk.kvs().first() else {
             return Err(FleetError::BadValue {
@@ -561,7 +373,7 @@ pub async fn fetch_blob(client: &mut etcd_client::Client, keys: &Keys, sha256: &
     let actual = weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes]));
     if bytes.len() as u64 != meta.size || actual != sha256 {
         return Err(FleetError::BadValue {
-            key: keys.blob_meta(sha256),
+            key: blobs.meta(sha256),
             reason: format!(
                 "its {} bytes hash to {actual}, not to the name they are stored under",
                 bytes.len()

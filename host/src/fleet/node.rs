@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, PoolConfig};
 use crate::fleet::store::LocalStore;
-use crate::fleet::{FleetError, Keys, NodeFile, State, connect, fetch_blob, fetch_state, is_sha256_hex, now};
+use crate::fleet::{FleetError, Keys, NodeFile, State, connect, fetch_state, now};
 use crate::gateway::Gateway;
 use crate::source::{ConfigSource, SetPoolError, SharedPools};
 
@@ -43,27 +43,43 @@ pub struct Report {
     pub error: Option<String>,
     /// The revision of that state.
     pub failed_revision: Option<i64>,
+    /// Each tenant's own policy: what the node serves of it, and why it
+    /// refused the latest one, if it did.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantReport>,
+}
+
+/// What a node says of a tenant's policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantReport {
+    /// The revision of the policy it serves (0: none, the operator's section alone).
+    pub revision: i64,
+    /// Why it refused the latest one.
+    pub error: Option<String>,
+    /// That policy's revision.
+    pub failed_revision: Option<i64>,
 }
 
 /// A running fleet node.
 pub struct Node {
-    file: NodeFile,
-    name: String,
-    keys: Keys,
-    client: tokio::sync::Mutex<Option<etcd_client::Client>>,
-    store: LocalStore,
-    /// The state the running snapshot was built from.
-    applied: Mutex<Option<State>>,
+    pub(super) file: NodeFile,
+    pub(super) name: String,
+    pub(super) keys: Keys,
+    pub(super) client: tokio::sync::Mutex<Option<etcd_client::Client>>,
+    pub(super) store: LocalStore,
+    /// The state the running snapshot was built from (with the tenants'
+    /// policies it accepted).
+    pub(super) applied: Mutex<Option<State>>,
     /// The revision of the last read, applied or not.
-    last_read: Mutex<i64>,
+    pub(super) last_read: Mutex<i64>,
     /// The config the next reload builds (what [`FleetSource`] gives).
-    pending: Mutex<Option<Config>>,
-    report: Mutex<Report>,
-    report_changed: tokio::sync::Notify,
+    pub(super) pending: Mutex<Option<Config>>,
+    pub(super) report: Mutex<Report>,
+    pub(super) report_changed: tokio::sync::Notify,
     /// One read-and-apply at a time.
-    syncing: tokio::sync::Mutex<()>,
-    gateway: OnceLock<Weak<Gateway>>,
-    lease: Mutex<Option<i64>>,
+    pub(super) syncing: tokio::sync::Mutex<()>,
+    pub(super) gateway: OnceLock<Weak<Gateway>>,
+    pub(super) lease: Mutex<Option<i64>>,
 }
 
 /// The configuration a fleet node builds: the state it read last.
@@ -123,26 +139,25 @@ impl Node {
             gateway: OnceLock::new(),
             lease: Mutex::new(None),
         });
+        let kept = node.store.load_state().unwrap_or_default();
+        let fallback = kept.as_ref().map(super::apply::accepted).unwrap_or_default();
         let online = tokio::time::timeout(START_TIMEOUT, async {
             let mut client = node.client().await?;
             let state = fetch_state(&mut client, &node.keys).await?;
-            let config = node.materialize(Some(&mut client), &state).await?;
-            Ok::<_, FleetError>((state, config))
+            let built = node
+                .materialize(Some(&mut client), &state, &super::apply::candidates(&state), &fallback)
+                .await?;
+            Ok::<_, FleetError>((state, built))
         })
         .await
         .unwrap_or_else(|_| Err(FleetError::Etcd(format!("no answer within {START_TIMEOUT:?}"))));
-        let (state, config) = match online {
-            Ok((state, config)) => {
-                if let Err(e) = node.store.save_state(&state) {
-                    tracing::warn!(error = %e, "cannot keep the revision on disk");
-                }
-                (state, config)
-            }
+        let (state, built) = match online {
+            Ok(read) => read,
             Err(error) => {
-                let Some(state) = node.store.load_state()? else {
+                let Some(state) = kept else {
                     return Err(error);
                 };
-                let config = node.materialize(None, &state).await?;
+                let built = node.materialize(None, &state, &fallback, &fallback).await?;
                 tracing::warn!(
                     %error,
                     revision = state.revision,
@@ -150,12 +165,37 @@ impl Node {
                     "etcd cannot be read; serving the revision kept on disk until it can"
                 );
                 crate::sync::lock(&node.report).serving = "disk".into();
-                (state, config)
+                (state, built)
             }
         };
-        node.applied_state(state);
-        *crate::sync::lock(&node.pending) = Some(config.clone());
+        let config = built.config.clone();
+        node.accept(state, built);
         Ok((node, config))
+    }
+
+    /// The config to start on when the one [`Node::start`] gave did not
+    /// start: the tenants' policies it had not served before left out (each
+    /// reported with `error`), if any were in it.
+    pub async fn start_without_new_policies(&self, error: &str) -> Option<Config> {
+        let applied = crate::sync::lock(&self.applied).clone()?;
+        let kept = self.store.load_state().ok().flatten();
+        let fallback = kept.as_ref().map(super::apply::accepted).unwrap_or_default();
+        let used = super::apply::accepted(&applied);
+        if used
+            .iter()
+            .all(|(tenant, (revision, _))| fallback.get(tenant).is_some_and(|(r, _)| r == revision))
+        {
+            return None;
+        }
+        let built = self.materialize(None, &applied, &fallback, &fallback).await.ok()?;
+        let config = built.config.clone();
+        self.accept(applied, built);
+        for (tenant, (revision, _)) in &used {
+            if fallback.get(tenant).is_none_or(|(r, _)| r != revision) {
+                self.tenant_failed(tenant, *revision, format!("did not build: {error}"));
+            }
+        }
+        Some(config)
     }
 
     /// The node's name.
@@ -203,7 +243,7 @@ impl Node {
         crate::sync::lock(&self.report).clone()
     }
 
-    async fn client(&self) -> Result<etcd_client::Client, FleetError> {
+    pub(super) async fn client(&self) -> Result<etcd_client::Client, FleetError> {
         let mut slot = self.client.lock().await;
         if let Some(client) = slot.as_ref() {
             return Ok(client.clone());
@@ -213,57 +253,7 @@ impl Node {
         Ok(client)
     }
 
-    /// The config a state describes: its text parsed, every file it names
-    /// taken from the state directory (fetched from etcd and checked against
-    /// its hash when missing), this node's own sections and addresses laid
-    /// over it, then the admin API's pools.
-    async fn materialize(
-        &self,
-        mut client: Option<&mut etcd_client::Client>,
-        state: &State,
-    ) -> Result<Config, FleetError> {
-        let config_key = self.keys.config();
-        let bad = |reason: String| FleetError::BadValue {
-            key: config_key.clone(),
-            reason,
-        };
-        let mut config = Config::parse(&state.published.toml, &self.store.dir().join("fleet.toml"))
-            .map_err(|e| bad(format!("revision {}: {e}", state.config_revision)))?;
-        for (field, path) in config.files_mut() {
-            let Some(sha256) = state.published.files.get(&field).filter(|s| is_sha256_hex(s)) else {
-                return Err(bad(format!("{field} names a file the publish did not upload")));
-            };
-            if !self.store.has_blob(sha256) {
-                let Some(client) = client.as_deref_mut() else {
-                    return Err(bad(format!("{field}: blob {sha256} is not in the state directory")));
-                };
-                let bytes = fetch_blob(client, &self.keys, sha256).await?;
-                self.store.put_blob(sha256, &bytes)?;
-            }
-            *path = self.store.blob_path(sha256);
-        }
-        if let Some(admin) = &self.file.admin {
-            config.admin = Some(admin.clone());
-        }
-        if let Some(cache) = &self.file.cache {
-            config.cache = cache.clone();
-        }
-        for (listener, addr) in &self.file.fleet.binds {
-            match config.listeners.get_mut(listener) {
-                Some(settings) => settings.bind = *addr,
-                None => {
-                    return Err(bad(format!(
-                        "{}: fleet.binds names listener `{listener}`, which the published config does not have",
-                        self.file.path.display()
-                    )));
-                }
-            }
-        }
-        config.reload.watch = false;
-        Ok(config.with_pools(&state.pools)?)
-    }
-
-    fn applied_state(&self, state: State) {
+    pub(super) fn applied_state(&self, state: State) {
         let mut report = crate::sync::lock(&self.report);
         report.revision = state.revision;
         report.config_revision = state.config_revision;
@@ -276,7 +266,7 @@ impl Node {
         self.report_changed.notify_one();
     }
 
-    fn failed(&self, revision: i64, error: String) {
+    pub(super) fn failed(&self, revision: i64, error: String) {
         tracing::error!(revision, %error, "fleet revision not applied; the previous one stays in use");
         let mut report = crate::sync::lock(&self.report);
         report.error = Some(error);
@@ -314,34 +304,7 @@ impl Node {
         if unchanged {
             return Ok(());
         }
-        let config = match self.materialize(Some(&mut client), &state).await {
-            Ok(config) => config,
-            Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
-            Err(other) => {
-                self.failed(state.revision, other.to_string());
-                return Ok(());
-            }
-        };
-        let Some(gateway) = self.gateway.get().and_then(Weak::upgrade) else {
-            return Ok(());
-        };
-        *crate::sync::lock(&self.pending) = Some(config);
-        let reload = gateway.reload("fleet").await;
-        match reload.error {
-            None => {
-                if let Err(e) = self.store.save_state(&state) {
-                    tracing::warn!(error = %e, "cannot keep the applied revision on disk");
-                }
-                tracing::info!(
-                    revision = state.revision,
-                    config_revision = state.config_revision,
-                    "fleet revision applied"
-                );
-                self.applied_state(state);
-            }
-            Some(error) => self.failed(state.revision, error),
-        }
-        Ok(())
+        self.apply(&mut client, state).await
     }
 
     /// Applies every change under the prefix until the gateway is gone:
@@ -383,6 +346,7 @@ impl Node {
         let mut stream = client.watch(self.keys.prefix(), Some(options)).await?;
         let config_key = self.keys.config();
         let pools = self.keys.pools();
+        let policies = self.keys.policies();
         while let Some(response) = stream.message().await? {
             if response.canceled() {
                 if response.compact_revision() > 0 {
@@ -395,7 +359,9 @@ impl Node {
             }
             let relevant = response.events().iter().filter_map(|e| e.kv()).any(|kv| {
                 let key = kv.key();
-                key == config_key.as_bytes() || key.starts_with(pools.as_bytes())
+                key == config_key.as_bytes()
+                    || key.starts_with(pools.as_bytes())
+                    || key.starts_with(policies.as_bytes())
             });
             if relevant {
                 self.sync().await?;
@@ -427,9 +393,18 @@ impl Node {
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
         let mut tick = tokio::time::interval(ttl / 3);
         loop {
-            let value = serde_json::to_vec(&self.report()).unwrap_or_default();
-            let options = etcd_client::PutOptions::new().with_lease(lease);
-            client.put(self.keys.node(&self.name), value, Some(options)).await?;
+            let report = self.report();
+            let value = serde_json::to_vec(&report).unwrap_or_default();
+            let options = || Some(etcd_client::PutOptions::new().with_lease(lease));
+            client.put(self.keys.node(&self.name), value, options()).await?;
+            // Each tenant reads what the node says of its policy under its
+            // own prefix, not the others' reports.
+            for (tenant, said) in &report.tenants {
+                let value = serde_json::to_vec(&(&report.node, said)).unwrap_or_default();
+                client
+                    .put(self.keys.tenant_node(tenant, &self.name), value, options())
+                    .await?;
+            }
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -462,6 +437,28 @@ pub async fn list_nodes(client: &mut etcd_client::Client, keys: &Keys) -> Result
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let report: Report = super::decode(&key, kv.value())?;
         nodes.insert(report.node.clone(), report);
+    }
+    Ok(nodes)
+}
+
+/// What every live node says of `tenant`'s policy, by node (read from the
+/// tenant's own prefix).
+pub async fn list_tenant_nodes(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    tenant: &str,
+) -> Result<BTreeMap<String, TenantReport>, FleetError> {
+    let answer = client
+        .get(
+            keys.tenant_nodes(tenant),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let mut nodes = BTreeMap::new();
+    for kv in answer.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let (node, report): (String, TenantReport) = super::decode(&key, kv.value())?;
+        nodes.insert(node, report);
     }
     Ok(nodes)
 }

@@ -5,12 +5,15 @@
 //! said why not.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::fleet::node::list_nodes;
-use crate::fleet::{BlobMeta, CHUNK, FORMAT, FleetError, Keys, MAX_BLOB_BYTES, MAX_CONFIG_BYTES, Published, now};
+use crate::fleet::node::{TenantReport, list_nodes, list_tenant_nodes};
+use crate::fleet::tenant::TenantPolicy;
+use crate::fleet::{
+    BlobMeta, Blobs, CHUNK, FORMAT, FleetError, Keys, MAX_BLOB_BYTES, MAX_CONFIG_BYTES, Published, now,
+};
 
 /// What a publish did.
 #[derive(Debug, Clone)]
@@ -48,12 +51,17 @@ fn read(path: &Path, limit: u64) -> Result<Vec<u8>, FleetError> {
     std::fs::read(path).map_err(|e| io(e.to_string()))
 }
 
-/// Publishes the config at `path` under `keys`.
-pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path) -> Result<Outcome, FleetError> {
-    let text = String::from_utf8(read(path, MAX_CONFIG_BYTES as u64)?).map_err(|_| FleetError::Io {
+/// The text of the file at `path`, bounded.
+fn read_text(path: &Path) -> Result<String, FleetError> {
+    String::from_utf8(read(path, MAX_CONFIG_BYTES as u64)?).map_err(|_| FleetError::Io {
         path: path.to_owned(),
         reason: "not UTF-8".into(),
-    })?;
+    })
+}
+
+/// Publishes the config at `path` under `keys`.
+pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path) -> Result<Outcome, FleetError> {
+    let text = read_text(path)?;
     let mut config = Config::parse(&text, path)?;
     if let Some(name) = config
         .certificates
@@ -67,23 +75,70 @@ pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path)
         });
     }
     let base = config.clone();
+    let named = config
+        .files_mut()
+        .into_iter()
+        .map(|(field, file)| (field, base.resolve(file)))
+        .collect();
+    put_published(client, &keys.blobs(), keys.config(), text, named, path).await
+}
+
+/// Publishes the policy at `path` as `tenant`'s.
+pub async fn publish_tenant(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    tenant: &str,
+    path: &Path,
+) -> Result<Outcome, FleetError> {
+    let text = read_text(path)?;
+    let mut policy = TenantPolicy::parse(&text, tenant).map_err(|reason| FleetError::Io {
+        path: path.to_owned(),
+        reason,
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let named = policy
+        .files_mut()
+        .into_iter()
+        .map(|(field, file)| (field, dir.join(file)))
+        .collect();
+    put_published(
+        client,
+        &keys.tenant_blobs(tenant),
+        keys.policy(tenant),
+        text,
+        named,
+        path,
+    )
+    .await
+}
+
+/// Uploads the `named` files that `blobs` lacks, then puts `text` with
+/// their hashes at `key` in one transaction.
+async fn put_published(
+    client: &mut etcd_client::Client,
+    blobs: &Blobs,
+    key: String,
+    text: String,
+    named: Vec<(String, PathBuf)>,
+    path: &Path,
+) -> Result<Outcome, FleetError> {
     let mut files = BTreeMap::new();
-    let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut fields = BTreeMap::new();
-    for (field, named) in config.files_mut() {
-        let bytes = read(&base.resolve(named), MAX_BLOB_BYTES)?;
+    for (field, file) in named {
+        let bytes = read(&file, MAX_BLOB_BYTES)?;
         let sha256 = weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes]));
         files.insert(field.clone(), sha256.clone());
         fields.entry(sha256.clone()).or_insert(field);
-        blobs.insert(sha256, bytes);
+        contents.insert(sha256, bytes);
     }
     let mut outcome = Outcome {
         revision: 0,
         uploaded: Vec::new(),
         reused: 0,
     };
-    for (sha256, bytes) in &blobs {
-        let meta_key = keys.blob_meta(sha256);
+    for (sha256, bytes) in &contents {
+        let meta_key = blobs.meta(sha256);
         let held = client
             .get(meta_key.clone(), Some(etcd_client::GetOptions::new().with_count_only()))
             .await?;
@@ -92,7 +147,7 @@ pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path)
             continue;
         }
         for (n, chunk) in bytes.chunks(CHUNK).enumerate() {
-            client.put(keys.blob_chunk(sha256, n), chunk, None).await?;
+            client.put(blobs.chunk(sha256, n), chunk, None).await?;
         }
         let meta = BlobMeta {
             size: bytes.len() as u64,
@@ -113,19 +168,43 @@ pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path)
         source: path.display().to_string(),
     };
     let value = serde_json::to_vec(&published).map_err(|e| FleetError::Etcd(e.to_string()))?;
-    let txn = etcd_client::Txn::new().and_then(vec![etcd_client::TxnOp::put(keys.config(), value, None)]);
+    let txn = etcd_client::Txn::new().and_then(vec![etcd_client::TxnOp::put(key, value, None)]);
     let answer = client.txn(txn).await?;
     outcome.revision = answer.header().map_or(0, |h| h.revision());
     Ok(outcome)
 }
 
-/// Where the live nodes stand on `revision` now.
-pub async fn progress(client: &mut etcd_client::Client, keys: &Keys, revision: i64) -> Result<Progress, FleetError> {
+/// Where the live nodes stand on `revision` now: of the config, or of
+/// `tenant`'s policy.
+pub async fn progress(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    revision: i64,
+    tenant: Option<&str>,
+) -> Result<Progress, FleetError> {
     let mut progress = Progress::default();
-    for (name, report) in list_nodes(client, keys).await? {
-        if report.revision >= revision {
+    // Of the config: each node's own report; of a tenant's policy: what the
+    // nodes say of it under the tenant's prefix.
+    let reports: BTreeMap<String, TenantReport> = match tenant {
+        None => list_nodes(client, keys)
+            .await?
+            .into_iter()
+            .map(|(name, r)| {
+                let said = TenantReport {
+                    revision: r.revision,
+                    error: r.error,
+                    failed_revision: r.failed_revision,
+                };
+                (name, said)
+            })
+            .collect(),
+        Some(tenant) => list_tenant_nodes(client, keys, tenant).await?,
+    };
+    for (name, said) in reports {
+        let refused = said.failed_revision.zip(said.error);
+        if said.revision >= revision {
             progress.applied.push(name);
-        } else if let (Some(error), Some(failed)) = (report.error, report.failed_revision)
+        } else if let Some((failed, error)) = refused
             && failed >= revision
         {
             progress.failed.push((name, error));
@@ -142,11 +221,12 @@ pub async fn wait(
     client: &mut etcd_client::Client,
     keys: &Keys,
     revision: i64,
+    tenant: Option<&str>,
     timeout: Duration,
 ) -> Result<Progress, FleetError> {
     let started = Instant::now();
     loop {
-        let progress = progress(client, keys, revision).await?;
+        let progress = progress(client, keys, revision, tenant).await?;
         if progress.pending.is_empty() || started.elapsed() >= timeout {
             return Ok(progress);
         }

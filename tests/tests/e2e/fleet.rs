@@ -527,3 +527,277 @@ async fn bad_fleet_settings_are_refused_with_the_field_named() {
         text(&run)
     );
 }
+
+/// Roles, users and `auth enable`, as the README tells an operator: the
+/// nodes read the prefix and write their reports and the pools; tenant
+/// `acme` writes its policy and its files, and nothing else.
+fn set_up_roles(etcd: &Etcd) {
+    for args in [
+        vec!["user", "add", "root:rootpw", "--interactive=false"],
+        vec!["user", "grant-role", "root", "root"],
+        vec!["role", "add", "weir-node"],
+        vec![
+            "role",
+            "grant-permission",
+            "weir-node",
+            "--prefix=true",
+            "read",
+            "/weir/",
+        ],
+        vec![
+            "role",
+            "grant-permission",
+            "weir-node",
+            "--prefix=true",
+            "readwrite",
+            "/weir/nodes/",
+        ],
+        vec![
+            "role",
+            "grant-permission",
+            "weir-node",
+            "--prefix=true",
+            "readwrite",
+            "/weir/pools/",
+        ],
+        vec![
+            "role",
+            "grant-permission",
+            "weir-node",
+            "--prefix=true",
+            "readwrite",
+            "/weir/tenants/",
+        ],
+        vec!["user", "add", "weir-node:weir-nodepw", "--interactive=false"],
+        vec!["user", "grant-role", "weir-node", "weir-node"],
+    ] {
+        etcd.etcdctl(&args);
+    }
+    for tenant in ["acme", "bravo"] {
+        let role = format!("weir-tenant-{tenant}");
+        let blobs = format!("/weir/tenants/{tenant}/");
+        let policy = format!("/weir/policies/{tenant}");
+        let user = format!("{tenant}:{tenant}pw");
+        for args in [
+            vec!["role", "add", &role],
+            vec!["role", "grant-permission", &role, "--prefix=true", "readwrite", &blobs],
+            vec!["role", "grant-permission", &role, "readwrite", &policy],
+            vec!["user", "add", &user, "--interactive=false"],
+            vec!["user", "grant-role", tenant, &role],
+        ] {
+            etcd.etcdctl(&args);
+        }
+    }
+    etcd.etcdctl(&["auth", "enable"]);
+}
+
+/// A file with `[fleet]` for `user` (password `<user>pw`, in a private file).
+fn credentials(dir: &Path, user: &str, endpoints: &[String]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let password = write(dir, &format!("{user}.password"), &format!("{user}pw\n"));
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    node_file(
+        dir,
+        user,
+        endpoints,
+        &format!("user = \"{user}\"\npassword_file = \"{}\"", password.display()),
+    )
+}
+
+/// `weir publish` of `policy` as `tenant`'s, with its etcd user.
+fn publish_policy(dir: &Path, tenant: &str, policy: &str, endpoints: &[String], wait: bool) -> Output {
+    let file = write(dir, &format!("{tenant}-policy.toml"), &expand(policy));
+    let fleet = credentials(dir, tenant, endpoints);
+    let mut args = vec![
+        "publish",
+        "--tenant",
+        tenant,
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--fleet",
+        fleet.to_str().expect("utf-8"),
+    ];
+    if wait {
+        args.extend(["--wait", "--timeout", "20"]);
+    }
+    weir(&args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_publish_their_own_policy_and_fail_alone() {
+    let etcd = Etcd::start();
+    set_up_roles(&etcd);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = weir_tests::Pki::new("fleet tenants CA");
+    let identity = pki.server(&["*.acme.test", "*.bravo.test"]);
+    let acme = Upstream::tls(&identity, |s| weir_tests::answer_with(s, " (acme)".into())).await;
+    let bravo = Upstream::tls(&identity, |s| weir_tests::answer_with(s, " (bravo)".into())).await;
+    let operator = expand(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["edge"]
+
+        [plugins.edge]
+        wasm = "{{static_router}}"
+        config.default = {{ reject = "no tenant owns this name" }}
+        [plugins.acme-default]
+        wasm = "{{static_router}}"
+        config.default = {{ reject = "acme has published nothing" }}
+        [plugins.bravo-default]
+        wasm = "{{static_router}}"
+        config.routes."app.bravo.test" = {{ pool = "bravo-app" }}
+
+        [pools.acme-app]
+        servers = ["127.0.0.1:9"]
+        [pools.bravo-app]
+        servers = ["{bravo}"]
+
+        [tenants.acme]
+        domains = ["acme.test"]
+        plugins = ["acme-default"]
+        pools = ["acme-app"]
+        [tenants.bravo]
+        domains = ["bravo.test"]
+        plugins = ["bravo-default"]
+        pools = ["bravo-app"]
+        "#,
+        bravo = bravo.addr
+    ));
+    let operator = write(dir.path(), "weir.toml", &operator);
+    let root = credentials(dir.path(), "root", &etcd.endpoints());
+    let published = weir(&[
+        "publish",
+        "--config",
+        operator.to_str().expect("utf-8"),
+        "--fleet",
+        root.to_str().expect("utf-8"),
+    ]);
+    assert!(published.status.success(), "{}", text(&published));
+    let node = WeirProcess::spawn_node(&credentials(dir.path(), "weir-node", &etcd.endpoints()), 1).await;
+    let addr = node.addr("public");
+    let client = pki.client_config();
+    let ask = |sni: &'static str| {
+        let client = std::sync::Arc::clone(&client);
+        async move {
+            weir_tests::tls_exchange(addr, sni, client, "hi")
+                .await
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(ask("app.acme.test").await, "", "acme has published nothing yet");
+    assert_eq!(ask("app.bravo.test").await, "upstream heard: hi (bravo)\n");
+
+    // acme publishes its own chain and the servers of its pool.
+    let policy = format!(
+        r#"
+        chain = ["acme-router"]
+        [plugins.acme-router]
+        wasm = "{{static_router}}"
+        config.routes."app.acme.test" = {{ pool = "acme-app" }}
+        config.routes."evil.acme.test" = {{ pool = "bravo-app" }}
+        [pools.acme-app]
+        servers = ["{}"]
+        "#,
+        acme.addr
+    );
+    let published = publish_policy(dir.path(), "acme", &policy, &etcd.endpoints(), true);
+    assert!(published.status.success(), "{}", text(&published));
+    assert!(text(&published).contains("weir-node: applied"), "{}", text(&published));
+    assert_eq!(ask("app.acme.test").await, "upstream heard: hi (acme)\n");
+    // Its decision naming bravo's pool is refused; bravo is untouched.
+    assert_eq!(ask("evil.acme.test").await, "");
+    assert_eq!(ask("app.bravo.test").await, "upstream heard: hi (bravo)\n");
+
+    // etcd itself keeps acme's user out of everyone else's keys.
+    for key in [
+        "/weir/policies/bravo",
+        "/weir/config",
+        "/weir/tenants/bravo/blobs/x/meta",
+        "/weir/pools/bravo-app",
+    ] {
+        let refused = etcd.etcdctl_as(Some("acme:acmepw"), &["put", key, "x"]);
+        assert!(!refused.status.success(), "acme wrote {key}");
+        assert!(
+            text(&refused).contains("permission denied"),
+            "{key}: {}",
+            text(&refused)
+        );
+    }
+
+    // A policy that claims a pool its section does not list: refused by the
+    // node, named; acme keeps the policy it had, bravo's new one applies.
+    let greedy = policy.replace(
+        "[pools.acme-app]",
+        "[pools.acme-other]\nservers = [\"127.0.0.1:9\"]\n[pools.acme-app]",
+    );
+    let refused = publish_policy(dir.path(), "acme", &greedy, &etcd.endpoints(), true);
+    let said = text(&refused);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("weir-node: refused:") && said.contains("pool `acme-other` is not one of tenant `acme`'s pools"),
+        "{said}"
+    );
+    let bravo_policy = r#"
+        chain = ["bravo-router"]
+        [plugins.bravo-router]
+        wasm = "{static_router}"
+        config.routes."new.bravo.test" = { pool = "bravo-app" }
+        "#;
+    let published = publish_policy(dir.path(), "bravo", bravo_policy, &etcd.endpoints(), true);
+    assert!(published.status.success(), "{}", text(&published));
+    assert_eq!(ask("new.bravo.test").await, "upstream heard: hi (bravo)\n");
+    assert_eq!(ask("app.acme.test").await, "upstream heard: hi (acme)\n");
+
+    // A policy that passes every check but does not build on the node (its
+    // plugin refuses its config), written by acme's user by hand: acme's
+    // failure alone, named; bravo's next policy still applies.
+    let wasm = std::fs::read(weir_tests::plugin("misbehave")).expect("misbehave.wasm");
+    let sha = weir_plugin_sdk::hex::encode(ring::digest::digest(&ring::digest::SHA256, &wasm).as_ref());
+    assert!(wasm.len() < 1 << 20, "one chunk");
+    let put_stdin = |key: String, value: &[u8]| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("etcdctl")
+            .args([
+                "--endpoints",
+                &etcd.endpoints()[0],
+                "--user",
+                "acme:acmepw",
+                "put",
+                &key,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("etcdctl");
+        child.stdin.take().expect("stdin").write_all(value).expect("write");
+        assert!(child.wait().expect("etcdctl").success(), "put {key}");
+    };
+    put_stdin(format!("/weir/tenants/acme/blobs/{sha}/00000"), &wasm);
+    put_stdin(
+        format!("/weir/tenants/acme/blobs/{sha}/meta"),
+        format!(r#"{{"size": {}, "chunks": 1}}"#, wasm.len()).as_bytes(),
+    );
+    let broken = serde_json::json!({
+        "format": 1,
+        "toml": "chain = [\"acme-broken\"]\n[plugins.acme-broken]\nwasm = \"x.wasm\"\nconfig = { mode = \"fail-configure\" }\n",
+        "files": { "plugins.acme-broken.wasm": sha },
+        "published_at": 0,
+        "source": "by hand",
+    });
+    put_stdin("/weir/policies/acme".into(), broken.to_string().as_bytes());
+    let status = || text(&weir(&["fleet", "status", "--fleet", root.to_str().expect("utf-8")]));
+    eventually("the node reports acme's broken policy", async || {
+        status().contains("refused: did not build") && status().contains("configure refused")
+    })
+    .await;
+    assert_eq!(
+        ask("app.acme.test").await,
+        "upstream heard: hi (acme)\n",
+        "acme lost its policy"
+    );
+    let bravo_next = bravo_policy.replace("new.bravo.test", "next.bravo.test");
+    let published = publish_policy(dir.path(), "bravo", &bravo_next, &etcd.endpoints(), true);
+    assert!(published.status.success(), "{}", text(&published));
+    assert_eq!(ask("next.bravo.test").await, "upstream heard: hi (bravo)\n");
+}
