@@ -27,6 +27,24 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// `https` when clients must come with TLS.
+    scheme: &'static str,
+    /// Extra arguments for every member (TLS), and for `etcdctl`.
+    server_args: Vec<String>,
+    ctl_args: Vec<String>,
+}
+
+/// TLS for etcd's clients: its certificate and key, the CA that signs
+/// client certificates (required), and the client's own for `etcdctl`.
+pub struct EtcdTls<'a> {
+    /// etcd's certificate chain (PEM).
+    pub cert: &'a Path,
+    /// Its key.
+    pub key: &'a Path,
+    /// The CA of clients' certificates, and of etcd's.
+    pub ca: &'a Path,
+    /// A client certificate and key for `etcdctl`.
+    pub client: (&'a Path, &'a Path),
 }
 
 impl Etcd {
@@ -38,7 +56,41 @@ impl Etcd {
     /// An `n`-member cluster, ready (every member healthy). Elections are
     /// quick (50 ms heartbeats, 500 ms election timeout), as on a LAN.
     pub fn cluster(n: usize) -> Etcd {
+        Etcd::build(n, None)
+    }
+
+    /// A single member that takes clients over TLS only, with a client
+    /// certificate signed by `tls.ca`.
+    pub fn start_tls(tls: &EtcdTls<'_>) -> Etcd {
+        Etcd::build(1, Some(tls))
+    }
+
+    fn build(n: usize, tls: Option<&EtcdTls<'_>>) -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
+        let path = |p: &Path| p.display().to_string();
+        let (scheme, server_args, ctl_args) = match tls {
+            None => ("http", Vec::new(), Vec::new()),
+            Some(tls) => (
+                "https",
+                vec![
+                    "--cert-file".into(),
+                    path(tls.cert),
+                    "--key-file".into(),
+                    path(tls.key),
+                    "--trusted-ca-file".into(),
+                    path(tls.ca),
+                    "--client-cert-auth".into(),
+                ],
+                vec![
+                    "--cacert".into(),
+                    path(tls.ca),
+                    "--cert".into(),
+                    path(tls.client.0),
+                    "--key".into(),
+                    path(tls.client.1),
+                ],
+            ),
+        };
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -47,7 +99,13 @@ impl Etcd {
                 child: None,
             })
             .collect();
-        let mut etcd = Etcd { members, dir };
+        let mut etcd = Etcd {
+            members,
+            dir,
+            scheme,
+            server_args,
+            ctl_args,
+        };
         for i in 0..n {
             etcd.spawn(i, "new");
         }
@@ -68,7 +126,7 @@ impl Etcd {
         let data = self.dir.path().join(&self.members[i].name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.members[i].name))).expect("log");
         let member = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", member.client);
+        let client = format!("{}://127.0.0.1:{}", self.scheme, member.client);
         let peer = format!("http://127.0.0.1:{}", member.peer);
         let child = Command::new("etcd")
             .args(["--name", &member.name])
@@ -80,6 +138,7 @@ impl Etcd {
             .args(["--initial-cluster-token", &format!("weir-test-{}", std::process::id())])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.server_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -92,7 +151,7 @@ impl Etcd {
         self.members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme, m.client))
             .collect()
     }
 
@@ -102,6 +161,7 @@ impl Etcd {
         let running = self.running();
         loop {
             let health = Command::new("etcdctl")
+                .args(&self.ctl_args)
                 .args(["--endpoints", &running.join(","), "endpoint", "health"])
                 .env("ETCDCTL_API", "3")
                 .output()
@@ -131,7 +191,7 @@ impl Etcd {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme, m.client))
             .collect()
     }
 

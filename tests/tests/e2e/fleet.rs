@@ -306,6 +306,28 @@ async fn a_revision_that_does_not_build_is_refused_by_every_node_and_named() {
         !dir.path().join("state-a/blobs").join(&forged_sha).exists(),
         "the forged blob was kept"
     );
+
+    // A blob with a chunk missing.
+    let gap_sha = "1".repeat(64);
+    etcd.etcdctl(&[
+        "put",
+        &format!("/weir/blobs/{gap_sha}/meta"),
+        r#"{"size": 1048577, "chunks": 2}"#,
+    ]);
+    etcd.etcdctl(&["put", &format!("/weir/blobs/{gap_sha}/00001"), "x"]);
+    let gap = forged.to_string().replace(&forged_sha, &gap_sha);
+    etcd.etcdctl(&["put", "/weir/config", &gap]);
+    eventually("A refuses the blob with a chunk missing", async || {
+        let fleet = fleet_json(&admin_a).await;
+        fleet["node"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("/weir/blobs/{gap_sha}/00000: missing chunk")))
+    })
+    .await;
+    assert_eq!(
+        exchange(a.addr("public"), b"after the gap").await.expect("served"),
+        b"after the gap"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,4 +822,55 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
     let published = publish_policy(dir.path(), "bravo", &bravo_next, &etcd.endpoints(), true);
     assert!(published.status.success(), "{}", text(&published));
     assert_eq!(ask("next.bravo.test").await, "upstream heard: hi (bravo)\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_etcd_over_tls_with_a_client_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = weir_tests::Pki::new("etcd CA");
+    let (etcd_cert, etcd_key) = pki.server(&["etcd.test", "127.0.0.1"]).write(dir.path(), "etcd");
+    let (node_cert, node_key) = pki.client("weir-node").write(dir.path(), "node");
+    std::fs::set_permissions(&node_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ca = write(dir.path(), "ca.pem", &pki.ca_pem);
+    let etcd = Etcd::start_tls(&weir_tests::etcd::EtcdTls {
+        cert: &etcd_cert,
+        key: &etcd_key,
+        ca: &ca,
+        client: (&node_cert, &node_key),
+    });
+    let upstream = Upstream::tcp(echo).await;
+    let config = write(dir.path(), "weir.toml", &gateway_config(&[upstream.addr.to_string()]));
+    let tls = format!(
+        r#"tls = {{ ca = "{}", cert = "{}", key = "{}", server_name = "etcd.test" }}"#,
+        ca.display(),
+        node_cert.display(),
+        node_key.display()
+    );
+    let node_toml = node_file(dir.path(), "secure", &etcd.endpoints(), &tls);
+    let published = weir(&[
+        "publish",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--fleet",
+        node_toml.to_str().expect("utf-8"),
+    ]);
+    assert!(published.status.success(), "{}", text(&published));
+    let node = WeirProcess::spawn_node(&node_toml, 1).await;
+    assert_eq!(exchange(node.addr("public"), b"tls").await.expect("served"), b"tls");
+
+    // Without a client certificate etcd refuses the node, and says so.
+    let anonymous = node_file(
+        dir.path(),
+        "anonymous",
+        &etcd.endpoints(),
+        &format!(r#"tls = {{ ca = "{}", server_name = "etcd.test" }}"#, ca.display()),
+    );
+    let status = weir(&["fleet", "status", "--fleet", anonymous.to_str().expect("utf-8")]);
+    assert!(!status.status.success(), "{}", text(&status));
+    assert!(text(&status).starts_with("weir: etcd: "), "{}", text(&status));
+    // A key others may read is refused before any connection.
+    std::fs::set_permissions(&node_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let status = weir(&["fleet", "status", "--fleet", node_toml.to_str().expect("utf-8")]);
+    assert!(text(&status).contains("lets others read it"), "{}", text(&status));
 }
