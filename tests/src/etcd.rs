@@ -56,16 +56,21 @@ impl Etcd {
     /// An `n`-member cluster, ready (every member healthy). Elections are
     /// quick (50 ms heartbeats, 500 ms election timeout), as on a LAN.
     pub fn cluster(n: usize) -> Etcd {
-        Etcd::build(n, None)
+        Etcd::build(n, None, &[])
+    }
+
+    /// A single member started with `args` besides the usual ones.
+    pub fn start_with(args: &[&str]) -> Etcd {
+        Etcd::build(1, None, args)
     }
 
     /// A single member that takes clients over TLS only, with a client
     /// certificate signed by `tls.ca`.
     pub fn start_tls(tls: &EtcdTls<'_>) -> Etcd {
-        Etcd::build(1, Some(tls))
+        Etcd::build(1, Some(tls), &[])
     }
 
-    fn build(n: usize, tls: Option<&EtcdTls<'_>>) -> Etcd {
+    fn build(n: usize, tls: Option<&EtcdTls<'_>>, extra: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = |p: &Path| p.display().to_string();
         let (scheme, server_args, ctl_args) = match tls {
@@ -99,6 +104,8 @@ impl Etcd {
                 child: None,
             })
             .collect();
+        let mut server_args = server_args;
+        server_args.extend(extra.iter().map(|a| (*a).to_owned()));
         let mut etcd = Etcd {
             members,
             dir,

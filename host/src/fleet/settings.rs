@@ -253,10 +253,15 @@ pub async fn connect(settings: &FleetSettings) -> Result<etcd_client::Client, Fl
     let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(10))
-        .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3));
+        .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
+        // A member cut off from its cluster's leader answers no request and
+        // ends its watches, so the node turns to another member.
+        .with_require_leader(true);
     if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
         let password = String::from_utf8_lossy(&read(file)?).trim().to_owned();
-        options = options.with_user(user.clone(), password);
+        // etcd's tokens expire (simple tokens after 5 idle minutes): a node
+        // runs for months, so it logs in again when etcd says so.
+        options = options.with_user(user.clone(), password).with_auto_token_refresh(true);
     }
     if let Some(tls) = &settings.tls {
         let mut config = etcd_client::TlsOptions::new();

@@ -647,7 +647,8 @@ fn publish_policy(dir: &Path, tenant: &str, policy: &str, endpoints: &[String], 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_publish_their_own_policy_and_fail_alone() {
-    let etcd = Etcd::start();
+    // Tokens that expire after a second: the node must log in again.
+    let etcd = Etcd::start_with(&["--auth-token-ttl", "1"]);
     set_up_roles(&etcd);
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = weir_tests::Pki::new("fleet tenants CA");
@@ -818,6 +819,8 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         "upstream heard: hi (acme)\n",
         "acme lost its policy"
     );
+    // Past the node's token's lifetime.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let bravo_next = bravo_policy.replace("new.bravo.test", "next.bravo.test");
     let published = publish_policy(dir.path(), "bravo", &bravo_next, &etcd.endpoints(), true);
     assert!(published.status.success(), "{}", text(&published));
