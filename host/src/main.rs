@@ -207,6 +207,17 @@ fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     // Warnings (a certificate about to expire, a stale OCSP response) go
     // to stderr as when running.
     init_logging()?;
+    if weir::fleet::NodeFile::is_node_file(&path) {
+        let node = weir::fleet::NodeFile::load(&path)?;
+        println!(
+            "{}: ok (fleet node {}, etcd {}, prefix {}; the config itself is checked by `weir publish`)",
+            path.display(),
+            node.node_name(),
+            node.fleet.endpoints.join(","),
+            node.fleet.prefix
+        );
+        return Ok(());
+    }
     let snapshot = build_snapshot(&path, no_cache)?;
     let config = &snapshot.config;
     println!(
@@ -398,6 +409,17 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
     // Warnings (a cache entry compiled again, a certificate about to expire)
     // go to stderr; the decision alone goes to stdout.
     init_logging()?;
+    if weir::fleet::NodeFile::is_node_file(&path) {
+        let node = weir::fleet::NodeFile::load(&path)?;
+        println!(
+            "{}: ok (fleet node {}, etcd {}, prefix {}; the config itself is checked by `weir publish`)",
+            path.display(),
+            node.node_name(),
+            node.fleet.endpoints.join(","),
+            node.fleet.prefix
+        );
+        return Ok(());
+    }
     let snapshot = build_snapshot(&path, no_cache)?;
     let Some(listener) = snapshot.listener(listener_name) else {
         let known: Vec<&str> = snapshot.config.listeners.keys().map(String::as_str).collect();

@@ -50,8 +50,11 @@ pub const CHUNK: usize = 1 << 20;
 /// Largest file a publish may carry (the Python example plugin is 18 MB).
 pub const MAX_BLOB_BYTES: u64 = 256 << 20;
 
-/// Largest published config text.
-pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+/// Largest published config text (etcd refuses requests over 1.5 MiB).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Largest answer to a node's read of the config and pools.
+const MAX_STATE_BYTES: usize = 64 << 20;
 
 /// The version of the [`Published`] format.
 pub const FORMAT: u32 = 1;
@@ -256,9 +259,15 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     let txn = Txn::new().and_then(vec![
         TxnOp::get(keys.config(), None),
         TxnOp::get(keys.pools(), Some(GetOptions::new().with_prefix())),
-        TxnOp::get(keys.policies(), Some(GetOptions::new().with_prefix())),
+        // Keys only: each policy is read on its own below, so no tenant's
+        // value can make this answer too large to read.
+        TxnOp::get(keys.policies(), Some(GetOptions::new().with_prefix().with_keys_only())),
     ]);
-    let response = client.txn(txn).await?;
+    let response = client
+        .kv_client()
+        .max_decoding_message_size(MAX_STATE_BYTES)
+        .txn(txn)
+        .await?;
     let revision = response.header().map_or(0, |h| h.revision());
     let mut gets = response.op_responses().into_iter().filter_map(|r| match r {
         TxnOpResponse::Get(get) => Some(get),
@@ -300,13 +309,23 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     for kv in policies.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let tenant = key.strip_prefix(&policies_prefix).unwrap_or(&key).to_owned();
-        check_pool_name(&tenant).map_err(|reason| FleetError::BadValue {
-            key: key.clone(),
-            reason: format!("not a tenant's name: {reason}"),
-        })?;
-        // A bad policy is its tenant's failure alone: it is kept here and
-        // refused when the node lays it over the config.
-        let published = decode_published(&key, kv.value()).map_err(|e| e.to_string());
+        if let Err(reason) = check_pool_name(&tenant) {
+            tracing::warn!(
+                key = key.escape_debug().to_string(),
+                reason,
+                "not a tenant's policy; ignored"
+            );
+            continue;
+        }
+        // The policy as it was at the state's revision. A bad one is its
+        // tenant's failure alone: kept here, refused when the node lays it
+        // over the config.
+        let options = GetOptions::new().with_revision(revision);
+        let value = client.get(key.clone(), Some(options)).await?;
+        let published = match value.kvs().first() {
+            Some(value) => decode_published(&key, value.value()).map_err(|e| e.to_string()),
+            None => continue,
+        };
         state.tenant_revisions.insert(tenant.clone(), kv.mod_revision());
         state.tenants.insert(tenant, published);
     }

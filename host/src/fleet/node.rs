@@ -392,18 +392,24 @@ impl Node {
         *crate::sync::lock(&self.lease) = Some(lease);
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
         let mut tick = tokio::time::interval(ttl / 3);
+        let mut said_to_tenants: BTreeMap<String, TenantReport> = BTreeMap::new();
         loop {
             let report = self.report();
             let value = serde_json::to_vec(&report).unwrap_or_default();
             let options = || Some(etcd_client::PutOptions::new().with_lease(lease));
             client.put(self.keys.node(&self.name), value, options()).await?;
             // Each tenant reads what the node says of its policy under its
-            // own prefix, not the others' reports.
+            // own prefix, not the others' reports; only what changed since
+            // the last put under this lease is written again.
             for (tenant, said) in &report.tenants {
+                if said_to_tenants.get(tenant) == Some(said) {
+                    continue;
+                }
                 let value = serde_json::to_vec(&(&report.node, said)).unwrap_or_default();
                 client
                     .put(self.keys.tenant_node(tenant, &self.name), value, options())
                     .await?;
+                said_to_tenants.insert(tenant.clone(), said.clone());
             }
             loop {
                 tokio::select! {

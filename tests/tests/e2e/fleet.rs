@@ -534,10 +534,15 @@ async fn bad_fleet_settings_are_refused_with_the_field_named() {
         ),
     ] {
         let file = node_file(dir.path(), "n", &["http://127.0.0.1:1".into()], extra);
-        let run = weir(&["run", "--config", file.to_str().expect("utf-8")]);
-        assert!(!run.status.success());
-        assert!(text(&run).contains(expected), "{extra}: {}", text(&run));
+        for command in ["run", "check"] {
+            let run = weir(&[command, "--config", file.to_str().expect("utf-8")]);
+            assert!(!run.status.success());
+            assert!(text(&run).contains(expected), "{command} {extra}: {}", text(&run));
+        }
     }
+    let good = node_file(dir.path(), "good", &["http://127.0.0.1:1".into()], "");
+    let checked = weir(&["check", "--config", good.to_str().expect("utf-8")]);
+    assert!(text(&checked).contains("ok (fleet node good"), "{}", text(&checked));
     // Nothing published and no state on disk: a clear refusal, not a hang.
     let etcd = Etcd::start();
     let file = node_file(dir.path(), "empty", &etcd.endpoints(), "");
