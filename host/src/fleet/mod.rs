@@ -50,6 +50,10 @@ pub const CHUNK: usize = 1 << 20;
 /// Largest file a publish may carry (the Python example plugin is 18 MB).
 pub const MAX_BLOB_BYTES: u64 = 256 << 20;
 
+/// Largest file of a tenant's policy: every node holds each one whole while
+/// it checks it, and a tenant may not spend the nodes' memory.
+pub const MAX_TENANT_BLOB_BYTES: u64 = 32 << 20;
+
 /// Largest published config text (etcd refuses requests over 1.5 MiB).
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
@@ -132,12 +136,18 @@ impl Keys {
 
     /// Where the operator's files are kept.
     pub fn blobs(&self) -> Blobs {
-        Blobs(format!("{}blobs/", self.prefix))
+        Blobs {
+            root: format!("{}blobs/", self.prefix),
+            limit: MAX_BLOB_BYTES,
+        }
     }
 
     /// Where a tenant's files are kept.
     pub fn tenant_blobs(&self, tenant: &str) -> Blobs {
-        Blobs(format!("{}tenants/{tenant}/blobs/", self.prefix))
+        Blobs {
+            root: format!("{}tenants/{tenant}/blobs/", self.prefix),
+            limit: MAX_TENANT_BLOB_BYTES,
+        }
     }
 
     /// What the nodes say of a tenant's policy.
@@ -171,19 +181,28 @@ impl Keys {
     }
 }
 
-/// A place blobs are kept: `<root><sha256>/meta` and `<root><sha256>/<n>`.
+/// A place blobs are kept (`<root><sha256>/meta` and `<root><sha256>/<n>`),
+/// and the largest one it may hold.
 #[derive(Debug, Clone)]
-pub struct Blobs(String);
+pub struct Blobs {
+    root: String,
+    limit: u64,
+}
 
 impl Blobs {
     /// A blob's size and chunk count.
     pub fn meta(&self, sha256: &str) -> String {
-        format!("{}{sha256}/meta", self.0)
+        format!("{}{sha256}/meta", self.root)
     }
 
     /// One chunk of a blob.
     pub fn chunk(&self, sha256: &str, n: usize) -> String {
-        format!("{}{sha256}/{n:05}", self.0)
+        format!("{}{sha256}/{n:05}", self.root)
+    }
+
+    /// The largest blob kept here.
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 }
 
@@ -362,7 +381,7 @@ pub async fn fetch_blob(client: &mut etcd_client::Client, blobs: &Blobs, sha256:
         });
     };
     let meta: BlobMeta = decode(&meta_key, kv.value())?;
-    if meta.size > MAX_BLOB_BYTES || meta.chunks != usize::try_from(meta.size.div_ceil(CHUNK as u64)).unwrap_or(0) {
+    if meta.size > blobs.limit() || meta.chunks != usize::try_from(meta.size.div_ceil(CHUNK as u64)).unwrap_or(0) {
         return Err(FleetError::BadValue {
             key: meta_key,
             reason: format!(

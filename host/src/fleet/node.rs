@@ -439,9 +439,15 @@ pub async fn list_nodes(client: &mut etcd_client::Client, keys: &Keys) -> Result
         .get(keys.nodes(), Some(etcd_client::GetOptions::new().with_prefix()))
         .await?;
     let mut nodes = BTreeMap::new();
+    let prefix = keys.nodes();
     for kv in answer.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let report: Report = super::decode(&key, kv.value())?;
+        // One unreadable report is that entry's, not the whole list's.
+        let report = super::decode::<Report>(&key, kv.value()).unwrap_or_else(|e| Report {
+            node: key.strip_prefix(&prefix).unwrap_or(&key).escape_debug().to_string(),
+            error: Some(e.to_string()),
+            ..Report::default()
+        });
         nodes.insert(report.node.clone(), report);
     }
     Ok(nodes)

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::fleet::node::{TenantReport, list_nodes, list_tenant_nodes};
 use crate::fleet::tenant::TenantPolicy;
-use crate::fleet::{
-    BlobMeta, Blobs, CHUNK, FORMAT, FleetError, Keys, MAX_BLOB_BYTES, MAX_CONFIG_BYTES, Published, now,
-};
+use crate::fleet::{BlobMeta, Blobs, CHUNK, FORMAT, FleetError, Keys, MAX_CONFIG_BYTES, Published, now};
 
 /// What a publish did.
 #[derive(Debug, Clone)]
@@ -126,7 +124,7 @@ async fn put_published(
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut fields = BTreeMap::new();
     for (field, file) in named {
-        let bytes = read(&file, MAX_BLOB_BYTES)?;
+        let bytes = read(&file, blobs.limit())?;
         let sha256 = weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes]));
         files.insert(field.clone(), sha256.clone());
         fields.entry(sha256.clone()).or_insert(field);
