@@ -99,8 +99,10 @@ async fn fifty_reloads_under_load_drop_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let made = Arc::new(AtomicU64::new(0));
-    // The tag the latest new connection saw, and when.
-    let latest = Arc::new(Mutex::new(("blue".to_owned(), Instant::now())));
+    // The tag the latest-opened connection saw, when it was answered, and
+    // when it was opened: a connection opened before a swap and answered
+    // after it (a slow one, on a loaded machine) says nothing of the swap.
+    let latest = Arc::new(Mutex::new(("blue".to_owned(), Instant::now(), Instant::now())));
 
     // Long-lived streams: a line every 5 ms, each answered by blue.
     let mut streams = Vec::new();
@@ -138,6 +140,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
         );
         loops.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let opened = Instant::now();
                 let result = async {
                     let mut stream = TcpStream::connect(addr).await?;
                     stream.write_all(b"ping\n").await?;
@@ -150,7 +153,10 @@ async fn fifty_reloads_under_load_drop_nothing() {
                     Ok(Ok(reply)) if reply == "blue ping\n" || reply == "green ping\n" => {
                         made.fetch_add(1, Ordering::Relaxed);
                         let tag = reply.split_whitespace().next().unwrap_or_default().to_owned();
-                        *latest.lock().await = (tag, Instant::now());
+                        let mut latest = latest.lock().await;
+                        if opened > latest.2 {
+                            *latest = (tag, Instant::now(), opened);
+                        }
                     }
                     other => failures.lock().await.push(format!("connection: {other:?}")),
                 }
@@ -175,7 +181,7 @@ async fn fifty_reloads_under_load_drop_nothing() {
         let written = Instant::now();
         replace(&path, config(&wasm, &other, green.addr, blue.addr, to_green).as_bytes());
         loop {
-            let (seen, at) = latest.lock().await.clone();
+            let (seen, at, _) = latest.lock().await.clone();
             if seen == tag && at > written {
                 delays.push(at - written);
                 break;
