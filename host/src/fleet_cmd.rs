@@ -169,6 +169,20 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
     })
 }
 
+/// `weir check` on a node's file: its settings (the config itself comes
+/// from etcd, checked by `weir publish`).
+pub fn check_node_file(path: &Path) -> anyhow::Result<()> {
+    let node = NodeFile::load(path)?;
+    println!(
+        "{}: ok (fleet node {}, etcd {}, prefix {}; the config itself is checked by `weir publish`)",
+        path.display(),
+        node.node_name(),
+        node.fleet.endpoints.join(","),
+        node.fleet.prefix
+    );
+    Ok(())
+}
+
 /// Checks a tenant's policy as `weir check` checks a config: its own rules,
 /// then each plugin compiled and configured. What it may route to is the
 /// operator's, checked by every node.

@@ -208,15 +208,7 @@ fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     // to stderr as when running.
     init_logging()?;
     if weir::fleet::NodeFile::is_node_file(&path) {
-        let node = weir::fleet::NodeFile::load(&path)?;
-        println!(
-            "{}: ok (fleet node {}, etcd {}, prefix {}; the config itself is checked by `weir publish`)",
-            path.display(),
-            node.node_name(),
-            node.fleet.endpoints.join(","),
-            node.fleet.prefix
-        );
-        return Ok(());
+        return fleet_cmd::check_node_file(&path);
     }
     let snapshot = build_snapshot(&path, no_cache)?;
     let config = &snapshot.config;
@@ -410,15 +402,7 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
     // go to stderr; the decision alone goes to stdout.
     init_logging()?;
     if weir::fleet::NodeFile::is_node_file(&path) {
-        let node = weir::fleet::NodeFile::load(&path)?;
-        println!(
-            "{}: ok (fleet node {}, etcd {}, prefix {}; the config itself is checked by `weir publish`)",
-            path.display(),
-            node.node_name(),
-            node.fleet.endpoints.join(","),
-            node.fleet.prefix
-        );
-        return Ok(());
+        return fleet_cmd::check_node_file(&path);
     }
     let snapshot = build_snapshot(&path, no_cache)?;
     let Some(listener) = snapshot.listener(listener_name) else {
