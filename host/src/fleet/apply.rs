@@ -25,7 +25,8 @@ pub(super) struct Built {
     pub(super) errors: BTreeMap<String, (i64, String)>,
 }
 
-/// The well-formed policies a state carries.
+/// The well-formed policies a state carries (of an applied state: those
+/// the node accepted).
 pub(super) fn candidates(state: &State) -> Policies {
     state
         .tenants
@@ -35,11 +36,6 @@ pub(super) fn candidates(state: &State) -> Policies {
             policy.as_ref().ok().map(|p| (tenant.clone(), (revision, p.clone())))
         })
         .collect()
-}
-
-/// The policies an applied state holds (those the node accepted).
-pub(super) fn accepted(state: &State) -> Policies {
-    candidates(state)
 }
 
 /// Refuses what is not a file the publish uploaded.
@@ -213,7 +209,7 @@ impl Node {
         };
         let good = crate::sync::lock(&self.applied)
             .as_ref()
-            .map(accepted)
+            .map(candidates)
             .unwrap_or_default();
         let built = match self.materialize(Some(client), &state, &candidates(&state), &good).await {
             Ok(built) => built,

@@ -140,7 +140,7 @@ impl Node {
             lease: Mutex::new(None),
         });
         let kept = node.store.load_state().unwrap_or_default();
-        let fallback = kept.as_ref().map(super::apply::accepted).unwrap_or_default();
+        let fallback = kept.as_ref().map(super::apply::candidates).unwrap_or_default();
         let online = tokio::time::timeout(START_TIMEOUT, async {
             let mut client = node.client().await?;
             let state = fetch_state(&mut client, &node.keys).await?;
@@ -179,8 +179,8 @@ impl Node {
     pub async fn start_without_new_policies(&self, error: &str) -> Option<Config> {
         let applied = crate::sync::lock(&self.applied).clone()?;
         let kept = self.store.load_state().ok().flatten();
-        let fallback = kept.as_ref().map(super::apply::accepted).unwrap_or_default();
-        let used = super::apply::accepted(&applied);
+        let fallback = kept.as_ref().map(super::apply::candidates).unwrap_or_default();
+        let used = super::apply::candidates(&applied);
         if used
             .iter()
             .all(|(tenant, (revision, _))| fallback.get(tenant).is_some_and(|(r, _)| r == revision))

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use weir_tests::etcd::{Etcd, Link};
-use weir_tests::{STEP, Upstream, WeirProcess, admin_request, echo, expand, pattern, read_to_end, run_weir};
+use weir_tests::run_weir as weir;
+use weir_tests::{STEP, Upstream, WeirProcess, admin_request, echo, expand, pattern, read_to_end};
 
 /// A published config: one plain listener whose router sends everything to
 /// the pool `app` (`servers`).
@@ -62,11 +63,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Runs the weir binary with `args`.
-fn weir(args: &[&str]) -> Output {
-    run_weir(args)
-}
-
 fn text(output: &Output) -> String {
     weir_tests::text(&output.stdout) + &weir_tests::text(&output.stderr)
 }
@@ -85,6 +81,17 @@ fn publish(config: &Path, endpoints: &[String], wait: bool) -> Output {
         args.extend(["--wait", "--timeout", "20"]);
     }
     weir(&args)
+}
+
+/// `weir publish --config <config> --fleet <file>` (endpoints and credentials from a node's file).
+fn publish_as(config: &Path, fleet: &Path) -> Output {
+    weir(&[
+        "publish",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--fleet",
+        fleet.to_str().expect("utf-8"),
+    ])
 }
 
 /// A whole exchange through `addr`: `sent` out, the echo back.
@@ -694,13 +701,7 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
     ));
     let operator = write(dir.path(), "weir.toml", &operator);
     let root = credentials(dir.path(), "root", &etcd.endpoints());
-    let published = weir(&[
-        "publish",
-        "--config",
-        operator.to_str().expect("utf-8"),
-        "--fleet",
-        root.to_str().expect("utf-8"),
-    ]);
+    let published = publish_as(&operator, &root);
     assert!(published.status.success(), "{}", text(&published));
     let node = WeirProcess::spawn_node(&credentials(dir.path(), "weir-node", &etcd.endpoints()), 1).await;
     let addr = node.addr("public");
@@ -856,13 +857,7 @@ async fn nodes_reach_etcd_over_tls_with_a_client_certificate() {
         node_key.display()
     );
     let node_toml = node_file(dir.path(), "secure", &etcd.endpoints(), &tls);
-    let published = weir(&[
-        "publish",
-        "--config",
-        config.to_str().expect("utf-8"),
-        "--fleet",
-        node_toml.to_str().expect("utf-8"),
-    ]);
+    let published = publish_as(&config, &node_toml);
     assert!(published.status.success(), "{}", text(&published));
     let node = WeirProcess::spawn_node(&node_toml, 1).await;
     assert_eq!(exchange(node.addr("public"), b"tls").await.expect("served"), b"tls");
