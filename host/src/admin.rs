@@ -364,9 +364,28 @@ fn certificates_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         .filter(|(name, c)| c.acme.is_some() && !snapshot.tls().has_certificate(name))
         .map(|(name, _)| name)
         .collect();
+    let state = snapshot.acme();
+    let acme: serde_json::Map<String, serde_json::Value> = snapshot
+        .config
+        .certificates
+        .iter()
+        .filter_map(|(name, certificate)| {
+            let acme = certificate.acme.as_ref()?;
+            let next = crate::acme::next_renewal(certificate, &snapshot.config)
+                .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+            let status = json!({
+                "challenge": acme.challenge.as_str(),
+                "dns": acme.dns,
+                "domains": acme.domains,
+                "last_order": state.orders.get(name),
+                "next_renewal": next,
+            });
+            Some((name.clone(), status))
+        })
+        .collect();
     json_reply(
         StatusCode::OK,
-        &json!({ "certificates": certificates, "awaiting_acme": awaiting_acme }),
+        &json!({ "certificates": certificates, "awaiting_acme": awaiting_acme, "acme": acme }),
     )
 }
 

@@ -457,9 +457,9 @@ fn same_listeners(old: &Config, new: &Config) -> Result<(), String> {
 }
 
 impl crate::acme::Renewing for Gateway {
-    fn current(&self) -> (Config, Arc<crate::acme::Challenges>) {
+    fn current(&self) -> (Config, Arc<crate::acme::AcmeState>) {
         let snapshot = self.snapshot.load();
-        (snapshot.config.clone(), snapshot.acme_challenges_arc())
+        (snapshot.config.clone(), snapshot.acme())
     }
 
     async fn reload(&self) {

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod own;
 pub mod plugin;
 pub mod pool;
+mod private;
 pub mod relay;
 pub mod rewind;
 pub mod scaffold;

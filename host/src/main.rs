@@ -282,7 +282,10 @@ fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
         }
         // Orders and renews the certificates with `acme` (idle without any);
         // started once the listeners are announced, so its lines follow.
-        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway)));
+        let node_name = node
+            .as_ref()
+            .map_or_else(weir::fleet::host_name, |node| node.name().to_owned());
+        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway), node_name));
         let signal = loop {
             tokio::select! {
                 _ = int.recv() => break "SIGINT",

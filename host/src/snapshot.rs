@@ -221,8 +221,8 @@ pub struct Snapshot {
     tenants: BTreeMap<String, Arc<Tenant>>,
     /// Domain suffix → tenant name.
     domains: std::collections::HashMap<String, String>,
-    /// Open TLS-ALPN-01 challenges, carried across reloads.
-    acme: Arc<crate::acme::Challenges>,
+    /// Open TLS-ALPN-01 challenges and last orders, carried across reloads.
+    acme: Arc<crate::acme::AcmeState>,
     /// When it was built.
     pub built_at: std::time::SystemTime,
 }
@@ -319,11 +319,11 @@ impl Snapshot {
 
     /// The TLS-ALPN-01 challenges of ACME orders in progress.
     pub fn acme_challenges(&self) -> &crate::acme::Challenges {
-        &self.acme
+        &self.acme.challenges
     }
 
-    /// The open TLS-ALPN-01 challenges, shared.
-    pub fn acme_challenges_arc(&self) -> Arc<crate::acme::Challenges> {
+    /// What the ACME task shares with the gateway.
+    pub fn acme(&self) -> Arc<crate::acme::AcmeState> {
         Arc::clone(&self.acme)
     }
 

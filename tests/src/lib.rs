@@ -58,7 +58,9 @@ pub fn weir_binary() -> PathBuf {
 
 pub use weir_testdata::read as testdata;
 
+pub mod dns;
 pub mod etcd;
+pub mod pebble;
 
 /// Logs from the gateway go to the test's output (shown on failure).
 pub fn init_logging() {

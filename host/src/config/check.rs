@@ -206,37 +206,6 @@ impl Config {
         Ok(())
     }
 
-    /// ACME certificates: an https directory and canonical, non-wildcard domains.
-    fn check_acme(&self) -> Result<(), ConfigError> {
-        for (name, certificate) in &self.certificates {
-            let Some(acme) = &certificate.acme else { continue };
-            let field = |f: &str| format!("certificates.{name}.acme.{f}");
-            if !acme.directory.starts_with("https://") {
-                return Err(self.invalid(field("directory"), "must be an https:// URL"));
-            }
-            if acme.domains.is_empty() {
-                return Err(self.invalid(field("domains"), "must name at least one domain"));
-            }
-            for domain in &acme.domains {
-                if domain.starts_with("*.") {
-                    return Err(self.invalid(
-                        field("domains"),
-                        format!(
-                            "`{domain}`: a wildcard needs the DNS-01 challenge; weir validates with TLS-ALPN-01 only"
-                        ),
-                    ));
-                }
-                if weir_plugin_sdk::names::canonicalize(domain.as_bytes()).as_deref() != Ok(domain.as_str()) {
-                    return Err(self.invalid(
-                        field("domains"),
-                        format!("`{domain}` is not a host name in canonical form (lower case, no trailing dot)"),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Plugins: deadlines, memory, and one way of giving their config.
     fn check_plugins(&self) -> Result<(), ConfigError> {
         for (name, plugin) in &self.plugins {

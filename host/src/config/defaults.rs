@@ -72,6 +72,15 @@ pub fn drain_timeout() -> Duration {
 pub fn renew_before() -> Duration {
     Duration::from_secs(30 * 24 * 3600)
 }
+pub fn dns_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+pub fn dns_propagation_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+pub fn dns_ttl() -> u32 {
+    60
+}
 pub fn plugin_memory_mib() -> u32 {
     16
 }

@@ -38,6 +38,11 @@ impl Config {
                 files.push((format!("cas.{name}.file"), file));
             }
         }
+        for (name, dns) in &mut self.dns {
+            if let Some(file) = &mut dns.tsig_secret_file {
+                files.push((format!("dns.{name}.tsig_secret_file"), file));
+            }
+        }
         for (n, file) in self.attestation.collateral.iter_mut().enumerate() {
             files.push((format!("attestation.collateral.{n}"), file));
         }

@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 use crate::relay::RelayMode;
 
+mod acme;
+pub use acme::{AcmeConfig, Challenge, DnsConfig, DnsProvider, TsigAlgorithm};
 mod check;
 mod defaults;
 mod files;
@@ -94,6 +96,10 @@ pub struct Config {
     /// clients when it terminates TLS, to upstreams as a client certificate.
     #[serde(default)]
     pub certificates: BTreeMap<String, CertificateConfig>,
+    /// DNS providers, by name, that ACME DNS-01 challenges are published
+    /// through.
+    #[serde(default)]
+    pub dns: BTreeMap<String, DnsConfig>,
     /// Trust anchors, by name: CA bundles that verify client certificates
     /// and upstreams, and pinned upstream certificate fingerprints.
     #[serde(default)]
@@ -248,39 +254,6 @@ pub struct CertificateConfig {
     /// Obtain and renew the certificate from an ACME CA, keeping it in
     /// `cert` and `key`.
     pub acme: Option<AcmeConfig>,
-}
-
-/// Where and how a certificate is ordered over ACME (RFC 8555), validated
-/// with TLS-ALPN-01 (RFC 8737) on weir's own TLS listeners.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcmeConfig {
-    /// The CA's directory URL (`https://`).
-    pub directory: String,
-    /// The names the certificate is for; no wildcards (TLS-ALPN-01 cannot
-    /// validate them).
-    pub domains: Vec<String>,
-    /// Contact URLs for the account (`mailto:ops@example.com`).
-    #[serde(default)]
-    pub contact: Vec<String>,
-    /// PEM file of roots trusted for the directory's own HTTPS, for a
-    /// private CA (the system roots otherwise); relative to the config file.
-    pub directory_ca: Option<PathBuf>,
-    /// Where the account's credentials are kept; `cert` with the extension
-    /// `account.json` when absent. Relative to the config file.
-    pub account: Option<PathBuf>,
-    /// Renew when the certificate expires within this long.
-    #[serde(default = "defaults::renew_before", with = "humantime_serde")]
-    pub renew_before: Duration,
-}
-
-impl AcmeConfig {
-    /// The account credentials file for a certificate kept in `cert`.
-    pub fn account_file(&self, cert: &Path) -> PathBuf {
-        self.account
-            .clone()
-            .unwrap_or_else(|| cert.with_extension("account.json"))
-    }
 }
 
 /// A tenant: the server names it owns, its plugin chain, what its

@@ -36,6 +36,9 @@ fn a_minimal_config_gets_the_documented_defaults() {
     assert_eq!(config.resolve(&plugin.wasm), Path::new("/etc/weir/static_router.wasm"));
 }
 
+/// A wildcard certificate ordered with DNS-01 through `[dns.primary]`.
+const DNS01_SITE: &str = "[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = { directory = \"https://ca.example/dir\", domains = [\"*.apps.test\"], challenge = \"dns-01\", dns = \"primary\" }";
+
 #[test]
 fn errors_name_the_file_the_field_and_the_reason() {
     let cases = [
@@ -57,7 +60,7 @@ fn errors_name_the_file_the_field_and_the_reason() {
             format!(
                 "{MINIMAL}\n[certificates.site]\ncert = \"s.pem\"\nkey = \"s.key\"\nacme = {{ directory = \"https://ca.example/dir\", domains = [\"*.example.com\"] }}\n"
             ),
-            "certificates.site.acme.domains: `*.example.com`: a wildcard needs the DNS-01 challenge",
+            "certificates.site.acme.domains: `*.example.com`: a wildcard needs challenge = \"dns-01\"",
         ),
         (
             format!(
@@ -78,6 +81,46 @@ fn errors_name_the_file_the_field_and_the_reason() {
             "unknown variant `ignore`",
         ),
         (MINIMAL.replace("wasm =", "config = 3\nwasm ="), "duplicate key"),
+        (
+            format!("{MINIMAL}\n{DNS01_SITE}\n"),
+            "certificates.site.acme.dns: no [dns.primary] is defined",
+        ),
+        (
+            format!("{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\n"),
+            "dns.primary.nameservers: required with provider = \"exec\"",
+        ),
+        (
+            format!("{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1:53\"\n"),
+            "dns.primary.zone: required with provider = \"rfc2136\"",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\nnameservers = [\"127.0.0.1:53\"]\nzone = \"other.test\"\n"
+            ),
+            "certificates.site.acme.domains: `*.apps.test` is not in the zone `other.test` of [dns.primary]",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\nnameservers = [\"127.0.0.1:53\"]\nserver = \"127.0.0.1:53\"\n"
+            ),
+            "dns.primary.server: not used with provider = \"exec\"",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\nnameservers = [\"127.0.0.1:53\"]\npropagation_timeout = \"2h\"\n"
+            ),
+            "dns.primary.propagation_timeout: must be between 1s and 3600s",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n{DNS01_SITE}\n[dns.primary]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1:53\"\nzone = \"apps.test\"\ntsig_key = \"k\"\ntsig_secret_file = \"/nonexistent/tsig.key\"\n"
+            ),
+            "dns.primary.tsig_secret_file: /nonexistent/tsig.key: No such file",
+        ),
+        (
+            format!("{MINIMAL}\n[dns.primary]\nprovider = \"bind\"\n"),
+            "unknown variant `bind`",
+        ),
     ];
     for (text, expected) in cases {
         let err = parse(&text).expect_err(expected).to_string();

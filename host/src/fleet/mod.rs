@@ -40,7 +40,7 @@ mod settings;
 mod store;
 pub mod tenant;
 
-pub use settings::{EtcdTls, FleetSettings, NodeFile, connect, valid_node_name};
+pub use settings::{EtcdTls, FleetSettings, NodeFile, connect, host_name, valid_node_name};
 
 pub use node::{Node, Report};
 

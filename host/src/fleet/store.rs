@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::fleet::{FleetError, State};
-use crate::plugin::cache::not_private;
+use crate::private::not_private;
 
 /// A node's state directory.
 #[derive(Debug)]
@@ -26,14 +26,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
 
 /// Refuses a secret (a password, a private key) that others may read.
 pub(crate) fn check_secret(path: &Path) -> Result<(), FleetError> {
-    let metadata = fs::metadata(path).map_err(io(path))?;
-    match not_private(&metadata, 0o077) {
-        None => Ok(()),
-        Some(reason) => Err(FleetError::Io {
-            path: path.to_owned(),
-            reason: format!("{reason}; a secret must be readable by weir's user alone (chmod 600)"),
-        }),
-    }
+    crate::private::check_secret(path).map_err(|reason| FleetError::Io {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 impl LocalStore {

@@ -22,11 +22,13 @@
 use std::fs;
 use std::hash::Hasher;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use wasmtime::Engine;
+
+use crate::private::not_private;
 use wasmtime::component::Component;
 
 /// The first bytes of every entry.
@@ -103,23 +105,6 @@ fn check_private(path: &Path, metadata: &fs::Metadata) -> Result<(), CacheError>
             reason,
         }),
     }
-}
-
-/// Why a file is not private to weir's user: another user owns it, or its
-/// mode has a bit of `forbidden` (0o022: group or others may write).
-pub(crate) fn not_private(metadata: &fs::Metadata, forbidden: u32) -> Option<String> {
-    let me = rustix::process::geteuid().as_raw();
-    if metadata.uid() != me {
-        return Some(format!("owned by uid {}, not weir's uid {me}", metadata.uid()));
-    }
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & forbidden & 0o022 != 0 {
-        return Some(format!("mode {mode:03o} lets others write to it"));
-    }
-    if mode & forbidden != 0 {
-        return Some(format!("mode {mode:03o} lets others read it"));
-    }
-    None
 }
 
 impl CompiledCache {
@@ -353,6 +338,8 @@ fn checked<'a>(bytes: &'a [u8], key: Option<&[u8; 32]>) -> Result<&'a [u8], &'st
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     fn private_dir() -> tempfile::TempDir {

@@ -3,114 +3,8 @@
 //! order with TLS-ALPN-01 on weir's own listener; weir then serves the
 //! issued certificate, and keeps it across a restart.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
-use weir_tests::{
-    STEP, Upstream, WeirProcess, answer, free_port, openssl, plain_route_config, tls_exchange, toml_path, write_config,
-};
-
-/// Pebble and its DNS server, stopped when dropped.
-struct Pebble {
-    dir: tempfile::TempDir,
-    directory: String,
-    management: SocketAddr,
-    _processes: Vec<tokio::process::Child>,
-}
-
-impl Pebble {
-    /// Starts Pebble so that it validates TLS-ALPN-01 on `tls_port`.
-    async fn start(tls_port: u16) -> Pebble {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path();
-        // Pebble's own HTTPS certificate, from a CA of the test's.
-        openssl(
-            path,
-            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout https-ca.key -out https-ca.pem \
-             -subj /CN=pebble-https-ca -days 2 -addext basicConstraints=critical,CA:TRUE \
-             -addext keyUsage=critical,keyCertSign",
-        );
-        openssl(
-            path,
-            "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout https.key -out https.csr -subj /CN=localhost",
-        );
-        std::fs::write(
-            path.join("https.ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("write");
-        openssl(
-            path,
-            "x509 -req -in https.csr -CA https-ca.pem -CAkey https-ca.key -set_serial 1 -days 2 -out https.pem \
-             -extfile https.ext",
-        );
-        let (listen, management, dns, dns_management, http) =
-            (free_port(), free_port(), free_port(), free_port(), free_port());
-        let config = serde_json::json!({ "pebble": {
-            "listenAddress": format!("127.0.0.1:{listen}"),
-            "managementListenAddress": format!("127.0.0.1:{management}"),
-            "certificate": path.join("https.pem"),
-            "privateKey": path.join("https.key"),
-            "httpPort": http,
-            "tlsPort": tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        std::fs::write(path.join("pebble.json"), config.to_string()).expect("write");
-        let log = |name: &str| std::fs::File::create(path.join(name)).expect("log file");
-        let challtestsrv = tokio::process::Command::new("pebble-challtestsrv")
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .args(["-dns01", &format!("127.0.0.1:{dns}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &format!("127.0.0.1:{dns_management}")])
-            .stdout(log("challtestsrv.log"))
-            .stderr(log("challtestsrv.err"))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble-challtestsrv is installed (scripts/test.sh installs pebble)");
-        let pebble = tokio::process::Command::new("pebble")
-            .args(["-config", &path.join("pebble.json").display().to_string()])
-            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-            // Validate at once, and do not reject nonces at random.
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdout(log("pebble.log"))
-            .stderr(log("pebble.err"))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble is installed (scripts/test.sh installs it)");
-        let management = SocketAddr::from(([127, 0, 0, 1], management));
-        let started = std::time::Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", listen)).await.is_err()
-            || tokio::net::TcpStream::connect(management).await.is_err()
-        {
-            assert!(started.elapsed() < STEP, "pebble did not start");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        Pebble {
-            directory: format!("https://127.0.0.1:{listen}/dir"),
-            management,
-            dir,
-            _processes: vec![challtestsrv, pebble],
-        }
-    }
-
-    fn https_ca(&self) -> PathBuf {
-        self.dir.path().join("https-ca.pem")
-    }
-
-    /// The root Pebble issues under (made when it starts), as DER.
-    fn root(&self) -> rustls::pki_types::CertificateDer<'static> {
-        use rustls::pki_types::pem::PemObject as _;
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--cacert", &self.https_ca().display().to_string()])
-            .arg(format!("https://{}/roots/0", self.management))
-            .output()
-            .expect("curl runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        rustls::pki_types::CertificateDer::from_pem_slice(&out.stdout).expect("a PEM root")
-    }
-}
+use weir_tests::pebble::Pebble;
+use weir_tests::{Upstream, WeirProcess, answer, free_port, plain_route_config, tls_exchange, toml_path, write_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_ordered_validated_by_tls_alpn_and_served() {
@@ -159,15 +53,7 @@ async fn a_certificate_is_ordered_validated_by_tls_alpn_and_served() {
     );
 
     // Served: a client trusting only Pebble's root reaches the upstream.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pebble.root()).expect("root");
-    let client = std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let client = pebble.client_config();
     let reply = tls_exchange(addr, "acme.test", std::sync::Arc::clone(&client), "hello").await;
     assert_eq!(reply.expect("a verified handshake"), "upstream heard: hello\n");
     let issued_pem = std::fs::read(store.join("site.pem")).expect("certificate kept");

@@ -1,5 +1,6 @@
 //! Certificates from an ACME CA (RFC 8555), validated with TLS-ALPN-01
-//! (RFC 8737) on weir's own TLS listeners.
+//! (RFC 8737) on weir's own TLS listeners or with DNS-01 through a
+//! `[dns.NAME]` provider ([`dns`]).
 //!
 //! A `[certificates.NAME]` entry with `acme` names where the certificate is
 //! kept (`cert`, `key`). [`run`] looks at those files every minute; when one
@@ -11,7 +12,7 @@
 //! certificate is used like any other. A failed order is retried after a
 //! minute, then at doubling intervals up to an hour.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,7 +23,9 @@ use instant_acme::{
 };
 use rustls::sign::CertifiedKey;
 
-use crate::config::{AcmeConfig, CertificateConfig, Config};
+use crate::config::{AcmeConfig, CertificateConfig, Challenge, Config};
+
+pub mod dns;
 
 /// The ALPN protocol of TLS-ALPN-01 validation connections.
 pub const ACME_TLS_ALPN: &str = "acme-tls/1";
@@ -51,6 +54,82 @@ pub enum AcmeError {
     /// The order ended in another state than the one expected.
     #[error("{0}")]
     Order(String),
+    /// A DNS-01 record could not be published or was not seen.
+    #[error("[dns.{provider}]: {error}")]
+    Dns {
+        /// The `[dns.NAME]` provider.
+        provider: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// What the ACME task shares with the gateway, carried across reloads:
+/// the open TLS-ALPN-01 challenges, and each certificate's last order.
+#[derive(Debug, Default)]
+pub struct AcmeState {
+    /// Challenge certificates the listeners answer `acme-tls/1` with.
+    pub challenges: Challenges,
+    /// The last order of each certificate.
+    pub orders: Orders,
+}
+
+/// How a certificate's last order went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LastOrder {
+    /// When it ended, in seconds since the Unix epoch.
+    pub at: u64,
+    /// `issued` or `failed`.
+    pub result: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The node that ordered it.
+    pub node: String,
+}
+
+/// The last order of each certificate, by name; only names of the config
+/// in force are kept.
+#[derive(Debug, Default)]
+pub struct Orders(Mutex<BTreeMap<String, LastOrder>>);
+
+impl Orders {
+    /// The last order of `name`.
+    pub fn get(&self, name: &str) -> Option<LastOrder> {
+        crate::sync::lock(&self.0).get(name).cloned()
+    }
+
+    fn record(&self, name: &str, order: LastOrder, config: &Config) {
+        let mut orders = crate::sync::lock(&self.0);
+        orders.retain(|name, _| config.certificates.contains_key(name));
+        orders.insert(name.to_owned(), order);
+    }
+}
+
+/// When `certificate` is due for its next order: `renew_before` ahead of
+/// its expiry, or now when its files are missing or unreadable.
+pub fn next_renewal(certificate: &CertificateConfig, config: &Config) -> Option<SystemTime> {
+    let acme = certificate.acme.as_ref()?;
+    let leaf = read_leaf(&config.resolve(&certificate.cert)).ok()?;
+    let not_after = weir_attest::x509::not_after(&leaf).ok()?;
+    Some(
+        not_after
+            .checked_sub(acme.renew_before)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    )
+}
+
+/// The first certificate of the PEM chain at `cert`.
+fn read_leaf(cert: &Path) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    CertificateDer::pem_file_iter(cert)
+        .map_err(|e| e.to_string())
+        .and_then(|mut chain| {
+            chain
+                .next()
+                .ok_or_else(|| "no certificate in it".to_owned())?
+                .map_err(|e| e.to_string())
+        })
 }
 
 /// Challenge certificates by server name, while their orders are open.
@@ -110,16 +189,7 @@ pub fn needs_order(cert: &Path, key: &Path, renew_before: Duration) -> Option<St
     if !key.exists() {
         return Some(format!("{} does not exist", key.display()));
     }
-    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-    let leaf = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| e.to_string())
-        .and_then(|mut chain| {
-            chain
-                .next()
-                .ok_or_else(|| "no certificate in it".to_owned())?
-                .map_err(|e| e.to_string())
-        });
-    let not_after = match leaf.and_then(|leaf| weir_attest::x509::not_after(&leaf)) {
+    let not_after = match read_leaf(cert).and_then(|leaf| weir_attest::x509::not_after(&leaf)) {
         Ok(not_after) => not_after,
         Err(e) => return Some(format!("{}: {e}", cert.display())),
     };
@@ -179,70 +249,123 @@ async fn account(acme: &AcmeConfig, config: &Config, cert: &Path) -> Result<Acco
 }
 
 /// Orders the certificate `certificate` describes, answering its
-/// TLS-ALPN-01 challenges through `challenges`, and writes it to its files.
+/// challenges (TLS-ALPN-01 through `challenges`, DNS-01 through its
+/// `[dns.NAME]` provider), and writes it to its files. Whatever was
+/// published for the order is withdrawn however it ends, its timeout
+/// included.
 pub async fn order(certificate: &CertificateConfig, config: &Config, challenges: &Challenges) -> Result<(), AcmeError> {
     let Some(acme) = &certificate.acme else {
         return Ok(());
     };
-    let account = account(acme, config, &certificate.cert).await?;
-    let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
-    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
     let open = OpenChallenges {
         challenges,
         names: &acme.domains,
     };
-    let result = async {
-        let mut authorizations = order.authorizations();
-        while let Some(authorization) = authorizations.next().await {
-            let mut authorization = authorization?;
-            match authorization.status {
-                AuthorizationStatus::Pending => {}
-                AuthorizationStatus::Valid => continue,
-                other => return Err(AcmeError::Order(format!("an authorization is {other:?}"))),
-            }
-            let mut challenge = authorization
-                .challenge(ChallengeType::TlsAlpn01)
-                .ok_or_else(|| AcmeError::Order("the CA offers no tls-alpn-01 challenge".into()))?;
-            let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
-                return Err(AcmeError::Order("an identifier is not a DNS name".into()));
-            };
-            let digest = challenge.key_authorization().digest();
-            let key = challenge_certificate(&name, digest.as_ref()).map_err(AcmeError::Order)?;
-            challenges.set(&name, Arc::new(key));
-            challenge.set_ready().await?;
-        }
-        let status = order.poll_ready(&RetryPolicy::default()).await?;
-        if status != OrderStatus::Ready {
-            return Err(AcmeError::Order(format!("the order is {status:?}, not ready")));
-        }
-        let key = order.finalize().await?;
-        let chain = order.poll_certificate(&RetryPolicy::default()).await?;
-        Ok((key, chain))
-    }
-    .await;
+    let mut published = Vec::new();
+    let ordered = tokio::time::timeout(
+        ORDER_TIMEOUT,
+        issue(certificate, acme, config, challenges, &mut published),
+    )
+    .await
+    .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
     drop(open);
-    let (key, chain) = result?;
+    if let Some(dns) = acme.dns.as_ref().and_then(|name| config.dns.get(name)) {
+        for txt in &published {
+            if let Err(error) = dns::change(dns, config, dns::Action::Cleanup, txt).await {
+                tracing::warn!(fqdn = txt.fqdn.as_str(), %error, "a DNS-01 record could not be removed");
+            }
+        }
+    }
+    let (key, chain) = ordered?;
     replace_file(&config.resolve(&certificate.key), key.as_bytes(), true)?;
     replace_file(&config.resolve(&certificate.cert), chain.as_bytes(), false)?;
     Ok(())
 }
 
+/// The order itself: account, authorizations, finalization; the DNS-01
+/// records it publishes are pushed on `published`.
+async fn issue(
+    certificate: &CertificateConfig,
+    acme: &AcmeConfig,
+    config: &Config,
+    challenges: &Challenges,
+    published: &mut Vec<dns::Txt>,
+) -> Result<(String, String), AcmeError> {
+    let account = account(acme, config, &certificate.cert).await?;
+    let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    let mut authorizations = order.authorizations();
+    while let Some(authorization) = authorizations.next().await {
+        let mut authorization = authorization?;
+        match authorization.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => return Err(AcmeError::Order(format!("an authorization is {other:?}"))),
+        }
+        let kind = match acme.challenge {
+            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+            Challenge::Dns01 => ChallengeType::Dns01,
+        };
+        let mut challenge = authorization
+            .challenge(kind)
+            .ok_or_else(|| AcmeError::Order(format!("the CA offers no {} challenge", acme.challenge.as_str())))?;
+        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
+            return Err(AcmeError::Order("an identifier is not a DNS name".into()));
+        };
+        match acme.challenge {
+            Challenge::TlsAlpn01 => {
+                let digest = challenge.key_authorization().digest();
+                let key = challenge_certificate(&name, digest.as_ref()).map_err(AcmeError::Order)?;
+                challenges.set(&name, Arc::new(key));
+            }
+            Challenge::Dns01 => {
+                let provider = acme.dns.as_deref().unwrap_or_default();
+                let dns = config
+                    .dns
+                    .get(provider)
+                    .ok_or_else(|| AcmeError::Order(format!("no [dns.{provider}]")))?;
+                let txt = dns::Txt::for_name(&name, challenge.key_authorization().dns_value());
+                let failed = |error: String| AcmeError::Dns {
+                    provider: provider.to_owned(),
+                    error,
+                };
+                dns::change(dns, config, dns::Action::Present, &txt)
+                    .await
+                    .map_err(failed)?;
+                published.push(txt.clone());
+                dns::wait_visible(dns, std::slice::from_ref(&txt))
+                    .await
+                    .map_err(failed)?;
+            }
+        }
+        challenge.set_ready().await?;
+    }
+    let status = order.poll_ready(&RetryPolicy::default()).await?;
+    if status != OrderStatus::Ready {
+        return Err(AcmeError::Order(format!("the order is {status:?}, not ready")));
+    }
+    let key = order.finalize().await?;
+    let chain = order.poll_certificate(&RetryPolicy::default()).await?;
+    Ok((key, chain))
+}
+
 /// What the renewal task needs of a gateway, and nothing more.
 pub trait Renewing: Send + Sync {
-    /// The config in force, and the challenge responder its listeners
-    /// answer `acme-tls/1` from.
-    fn current(&self) -> (Config, Arc<Challenges>);
+    /// The config in force, and the state shared with the listeners and
+    /// the admin API.
+    fn current(&self) -> (Config, Arc<AcmeState>);
     /// Makes newly written certificates current.
     fn reload(&self) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Keeps every ACME certificate of the gateway's config ordered and
-/// renewed, reloading the gateway after each issue. Runs until dropped.
-pub async fn run(gateway: Arc<impl Renewing>) {
+/// renewed, reloading the gateway after each issue; orders are recorded
+/// as made by `node`. Runs until dropped.
+pub async fn run(gateway: Arc<impl Renewing>, node: String) {
     // Per certificate: when to try again after a failure, and the wait after that.
     let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
     loop {
-        let (config, challenges) = gateway.current();
+        let (config, state) = gateway.current();
         let config = &config;
         let mut issued = false;
         for (name, certificate) in &config.certificates {
@@ -255,9 +378,17 @@ pub async fn run(gateway: Arc<impl Renewing>) {
                 continue;
             };
             tracing::info!(certificate = name.as_str(), domains = ?acme.domains, reason, "ordering a certificate over ACME");
-            let ordered = tokio::time::timeout(ORDER_TIMEOUT, order(certificate, config, &challenges))
-                .await
-                .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
+            let ordered = order(certificate, config, &state.challenges).await;
+            let at = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = LastOrder {
+                at,
+                result: if ordered.is_ok() { "issued" } else { "failed" },
+                error: ordered.as_ref().err().map(ToString::to_string),
+                node: node.clone(),
+            };
+            state.orders.record(name, last, config);
             match ordered {
                 Ok(()) => {
                     tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate issued");
