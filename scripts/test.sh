@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests run: the openssl and curl clients, PostgreSQL 15
-# (server and psql), Pebble and etcd 3.4 (server and etcdctl); python3 to
+# (server and psql), Pebble, BIND 9 (named, tsig-keygen; dig and nsupdate)
+# and etcd 3.4 (server and etcdctl); python3 to
 # build the Python example plugin, protoc for etcd-client's build. Debian
 # package names; only what is missing is installed.
 missing=()
@@ -18,6 +19,9 @@ python3 -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql-15)
 # Pebble, Let's Encrypt's ACME test server, and its DNS stub (pebble-challtestsrv).
 command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
+# BIND 9, the authoritative server DNS-01 records are published to.
+[ -x /usr/sbin/named ] && [ -x /usr/sbin/tsig-keygen ] || missing+=(bind9)
+command -v dig >/dev/null && command -v nsupdate >/dev/null || missing+=(bind9-dnsutils)
 # etcd, the store fleet mode shares one configuration through.
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)

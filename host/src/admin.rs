@@ -340,10 +340,37 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
     }
 }
 
+/// Each ACME certificate: its gauges, domains, DNS provider and last order.
+fn acme_status(
+    snapshot: &crate::snapshot::Snapshot,
+) -> Vec<(crate::metrics::AcmeStatus, Vec<String>, Option<String>, Option<crate::acme::LastOrder>)> {
+    let state = snapshot.acme();
+    let config = &snapshot.config;
+    config
+        .certificates
+        .iter()
+        .filter_map(|(name, certificate)| {
+            let acme = certificate.acme.as_ref()?;
+            let last = state.orders.get(name);
+            let status = crate::metrics::AcmeStatus {
+                name: name.clone(),
+                challenge: acme.challenge.as_str(),
+                last_order: last.as_ref().map(|order| (order.at, order.result)),
+                next_renewal: crate::acme::next_renewal(certificate, config)
+                    .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
+            };
+            Some((status, acme.domains.clone(), acme.dns.clone(), last))
+        })
+        .collect()
+}
+
 /// The metrics, with the gauges read at scrape time.
 fn metrics_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
     let metrics = &crate::metrics::METRICS;
-    metrics.set_certificates(&gateway.snapshot().tls().certificate_status());
+    let snapshot = gateway.snapshot();
+    metrics.set_certificates(&snapshot.tls().certificate_status());
+    let acme: Vec<_> = acme_status(&snapshot).into_iter().map(|(status, ..)| status).collect();
+    metrics.set_acme(&acme);
     metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());
     reply(
         StatusCode::OK,
@@ -364,23 +391,17 @@ fn certificates_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         .filter(|(name, c)| c.acme.is_some() && !snapshot.tls().has_certificate(name))
         .map(|(name, _)| name)
         .collect();
-    let state = snapshot.acme();
-    let acme: serde_json::Map<String, serde_json::Value> = snapshot
-        .config
-        .certificates
-        .iter()
-        .filter_map(|(name, certificate)| {
-            let acme = certificate.acme.as_ref()?;
-            let next = crate::acme::next_renewal(certificate, &snapshot.config)
-                .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
-            let status = json!({
-                "challenge": acme.challenge.as_str(),
-                "dns": acme.dns,
-                "domains": acme.domains,
-                "last_order": state.orders.get(name),
-                "next_renewal": next,
+    let acme: serde_json::Map<String, serde_json::Value> = acme_status(&snapshot)
+        .into_iter()
+        .map(|(status, domains, dns, last_order)| {
+            let body = json!({
+                "challenge": status.challenge,
+                "dns": dns,
+                "domains": domains,
+                "last_order": last_order,
+                "next_renewal": status.next_renewal,
             });
-            Some((name.clone(), status))
+            (status.name, body)
         })
         .collect();
     json_reply(

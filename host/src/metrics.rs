@@ -176,8 +176,36 @@ pub struct Metrics {
     ocsp_next_update: Family<CertificateLabels, Gauge>,
     /// Whether an OCSP response is stapled now.
     ocsp_stapled: Family<CertificateLabels, Gauge>,
+    /// When each ACME certificate is due for its next order.
+    acme_next_renewal: Family<CertificateLabels, Gauge>,
+    /// When each ACME certificate's last order ended, by its result.
+    acme_last_order: Family<AcmeOrderLabels, Gauge>,
     /// Route names with a series, for [`MAX_ROUTE_LABELS`].
     route_labels: RouteLabels,
+}
+
+/// An ACME certificate's last order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeOrderLabels {
+    /// Its name in the config.
+    pub certificate: LabelValue,
+    /// `tls-alpn-01` or `dns-01`.
+    pub challenge: &'static str,
+    /// `issued` or `failed`.
+    pub result: &'static str,
+}
+
+/// What the ACME gauges show of one certificate.
+#[derive(Debug, Clone)]
+pub struct AcmeStatus {
+    /// Its name in the config.
+    pub name: String,
+    /// `tls-alpn-01` or `dns-01`.
+    pub challenge: &'static str,
+    /// When its last order ended and how (`issued`, `failed`).
+    pub last_order: Option<(u64, &'static str)>,
+    /// When it is due for its next order, seconds since the Unix epoch.
+    pub next_renewal: Option<u64>,
 }
 
 /// Most distinct route names counted in `weir_connections_total` for one
@@ -223,6 +251,8 @@ impl Metrics {
             certificate_not_after: Family::<CertificateLabels, Gauge>::default(),
             ocsp_next_update: Family::<CertificateLabels, Gauge>::default(),
             ocsp_stapled: Family::<CertificateLabels, Gauge>::default(),
+            acme_next_renewal: Family::<CertificateLabels, Gauge>::default(),
+            acme_last_order: Family::<AcmeOrderLabels, Gauge>::default(),
             route_labels: RouteLabels::default(),
         };
         let mut registry = Registry::with_prefix("weir");
@@ -300,6 +330,16 @@ impl Metrics {
             "certificate_ocsp_stapled",
             "1 while an OCSP response is stapled to the certificate's handshakes",
             self.ocsp_stapled.clone(),
+        );
+        registry.register(
+            "acme_next_renewal_timestamp_seconds",
+            "When each ACME certificate is due for its next order (renew_before ahead of its notAfter)",
+            self.acme_next_renewal.clone(),
+        );
+        registry.register(
+            "acme_last_order_timestamp_seconds",
+            "When each ACME certificate's last order ended, labelled by challenge and result (issued, failed)",
+            self.acme_last_order.clone(),
         );
         registry.register(
             "plugin_call_seconds",
@@ -453,6 +493,29 @@ impl Metrics {
             self.ocsp_stapled
                 .get_or_create(&labels)
                 .set(i64::from(status.ocsp_stapled));
+        }
+    }
+
+    /// Sets the ACME gauges to `certificates`, dropping any other series.
+    pub fn set_acme(&self, certificates: &[AcmeStatus]) {
+        self.acme_next_renewal.clear();
+        self.acme_last_order.clear();
+        let seconds = |at: u64| i64::try_from(at).unwrap_or(i64::MAX);
+        for status in certificates {
+            if let Some(next) = status.next_renewal {
+                let labels = CertificateLabels {
+                    certificate: status.name.as_str().into(),
+                };
+                self.acme_next_renewal.get_or_create(&labels).set(seconds(next));
+            }
+            if let Some((at, result)) = status.last_order {
+                let labels = AcmeOrderLabels {
+                    certificate: status.name.as_str().into(),
+                    challenge: status.challenge,
+                    result,
+                };
+                self.acme_last_order.get_or_create(&labels).set(seconds(at));
+            }
         }
     }
 

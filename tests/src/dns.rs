@@ -31,7 +31,7 @@ impl Bind {
     pub fn start(zone: &str) -> Bind {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path();
-        let key = Command::new("tsig-keygen")
+        let key = Command::new(sbin("tsig-keygen"))
             .args(["-a", "hmac-sha256", TSIG_KEY])
             .output()
             .expect("tsig-keygen runs (scripts/test.sh installs bind9)");
@@ -76,7 +76,7 @@ zone "{zone}" {{
         )
         .expect("write");
         let log = |name: &str| std::fs::File::create(path.join(name)).expect("log file");
-        let child = Command::new("named")
+        let child = Command::new(sbin("named"))
             .args(["-g", "-4", "-c"])
             .arg(path.join("named.conf"))
             .stdout(log("named.out"))
@@ -153,6 +153,13 @@ echo "$1 $2 done"
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).expect("chmod");
         script
     }
+}
+
+/// A BIND program from `/usr/sbin`, which an ordinary user's `PATH` may
+/// not have, else from the `PATH`.
+fn sbin(program: &str) -> PathBuf {
+    let path = Path::new("/usr/sbin").join(program);
+    if path.exists() { path } else { PathBuf::from(program) }
 }
 
 impl Drop for Bind {

@@ -86,7 +86,13 @@ async fn obtains_the_wildcard(bind: &Bind, dns: &str) {
     let site = &body["acme"]["site"];
     assert_eq!(site["challenge"], "dns-01", "{body}");
     assert_eq!(site["last_order"]["result"], "issued", "{body}");
-    assert!(site["next_renewal"].as_u64().is_some(), "{body}");
+    let next = site["next_renewal"].as_u64().expect("a next renewal");
+    let ordered = site["last_order"]["at"].as_u64().expect("an order time");
+    assert!(next > ordered, "{body}");
+    let series = "weir_acme_last_order_timestamp_seconds{certificate=\"site\",challenge=\"dns-01\",result=\"issued\"}";
+    assert_eq!(weir_tests::metric(&admin, series).await, Some(ordered as f64));
+    let series = "weir_acme_next_renewal_timestamp_seconds{certificate=\"site\"}";
+    assert_eq!(weir_tests::metric(&admin, series).await, Some(next as f64));
     weir.child.kill().await.expect("stop");
 }
 
