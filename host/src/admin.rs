@@ -340,10 +340,17 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
     }
 }
 
+/// An ACME certificate as the admin API shows it.
+struct AcmeEntry {
+    /// What its gauges show.
+    status: crate::metrics::AcmeStatus,
+    domains: Vec<String>,
+    dns: Option<String>,
+    last_order: Option<crate::acme::LastOrder>,
+}
+
 /// Each ACME certificate: its gauges, domains, DNS provider and last order.
-fn acme_status(
-    snapshot: &crate::snapshot::Snapshot,
-) -> Vec<(crate::metrics::AcmeStatus, Vec<String>, Option<String>, Option<crate::acme::LastOrder>)> {
+fn acme_status(snapshot: &crate::snapshot::Snapshot) -> Vec<AcmeEntry> {
     let state = snapshot.acme();
     let config = &snapshot.config;
     config
@@ -359,7 +366,12 @@ fn acme_status(
                 next_renewal: crate::acme::next_renewal(certificate, config)
                     .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             };
-            Some((status, acme.domains.clone(), acme.dns.clone(), last))
+            Some(AcmeEntry {
+                status,
+                domains: acme.domains.clone(),
+                dns: acme.dns.clone(),
+                last_order: last,
+            })
         })
         .collect()
 }
@@ -369,7 +381,7 @@ fn metrics_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
     let metrics = &crate::metrics::METRICS;
     let snapshot = gateway.snapshot();
     metrics.set_certificates(&snapshot.tls().certificate_status());
-    let acme: Vec<_> = acme_status(&snapshot).into_iter().map(|(status, ..)| status).collect();
+    let acme: Vec<_> = acme_status(&snapshot).into_iter().map(|entry| entry.status).collect();
     metrics.set_acme(&acme);
     metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());
     reply(
@@ -393,15 +405,15 @@ fn certificates_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         .collect();
     let acme: serde_json::Map<String, serde_json::Value> = acme_status(&snapshot)
         .into_iter()
-        .map(|(status, domains, dns, last_order)| {
+        .map(|entry| {
             let body = json!({
-                "challenge": status.challenge,
-                "dns": dns,
-                "domains": domains,
-                "last_order": last_order,
-                "next_renewal": status.next_renewal,
+                "challenge": entry.status.challenge,
+                "dns": entry.dns,
+                "domains": entry.domains,
+                "last_order": entry.last_order,
+                "next_renewal": entry.status.next_renewal,
             });
-            (status.name, body)
+            (entry.status.name, body)
         })
         .collect();
     json_reply(
