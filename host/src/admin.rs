@@ -362,7 +362,7 @@ fn acme_status(snapshot: &crate::snapshot::Snapshot) -> Vec<AcmeEntry> {
             let status = crate::metrics::AcmeStatus {
                 name: name.clone(),
                 challenge: acme.challenge.as_str(),
-                last_order: last.as_ref().map(|order| (order.at, order.result)),
+                last_order: last.as_ref().map(|order| (order.at, order.result.as_str())),
                 next_renewal: crate::acme::next_renewal(certificate, config)
                     .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             };

@@ -285,7 +285,11 @@ fn run(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
         let node_name = node
             .as_ref()
             .map_or_else(weir::fleet::host_name, |node| node.name().to_owned());
-        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway), node_name));
+        let coordinator: Arc<dyn weir::acme::Coordinator> = match &node {
+            Some(node) => Arc::clone(node) as _,
+            None => Arc::new(weir::acme::Local),
+        };
+        let _acme = tokio::spawn(weir::acme::run(Arc::clone(&gateway), node_name, coordinator));
         let signal = loop {
             tokio::select! {
                 _ = int.recv() => break "SIGINT",

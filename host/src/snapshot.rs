@@ -34,7 +34,7 @@ pub enum SnapshotError {
         /// What went wrong.
         error: PluginError,
     },
-    /// A certificate, CA or TLS setting could not be loaded.
+    /// A certificate, CA, TLS setting or DNS-01 secret could not be loaded.
     #[error("{}: {field}: {reason}", config.display())]
     Tls {
         /// The config file.
@@ -257,6 +257,14 @@ impl Snapshot {
             reason,
         };
         let tls = TlsMaterial::load(&config).map_err(tls_error)?;
+        // A TSIG secret that is unreadable, malformed or readable by others
+        // stops the build here, not at the first order.
+        for (name, dns) in &config.dns {
+            if dns.tsig_secret_file.is_some() {
+                dns.tsig_secret(&config)
+                    .map_err(|reason| tls_error(Invalid::new(format!("dns.{name}.tsig_secret_file"), reason)))?;
+            }
+        }
         let mut plugins = BTreeMap::new();
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);

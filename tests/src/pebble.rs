@@ -117,6 +117,40 @@ impl Pebble {
         self.dir.path().join("https-ca.pem")
     }
 
+    /// A config whose listener `public` terminates `route` with the ACME
+    /// certificate `site` for `domains` (kept in the TOML values `cert` and
+    /// `key`; `acme` is the rest of its `acme` table, from `, `), sending
+    /// the clients to `upstream`; `extra` is appended.
+    pub fn site_config(
+        &self,
+        route: &str,
+        domains: &[&str],
+        upstream: SocketAddr,
+        (cert, key): (&str, &str),
+        acme: &str,
+        extra: &str,
+    ) -> String {
+        format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."{route}" = {{ address = "{upstream}", terminate = {{ certificate = "site" }} }}
+
+            [certificates.site]
+            cert = {cert}
+            key = {key}
+            acme = {{ directory = "{directory}", domains = {domains:?}, directory_ca = {ca}{acme} }}
+            {extra}
+            "#,
+            directory = self.directory,
+            ca = crate::toml_path(&self.https_ca()),
+        )
+    }
+
     /// How many orders Pebble has taken, from its log.
     pub fn orders(&self) -> usize {
         ["pebble.log", "pebble.err"]

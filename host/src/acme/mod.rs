@@ -11,27 +11,33 @@
 //! and key are written over the files and the gateway reloads, so the
 //! certificate is used like any other. A failed order is retried after a
 //! minute, then at doubling intervals up to an hour.
+//!
+//! In a fleet, a [`Coordinator`] makes one node order at a time and shares
+//! what it issued, its account and its open TLS-ALPN-01 challenges with the
+//! others; on its own a node is its own [`Local`] coordinator.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
-};
 use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{AcmeConfig, CertificateConfig, Challenge, Config};
+use crate::config::{AcmeConfig, CertificateConfig, Config};
 
 pub mod dns;
+mod order;
+pub(crate) use order::challenge_certificate;
+pub use order::order;
 
 /// The ALPN protocol of TLS-ALPN-01 validation connections.
 pub const ACME_TLS_ALPN: &str = "acme-tls/1";
 
 /// How often the certificate files are looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How often a certificate another node is ordering is looked at again.
+const CHECK_HELD_EVERY: Duration = Duration::from_secs(2);
 /// Longest wait before retrying a failed order.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
 /// Longest an order may take, CA round trips and validation included.
@@ -74,13 +80,33 @@ pub struct AcmeState {
     pub orders: Orders,
 }
 
+/// How an order ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderResult {
+    /// A certificate was issued.
+    Issued,
+    /// It failed (the error says why).
+    Failed,
+}
+
+impl OrderResult {
+    /// `issued` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderResult::Issued => "issued",
+            OrderResult::Failed => "failed",
+        }
+    }
+}
+
 /// How a certificate's last order went.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastOrder {
     /// When it ended, in seconds since the Unix epoch.
     pub at: u64,
-    /// `issued` or `failed`.
-    pub result: &'static str,
+    /// How it ended.
+    pub result: OrderResult,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -99,7 +125,9 @@ impl Orders {
         crate::sync::lock(&self.0).get(name).cloned()
     }
 
-    fn record(&self, name: &str, order: LastOrder, config: &Config) {
+    /// Records `order` as the last of `name`, forgetting certificates
+    /// `config` no longer has.
+    pub fn record(&self, name: &str, order: LastOrder, config: &Config) {
         let mut orders = crate::sync::lock(&self.0);
         orders.retain(|name, _| config.certificates.contains_key(name));
         orders.insert(name.to_owned(), order);
@@ -142,11 +170,13 @@ impl Challenges {
         crate::sync::lock(&self.0).get(name).cloned()
     }
 
-    fn set(&self, name: &str, key: Arc<CertifiedKey>) {
+    /// Answers `name`'s validation connections with `key`.
+    pub(crate) fn set(&self, name: &str, key: Arc<CertifiedKey>) {
         crate::sync::lock(&self.0).insert(name.to_owned(), key);
     }
 
-    fn clear(&self, names: &[String]) {
+    /// Stops answering for `names`.
+    pub(crate) fn clear(&self, names: &[String]) {
         let mut challenges = crate::sync::lock(&self.0);
         for name in names {
             challenges.remove(name);
@@ -154,53 +184,129 @@ impl Challenges {
     }
 }
 
-/// An order's challenges, withdrawn when the order ends however it ends
-/// (success, failure, or its timeout dropping it midway).
-struct OpenChallenges<'a> {
-    challenges: &'a Challenges,
-    names: &'a [String],
-}
-
-impl Drop for OpenChallenges<'_> {
-    fn drop(&mut self) {
-        self.challenges.clear(self.names);
-    }
-}
-
-/// The TLS-ALPN-01 certificate for `name`: self-signed, for that name only,
-/// with the SHA-256 of the key authorization in its critical
-/// `acmeIdentifier` extension.
-fn challenge_certificate(name: &str, digest: &[u8]) -> Result<CertifiedKey, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
-    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(str::to_owned)?;
-    let signer = rustls::crypto::ring::default_provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| e.to_string())?;
-    Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
-}
-
-/// Why `cert` needs a new order, or `None` while it is good for longer than
-/// `renew_before`.
-pub fn needs_order(cert: &Path, key: &Path, renew_before: Duration) -> Option<String> {
+/// Why the certificate kept in `cert` and `key` needs a new order, or
+/// `None` while it is good for longer than `renew_before` and names the
+/// configured domains.
+pub fn needs_order(cert: &Path, key: &Path, acme: &AcmeConfig) -> Option<String> {
     if !key.exists() {
         return Some(format!("{} does not exist", key.display()));
     }
-    let not_after = match read_leaf(cert).and_then(|leaf| weir_attest::x509::not_after(&leaf)) {
+    match read_leaf(cert) {
+        Ok(leaf) => due(&leaf, acme),
+        Err(e) => Some(format!("{}: {e}", cert.display())),
+    }
+}
+
+/// Why the certificate `leaf` is due for a new order under `acme`: it
+/// expires within `renew_before`, or its names are not the domains.
+pub fn due(leaf: &rustls::pki_types::CertificateDer<'_>, acme: &AcmeConfig) -> Option<String> {
+    let not_after = match weir_attest::x509::not_after(leaf) {
         Ok(not_after) => not_after,
-        Err(e) => return Some(format!("{}: {e}", cert.display())),
+        Err(e) => return Some(e),
     };
+    let mut names = weir_attest::x509::describe(leaf).map(|d| d.sans).unwrap_or_default();
+    names.sort();
+    let mut wanted = acme.domains.clone();
+    wanted.sort();
+    if names != wanted {
+        return Some(format!("it is for {names:?}, not the domains {wanted:?}"));
+    }
     let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
-    (left < renew_before).then(|| format!("it expires in {} days", left.as_secs() / 86_400))
+    (left < acme.renew_before).then(|| format!("it expires in {} days", left.as_secs() / 86_400))
+}
+
+/// An issued chain and its key, as PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// The chain, end-entity certificate first.
+    pub chain: String,
+    /// The private key.
+    pub key: String,
+}
+
+impl Issued {
+    /// Why it is due for a new order under `acme` (unreadable included).
+    pub fn due(&self, acme: &AcmeConfig) -> Option<String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        match CertificateDer::pem_slice_iter(self.chain.as_bytes()).next() {
+            Some(Ok(leaf)) => due(&leaf, acme),
+            _ => Some("the chain has no certificate".into()),
+        }
+    }
+
+    /// Writes it over `certificate`'s files (the key readable by weir's
+    /// user alone).
+    pub fn write(&self, certificate: &CertificateConfig, config: &Config) -> Result<(), AcmeError> {
+        replace_file(&config.resolve(&certificate.key), self.key.as_bytes(), true)?;
+        replace_file(&config.resolve(&certificate.cert), self.chain.as_bytes(), false)
+    }
+}
+
+/// What a node is told when it asks to order a certificate.
+#[derive(Debug)]
+pub enum Taken {
+    /// It orders: the certificate is its own until [`Coordinator::finish`].
+    Order,
+    /// Another node (named) is ordering it.
+    Held(String),
+    /// The fleet has a certificate that is not due, and its last order.
+    Issued(Issued, Option<LastOrder>),
+    /// The fleet could not be asked (why).
+    Unavailable(String),
+}
+
+/// A future a [`Coordinator`] returns.
+pub type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Who else orders: in a fleet, one node orders a certificate at a time,
+/// and every node shares what it issued, its account and its TLS-ALPN-01
+/// challenges. Failures to share are the coordinator's to log; an order
+/// goes on without them.
+pub trait Coordinator: Send + Sync {
+    /// Asks to order `certificate` (due under `acme` on this node).
+    fn take<'a>(&'a self, certificate: &'a str, acme: &'a AcmeConfig) -> Boxed<'a, Taken>;
+    /// Ends an order taken: shares what it issued and how it went, and
+    /// lets others order again.
+    fn finish<'a>(&'a self, certificate: &'a str, issued: Option<&'a Issued>, last: &'a LastOrder) -> Boxed<'a, ()>;
+    /// Has every node answer `name`'s TLS-ALPN-01 validation with `digest`;
+    /// returns once they do (or a bounded wait is over).
+    fn share_challenge<'a>(&'a self, certificate: &'a str, name: &'a str, digest: &'a [u8]) -> Boxed<'a, ()>;
+    /// Withdraws every challenge shared for `certificate`.
+    fn withdraw_challenges<'a>(&'a self, certificate: &'a str) -> Boxed<'a, ()>;
+    /// The account credentials (JSON) the fleet uses for `certificate`.
+    fn account<'a>(&'a self, certificate: &'a str) -> Boxed<'a, Option<String>>;
+    /// Shares the account credentials for `certificate`.
+    fn save_account<'a>(&'a self, certificate: &'a str, credentials: &'a str) -> Boxed<'a, ()>;
+}
+
+/// A node on its own: it always orders, and shares nothing.
+pub struct Local;
+
+impl Coordinator for Local {
+    fn take<'a>(&'a self, _: &'a str, _: &'a AcmeConfig) -> Boxed<'a, Taken> {
+        Box::pin(async { Taken::Order })
+    }
+    fn finish<'a>(&'a self, _: &'a str, _: Option<&'a Issued>, _: &'a LastOrder) -> Boxed<'a, ()> {
+        Box::pin(async {})
+    }
+    fn share_challenge<'a>(&'a self, _: &'a str, _: &'a str, _: &'a [u8]) -> Boxed<'a, ()> {
+        Box::pin(async {})
+    }
+    fn withdraw_challenges<'a>(&'a self, _: &'a str) -> Boxed<'a, ()> {
+        Box::pin(async {})
+    }
+    fn account<'a>(&'a self, _: &'a str) -> Boxed<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+    fn save_account<'a>(&'a self, _: &'a str, _: &'a str) -> Boxed<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Writes `data` to `path` through a temporary file and a rename, so that
 /// a reader sees the old file or the new one, never a part; `private`
 /// files are readable by the owner only.
-fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), AcmeError> {
+pub(crate) fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), AcmeError> {
     use std::io::Write as _;
     let storage = |error| AcmeError::Storage {
         path: path.display().to_string(),
@@ -223,132 +329,6 @@ fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), AcmeError
     std::fs::rename(&temporary, path).map_err(storage)
 }
 
-/// The account for `acme`: from its credentials file, or created at the CA
-/// and saved there.
-async fn account(acme: &AcmeConfig, config: &Config, cert: &Path) -> Result<Account, AcmeError> {
-    let builder = || match &acme.directory_ca {
-        Some(roots) => Account::builder_with_root(config.resolve(roots)),
-        None => Account::builder(),
-    };
-    let file = config.resolve(&acme.account_file(cert));
-    if let Ok(text) = std::fs::read_to_string(&file)
-        && let Ok(credentials) = serde_json::from_str::<AccountCredentials>(&text)
-    {
-        return Ok(builder()?.from_credentials(credentials).await?);
-    }
-    let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
-    let new = NewAccount {
-        contact: &contact,
-        terms_of_service_agreed: true,
-        only_return_existing: false,
-    };
-    let (account, credentials) = builder()?.create(&new, acme.directory.clone(), None).await?;
-    let text = serde_json::to_vec_pretty(&credentials).map_err(|e| AcmeError::Order(e.to_string()))?;
-    replace_file(&file, &text, true)?;
-    Ok(account)
-}
-
-/// Orders the certificate `certificate` describes, answering its
-/// challenges (TLS-ALPN-01 through `challenges`, DNS-01 through its
-/// `[dns.NAME]` provider), and writes it to its files. Whatever was
-/// published for the order is withdrawn however it ends, its timeout
-/// included.
-pub async fn order(certificate: &CertificateConfig, config: &Config, challenges: &Challenges) -> Result<(), AcmeError> {
-    let Some(acme) = &certificate.acme else {
-        return Ok(());
-    };
-    let open = OpenChallenges {
-        challenges,
-        names: &acme.domains,
-    };
-    let mut published = Vec::new();
-    let ordered = tokio::time::timeout(
-        ORDER_TIMEOUT,
-        issue(certificate, acme, config, challenges, &mut published),
-    )
-    .await
-    .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
-    drop(open);
-    if let Some(dns) = acme.dns.as_ref().and_then(|name| config.dns.get(name)) {
-        for txt in &published {
-            if let Err(error) = dns::change(dns, config, dns::Action::Cleanup, txt).await {
-                tracing::warn!(fqdn = txt.fqdn.as_str(), %error, "a DNS-01 record could not be removed");
-            }
-        }
-    }
-    let (key, chain) = ordered?;
-    replace_file(&config.resolve(&certificate.key), key.as_bytes(), true)?;
-    replace_file(&config.resolve(&certificate.cert), chain.as_bytes(), false)?;
-    Ok(())
-}
-
-/// The order itself: account, authorizations, finalization; the DNS-01
-/// records it publishes are pushed on `published`.
-async fn issue(
-    certificate: &CertificateConfig,
-    acme: &AcmeConfig,
-    config: &Config,
-    challenges: &Challenges,
-    published: &mut Vec<dns::Txt>,
-) -> Result<(String, String), AcmeError> {
-    let account = account(acme, config, &certificate.cert).await?;
-    let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
-    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
-    let mut authorizations = order.authorizations();
-    while let Some(authorization) = authorizations.next().await {
-        let mut authorization = authorization?;
-        match authorization.status {
-            AuthorizationStatus::Pending => {}
-            AuthorizationStatus::Valid => continue,
-            other => return Err(AcmeError::Order(format!("an authorization is {other:?}"))),
-        }
-        let kind = match acme.challenge {
-            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
-            Challenge::Dns01 => ChallengeType::Dns01,
-        };
-        let mut challenge = authorization
-            .challenge(kind)
-            .ok_or_else(|| AcmeError::Order(format!("the CA offers no {} challenge", acme.challenge.as_str())))?;
-        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
-            return Err(AcmeError::Order("an identifier is not a DNS name".into()));
-        };
-        match acme.challenge {
-            Challenge::TlsAlpn01 => {
-                let digest = challenge.key_authorization().digest();
-                let key = challenge_certificate(&name, digest.as_ref()).map_err(AcmeError::Order)?;
-                challenges.set(&name, Arc::new(key));
-            }
-            Challenge::Dns01 => {
-                let provider = acme.dns.as_deref().unwrap_or_default();
-                let dns = config
-                    .dns
-                    .get(provider)
-                    .ok_or_else(|| AcmeError::Order(format!("no [dns.{provider}]")))?;
-                let txt = dns::Txt::for_name(&name, challenge.key_authorization().dns_value());
-                let failed = |error: String| AcmeError::Dns {
-                    provider: provider.to_owned(),
-                    error,
-                };
-                dns::change(dns, config, dns::Action::Present, &txt)
-                    .await
-                    .map_err(failed)?;
-                published.push(txt.clone());
-                dns::wait_visible(dns, std::slice::from_ref(&txt))
-                    .await
-                    .map_err(failed)?;
-            }
-        }
-        challenge.set_ready().await?;
-    }
-    let status = order.poll_ready(&RetryPolicy::default()).await?;
-    if status != OrderStatus::Ready {
-        return Err(AcmeError::Order(format!("the order is {status:?}, not ready")));
-    }
-    let key = order.finalize().await?;
-    let chain = order.poll_certificate(&RetryPolicy::default()).await?;
-    Ok((key, chain))
-}
-
 /// What the renewal task needs of a gateway, and nothing more.
 pub trait Renewing: Send + Sync {
     /// The config in force, and the state shared with the listeners and
@@ -360,37 +340,82 @@ pub trait Renewing: Send + Sync {
 
 /// Keeps every ACME certificate of the gateway's config ordered and
 /// renewed, reloading the gateway after each issue; orders are recorded
-/// as made by `node`. Runs until dropped.
-pub async fn run(gateway: Arc<impl Renewing>, node: String) {
+/// as made by `node`, and `fleet` says which node orders. Runs until
+/// dropped.
+pub async fn run(gateway: Arc<impl Renewing>, node: String, fleet: Arc<dyn Coordinator>) {
     // Per certificate: when to try again after a failure, and the wait after that.
     let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    // Per certificate another node orders: that node, said once.
+    let mut held_by: HashMap<String, String> = HashMap::new();
     loop {
         let (config, state) = gateway.current();
         let config = &config;
         let mut issued = false;
+        let mut soon = false;
         for (name, certificate) in &config.certificates {
             let Some(acme) = &certificate.acme else { continue };
             if retry.get(name).is_some_and(|(at, _)| tokio::time::Instant::now() < *at) {
                 continue;
             }
             let (cert, key) = (config.resolve(&certificate.cert), config.resolve(&certificate.key));
-            let Some(reason) = needs_order(&cert, &key, acme.renew_before) else {
+            let Some(reason) = needs_order(&cert, &key, acme) else {
                 continue;
             };
-            tracing::info!(certificate = name.as_str(), domains = ?acme.domains, reason, "ordering a certificate over ACME");
-            let ordered = order(certificate, config, &state.challenges).await;
-            let at = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            match fleet.take(name, acme).await {
+                Taken::Order => {}
+                Taken::Held(holder) => {
+                    if held_by.get(name) != Some(&holder) {
+                        tracing::info!(
+                            certificate = name.as_str(),
+                            node = holder.as_str(),
+                            "another node is ordering the certificate"
+                        );
+                        held_by.insert(name.clone(), holder);
+                    }
+                    soon = true;
+                    continue;
+                }
+                Taken::Unavailable(error) => {
+                    tracing::warn!(certificate = name.as_str(), %error, "the fleet cannot be asked who orders; trying again");
+                    soon = true;
+                    continue;
+                }
+                Taken::Issued(shared, last) => {
+                    held_by.remove(name);
+                    match shared.write(certificate, config) {
+                        Ok(()) => {
+                            tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate taken from the fleet");
+                            issued = true;
+                        }
+                        Err(error) => {
+                            tracing::error!(certificate = name.as_str(), %error, "the fleet's certificate cannot be kept")
+                        }
+                    }
+                    if let Some(last) = last {
+                        state.orders.record(name, last, config);
+                    }
+                    continue;
+                }
+            }
+            held_by.remove(name);
+            tracing::info!(certificate = name.as_str(), domains = ?acme.domains, challenge = acme.challenge.as_str(), reason, "ordering a certificate over ACME");
+            let ordered = order(name, certificate, config, &state.challenges, &*fleet).await;
             let last = LastOrder {
-                at,
-                result: if ordered.is_ok() { "issued" } else { "failed" },
+                at: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                result: if ordered.is_ok() {
+                    OrderResult::Issued
+                } else {
+                    OrderResult::Failed
+                },
                 error: ordered.as_ref().err().map(ToString::to_string),
                 node: node.clone(),
             };
-            state.orders.record(name, last, config);
+            state.orders.record(name, last.clone(), config);
+            fleet.finish(name, ordered.as_ref().ok(), &last).await;
             match ordered {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate issued");
                     retry.remove(name);
                     issued = true;
@@ -407,7 +432,7 @@ pub async fn run(gateway: Arc<impl Renewing>, node: String) {
         if issued {
             gateway.reload().await;
         }
-        tokio::time::sleep(CHECK_EVERY).await;
+        tokio::time::sleep(if soon { CHECK_HELD_EVERY } else { CHECK_EVERY }).await;
     }
 }
 
@@ -420,6 +445,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (cert, key) = (dir.path().join("site.pem"), dir.path().join("site-key.pem"));
         let day = Duration::from_secs(86_400);
+        let acme = |renew_before: Duration| AcmeConfig {
+            directory: "https://ca.test/dir".into(),
+            domains: vec!["a.test".into()],
+            contact: Vec::new(),
+            directory_ca: None,
+            account: None,
+            renew_before,
+            challenge: crate::config::Challenge::TlsAlpn01,
+            dns: None,
+        };
+        let needs_order = |cert: &Path, key: &Path, renew_before: Duration| needs_order(cert, key, &acme(renew_before));
         assert!(needs_order(&cert, &key, day).is_some_and(|why| why.contains("does not exist")));
 
         let signer = rcgen::KeyPair::generate().expect("key");
@@ -434,6 +470,13 @@ mod tests {
         std::fs::write(&cert, params.self_signed(&signer).expect("certificate").pem()).expect("write");
         assert_eq!(needs_order(&cert, &key, 30 * day), None);
         assert!(needs_order(&cert, &key, 100 * 365 * day).is_some_and(|why| why.starts_with("it expires in")));
+
+        let mut other = acme(day);
+        other.domains.push("b.test".into());
+        assert_eq!(
+            super::needs_order(&cert, &key, &other).as_deref(),
+            Some(r#"it is for ["a.test"], not the domains ["a.test", "b.test"]"#)
+        );
 
         std::fs::write(&cert, "garbage").expect("write");
         assert!(needs_order(&cert, &key, day).is_some());

@@ -21,6 +21,16 @@ pub fn plugin_files_mut(plugins: &mut BTreeMap<String, PluginConfig>) -> Vec<(St
 }
 
 impl Config {
+    /// The fields naming files ACME keeps (`certificates.NAME.cert` and
+    /// `.key` of each certificate with `acme`): written by weir, not given.
+    pub fn acme_files(&self) -> std::collections::BTreeSet<String> {
+        self.certificates
+            .iter()
+            .filter(|(_, c)| c.acme.is_some())
+            .flat_map(|(name, _)| [format!("certificates.{name}.cert"), format!("certificates.{name}.key")])
+            .collect()
+    }
+
     /// Every file the config names, by the dotted field that names it
     /// (`plugins.router.wasm`, `certificates.site.key`, `attestation.collateral.0`),
     /// as written (relative to the file, but `config_file`, resolved at parse).
@@ -31,6 +41,9 @@ impl Config {
             files.push((format!("certificates.{name}.key"), &mut cert.key));
             if let Some(ocsp) = &mut cert.ocsp {
                 files.push((format!("certificates.{name}.ocsp"), ocsp));
+            }
+            if let Some(roots) = cert.acme.as_mut().and_then(|acme| acme.directory_ca.as_mut()) {
+                files.push((format!("certificates.{name}.acme.directory_ca"), roots));
             }
         }
         for (name, ca) in &mut self.cas {

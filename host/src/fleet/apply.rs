@@ -84,9 +84,22 @@ impl Node {
         let mut config = Config::parse(&state.published.toml, &self.store.dir().join("fleet.toml"))
             .map_err(|e| bad(format!("revision {}: {e}", state.config_revision)))?;
         let blobs = self.keys.blobs();
+        let ordered = config.acme_files();
         for (field, path) in config.files_mut() {
+            if ordered.contains(&field) {
+                // `certificates.NAME.cert` → `<state>/acme/certificates.NAME.cert`,
+                // written by the node from what the fleet issued.
+                *path = self.store.dir().join("acme").join(super::acme::segment(&field));
+                continue;
+            }
             let sha256 = blob_name(&state.published, &field).map_err(bad)?;
             *path = self.blob(client.as_deref_mut(), &blobs, sha256).await?;
+        }
+        for (name, certificate) in &mut config.certificates {
+            if let Some(acme) = &mut certificate.acme {
+                let file = super::acme::segment(&format!("certificates.{name}.account.json"));
+                acme.account = Some(self.store.dir().join("acme").join(file));
+            }
         }
         if let Some(admin) = &self.file.admin {
             config.admin = Some(admin.clone());

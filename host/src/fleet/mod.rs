@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, PoolConfig, check_pool_name};
 
+mod acme;
 mod apply;
 pub mod node;
 pub mod publish;

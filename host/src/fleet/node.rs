@@ -226,6 +226,7 @@ impl Node {
         vec![
             tokio::spawn(Arc::clone(self).follow()),
             tokio::spawn(Arc::clone(self).keep_reporting()),
+            tokio::spawn(Arc::clone(self).follow_challenges()),
         ]
     }
 

@@ -61,21 +61,14 @@ fn read_text(path: &Path) -> Result<String, FleetError> {
 pub async fn publish(client: &mut etcd_client::Client, keys: &Keys, path: &Path) -> Result<Outcome, FleetError> {
     let text = read_text(path)?;
     let mut config = Config::parse(&text, path)?;
-    if let Some(name) = config
-        .certificates
-        .iter()
-        .find(|(_, c)| c.acme.is_some())
-        .map(|(n, _)| n)
-    {
-        return Err(FleetError::Io {
-            path: path.to_owned(),
-            reason: format!("certificates.{name}: ACME certificates cannot be published to a fleet yet"),
-        });
-    }
+    // ACME certificates are ordered by the nodes and shared through etcd:
+    // their files are not the publisher's to give.
+    let ordered = config.acme_files();
     let base = config.clone();
     let named = config
         .files_mut()
         .into_iter()
+        .filter(|(field, _)| !ordered.contains(field))
         .map(|(field, file)| (field, base.resolve(file)))
         .collect();
     put_published(client, &keys.blobs(), keys.config(), text, named, path).await
@@ -225,7 +218,10 @@ pub async fn wait(
     let started = Instant::now();
     loop {
         let progress = progress(client, keys, revision, tenant).await?;
-        if progress.pending.is_empty() || started.elapsed() >= timeout {
+        // No node live at all (a fleet starting, leases renewed after an
+        // etcd election) is waited out like a node still applying.
+        let none = progress.applied.is_empty() && progress.failed.is_empty() && progress.pending.is_empty();
+        if (progress.pending.is_empty() && !none) || started.elapsed() >= timeout {
             return Ok(progress);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

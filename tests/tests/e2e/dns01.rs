@@ -12,35 +12,23 @@ use weir_tests::pebble::Pebble;
 use weir_tests::{Upstream, WeirProcess, answer, free_port, tls_exchange, toml_path, write_config};
 
 /// A config terminating `*.apps.test` with the certificate `site`, ordered
-/// with DNS-01 through `[dns.{provider}]` as `dns` describes.
+/// with DNS-01 through `[dns.primary]` as `dns` describes.
 fn wildcard_config(dir: &Path, upstream: std::net::SocketAddr, pebble: &Pebble, dns: &str) -> std::path::PathBuf {
     let store = dir.join("acme");
+    let files = (
+        toml_path(&store.join("site.pem")),
+        toml_path(&store.join("site-key.pem")),
+    );
+    let extra = format!("[admin]\nbind = \"127.0.0.1:0\"\n{dns}");
     write_config(
         dir,
-        &format!(
-            r#"
-            [listeners.public]
-            bind = "127.0.0.1:0"
-            plugins = ["router"]
-
-            [plugins.router]
-            wasm = "{{static_router}}"
-            config.routes."*.apps.test" = {{ address = "{upstream}", terminate = {{ certificate = "site" }} }}
-
-            [certificates.site]
-            cert = {cert}
-            key = {key}
-            acme = {{ directory = "{directory}", domains = ["*.apps.test", "apps.test"], directory_ca = {ca}, challenge = "dns-01", dns = "primary" }}
-
-            [admin]
-            bind = "127.0.0.1:0"
-
-            {dns}
-            "#,
-            cert = toml_path(&store.join("site.pem")),
-            key = toml_path(&store.join("site-key.pem")),
-            directory = pebble.directory,
-            ca = toml_path(&pebble.https_ca()),
+        &pebble.site_config(
+            "*.apps.test",
+            &["*.apps.test", "apps.test"],
+            upstream,
+            (&files.0, &files.1),
+            r#", challenge = "dns-01", dns = "primary""#,
+            &extra,
         ),
     )
 }

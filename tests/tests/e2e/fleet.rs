@@ -24,7 +24,7 @@ fn gateway_config(servers: &[String]) -> String {
 }
 
 /// Writes a node's file for `name`, reaching etcd at `endpoints`.
-fn node_file(dir: &Path, name: &str, endpoints: &[String], extra: &str) -> PathBuf {
+pub(super) fn node_file(dir: &Path, name: &str, endpoints: &[String], extra: &str) -> PathBuf {
     let endpoints = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
@@ -57,18 +57,18 @@ fn node_file(dir: &Path, name: &str, endpoints: &[String], extra: &str) -> PathB
 }
 
 /// Writes `text` as `name` in `dir`.
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(super) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
     path
 }
 
-fn text(output: &Output) -> String {
+pub(super) fn text(output: &Output) -> String {
     weir_tests::text(&output.stdout) + &weir_tests::text(&output.stderr)
 }
 
 /// `weir publish --config <config> --etcd <endpoints> [--wait]`.
-fn publish(config: &Path, endpoints: &[String], wait: bool) -> Output {
+pub(super) fn publish(config: &Path, endpoints: &[String], wait: bool) -> Output {
     let joined = endpoints.join(",");
     let mut args = vec![
         "publish",

@@ -15,6 +15,7 @@ mod dns01;
 mod dstack;
 mod example_plugins;
 mod fleet;
+mod fleet_acme;
 mod limits;
 mod mesh;
 mod ocsp;
