@@ -602,6 +602,14 @@ fn set_up_roles(etcd: &Etcd) {
             "readwrite",
             "/weir/tenants/",
         ],
+        vec![
+            "role",
+            "grant-permission",
+            "weir-node",
+            "--prefix=true",
+            "readwrite",
+            "/weir/acme/",
+        ],
         vec!["user", "add", "weir-node:weir-nodepw", "--interactive=false"],
         vec!["user", "grant-role", "weir-node", "weir-node"],
     ] {
@@ -753,6 +761,13 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
             text(&refused)
         );
     }
+    // Nor can it read what the fleet keeps of ACME (private keys, accounts).
+    let refused = etcd.etcdctl_as(Some("acme:acmepw"), &["get", "--prefix", "/weir/acme/"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("permission denied"),
+        "{}",
+        text(&refused)
+    );
 
     // A policy that claims a pool its section does not list: refused by the
     // node, named; acme keeps the policy it had, bravo's new one applies.
