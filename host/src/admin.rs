@@ -363,7 +363,7 @@ fn acme_status(snapshot: &crate::snapshot::Snapshot) -> Vec<AcmeEntry> {
                 name: name.clone(),
                 challenge: acme.challenge.as_str(),
                 last_order: last.as_ref().map(|order| (order.at, order.result.as_str())),
-                next_renewal: crate::acme::next_renewal(certificate, config)
+                next_renewal: crate::acme::next_renewal(name, certificate, config, &state)
                     .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             };
             Some(AcmeEntry {

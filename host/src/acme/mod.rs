@@ -4,7 +4,8 @@
 //!
 //! A `[certificates.NAME]` entry with `acme` names where the certificate is
 //! kept (`cert`, `key`). [`run`] looks at those files every minute; when one
-//! is missing or expires within `renew_before`, it orders a new certificate:
+//! is missing, expires within `renew_before`, names other domains or is due
+//! by the CA's renewal window ([`ari`]), it orders a new certificate:
 //! for each name the CA sends a TLS connection offering only the ALPN
 //! protocol `acme-tls/1`, and the gateway answers it with a challenge
 //! certificate from [`Challenges`] instead of routing it. The issued chain
@@ -26,10 +27,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AcmeConfig, CertificateConfig, Config};
 
+mod ari;
 pub mod dns;
 mod order;
+mod renew;
 pub(crate) use order::challenge_certificate;
 pub use order::order;
+pub use renew::run;
 
 /// The ALPN protocol of TLS-ALPN-01 validation connections.
 pub const ACME_TLS_ALPN: &str = "acme-tls/1";
@@ -78,6 +82,8 @@ pub struct AcmeState {
     pub challenges: Challenges,
     /// The last order of each certificate.
     pub orders: Orders,
+    /// When the CA's renewal window (ARI) says to renew each certificate.
+    pub windows: Mutex<BTreeMap<String, SystemTime>>,
 }
 
 /// How an order ended.
@@ -134,17 +140,23 @@ impl Orders {
     }
 }
 
-/// When `certificate` is due for its next order: `renew_before` ahead of
-/// its expiry, or now when its files are missing or unreadable.
-pub fn next_renewal(certificate: &CertificateConfig, config: &Config) -> Option<SystemTime> {
+/// When the certificate `name` is due for its next order: `renew_before`
+/// ahead of its expiry, or earlier if the CA's window (in `state`) says
+/// so; `None` while it has no certificate.
+pub fn next_renewal(
+    name: &str,
+    certificate: &CertificateConfig,
+    config: &Config,
+    state: &AcmeState,
+) -> Option<SystemTime> {
     let acme = certificate.acme.as_ref()?;
     let leaf = read_leaf(&config.resolve(&certificate.cert)).ok()?;
     let not_after = weir_attest::x509::not_after(&leaf).ok()?;
-    Some(
-        not_after
-            .checked_sub(acme.renew_before)
-            .unwrap_or(SystemTime::UNIX_EPOCH),
-    )
+    let by_age = not_after
+        .checked_sub(acme.renew_before)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let window = crate::sync::lock(&state.windows).get(name).copied();
+    Some(window.map_or(by_age, |at| at.min(by_age)))
 }
 
 /// The first certificate of the PEM chain at `cert`.
@@ -263,8 +275,10 @@ pub type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// challenges. Failures to share are the coordinator's to log; an order
 /// goes on without them.
 pub trait Coordinator: Send + Sync {
-    /// Asks to order `certificate` (due under `acme` on this node).
-    fn take<'a>(&'a self, certificate: &'a str, acme: &'a AcmeConfig) -> Boxed<'a, Taken>;
+    /// Asks to order `certificate`, due under `acme` on this node, which
+    /// has the chain `have` (PEM) if any: a certificate of the fleet's
+    /// other than `have` and not due is to be taken instead.
+    fn take<'a>(&'a self, certificate: &'a str, acme: &'a AcmeConfig, have: Option<&'a str>) -> Boxed<'a, Taken>;
     /// Ends an order taken: shares what it issued and how it went, and
     /// lets others order again.
     fn finish<'a>(&'a self, certificate: &'a str, issued: Option<&'a Issued>, last: &'a LastOrder) -> Boxed<'a, ()>;
@@ -283,7 +297,7 @@ pub trait Coordinator: Send + Sync {
 pub struct Local;
 
 impl Coordinator for Local {
-    fn take<'a>(&'a self, _: &'a str, _: &'a AcmeConfig) -> Boxed<'a, Taken> {
+    fn take<'a>(&'a self, _: &'a str, _: &'a AcmeConfig, _: Option<&'a str>) -> Boxed<'a, Taken> {
         Box::pin(async { Taken::Order })
     }
     fn finish<'a>(&'a self, _: &'a str, _: Option<&'a Issued>, _: &'a LastOrder) -> Boxed<'a, ()> {
@@ -336,104 +350,6 @@ pub trait Renewing: Send + Sync {
     fn current(&self) -> (Config, Arc<AcmeState>);
     /// Makes newly written certificates current.
     fn reload(&self) -> impl std::future::Future<Output = ()> + Send;
-}
-
-/// Keeps every ACME certificate of the gateway's config ordered and
-/// renewed, reloading the gateway after each issue; orders are recorded
-/// as made by `node`, and `fleet` says which node orders. Runs until
-/// dropped.
-pub async fn run(gateway: Arc<impl Renewing>, node: String, fleet: Arc<dyn Coordinator>) {
-    // Per certificate: when to try again after a failure, and the wait after that.
-    let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
-    // Per certificate another node orders: that node, said once.
-    let mut held_by: HashMap<String, String> = HashMap::new();
-    loop {
-        let (config, state) = gateway.current();
-        let config = &config;
-        let mut issued = false;
-        let mut soon = false;
-        for (name, certificate) in &config.certificates {
-            let Some(acme) = &certificate.acme else { continue };
-            if retry.get(name).is_some_and(|(at, _)| tokio::time::Instant::now() < *at) {
-                continue;
-            }
-            let (cert, key) = (config.resolve(&certificate.cert), config.resolve(&certificate.key));
-            let Some(reason) = needs_order(&cert, &key, acme) else {
-                continue;
-            };
-            match fleet.take(name, acme).await {
-                Taken::Order => {}
-                Taken::Held(holder) => {
-                    if held_by.get(name) != Some(&holder) {
-                        tracing::info!(
-                            certificate = name.as_str(),
-                            node = holder.as_str(),
-                            "another node is ordering the certificate"
-                        );
-                        held_by.insert(name.clone(), holder);
-                    }
-                    soon = true;
-                    continue;
-                }
-                Taken::Unavailable(error) => {
-                    tracing::warn!(certificate = name.as_str(), %error, "the fleet cannot be asked who orders; trying again");
-                    soon = true;
-                    continue;
-                }
-                Taken::Issued(shared, last) => {
-                    held_by.remove(name);
-                    match shared.write(certificate, config) {
-                        Ok(()) => {
-                            tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate taken from the fleet");
-                            issued = true;
-                        }
-                        Err(error) => {
-                            tracing::error!(certificate = name.as_str(), %error, "the fleet's certificate cannot be kept")
-                        }
-                    }
-                    if let Some(last) = last {
-                        state.orders.record(name, last, config);
-                    }
-                    continue;
-                }
-            }
-            held_by.remove(name);
-            tracing::info!(certificate = name.as_str(), domains = ?acme.domains, challenge = acme.challenge.as_str(), reason, "ordering a certificate over ACME");
-            let ordered = order(name, certificate, config, &state.challenges, &*fleet).await;
-            let last = LastOrder {
-                at: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                result: if ordered.is_ok() {
-                    OrderResult::Issued
-                } else {
-                    OrderResult::Failed
-                },
-                error: ordered.as_ref().err().map(ToString::to_string),
-                node: node.clone(),
-            };
-            state.orders.record(name, last.clone(), config);
-            fleet.finish(name, ordered.as_ref().ok(), &last).await;
-            match ordered {
-                Ok(_) => {
-                    tracing::info!(certificate = name.as_str(), file = %cert.display(), "certificate issued");
-                    retry.remove(name);
-                    issued = true;
-                }
-                Err(error) => {
-                    let wait = retry
-                        .get(name)
-                        .map_or(CHECK_EVERY, |(_, wait)| (*wait * 2).min(MAX_RETRY));
-                    tracing::error!(certificate = name.as_str(), %error, retry_in = ?wait, "ACME order failed");
-                    retry.insert(name.clone(), (tokio::time::Instant::now() + wait, wait));
-                }
-            }
-        }
-        if issued {
-            gateway.reload().await;
-        }
-        tokio::time::sleep(if soon { CHECK_HELD_EVERY } else { CHECK_EVERY }).await;
-    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::sign::CertifiedKey;
 
@@ -44,6 +44,14 @@ pub(crate) fn challenge_certificate(name: &str, digest: &[u8]) -> Result<Certifi
     Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
 }
 
+/// The client of `acme`'s CA, trusting `directory_ca` (or the system's roots).
+pub(super) fn builder(acme: &AcmeConfig, config: &Config) -> Result<instant_acme::AccountBuilder, instant_acme::Error> {
+    match &acme.directory_ca {
+        Some(roots) => Account::builder_with_root(config.resolve(roots)),
+        None => Account::builder(),
+    }
+}
+
 /// The account for `acme`: the fleet's (written to its credentials file),
 /// the file's, or one created at the CA, saved there and shared.
 async fn account(
@@ -53,10 +61,7 @@ async fn account(
     cert: &Path,
     fleet: &dyn Coordinator,
 ) -> Result<Account, AcmeError> {
-    let builder = || match &acme.directory_ca {
-        Some(roots) => Account::builder_with_root(config.resolve(roots)),
-        None => Account::builder(),
-    };
+    let builder = || builder(acme, config);
     let file = config.resolve(&acme.account_file(cert));
     let shared = fleet.account(name).await;
     if let Some(text) = &shared {
@@ -87,13 +92,15 @@ async fn account(
 /// (TLS-ALPN-01 through `challenges` and every node of the fleet, DNS-01
 /// through its `[dns.NAME]` provider), and writes it to its files.
 /// Whatever was published for the order is withdrawn however it ends, its
-/// timeout included.
+/// timeout included. A renewal the CA's window asked for names the
+/// certificate it `replaces`.
 pub async fn order(
     name: &str,
     certificate: &CertificateConfig,
     config: &Config,
     challenges: &Challenges,
     fleet: &dyn Coordinator,
+    replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<Issued, AcmeError> {
     let Some(acme) = &certificate.acme else {
         return Err(AcmeError::Order("not an ACME certificate".into()));
@@ -105,7 +112,15 @@ pub async fn order(
     let mut published = Vec::new();
     let ordered = tokio::time::timeout(
         ORDER_TIMEOUT,
-        issue(name, certificate, acme, config, challenges, fleet, &mut published),
+        issue(
+            name,
+            certificate,
+            acme,
+            config,
+            (challenges, fleet),
+            replaces,
+            &mut published,
+        ),
     )
     .await
     .unwrap_or_else(|_| Err(AcmeError::Order(format!("not done within {ORDER_TIMEOUT:?}"))));
@@ -133,13 +148,17 @@ async fn issue(
     certificate: &CertificateConfig,
     acme: &AcmeConfig,
     config: &Config,
-    challenges: &Challenges,
-    fleet: &dyn Coordinator,
+    (challenges, fleet): (&Challenges, &dyn Coordinator),
+    replaces: Option<CertificateIdentifier<'static>>,
     published: &mut Vec<dns::Txt>,
 ) -> Result<(String, String), AcmeError> {
     let account = account(name, acme, config, &certificate.cert, fleet).await?;
     let identifiers: Vec<Identifier> = acme.domains.iter().cloned().map(Identifier::Dns).collect();
-    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    let mut new = NewOrder::new(&identifiers);
+    if let Some(replaces) = replaces {
+        new = new.replaces(replaces);
+    }
+    let mut order = account.new_order(&new).await?;
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
         let mut authorization = authorization?;

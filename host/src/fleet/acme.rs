@@ -79,7 +79,7 @@ impl Node {
         Ok(answer.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    async fn take_order(&self, certificate: &str, acme: &AcmeConfig) -> Result<Taken, FleetError> {
+    async fn take_order(&self, certificate: &str, acme: &AcmeConfig, have: Option<&str>) -> Result<Taken, FleetError> {
         let Some(lease) = self.node_lease() else {
             return Ok(Taken::Unavailable("the node has no etcd lease yet".into()));
         };
@@ -113,13 +113,15 @@ impl Node {
             }
         }
         // Under the lock: a certificate another node issued since this
-        // node's files were written is taken, not ordered again.
+        // node's files were written is taken, not ordered again; the one
+        // this node has and found due is ordered anew.
         let issued = self
             .get_value(&self.keys.acme(certificate, "issued"))
             .await?
             .and_then(|value| serde_json::from_slice::<Issued>(&value).ok());
         if let Some(issued) = issued
             && issued.due(acme).is_none()
+            && have != Some(issued.chain.as_str())
         {
             let last = self
                 .get_value(&self.keys.acme(certificate, "last"))
@@ -351,9 +353,9 @@ impl Node {
 }
 
 impl Coordinator for Node {
-    fn take<'a>(&'a self, certificate: &'a str, acme: &'a AcmeConfig) -> Boxed<'a, Taken> {
+    fn take<'a>(&'a self, certificate: &'a str, acme: &'a AcmeConfig, have: Option<&'a str>) -> Boxed<'a, Taken> {
         Box::pin(async move {
-            self.take_order(certificate, acme)
+            self.take_order(certificate, acme, have)
                 .await
                 .unwrap_or_else(|e| Taken::Unavailable(e.to_string()))
         })
