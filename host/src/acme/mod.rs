@@ -5,7 +5,7 @@
 //! A `[certificates.NAME]` entry with `acme` names where the certificate is
 //! kept (`cert`, `key`). [`run`] looks at those files every minute; when one
 //! is missing, expires within `renew_before`, names other domains or is due
-//! by the CA's renewal window ([`ari`]), it orders a new certificate:
+//! by the CA's renewal window (ARI, RFC 9773), it orders a new certificate:
 //! for each name the CA sends a TLS connection offering only the ALPN
 //! protocol `acme-tls/1`, and the gateway answers it with a challenge
 //! certificate from [`Challenges`] instead of routing it. The issued chain
