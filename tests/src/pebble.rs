@@ -180,12 +180,23 @@ impl Pebble {
     /// The root Pebble issues under (made when it starts), as DER.
     pub fn root(&self) -> rustls::pki_types::CertificateDer<'static> {
         use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_slice(&self.root_pem()).expect("a PEM root")
+    }
+
+    /// That root as a PEM file in Pebble's directory (for `openssl -CAfile`).
+    pub fn root_file(&self) -> PathBuf {
+        let path = self.dir.path().join("root.pem");
+        std::fs::write(&path, self.root_pem()).expect("write");
+        path
+    }
+
+    fn root_pem(&self) -> Vec<u8> {
         let out = std::process::Command::new("curl")
             .args(["-sS", "--cacert", &self.https_ca().display().to_string()])
             .arg(format!("https://{}/roots/0", self.management))
             .output()
             .expect("curl runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        rustls::pki_types::CertificateDer::from_pem_slice(&out.stdout).expect("a PEM root")
+        out.stdout
     }
 }

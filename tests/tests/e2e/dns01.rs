@@ -57,6 +57,17 @@ async fn obtains_the_wildcard(bind: &Bind, dns: &str) {
             "{name}"
         );
     }
+    // openssl sees the issued chain, verified against Pebble's root.
+    let (stdout, stderr) = weir_tests::openssl_s_client(
+        weir.addr("public"),
+        "x.apps.test",
+        &pebble.root_file(),
+        &[],
+        "via openssl",
+    )
+    .await;
+    assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("upstream heard: via openssl"), "{stdout}\n{stderr}");
     let pem = std::fs::read(dir.path().join("acme/site.pem")).expect("issued");
     let leaf = rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
         .next()
