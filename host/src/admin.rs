@@ -167,6 +167,11 @@ async fn pools_api(
                 .await;
             applied(result, name, StatusCode::OK)
         }
+        (&Method::POST, [name, "backends", address, action @ ("drain" | "undrain")]) => {
+            let edit = PoolEdit::Drain(percent_decode(address), *action == "drain");
+            let result = gateway.edit_pool(name, edit).await;
+            applied(result, name, StatusCode::OK)
+        }
         (&Method::GET, [name]) => match gateway.snapshot().pool(name) {
             Some(pool) => json_reply(StatusCode::OK, &pool_json(pool)),
             None => error(StatusCode::NOT_FOUND, &format!("no pool named `{name}`")),
@@ -381,6 +386,7 @@ fn metrics_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
     let metrics = &crate::metrics::METRICS;
     let snapshot = gateway.snapshot();
     metrics.set_certificates(&snapshot.tls().certificate_status());
+    metrics.set_pools(snapshot.pools());
     let acme: Vec<_> = acme_status(&snapshot).into_iter().map(|entry| entry.status).collect();
     metrics.set_acme(&acme);
     metrics.set_plugins(crate::plugin::live_plugins(), crate::plugin::live_instances());

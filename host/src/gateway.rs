@@ -77,6 +77,9 @@ pub enum PoolEdit {
     AddServer(crate::config::ServerConfig),
     /// Remove the server with this address.
     RemoveServer(String),
+    /// Drain (`true`: no new connections, the open ones run to their end)
+    /// or undrain the server with this address.
+    Drain(String, bool),
     /// Remove the pool.
     Delete,
 }
@@ -113,6 +116,15 @@ impl PoolEdit {
                 if pool.servers.is_empty() {
                     return Err(PoolEditError::Conflict("a pool needs at least one server".into()));
                 }
+                Ok(Some(pool))
+            }
+            (PoolEdit::Drain(address, drain), Some(mut pool)) => {
+                let server = pool
+                    .servers
+                    .iter_mut()
+                    .find(|s| s.address() == address)
+                    .ok_or_else(|| PoolEditError::NotFound(format!("`{address}` is not in the pool")))?;
+                *server = server.draining(*drain);
                 Ok(Some(pool))
             }
             (_, None) => Err(PoolEditError::NotFound(format!("no pool named `{name}`"))),

@@ -176,12 +176,27 @@ pub struct Metrics {
     ocsp_next_update: Family<CertificateLabels, Gauge>,
     /// Whether an OCSP response is stapled now.
     ocsp_stapled: Family<CertificateLabels, Gauge>,
+    /// Pool servers passing their checks and not ejected.
+    pool_server_up: Family<PoolServerLabels, Gauge>,
+    /// Pool servers draining.
+    pool_server_draining: Family<PoolServerLabels, Gauge>,
+    /// Connections in progress per pool server.
+    pool_server_active: Family<PoolServerLabels, Gauge>,
     /// When each ACME certificate is due for its next order.
     acme_next_renewal: Family<CertificateLabels, Gauge>,
     /// When each ACME certificate's last order ended, by its result.
     acme_last_order: Family<AcmeOrderLabels, Gauge>,
     /// Route names with a series, for [`MAX_ROUTE_LABELS`].
     route_labels: RouteLabels,
+}
+
+/// One server of a pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolServerLabels {
+    /// The pool.
+    pub pool: LabelValue,
+    /// The server's `host:port`.
+    pub server: LabelValue,
 }
 
 /// An ACME certificate's last order.
@@ -251,6 +266,9 @@ impl Metrics {
             certificate_not_after: Family::<CertificateLabels, Gauge>::default(),
             ocsp_next_update: Family::<CertificateLabels, Gauge>::default(),
             ocsp_stapled: Family::<CertificateLabels, Gauge>::default(),
+            pool_server_up: Family::<PoolServerLabels, Gauge>::default(),
+            pool_server_draining: Family::<PoolServerLabels, Gauge>::default(),
+            pool_server_active: Family::<PoolServerLabels, Gauge>::default(),
             acme_next_renewal: Family::<CertificateLabels, Gauge>::default(),
             acme_last_order: Family::<AcmeOrderLabels, Gauge>::default(),
             route_labels: RouteLabels::default(),
@@ -330,6 +348,21 @@ impl Metrics {
             "certificate_ocsp_stapled",
             "1 while an OCSP response is stapled to the certificate's handshakes",
             self.ocsp_stapled.clone(),
+        );
+        registry.register(
+            "pool_server_up",
+            "1 while a pool's server passes its health checks and is not ejected",
+            self.pool_server_up.clone(),
+        );
+        registry.register(
+            "pool_server_draining",
+            "1 while a pool's server is draining: no new connections, the open ones run to their end",
+            self.pool_server_draining.clone(),
+        );
+        registry.register(
+            "pool_server_active_connections",
+            "Connections in progress to each pool server",
+            self.pool_server_active.clone(),
         );
         registry.register(
             "acme_next_renewal_timestamp_seconds",
@@ -493,6 +526,33 @@ impl Metrics {
             self.ocsp_stapled
                 .get_or_create(&labels)
                 .set(i64::from(status.ocsp_stapled));
+        }
+    }
+
+    /// Sets the pool server gauges to `pools`' servers, dropping any other
+    /// series.
+    pub fn set_pools(&self, pools: &std::collections::BTreeMap<String, std::sync::Arc<crate::pool::Pool>>) {
+        self.pool_server_up.clear();
+        self.pool_server_draining.clear();
+        self.pool_server_active.clear();
+        for (name, pool) in pools {
+            for backend in pool.backends() {
+                let stats = backend.stats();
+                let labels = PoolServerLabels {
+                    pool: name.as_str().into(),
+                    server: stats.address.as_str().into(),
+                };
+                let flag = |on: bool| i64::from(on);
+                self.pool_server_up
+                    .get_or_create(&labels)
+                    .set(flag(stats.healthy && !stats.ejected));
+                self.pool_server_draining
+                    .get_or_create(&labels)
+                    .set(flag(stats.draining));
+                self.pool_server_active
+                    .get_or_create(&labels)
+                    .set(i64::try_from(stats.active).unwrap_or(i64::MAX));
+            }
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Backend {
     /// Its weight under the `weighted` policy.
     pub weight: u32,
     healthy: AtomicBool,
+    /// Draining: offered to no new connection (set from the config).
+    draining: AtomicBool,
     /// Milliseconds since `EPOCH` until which passive ejection skips it.
     ejected_until: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -59,6 +61,7 @@ impl Backend {
             addr,
             weight,
             healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             streak_up: AtomicU32::new(0),
@@ -71,10 +74,17 @@ impl Backend {
         }
     }
 
-    /// Whether new connections should go here: health checks pass and it is
-    /// not ejected.
+    /// Whether new connections should go here: health checks pass, it is
+    /// not ejected and not draining.
     pub fn available(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+            && !self.draining()
+    }
+
+    /// Whether it is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Records a successful connect.
@@ -125,6 +135,7 @@ impl Backend {
             weight: self.weight,
             healthy: self.healthy.load(Ordering::Relaxed),
             ejected: self.ejected_until.load(Ordering::Relaxed) > now_ms(),
+            draining: self.draining(),
             active: self.active.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
@@ -145,6 +156,8 @@ pub struct BackendStats {
     pub healthy: bool,
     /// Skipped after connect failures.
     pub ejected: bool,
+    /// Draining: no new connections.
+    pub draining: bool,
     /// Connections in progress.
     pub active: usize,
     /// Connections made.
@@ -211,7 +224,9 @@ impl Pool {
                             .find(|b| b.addr == addr && b.weight == server.weight())
                     })
                     .cloned();
-                Some(kept.unwrap_or_else(|| Arc::new(Backend::new(addr, server.weight()))))
+                let backend = kept.unwrap_or_else(|| Arc::new(Backend::new(addr, server.weight())));
+                backend.draining.store(server.drain(), Ordering::Relaxed);
+                Some(backend)
             })
             .collect::<Vec<_>>();
         let current = Mutex::new(vec![0; backends.len()]);
@@ -231,7 +246,8 @@ impl Pool {
     }
 
     /// The servers in the order to try them for a new connection, at most
-    /// `max_attempts`.
+    /// `max_attempts`; never one that is draining (none at all when every
+    /// server drains).
     pub fn candidates(&self) -> Vec<Arc<Backend>> {
         let n = self.backends.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
@@ -260,7 +276,7 @@ impl Pool {
             .collect();
         ordered.extend(
             rotation
-                .filter(|&i| !self.backends[i].available())
+                .filter(|&i| !self.backends[i].available() && !self.backends[i].draining())
                 .map(|i| Arc::clone(&self.backends[i])),
         );
         ordered.truncate(self.config.max_attempts.unwrap_or(n).max(1));
@@ -398,6 +414,7 @@ mod tests {
             .map(|(i, w)| ServerConfig::Weighted {
                 address: format!("10.0.0.{}:80", i + 1),
                 weight: *w,
+                drain: false,
             })
             .collect();
         let config = PoolConfig {
@@ -497,5 +514,31 @@ mod tests {
     fn escapes_in_health_strings() {
         assert_eq!(unescape("PING\\r\\n"), b"PING\r\n");
         assert_eq!(unescape("a\\\\b\\x"), b"a\\b\\x");
+    }
+
+    #[test]
+    fn a_draining_server_is_offered_to_no_new_connection() {
+        let mut config = pool(Policy::RoundRobin, &[1, 1]).config;
+        config.servers[0] = config.servers[0].draining(true);
+        let drained = Pool::new("p", &config, None);
+        for _ in 0..4 {
+            let offered: Vec<String> = drained.candidates().iter().map(|b| b.addr.to_string()).collect();
+            assert_eq!(offered, ["10.0.0.2:80"]);
+        }
+        // Even with the other server down, the draining one is not tried.
+        drained.backends()[1].healthy.store(false, Ordering::Relaxed);
+        let offered: Vec<String> = drained.candidates().iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(offered, ["10.0.0.2:80"]);
+        // Undrained (a new config), the kept backend is offered again.
+        let mut undrained = config.clone();
+        undrained.servers[0] = undrained.servers[0].draining(false);
+        let undrained = Pool::new("p", &undrained, Some(&drained));
+        assert!(
+            undrained
+                .candidates()
+                .iter()
+                .any(|b| b.addr.to_string() == "10.0.0.1:80")
+        );
+        assert!(!undrained.backends()[0].draining());
     }
 }

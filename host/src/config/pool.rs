@@ -11,7 +11,8 @@ use super::defaults;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Servers: `"host:port"`, or `{ address = "host:port", weight = 3 }`.
+    /// Servers: `"host:port"`, or `{ address = "host:port", weight = 3,
+    /// drain = true }`.
     pub servers: Vec<ServerConfig>,
     /// How the first server to try is picked.
     #[serde(default)]
@@ -36,13 +37,16 @@ pub struct PoolConfig {
 pub enum ServerConfig {
     /// `"host:port"`, weight 1.
     Address(String),
-    /// `{ address = "host:port", weight = N }`.
+    /// `{ address = "host:port", weight = N, drain = false }`.
     Weighted {
         /// `host:port`.
         address: String,
         /// Relative share under the `weighted` policy (1 to 1000).
         #[serde(default = "defaults::weight")]
         weight: u32,
+        /// Draining: no new connections, those open run to their end.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        drain: bool,
     },
 }
 
@@ -59,6 +63,20 @@ impl ServerConfig {
         match self {
             ServerConfig::Address(_) => 1,
             ServerConfig::Weighted { weight, .. } => *weight,
+        }
+    }
+
+    /// Whether it is draining.
+    pub fn drain(&self) -> bool {
+        matches!(self, ServerConfig::Weighted { drain: true, .. })
+    }
+
+    /// The same server, draining or not.
+    pub fn draining(&self, drain: bool) -> ServerConfig {
+        ServerConfig::Weighted {
+            address: self.address().to_owned(),
+            weight: self.weight(),
+            drain,
         }
     }
 }

@@ -136,6 +136,9 @@ pub(crate) async fn connect(
         },
         (_, None) => return Err("no upstream".into()),
     };
+    if candidates.is_empty() {
+        return Err("every server of the pool is draining".into());
+    }
     let mut failures = Vec::new();
     for (server, backend) in candidates {
         // Never weir itself: a loop, or the admin API for anyone.

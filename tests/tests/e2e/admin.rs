@@ -367,3 +367,96 @@ async fn the_admin_api_refuses_pages_and_loses_no_update() {
     assert_eq!(http_json(&admin, "DELETE", "/api/pools/spare", "").await.0, 404);
     weir.child.kill().await.expect("stop");
 }
+
+/// A drained server gets no new connection while the one it has keeps
+/// flowing to its end; the drain is kept across a reload, shown in
+/// `/api/pools` and the metrics, and undone by undrain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_server_takes_no_new_connections_and_finishes_its_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let servers = [
+        Upstream::tcp(weir_tests::echo).await,
+        Upstream::tcp(weir_tests::echo).await,
+    ];
+    let text = format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        protocol = "plain"
+        plugins = ["router"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.no_sni = {{ pool = "p" }}
+
+        [pools.p]
+        servers = ["{}", "{}"]
+
+        [reload]
+        watch = false
+
+        [admin]
+        bind = "127.0.0.1:0"
+        "#,
+        servers[0].addr, servers[1].addr
+    );
+    let config = write_config(dir.path(), &text);
+    let mut weir = WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let public = weir.addr("public");
+    let whole = weir_tests::pattern(64 * 1024, 3);
+    let mut held = TcpStream::connect(public).await.expect("connect");
+    held.write_all(&whole[..32 * 1024]).await.expect("first half");
+    let started = std::time::Instant::now();
+    while servers.iter().map(Upstream::accepted).sum::<usize>() < 1 {
+        assert!(started.elapsed() < weir_tests::STEP, "never connected");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let drained = usize::from(servers[1].accepted() == 1);
+    let other = 1 - drained;
+    let address = servers[drained].addr.to_string();
+
+    let path = format!("/api/pools/p/backends/{address}/drain");
+    let (status, body) = http_json(&admin, "POST", &path, "").await;
+    assert_eq!(status, 200, "{body}");
+    let pool: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let shown = |pool: &serde_json::Value, address: &str| {
+        pool["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == address))
+            .map(|b| b["draining"].clone())
+    };
+    assert_eq!(shown(&pool, &address), Some(serde_json::json!(true)), "{body}");
+    // Kept across a reload of the file.
+    let (status, report) = http(&admin, "POST", "/api/reload", None).await;
+    assert_eq!(status, 200, "{report}");
+    for n in 0..4 {
+        let mut client = TcpStream::connect(public).await.expect("connect");
+        assert!(weir_tests::echoes(&mut client, format!("new {n}\n").as_bytes()).await);
+    }
+    assert_eq!(servers[drained].accepted(), 1, "a drained server took a new connection");
+    assert_eq!(servers[other].accepted(), 4);
+    let (_, metrics) = http(&admin, "GET", "/metrics", None).await;
+    let series = format!("weir_pool_server_draining{{pool=\"p\",server=\"{address}\"}} 1");
+    assert!(metrics.contains(&series), "missing `{series}` in:\n{metrics}");
+    let series = format!("weir_pool_server_active_connections{{pool=\"p\",server=\"{address}\"}} 1");
+    assert!(metrics.contains(&series), "missing `{series}` in:\n{metrics}");
+
+    // The held connection runs to its end, byte for byte.
+    held.write_all(&whole[32 * 1024..]).await.expect("second half");
+    held.shutdown().await.expect("half-close");
+    let back = weir_tests::read_to_end(&mut held).await.expect("echo");
+    assert!(back == whole, "the drained server's connection lost bytes");
+
+    let path = format!("/api/pools/p/backends/{address}/undrain");
+    let (status, body) = http_json(&admin, "POST", &path, "").await;
+    assert_eq!(status, 200, "{body}");
+    for n in 0..4 {
+        let mut client = TcpStream::connect(public).await.expect("connect");
+        assert!(weir_tests::echoes(&mut client, format!("again {n}\n").as_bytes()).await);
+    }
+    assert!(servers[drained].accepted() > 1, "undrained, it gets connections again");
+    let (status, body) = http_json(&admin, "POST", "/api/pools/p/backends/10.9.9.9:1/drain", "").await;
+    assert_eq!(status, 404, "{body}");
+    weir.child.kill().await.expect("stop");
+}
