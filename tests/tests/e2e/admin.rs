@@ -378,28 +378,9 @@ async fn a_drained_server_takes_no_new_connections_and_finishes_its_own() {
         Upstream::tcp(weir_tests::echo).await,
         Upstream::tcp(weir_tests::echo).await,
     ];
-    let text = format!(
-        r#"
-        [listeners.public]
-        bind = "127.0.0.1:0"
-        protocol = "plain"
-        plugins = ["router"]
-
-        [plugins.router]
-        wasm = "{{static_router}}"
-        config.no_sni = {{ pool = "p" }}
-
-        [pools.p]
-        servers = ["{}", "{}"]
-
-        [reload]
-        watch = false
-
-        [admin]
-        bind = "127.0.0.1:0"
-        "#,
-        servers[0].addr, servers[1].addr
-    );
+    let servers_list = format!("\"{}\", \"{}\"", servers[0].addr, servers[1].addr);
+    let extra = "[reload]\nwatch = false\n\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let text = weir_tests::plain_pool_config("p", &servers_list, extra);
     let config = write_config(dir.path(), &text);
     let mut weir = WeirProcess::spawn(&config).await;
     let admin = weir.admin_addr().await;
