@@ -323,6 +323,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
             return pools_api(request, gateway, &method, &path).await;
         }
         (&Method::GET, "/api/connections") => connections_reply(gateway),
+        (&Method::POST, "/api/route") => route_reply(request, gateway).await,
         (&Method::GET, "/api/reload") => json_reply(StatusCode::OK, &json!(gateway.reload_status().await)),
         (&Method::GET, "/api/fleet") => match gateway.fleet_status().await {
             Some(status) => json_reply(StatusCode::OK, &status),
@@ -339,7 +340,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
         (
             _,
             "/metrics" | "/api/plugins" | "/api/routes" | "/api/certificates" | "/api/tenants" | "/api/connections"
-            | "/api/reload" | "/api/fleet",
+            | "/api/reload" | "/api/fleet" | "/api/route",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
@@ -395,6 +396,26 @@ fn metrics_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
         metrics.encode(),
     )
+}
+
+/// A dry run of a listener's chain (what `weir route` does), on the
+/// running config: the report, and its explanation in words.
+async fn route_reply(request: Request<Incoming>, gateway: &Gateway) -> Response<Full<Bytes>> {
+    let query: crate::dryrun::Query = match body_json(request).await {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
+    let snapshot = gateway.snapshot();
+    match crate::dryrun::run(&snapshot, &query).await {
+        Ok(dry) => {
+            let mut report = dry.report();
+            if let Some(fields) = report.as_object_mut() {
+                fields.insert("explanation".into(), json!(dry.explanation()));
+            }
+            json_reply(StatusCode::OK, &report)
+        }
+        Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason),
+    }
 }
 
 /// Certificates loaded, and ACME certificates not issued yet.

@@ -24,6 +24,7 @@ pub mod addr;
 pub mod admin;
 pub mod config;
 mod conn;
+pub mod dryrun;
 pub mod fleet;
 pub mod gateway;
 pub mod heap;

@@ -1,19 +1,14 @@
 //! The `weir` command: run the gateway, check a config, or ask a listener's
 //! plugin chain how it would route a connection.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use weir::plugin::chain::Routing;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
 use weir::plugin::Runtime;
-use weir::wit;
 use weir::{Config, Gateway, Snapshot};
-use weir_plugin_sdk::names;
 
 mod fleet_cmd;
 
@@ -373,26 +368,6 @@ fn raise_descriptor_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// What `weir route` prints.
-#[derive(Serialize)]
-struct RouteReport<'a> {
-    listener: &'a str,
-    connection: ConnectionReport<'a>,
-    #[serde(flatten)]
-    routing: &'a Routing,
-}
-
-#[derive(Serialize)]
-struct ConnectionReport<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<&'a str>,
-    client_addr: &'a str,
-    local_addr: &'a str,
-    protocol: &'static str,
-    sni: Option<&'a str>,
-    alpn: &'a [String],
-}
-
 fn route(args: RouteArgs) -> anyhow::Result<()> {
     let RouteArgs {
         config: path,
@@ -404,7 +379,6 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
         explain,
         no_cache,
     } = args;
-    let (listener_name, client_ip) = (listener.as_str(), client_ip.as_str());
     // Warnings (a cache entry compiled again, a certificate about to expire)
     // go to stderr; the decision alone goes to stdout.
     init_logging()?;
@@ -412,163 +386,24 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
         return fleet_cmd::check_node_file(&path);
     }
     let snapshot = build_snapshot(&path, no_cache)?;
-    let Some(listener) = snapshot.listener(listener_name) else {
-        let known: Vec<&str> = snapshot.config.listeners.keys().map(String::as_str).collect();
-        bail!(
-            "no listener named `{listener_name}` (the config has: {})",
-            known.join(", ")
-        );
-    };
-    let sni = sni
-        .map(|name| names::canonicalize(name.as_bytes()).with_context(|| format!("--sni {name:?}")))
-        .transpose()?;
-    let client_addr = match client_ip.parse::<SocketAddr>() {
-        Ok(addr) => addr,
-        Err(_) => SocketAddr::new(
-            client_ip
-                .parse::<IpAddr>()
-                .with_context(|| format!("--client-ip {client_ip:?} is not an IP address"))?,
-            0,
-        ),
-    };
-    let (protocol, protocol_name) = match protocol {
-        ProtocolArg::Tls => (wit::Protocol::Tls, "tls"),
-        ProtocolArg::PostgresTls => (wit::Protocol::PostgresTls, "postgres-tls"),
-        ProtocolArg::Plain => (wit::Protocol::Plain, "plain"),
-    };
-    let conn = wit::Connection {
-        id: 0,
-        listener: listener_name.to_owned(),
-        tenant: None,
-        client_addr: client_addr.to_string(),
-        local_addr: listener.config.bind.to_string(),
-        protocol,
+    let query = weir::dryrun::Query {
+        listener,
         sni,
         alpn,
-        tls_versions: if protocol == wit::Protocol::Plain {
-            Vec::new()
-        } else {
-            vec![0x0304, 0x0303]
+        client_ip,
+        protocol: match protocol {
+            ProtocolArg::Tls => weir::dryrun::Protocol::Tls,
+            ProtocolArg::PostgresTls => weir::dryrun::Protocol::PostgresTls,
+            ProtocolArg::Plain => weir::dryrun::Protocol::Plain,
         },
     };
-    let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
-    let mut conn = conn;
-    conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
-    let routing = futures_executor::block_on(snapshot.route(listener, tenant.as_deref(), &conn));
+    let dry = futures_executor::block_on(weir::dryrun::run(&snapshot, &query)).map_err(anyhow::Error::msg)?;
     if explain {
-        print!("{}", explanation(&conn, protocol_name, &routing));
-        return Ok(());
+        print!("{}", dry.explanation());
+    } else {
+        println!("{}", serde_json::to_string(&dry.report())?);
     }
-    let report = RouteReport {
-        listener: listener_name,
-        connection: ConnectionReport {
-            tenant: conn.tenant.as_deref(),
-            client_addr: &conn.client_addr,
-            local_addr: &conn.local_addr,
-            protocol: protocol_name,
-            sni: conn.sni.as_deref(),
-            alpn: &conn.alpn,
-        },
-        routing: &routing,
-    };
-    println!("{}", serde_json::to_string(&report)?);
     Ok(())
-}
-
-/// `weir route --explain`: the chain's work in words.
-fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> String {
-    use std::fmt::Write as _;
-    use weir::config::OnError;
-    use weir::plugin::chain::StepOutcome;
-    let mut out = String::new();
-    let sni = conn.sni.as_deref().unwrap_or("(none)");
-    let _ = writeln!(
-        out,
-        "connection: {protocol}, SNI {sni}, ALPN [{}], from {}, on listener `{}`",
-        conn.alpn.join(", "),
-        conn.client_addr,
-        conn.listener
-    );
-    match &conn.tenant {
-        Some(tenant) => {
-            let _ = writeln!(out, "tenant: `{tenant}` owns this name, so its chain decides");
-        }
-        None => {
-            let _ = writeln!(out, "tenant: none, so the listener's chain decides");
-        }
-    }
-    for (i, step) in routing.steps.iter().enumerate() {
-        let what = match &step.outcome {
-            StepOutcome::Next => "abstained (next)".to_owned(),
-            StepOutcome::Decided => format!("decided: rule `{}`", routing.decision.route),
-            StepOutcome::Failed { error, on_error } => {
-                let then = match on_error {
-                    OnError::Deny => "on_error = deny, so the connection is refused",
-                    OnError::Next => "on_error = next, so it is skipped",
-                };
-                format!("failed: {error}; {then}")
-            }
-        };
-        let _ = writeln!(out, "  {}. plugin `{}` {what} ({} µs)", i + 1, step.plugin, step.micros);
-    }
-    let why = match &routing.plugin {
-        Some(plugin) => format!("by plugin `{plugin}`, rule `{}`", routing.decision.route),
-        None => "no plugin decided (`no-route`)".to_owned(),
-    };
-    let _ = writeln!(out, "decision: {} — {why}", describe_action(&routing.decision.action));
-    out
-}
-
-fn describe_target(target: &weir::plugin::decision::Target) -> String {
-    use weir::plugin::decision::Upstream;
-    let to = match &target.upstream {
-        Upstream::Pool(pool) => format!("pool `{pool}`"),
-        Upstream::PoolOnPort(pool, port) => format!("pool `{pool}` on port {port}"),
-        Upstream::Address(addr) => addr.to_string(),
-    };
-    match target.proxy_protocol {
-        Some(version) => format!("{to}, with a PROXY v{version} header"),
-        None => to,
-    }
-}
-
-fn describe_action(action: &weir::plugin::decision::Action) -> String {
-    use weir::plugin::decision::{Action, After, ClientAuth};
-    match action {
-        Action::Passthrough(target) => format!("pass through untouched to {}", describe_target(target)),
-        Action::Reject(reason) => format!("reject ({reason:?})"),
-        Action::Terminate(t) => {
-            let certificate = match &t.certificate {
-                Some(name) => format!("certificate `{name}`"),
-                None => "the certificate chosen by SNI".to_owned(),
-            };
-            let client = match &t.client_auth {
-                ClientAuth::None => String::new(),
-                ClientAuth::Optional(ca) => format!(", client certificates optional (CA `{ca}`)"),
-                ClientAuth::Required(ca) => format!(", client certificates required (CA `{ca}`)"),
-                ClientAuth::Attested => ", RA-TLS client certificates required".to_owned(),
-            };
-            let alpn = match t.alpn.is_empty() {
-                true => String::new(),
-                false => format!(", ALPN [{}]", t.alpn.join(", ")),
-            };
-            let then = match &t.then {
-                After::Plain(target) => format!("then plain to {}", describe_target(target)),
-                After::Reencrypt(target, tls) => {
-                    let verify = match (&tls.ca, tls.attested) {
-                        (_, true) => "its RA-TLS attestation".to_owned(),
-                        (Some(ca), false) => format!("CA `{ca}`"),
-                        (None, false) => "the system roots".to_owned(),
-                    };
-                    format!(
-                        "then re-encrypted to {} (verified by {verify})",
-                        describe_target(target)
-                    )
-                }
-            };
-            format!("terminate TLS with {certificate}{client}{alpn}, {then}")
-        }
-    }
 }
 
 fn new_plugin(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {

@@ -673,3 +673,84 @@ fn route_judges_a_name_starting_with_a_dash_itself() {
     assert!(!stderr.contains("unexpected argument"), "{stderr}");
     assert!(stderr.contains("-80.example.com"), "{stderr}");
 }
+
+/// Per-call timings, which differ between two runs: `micros` in the JSON,
+/// `(N µs)` in the explanation.
+fn without_timings(mut report: serde_json::Value) -> serde_json::Value {
+    if let Some(steps) = report["steps"].as_array_mut() {
+        for step in steps {
+            step.as_object_mut().map(|s| s.remove("micros"));
+        }
+    }
+    report
+}
+
+fn explanation_without_timings(text: &str) -> String {
+    text.lines()
+        .map(|line| match line.rfind(" (") {
+            Some(at) if line.ends_with(" µs)") => &line[..at],
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `POST /api/route` answers what `weir route` prints for the same
+/// connection, decision and explanation alike, on the running config; a
+/// hostile query is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_routes_as_weir_route_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = format!("{ROUTER}\n[admin]\nbind = \"127.0.0.1:0\"\n");
+    let config = config_file(dir.path(), &toml);
+    let mut gateway = weir_tests::WeirProcess::spawn(Path::new(&config)).await;
+    let admin = gateway.admin_addr().await;
+    let cases: [(&[&str], serde_json::Value); 3] = [
+        (
+            &["--sni", "App.Test.", "--alpn", "h2,http/1.1", "--client-ip", "10.1.2.3"],
+            serde_json::json!({"listener": "public", "sni": "App.Test.", "alpn": ["h2", "http/1.1"], "client_ip": "10.1.2.3"}),
+        ),
+        (
+            &["--sni", "v2.api.test", "--protocol", "plain"],
+            serde_json::json!({"listener": "public", "sni": "v2.api.test", "protocol": "plain"}),
+        ),
+        (&[], serde_json::json!({"listener": "public"})),
+    ];
+    for (args, body) in cases {
+        let printed = route(&config, args);
+        let (status, answered) = weir_tests::admin_request(&admin, "POST", "/api/route", None, &body.to_string()).await;
+        assert_eq!(status, 200, "{answered}");
+        let mut answered: serde_json::Value = serde_json::from_str(&answered).expect("JSON");
+        let explained = answered
+            .as_object_mut()
+            .and_then(|a| a.remove("explanation"))
+            .and_then(|e| e.as_str().map(str::to_owned))
+            .expect("an explanation");
+        assert_eq!(without_timings(answered), without_timings(printed), "{body}");
+        let mut all = vec!["route", "--config", &config, "--listener", "public", "--explain"];
+        all.extend_from_slice(args);
+        let out = weir(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            explanation_without_timings(&explained),
+            explanation_without_timings(&text(&out.stdout)),
+            "{body}"
+        );
+    }
+    for (body, status, says) in [
+        (r#"{"listener": "nope"}"#, 422, "no listener named `nope`"),
+        (r#"{"listener": "public", "sni": "<script>.test"}"#, 422, "sni"),
+        (
+            r#"{"listener": "public", "client_ip": "x"}"#,
+            422,
+            "is not an IP address",
+        ),
+        (r#"{"listener": "public", "extra": 1}"#, 400, "unknown field"),
+        ("[1]", 400, "invalid JSON"),
+    ] {
+        let (got, answer) = weir_tests::admin_request(&admin, "POST", "/api/route", None, body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    gateway.child.kill().await.expect("stop");
+}
