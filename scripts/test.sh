@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests run: the openssl and curl clients, PostgreSQL 15
-# (server and psql), Pebble, BIND 9 (named, tsig-keygen; dig and nsupdate)
-# and etcd 3.4 (server and etcdctl); python3 to
+# (server and psql), Pebble, BIND 9 (named, tsig-keygen; dig and nsupdate),
+# Chromium with chromedriver, and etcd 3.4 (server and etcdctl); python3 to
 # build the Python example plugin, protoc for etcd-client's build. Debian
 # package names; only what is missing is installed.
 missing=()
@@ -22,6 +22,9 @@ command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || mis
 # BIND 9, the authoritative server DNS-01 records are published to.
 [ -x /usr/sbin/named ] && [ -x /usr/sbin/tsig-keygen ] || missing+=(bind9)
 command -v dig >/dev/null && command -v nsupdate >/dev/null || missing+=(bind9-dnsutils)
+# Chromium and its WebDriver server, the dashboard test's browser.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 # etcd, the store fleet mode shares one configuration through.
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)

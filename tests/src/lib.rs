@@ -58,6 +58,7 @@ pub fn weir_binary() -> PathBuf {
 
 pub use weir_testdata::read as testdata;
 
+pub mod browser;
 pub mod dns;
 pub mod etcd;
 pub mod pebble;

@@ -129,6 +129,9 @@ pub struct Config {
     /// directory.
     #[serde(skip)]
     pub path: PathBuf,
+    /// The SHA-256 of the text it was parsed from, hex.
+    #[serde(skip)]
+    pub sha256: String,
 }
 
 /// What a listener expects its clients to send first.
@@ -525,6 +528,8 @@ impl Config {
             error,
         })?;
         config.path = path.to_owned();
+        config.sha256 =
+            weir_plugin_sdk::hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
         config.check()?;
         let resolved: Vec<(String, PathBuf)> = config
             .plugins

@@ -11,6 +11,7 @@ mod adversarial;
 mod attestation;
 mod cache;
 mod cli;
+mod dashboard;
 mod dns01;
 mod dstack;
 mod example_plugins;

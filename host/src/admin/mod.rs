@@ -1,4 +1,5 @@
-//! The admin HTTP server: Prometheus metrics, JSON status, and reloads.
+//! The admin HTTP server: Prometheus metrics, JSON status, reloads, pool
+//! changes, and the dashboard.
 //! Off unless the config has an `[admin]` section; loopback by default;
 //! with a token, every request must carry it as a bearer token.
 //!
@@ -14,7 +15,11 @@
 //! | `DELETE /api/pools/{name}` | removes a pool (refused while the config names it) |
 //! | `POST /api/pools/{name}/backends` | adds a server: `{"address": "host:port", "weight": 1}` |
 //! | `DELETE /api/pools/{name}/backends/{address}` | removes a server |
+//! | `POST /api/pools/{name}/backends/{address}/drain`, `…/undrain` | drains or undrains a server |
 //! | `GET /api/connections` | active and total connections by listener |
+//! | `POST /api/route` | a dry run of a chain, as `weir route` does |
+//! | `GET /api/overview` | version, uptime, the config in use, active connections, the last reload |
+//! | `GET /`, `/dashboard.js`, `/dashboard.css` | the dashboard, without the token |
 //! | `GET /api/reload` | reload counts and the latest reload |
 //! | `POST /api/reload` | reloads now; 200 with the report, or 422 with the error |
 //!
@@ -34,6 +39,8 @@ use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
 
+mod dashboard;
+
 /// Starts the admin server; returns its address and task.
 pub async fn serve(
     gateway: Arc<Gateway>,
@@ -42,6 +49,7 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
+    std::sync::LazyLock::force(&dashboard::STARTED);
     let token: Option<Arc<Token>> = token.map(|t| Arc::new(Token::new(&t)));
     let own = crate::own::OwnAddress::register(addr);
     let task = tokio::spawn(async move {
@@ -68,11 +76,30 @@ pub async fn serve(
     Ok((addr, task))
 }
 
+/// What every answer carries: no sniffing, no framing, no referrer, no
+/// caching, and a policy that lets a page run only the dashboard's own
+/// script and style sheet and talk only to this server.
+const SECURITY_HEADERS: [(&str, &str); 5] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+];
+
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    let headers = response.headers_mut();
     if let Ok(value) = content_type.parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        headers.insert(hyper::header::CONTENT_TYPE, value);
+    }
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, hyper::header::HeaderValue::from_static(value));
     }
     response
 }
@@ -298,6 +325,13 @@ impl Token {
 }
 
 async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&Token>) -> Response<Full<Bytes>> {
+    // The dashboard's page, script and style sheet hold no data: served to
+    // anyone, they ask for the token themselves.
+    if matches!(*request.method(), Method::GET | Method::HEAD)
+        && let Some(asset) = dashboard::asset(request.uri().path())
+    {
+        return asset;
+    }
     if let Some(token) = token {
         let presented = request
             .headers()
@@ -323,6 +357,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
             return pools_api(request, gateway, &method, &path).await;
         }
         (&Method::GET, "/api/connections") => connections_reply(gateway),
+        (&Method::GET, "/api/overview") => dashboard::overview(gateway).await,
         (&Method::POST, "/api/route") => route_reply(request, gateway).await,
         (&Method::GET, "/api/reload") => json_reply(StatusCode::OK, &json!(gateway.reload_status().await)),
         (&Method::GET, "/api/fleet") => match gateway.fleet_status().await {
@@ -340,7 +375,7 @@ async fn answer(request: Request<Incoming>, gateway: &Gateway, token: Option<&To
         (
             _,
             "/metrics" | "/api/plugins" | "/api/routes" | "/api/certificates" | "/api/tenants" | "/api/connections"
-            | "/api/reload" | "/api/fleet" | "/api/route",
+            | "/api/reload" | "/api/fleet" | "/api/route" | "/api/overview",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }

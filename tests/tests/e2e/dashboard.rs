@@ -1,0 +1,254 @@
+//! The dashboard in a real headless browser (Debian's chromium, driven by
+//! chromedriver over WebDriver): what it shows matches the admin API, it
+//! follows a server going down without a reload, a server removed through
+//! it gets no more connections, a wrong token changes nothing, a plugin's
+//! reason with markup in it is shown as text. Screenshots of each section
+//! are saved under `target/test-output/dashboard/`.
+
+use std::path::PathBuf;
+
+use fantoccini::Locator;
+use weir_tests::browser::Browser;
+use weir_tests::{Pki, Upstream, WeirProcess, admin_request, answer_with, tls_exchange, toml_path, write_config};
+
+const TOKEN: &str = "dashboard-token";
+
+fn output_dir() -> PathBuf {
+    let dir = weir_tests::workspace().join("target/test-output/dashboard");
+    std::fs::create_dir_all(&dir).expect("output dir");
+    dir
+}
+
+async fn api(admin: &str, path: &str) -> serde_json::Value {
+    let (status, body) = admin_request(admin, "GET", path, Some(TOKEN), "").await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("dashboard test CA");
+    let (cert, key) = pki.server(&["app.test"]).write(dir.path(), "site");
+    let servers = [
+        Upstream::tcp(|s| answer_with(s, " (a)".into())).await,
+        Upstream::tcp(|s| answer_with(s, " (b)".into())).await,
+        Upstream::tcp(|s| answer_with(s, " (c)".into())).await,
+    ];
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."app.test" = {{ pool = "p", terminate = {{ certificate = "site" }} }}
+            config.routes."evil.test" = {{ reject = "<b id=\"injected\">x</b><script>window.pwned = 1</script>" }}
+
+            [pools.p]
+            servers = ["{}", "{}", "{}"]
+            health = {{ interval = "200ms", timeout = "200ms", rise = 1, fall = 2 }}
+
+            [certificates.site]
+            cert = {cert}
+            key = {key}
+
+            [admin]
+            bind = "127.0.0.1:0"
+            token = "{TOKEN}"
+            "#,
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            cert = toml_path(&cert),
+            key = toml_path(&key),
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let public = weir.addr("public");
+    let client = pki.client_config();
+    for n in 0..6 {
+        let reply = tls_exchange(public, "app.test", std::sync::Arc::clone(&client), &format!("hi {n}")).await;
+        assert!(reply.expect("served").starts_with(&format!("upstream heard: hi {n}")));
+    }
+
+    let browser = Browser::start(1400, 1550).await;
+    browser
+        .client
+        .goto(&format!("http://{admin}/"))
+        .await
+        .expect("the page loads");
+    // The page asks for the token; a wrong one is refused and shows nothing.
+    browser
+        .eventually("the token form", || browser.has("#token-form:not([hidden])"))
+        .await;
+    browser.type_into("#token-input", "wrong").await;
+    browser.click("#token-form button").await;
+    browser
+        .wait_for_text("the refusal", "#banner", |t| t.contains("The token was refused (401)"))
+        .await;
+    let shown = browser.text("#route-table tbody").await.unwrap_or_default();
+    assert_eq!(shown, "", "data shown without the token");
+    browser.type_into("#token-input", TOKEN).await;
+    browser.click("#token-form button").await;
+
+    // The route table, pool health and certificate expiry match the API.
+    let (_, metrics) = admin_request(&admin, "GET", "/metrics", Some(TOKEN), "").await;
+    let total: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_connections_total{") && l.contains(r#"route="app.test""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(total, 6, "{metrics}");
+    let route = r#"#route-table tr[data-route="app.test"] td.total"#;
+    browser.wait_for_text("the route table", route, |t| t == "6").await;
+    let state = |address: &str| format!(r#"div[data-pool="p"] tr[data-server="{address}"] td.state"#);
+    let pools = api(&admin, "/api/pools").await;
+    for backend in pools["pools"]["p"]["backends"].as_array().expect("backends") {
+        let expected = if backend["healthy"] == true { "up" } else { "down" };
+        let css = state(backend["address"].as_str().expect("address"));
+        browser
+            .wait_for_text("the pool's health", &css, |t| t == expected)
+            .await;
+    }
+    let certificates = api(&admin, "/api/certificates").await;
+    let not_after = certificates["certificates"][0]["not_after"]
+        .as_u64()
+        .expect("not_after");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let days = format!("({} days)", (not_after - now) / 86_400);
+    let expiry = browser.text(r#"tr[data-certificate="site"] td.expiry"#).await;
+    assert!(
+        expiry.as_deref().is_some_and(|e| e.ends_with(&days)),
+        "{expiry:?} vs {days}"
+    );
+
+    let shots = output_dir();
+    for section in ["overview", "routes", "plugins", "pools", "tenants", "certificates"] {
+        let element = browser.client.find(Locator::Id(section)).await.expect("section");
+        let png = element.screenshot().await.expect("screenshot");
+        std::fs::write(shots.join(format!("{section}.png")), png).expect("save");
+    }
+    let page = browser.client.screenshot().await.expect("screenshot");
+    std::fs::write(shots.join("page-serving.png"), page).expect("save");
+
+    // A server that dies turns down on the page, without a reload.
+    let [a, b, c] = servers;
+    let dead = c.addr.to_string();
+    drop(c);
+    browser
+        .wait_for_text("the dead server shown down", &state(&dead), |t| t == "down")
+        .await;
+
+    // A wrong token in the tab: an action is refused, and changes nothing.
+    let set_token = |token: &str| format!("sessionStorage.setItem('weir-admin-token', '{token}')");
+    browser
+        .client
+        .execute(&set_token("wrong"), vec![])
+        .await
+        .expect("script");
+    let row = format!(r#"div[data-pool="p"] tr[data-server="{}"]"#, a.addr);
+    browser.click(&format!("{row} button")).await;
+    browser.client.accept_alert().await.expect("the confirmation");
+    browser
+        .wait_for_text("the refused action", "#banner", |t| t.contains("refused (401)"))
+        .await;
+    let pools = api(&admin, "/api/pools").await;
+    let backends = pools["pools"]["p"]["backends"].as_array().expect("backends");
+    assert!(backends.iter().all(|b| b["draining"] == false), "{pools}");
+    browser.client.execute(&set_token(TOKEN), vec![]).await.expect("script");
+
+    // Remove a server through the page: the next connections avoid it.
+    let remove = format!("{row} button.danger");
+    browser.eventually("the remove button", || browser.has(&remove)).await;
+    browser.click(&remove).await;
+    browser.client.accept_alert().await.expect("the confirmation");
+    browser
+        .eventually("the removed server gone from the page", || async {
+            !browser.has(&row).await
+        })
+        .await;
+    let before = a.accepted();
+    for n in 0..4 {
+        let reply = tls_exchange(
+            public,
+            "app.test",
+            std::sync::Arc::clone(&client),
+            &format!("after {n}"),
+        )
+        .await;
+        assert_eq!(reply.expect("served"), format!("upstream heard: after {n} (b)\n"));
+    }
+    assert_eq!(a.accepted(), before, "a removed server got connections");
+    drop(b);
+
+    // A plugin's reason with markup in it is text, never markup.
+    browser.type_into("#route-sni", "evil.test").await;
+    browser.click("#route-form button").await;
+    let markup = r#"<b id=\"injected\">x</b><script>"#;
+    browser
+        .wait_for_text("the explanation", "#route-explanation", |t| t.contains(markup))
+        .await;
+    assert!(!browser.has("#injected").await, "the reason was parsed as HTML");
+    let pwned = browser
+        .client
+        .execute("return window.pwned === undefined", vec![])
+        .await;
+    assert_eq!(
+        pwned.expect("script"),
+        serde_json::json!(true),
+        "the reason's script ran"
+    );
+    let element = browser.client.find(Locator::Id("try")).await.expect("section");
+    std::fs::write(shots.join("try.png"), element.screenshot().await.expect("screenshot")).expect("save");
+    std::fs::write(
+        shots.join("page.png"),
+        browser.client.screenshot().await.expect("screenshot"),
+    )
+    .expect("save");
+
+    // The page comes with a policy that forbids inline scripts and framing.
+    let (status, headers) = head(&admin).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("x-frame-options: DENY") && headers.contains("x-content-type-options: nosniff"),
+        "{headers}"
+    );
+    browser.client.clone().close().await.expect("close the session");
+    weir.child.kill().await.expect("stop");
+}
+
+/// The status and headers (names lower-cased) of `GET /`.
+async fn head(admin: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    let request = format!("GET / HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<String> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            format!("{}: {}", name.to_ascii_lowercase(), value.trim())
+        })
+        .collect();
+    (status, headers.join("\n"))
+}
