@@ -67,6 +67,19 @@ pub struct ConnectionLabels {
     pub outcome: LabelValue,
 }
 
+/// Bytes of one route, one way.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBytesLabels {
+    /// The listener.
+    pub listener: LabelValue,
+    /// The tenant, `-` for none.
+    pub tenant: LabelValue,
+    /// The decision's route name (bounded as in `weir_connections_total`).
+    pub route: LabelValue,
+    /// `up` (client to server) or `down`.
+    pub direction: &'static str,
+}
+
 /// A listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -170,6 +183,8 @@ pub struct Metrics {
     pub shed: Family<ShedLabels, Counter>,
     /// Failed `accept` calls (out of descriptors or memory).
     pub accept_errors: Family<ListenerLabels, Counter>,
+    /// Bytes by route, counted at each connection's end.
+    pub route_bytes: Family<RouteBytesLabels, Counter>,
     /// Certificates' notAfter.
     certificate_not_after: Family<CertificateLabels, Gauge>,
     /// Stapled OCSP responses' nextUpdate.
@@ -263,6 +278,7 @@ impl Metrics {
             tenant_limited: Family::<TenantLabels, Counter>::default(),
             shed: Family::<ShedLabels, Counter>::default(),
             accept_errors: Family::<ListenerLabels, Counter>::default(),
+            route_bytes: Family::<RouteBytesLabels, Counter>::default(),
             certificate_not_after: Family::<CertificateLabels, Gauge>::default(),
             ocsp_next_update: Family::<CertificateLabels, Gauge>::default(),
             ocsp_stapled: Family::<CertificateLabels, Gauge>::default(),
@@ -314,6 +330,11 @@ impl Metrics {
             self.active.clone(),
         );
         registry.register("bytes", "Bytes relayed by listener and direction", self.bytes.clone());
+        registry.register(
+            "route_bytes",
+            "Bytes relayed by route (as in weir_connections_total) and direction, counted when a connection ends",
+            self.route_bytes.clone(),
+        );
         registry.register(
             "sniff_failures",
             "Connections closed before routing, by reason",
@@ -417,10 +438,23 @@ impl Metrics {
             };
             self.sniff_failures.get_or_create(&labels).inc();
         }
+        let route = self.route_label(ended.tenant, ended.listener, ended.route.unwrap_or("-"));
+        let tenant: LabelValue = ended.tenant.unwrap_or("-").into();
+        if ended.bytes_up > 0 || ended.bytes_down > 0 {
+            for (direction, bytes) in [("up", ended.bytes_up), ("down", ended.bytes_down)] {
+                let labels = RouteBytesLabels {
+                    listener: listener.clone(),
+                    tenant: tenant.clone(),
+                    route: route.clone(),
+                    direction,
+                };
+                self.route_bytes.get_or_create(&labels).inc_by(bytes);
+            }
+        }
         let labels = ConnectionLabels {
-            tenant: ended.tenant.unwrap_or("-").into(),
+            tenant,
             listener,
-            route: self.route_label(ended.tenant, ended.listener, ended.route.unwrap_or("-")),
+            route,
             outcome: ended.outcome.into(),
         };
         self.connections.get_or_create(&labels).inc();

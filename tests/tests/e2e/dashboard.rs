@@ -107,6 +107,18 @@ async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
     assert_eq!(total, 6, "{metrics}");
     let route = r#"#route-table tr[data-route="app.test"] td.total"#;
     browser.wait_for_text("the route table", route, |t| t == "6").await;
+    let up: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_route_bytes_total{") && l.contains(r#"route="app.test""#))
+        .filter(|l| l.contains(r#"direction="up""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(up > 0, "{metrics}");
+    let bytes = browser.text(r#"#route-table tr[data-route="app.test"] td.bytes"#).await;
+    assert!(
+        bytes.as_deref().is_some_and(|b| b.starts_with(&format!("{up} B / "))),
+        "{bytes:?}, {up} up"
+    );
     let state = |address: &str| format!(r#"div[data-pool="p"] tr[data-server="{address}"] td.state"#);
     let pools = api(&admin, "/api/pools").await;
     for backend in pools["pools"]["p"]["backends"].as_array().expect("backends") {

@@ -161,9 +161,20 @@ function renderRoutes(data, metrics) {
     route.outcomes[s.labels.outcome] = (route.outcomes[s.labels.outcome] || 0) + s.value;
     routes.set(key, route);
   }
-  fill(document.querySelector("#route-table tbody"), [...routes.values()].map((r) =>
-    el("tr", { "data-route": r.labels.route }, el("td", {}, r.labels.listener), el("td", {}, r.labels.tenant), el("td", { class: "route" }, r.labels.route),
-      el("td", { class: "total" }, r.total), el("td", {}, Object.entries(r.outcomes).map(([o, n]) => o + " " + n).join(", ")))));
+  const traffic = new Map();
+  for (const s of metrics) {
+    if (s.name !== "weir_route_bytes_total") continue;
+    const key = [s.labels.listener, s.labels.tenant, s.labels.route].join("\u0000");
+    const t = traffic.get(key) || { up: 0, down: 0 };
+    t[s.labels.direction === "up" ? "up" : "down"] += s.value;
+    traffic.set(key, t);
+  }
+  fill(document.querySelector("#route-table tbody"), [...routes.entries()].map(([key, r]) => {
+    const t = traffic.get(key) || { up: 0, down: 0 };
+    return el("tr", { "data-route": r.labels.route }, el("td", {}, r.labels.listener), el("td", {}, r.labels.tenant), el("td", { class: "route" }, r.labels.route),
+      el("td", { class: "total" }, r.total), el("td", { class: "bytes" }, bytes(t.up) + " / " + bytes(t.down)),
+      el("td", {}, Object.entries(r.outcomes).map(([o, n]) => o + " " + n).join(", ")));
+  }));
   const select = document.getElementById("route-listener");
   if (select.options.length !== Object.keys(listeners).length) {
     select.replaceChildren(...Object.keys(listeners).map((name) => el("option", { value: name }, name)));
