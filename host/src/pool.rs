@@ -31,6 +31,9 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Draining: offered to no new connection (set from the config).
     draining: AtomicBool,
+    /// When its health last changed (up, down, ejected), seconds since the
+    /// Unix epoch; when weir first knew it before that.
+    since: AtomicU64,
     /// Milliseconds since `EPOCH` until which passive ejection skips it.
     ejected_until: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -51,6 +54,12 @@ pub struct Backend {
 /// The process's reference instant for ejection deadlines.
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn now_ms() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -62,6 +71,7 @@ impl Backend {
             weight,
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            since: AtomicU64::new(unix_now()),
             ejected_until: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             streak_up: AtomicU32::new(0),
@@ -101,6 +111,7 @@ impl Backend {
         if passive.failures > 0 && in_a_row >= passive.failures {
             let until = now_ms().saturating_add(u64::try_from(passive.eject_for.as_millis()).unwrap_or(u64::MAX));
             self.ejected_until.store(until, Ordering::Relaxed);
+            self.since.store(unix_now(), Ordering::Relaxed);
             self.consecutive_failures.store(0, Ordering::Relaxed);
             tracing::warn!(server = %self.addr, failures = in_a_row, eject_for = ?passive.eject_for, "server ejected");
         }
@@ -113,6 +124,7 @@ impl Backend {
             self.streak_down.store(0, Ordering::Relaxed);
             let up = self.streak_up.fetch_add(1, Ordering::Relaxed) + 1;
             if up >= health.rise && !self.healthy.swap(true, Ordering::Relaxed) {
+                self.since.store(unix_now(), Ordering::Relaxed);
                 // Back by the checks' judgement: earlier connect failures
                 // no longer speak against it.
                 self.ejected_until.store(0, Ordering::Relaxed);
@@ -123,6 +135,7 @@ impl Backend {
             self.streak_up.store(0, Ordering::Relaxed);
             let down = self.streak_down.fetch_add(1, Ordering::Relaxed) + 1;
             if down >= health.fall && self.healthy.swap(false, Ordering::Relaxed) {
+                self.since.store(unix_now(), Ordering::Relaxed);
                 tracing::warn!(server = %self.addr, "server down");
             }
         }
@@ -136,6 +149,7 @@ impl Backend {
             healthy: self.healthy.load(Ordering::Relaxed),
             ejected: self.ejected_until.load(Ordering::Relaxed) > now_ms(),
             draining: self.draining(),
+            since: self.since.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
@@ -158,6 +172,9 @@ pub struct BackendStats {
     pub ejected: bool,
     /// Draining: no new connections.
     pub draining: bool,
+    /// When its health last changed (or weir first knew it), seconds since
+    /// the Unix epoch.
+    pub since: u64,
     /// Connections in progress.
     pub active: usize,
     /// Connections made.

@@ -34,6 +34,9 @@ use crate::fleet::{FleetError, Keys};
 const SEEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest value under `acme/` a node reads (a chain and key, an account).
 const MAX_VALUE: usize = 256 * 1024;
+/// Most names one order's shared challenges may hold (each costs every
+/// node a key pair).
+const MAX_CHALLENGE_NAMES: usize = 100;
 
 /// The open TLS-ALPN-01 challenges of one order, at `acme/<c>/alpn`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,10 +76,18 @@ impl Node {
         *crate::sync::lock(&self.lease)
     }
 
+    /// The value at `key`, refused (naming the key) over [`MAX_VALUE`].
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, FleetError> {
         let mut client = self.client().await?;
         let answer = client.get(key, None).await?;
-        Ok(answer.kvs().first().map(|kv| kv.value().to_vec()))
+        match answer.kvs().first() {
+            Some(kv) if kv.value().len() > MAX_VALUE => Err(FleetError::BadValue {
+                key: key.to_owned(),
+                reason: format!("{} bytes, more than {MAX_VALUE}", kv.value().len()),
+            }),
+            Some(kv) => Ok(Some(kv.value().to_vec())),
+            None => Ok(None),
+        }
     }
 
     async fn take_order(&self, certificate: &str, acme: &AcmeConfig, have: Option<&str>) -> Result<Taken, FleetError> {
@@ -324,6 +335,10 @@ impl Node {
             tracing::warn!(key, "an ACME challenge value is not readable; ignored");
             return;
         };
+        if alpn.names.len() > MAX_CHALLENGE_NAMES {
+            tracing::warn!(key, names = alpn.names.len(), "an ACME challenge value names too many names; ignored");
+            return;
+        }
         let mut names = Vec::new();
         for (name, digest) in &alpn.names {
             let made = weir_plugin_sdk::hex::decode(digest)

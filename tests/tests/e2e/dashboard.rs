@@ -159,6 +159,17 @@ async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
     browser
         .wait_for_text("the dead server shown down", &state(&dead), |t| t == "down")
         .await;
+    let pools = api(&admin, "/api/pools").await;
+    let since = pools["pools"]["p"]["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["address"] == dead.as_str()))
+        .and_then(|b| b["since"].as_u64())
+        .expect("since");
+    assert!(since >= now, "{pools}");
+    let css = format!(r#"div[data-pool="p"] tr[data-server="{dead}"] td.since"#);
+    browser
+        .wait_for_text("when it went down", &css, |t| t.ends_with(" UTC"))
+        .await;
 
     // A wrong token in the tab: an action is refused, and changes nothing.
     let set_token = |token: &str| format!("sessionStorage.setItem('weir-admin-token', '{token}')");

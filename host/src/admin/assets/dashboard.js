@@ -224,13 +224,13 @@ function renderPools(data) {
         : el("button", { onclick: () => act("POST", base + address + "/drain", "Drain " + b.address + " in pool " + name + "? It gets no new connections; its own run to their end.") }, "Drain");
       const remove = el("button", { class: "danger", onclick: () => act("DELETE", base + address, "Remove " + b.address + " from pool " + name + "?") }, "Remove");
       const state = serverState(b);
-      return el("tr", { "data-server": b.address }, el("td", {}, b.address), el("td", { class: "state " + state }, state), el("td", {}, b.weight),
+      return el("tr", { "data-server": b.address }, el("td", {}, b.address), el("td", { class: "state " + state }, state), el("td", { class: "since" }, when(b.since)), el("td", {}, b.weight),
         el("td", {}, b.active), el("td", {}, b.connections), el("td", {}, b.failures), el("td", {}, bytes(b.bytes_up) + " / " + bytes(b.bytes_down)),
         el("td", {}, drain, " ", remove));
     });
     return el("div", { class: "pool", "data-pool": name },
       el("h3", {}, name + " (" + pool.policy + ", " + pool.healthy + " of " + pool.backends.length + " up)"),
-      el("table", {}, el("thead", {}, el("tr", {}, ...["Server", "State", "Weight", "Active", "Made", "Connect failures", "Bytes up / down", ""].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
+      el("table", {}, el("thead", {}, el("tr", {}, ...["Server", "State", "Since", "Weight", "Active", "Made", "Connect failures", "Bytes up / down", ""].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
   }));
 }
 
