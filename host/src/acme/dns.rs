@@ -201,14 +201,14 @@ async fn exec(dns: &DnsConfig, action: Action, txt: &Txt) -> Result<(), String> 
     let mut child = command
         .spawn()
         .map_err(|e| format!("`{}` could not start: {e}", program.escape_debug()))?;
-    let group = child.id();
+    let group = KillGroup(child.id());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let run = async {
         let (status, stdout, stderr) = tokio::join!(child.wait(), bounded(stdout), bounded(stderr));
         (status, stdout, stderr)
     };
     let Ok((status, stdout, stderr)) = tokio::time::timeout(dns.command_timeout, run).await else {
-        kill_group(group);
+        drop(group);
         return Err(format!(
             "`{}` {} did not finish within {:?} (its output still open); killed",
             program.escape_debug(),
@@ -216,6 +216,7 @@ async fn exec(dns: &DnsConfig, action: Action, txt: &Txt) -> Result<(), String> 
             dns.command_timeout
         ));
     };
+    group.disarm();
     let status = status.map_err(|e| e.to_string())?;
     let output = format!("stdout: {:?}, stderr: {:?}", stdout, stderr);
     if status.success() {
@@ -230,16 +231,30 @@ async fn exec(dns: &DnsConfig, action: Action, txt: &Txt) -> Result<(), String> 
     }
 }
 
-/// Kills the process group `group` led, if it is still there.
-fn kill_group(group: Option<u32>) {
-    let Some(pid) = group
-        .and_then(|id| i32::try_from(id).ok())
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
-    // The group may be gone already; nothing to do then.
-    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+/// The process group a running command leads, killed when dropped — on
+/// a timeout, or when the order's own limit drops the call — unless
+/// disarmed once the command has been waited for (its id may then be
+/// reused).
+struct KillGroup(Option<u32>);
+
+impl KillGroup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let pid = self
+            .0
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            // The command has not been waited for, so the group is still
+            // its own; it may have exited meanwhile, then nothing happens.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// The first `MAX_OUTPUT` bytes of `pipe` (lossily UTF-8), the rest read
@@ -311,22 +326,18 @@ mod tests {
         assert_eq!(args, "--zone apps.test present _acme-challenge.a.test VALUE\n");
     }
 
-    #[tokio::test]
-    async fn a_hanging_command_is_killed_with_its_children() {
-        let (dir, dns) = exec_config(
-            "sleep 30 & echo $! > \"$(dirname \"$0\")/child\"; wait",
-            Duration::from_millis(500),
-        );
-        let txt = Txt::for_name("a.test", "V".into());
-        let error = exec(&dns, Action::Cleanup, &txt).await.expect_err("timed out");
-        assert!(error.contains("did not finish within 500ms"), "{error}");
-        let child: i32 = std::fs::read_to_string(dir.path().join("child"))
+    /// A script that starts a background `sleep`, writes its pid to
+    /// `child` beside it, and waits.
+    const LEAVES_A_CHILD: &str = "sleep 30 & echo $! > \"$(dirname \"$0\")/child\"; wait";
+
+    /// Asserts that the background child the script in `dir` started is
+    /// gone (or left a zombie) once the kill is delivered.
+    async fn assert_child_gone(dir: &std::path::Path) {
+        let child: i32 = std::fs::read_to_string(dir.join("child"))
             .expect("started")
             .trim()
             .parse()
             .expect("pid");
-        // The background `sleep` was in the killed group: it goes (or is
-        // left a zombie) once the kill is delivered.
         let alive = || std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| !stat.contains(") Z "));
         for _ in 0..100 {
             if !alive() {
@@ -335,6 +346,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(!alive(), "the command's child {child} survived");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_command_is_killed_with_its_children() {
+        let (dir, dns) = exec_config(LEAVES_A_CHILD, Duration::from_millis(500));
+        let txt = Txt::for_name("a.test", "V".into());
+        let error = exec(&dns, Action::Cleanup, &txt).await.expect_err("timed out");
+        assert!(error.contains("did not finish within 500ms"), "{error}");
+        assert_child_gone(dir.path()).await;
+    }
+
+    #[tokio::test]
+    async fn a_command_dropped_midway_is_killed_with_its_children() {
+        let (dir, dns) = exec_config(LEAVES_A_CHILD, Duration::from_secs(60));
+        let txt = Txt::for_name("a.test", "V".into());
+        // The order's own limit ends the call long before the command's.
+        let outcome = tokio::time::timeout(Duration::from_millis(500), exec(&dns, Action::Present, &txt)).await;
+        assert!(outcome.is_err(), "the command finished");
+        assert_child_gone(dir.path()).await;
     }
 
     #[tokio::test]

@@ -336,7 +336,11 @@ impl Node {
             return;
         };
         if alpn.names.len() > MAX_CHALLENGE_NAMES {
-            tracing::warn!(key, names = alpn.names.len(), "an ACME challenge value names too many names; ignored");
+            tracing::warn!(
+                key,
+                names = alpn.names.len(),
+                "an ACME challenge value names too many names; ignored"
+            );
             return;
         }
         let mut names = Vec::new();
