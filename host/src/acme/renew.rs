@@ -30,7 +30,8 @@ struct Renewals {
     fleet: Arc<dyn Coordinator>,
     /// Per certificate: when to try again after a failure, and the wait after that.
     retry: HashMap<String, (tokio::time::Instant, Duration)>,
-    /// Per certificate another node orders: that node, said once.
+    /// Per certificate another node orders (that node), or the fleet could
+    /// not be asked (`!` and why): said once, not at every look.
     held_by: HashMap<String, String>,
     windows: ari::Ari,
 }
@@ -133,7 +134,11 @@ impl Renewals {
                 return Looked::Soon;
             }
             Taken::Unavailable(error) => {
-                tracing::warn!(certificate = name, %error, "the fleet cannot be asked who orders; trying again");
+                let said = format!("!{error}");
+                if self.held_by.get(name) != Some(&said) {
+                    tracing::warn!(certificate = name, %error, "the fleet cannot be asked who orders; trying again");
+                    self.held_by.insert(name.to_owned(), said);
+                }
                 return Looked::Soon;
             }
             Taken::Issued(shared, last) => {
