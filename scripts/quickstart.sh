@@ -43,6 +43,10 @@ weir is starting on 127.0.0.1:8443. In another terminal, try:
   # a rejected name: the connection is closed before any upstream sees it:
   curl --cacert $run/ca.pem --resolve old.localhost:8443:127.0.0.1 https://old.localhost:8443/
 
+  # the dashboard (routes, pools, plugins, certificates, live): open
+  # http://127.0.0.1:9900/ in a browser; the admin API behind it:
+  curl -s http://127.0.0.1:9900/api/pools
+
   # ask the plugin chain without opening a socket:
   $root/target/debug/weir route --config $root/examples/quickstart/weir.toml --listener public --sni app.localhost
 
