@@ -331,20 +331,29 @@ async fn one_tenants_terminations_cannot_evict_anothers_sessions() {
     let weir = WeirProcess::spawn(&config).await;
     let addr = weir.addr("public");
 
-    // The noisy tenant: 1,100 terminations, each its own, eight at a time.
+    // The noisy tenant: 1,100 terminations served, each its own, eight at
+    // a time. On a loaded machine a handshake may miss its deadline; those
+    // are made up for (at most 300 more), and the first failure is told.
     let noisy = pki.client_config();
-    let mut served = 0;
-    for _ in 0..1100 / 8 + 1 {
+    let (mut served, mut tried, mut first_failure) = (0, 0, None);
+    while served < 1100 && tried < 1400 {
         let batch: Vec<_> = (0..8)
             .map(|_| tokio::spawn(tls_exchange(addr, "x.noisy.test", Arc::clone(&noisy), "hi")))
             .collect();
         for done in batch {
-            if done.await.expect("task").is_ok_and(|a| a == "upstream heard: hi\n") {
-                served += 1;
+            tried += 1;
+            match done.await.expect("task") {
+                Ok(answer) if answer == "upstream heard: hi\n" => served += 1,
+                other => {
+                    first_failure.get_or_insert(format!("{other:?}"));
+                }
             }
         }
     }
-    assert!(served >= 1100, "only {served} noisy connections were served");
+    assert!(
+        served >= 1100,
+        "only {served} of {tried} noisy connections were served; the first failure: {first_failure:?}"
+    );
 
     // The quiet tenant's client: a full handshake, then resumptions.
     let quiet = pki.client_config();
