@@ -272,9 +272,7 @@ impl Gateway {
             }
         };
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let at = crate::clock::unix_now();
         let (current, previous, report) = match built {
             Ok(new) => {
                 let reloaded_plugins: Vec<String> = new

@@ -22,6 +22,7 @@
 pub mod acme;
 pub mod addr;
 pub mod admin;
+pub mod clock;
 pub mod config;
 mod conn;
 pub mod dryrun;

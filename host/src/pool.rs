@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::addr::HostPort;
+use crate::clock::unix_now;
 use crate::config::{HealthConfig, PassiveConfig, Policy, PoolConfig};
 
 /// One server of a pool, with what is known about it.
@@ -53,12 +54,6 @@ pub struct Backend {
 
 /// The process's reference instant for ejection deadlines.
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 fn now_ms() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)

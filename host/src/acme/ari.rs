@@ -92,9 +92,7 @@ impl Ari {
             return None;
         }
         let replaces = CertificateIdentifier::try_from(leaf).ok()?.into_owned();
-        let since = renew_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let since = crate::clock::unix_seconds(renew_at);
         Some(Due {
             reason: format!("the CA's renewal window (ARI) has opened: renew from {since} (Unix seconds)"),
             replaces,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::{
     AcmeState, CHECK_EVERY, CHECK_HELD_EVERY, Coordinator, LastOrder, MAX_RETRY, OrderResult, Renewing, Taken, ari,
@@ -162,9 +162,7 @@ impl Renewals {
         tracing::info!(certificate = name, domains = ?acme.domains, challenge = acme.challenge.as_str(), reason, "ordering a certificate over ACME");
         let ordered = order(name, certificate, config, &state.challenges, &*self.fleet, replaces).await;
         let last = LastOrder {
-            at: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            at: crate::clock::unix_now(),
             result: if ordered.is_ok() {
                 OrderResult::Issued
             } else {

@@ -13,6 +13,7 @@ use hyper::{Response, StatusCode};
 use serde_json::json;
 
 use super::{json_reply, reply};
+use crate::clock::unix_seconds;
 use crate::gateway::Gateway;
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -33,10 +34,6 @@ pub(super) fn asset(path: &str) -> Option<Response<Full<Bytes>>> {
     Some(reply(StatusCode::OK, content_type, body.to_owned()))
 }
 
-fn unix(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// Version, uptime, the config in use, active connections, the last reload.
 pub(super) async fn overview(gateway: &Gateway) -> Response<Full<Bytes>> {
     let snapshot = gateway.snapshot();
@@ -54,10 +51,10 @@ pub(super) async fn overview(gateway: &Gateway) -> Response<Full<Bytes>> {
         StatusCode::OK,
         &json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "started_at": unix(started),
+            "started_at": unix_seconds(started),
             "uptime_seconds": SystemTime::now().duration_since(started).map_or(0, |d| d.as_secs()),
             "config_sha256": snapshot.config.sha256,
-            "config_built_at": unix(snapshot.built_at),
+            "config_built_at": unix_seconds(snapshot.built_at),
             "fleet_revision": fleet_revision,
             "active_connections": active,
             "reload": gateway.reload_status().await,

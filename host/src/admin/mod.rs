@@ -405,7 +405,7 @@ fn acme_status(snapshot: &crate::snapshot::Snapshot) -> Vec<AcmeEntry> {
                 challenge: acme.challenge.as_str(),
                 last_order: last.as_ref().map(|order| (order.at, order.result.as_str())),
                 next_renewal: crate::acme::next_renewal(name, certificate, config, &state)
-                    .map(|at| at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
+                    .map(crate::clock::unix_seconds),
             };
             Some(AcmeEntry {
                 status,
@@ -491,10 +491,7 @@ async fn plugins_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         .plugins()
         .iter()
         .map(|(name, plugin)| {
-            let loaded = plugin
-                .loaded_at()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let loaded = crate::clock::unix_seconds(plugin.loaded_at());
             json!({
                 "name": name,
                 "wasm": plugin.wasm().display().to_string(),

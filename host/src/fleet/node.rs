@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::unix_now as now;
 use crate::config::{Config, ConfigError, PoolConfig};
 use crate::fleet::store::LocalStore;
-use crate::fleet::{FleetError, Keys, NodeFile, State, connect, fetch_state, now};
+use crate::fleet::{FleetError, Keys, NodeFile, State, connect, fetch_state};
 use crate::gateway::Gateway;
 use crate::source::{ConfigSource, SetPoolError, SharedPools};
 

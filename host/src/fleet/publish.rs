@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::clock::unix_now as now;
 use crate::config::Config;
 use crate::fleet::node::{TenantReport, list_nodes, list_tenant_nodes};
 use crate::fleet::tenant::TenantPolicy;
-use crate::fleet::{BlobMeta, Blobs, CHUNK, FORMAT, FleetError, Keys, MAX_CONFIG_BYTES, Published, now};
+use crate::fleet::{BlobMeta, Blobs, CHUNK, FORMAT, FleetError, Keys, MAX_CONFIG_BYTES, Published};
 
 /// What a publish did.
 #[derive(Debug, Clone)]

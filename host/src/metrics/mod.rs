@@ -329,15 +329,15 @@ impl Metrics {
         let route = self.route_label(ended.tenant, ended.listener, ended.route.unwrap_or("-"));
         let tenant: LabelValue = ended.tenant.unwrap_or("-").into();
         if ended.bytes_up > 0 || ended.bytes_down > 0 {
-            for (direction, bytes) in [("up", ended.bytes_up), ("down", ended.bytes_down)] {
-                let labels = RouteBytesLabels {
-                    listener: listener.clone(),
-                    tenant: tenant.clone(),
-                    route: route.clone(),
-                    direction,
-                };
-                self.route_bytes.get_or_create(&labels).inc_by(bytes);
-            }
+            let mut labels = RouteBytesLabels {
+                listener: listener.clone(),
+                tenant: tenant.clone(),
+                route: route.clone(),
+                direction: "up",
+            };
+            self.route_bytes.get_or_create(&labels).inc_by(ended.bytes_up);
+            labels.direction = "down";
+            self.route_bytes.get_or_create(&labels).inc_by(ended.bytes_down);
         }
         let labels = ConnectionLabels {
             tenant,

@@ -413,9 +413,7 @@ impl Plugin {
 
     /// Remembers a call's failure for the admin API.
     pub(crate) fn record(&self, error: &PluginError) {
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let at = crate::clock::unix_now();
         *crate::sync::lock(&self.last_error) = Some((at, error.to_string()));
     }
 

@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::unix_seconds;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -100,10 +102,6 @@ impl Certificate {
 
 /// How long before a certificate expires weir starts warning at each load.
 const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
-
-fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// A named trust anchor.
 #[derive(Debug)]
