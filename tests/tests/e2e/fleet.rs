@@ -570,46 +570,26 @@ fn set_up_roles(etcd: &Etcd) {
         vec!["user", "add", "root:rootpw", "--interactive=false"],
         vec!["user", "grant-role", "root", "root"],
         vec!["role", "add", "weir-node"],
-        vec![
+    ] {
+        etcd.etcdctl(&args);
+    }
+    for (permission, prefix) in [
+        ("read", "/weir/"),
+        ("readwrite", "/weir/nodes/"),
+        ("readwrite", "/weir/pools/"),
+        ("readwrite", "/weir/tenants/"),
+        ("readwrite", "/weir/acme/"),
+    ] {
+        etcd.etcdctl(&[
             "role",
             "grant-permission",
             "weir-node",
             "--prefix=true",
-            "read",
-            "/weir/",
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            "weir-node",
-            "--prefix=true",
-            "readwrite",
-            "/weir/nodes/",
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            "weir-node",
-            "--prefix=true",
-            "readwrite",
-            "/weir/pools/",
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            "weir-node",
-            "--prefix=true",
-            "readwrite",
-            "/weir/tenants/",
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            "weir-node",
-            "--prefix=true",
-            "readwrite",
-            "/weir/acme/",
-        ],
+            permission,
+            prefix,
+        ]);
+    }
+    for args in [
         vec!["user", "add", "weir-node:weir-nodepw", "--interactive=false"],
         vec!["user", "grant-role", "weir-node", "weir-node"],
     ] {
