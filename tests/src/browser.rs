@@ -50,6 +50,15 @@ impl Browser {
         Browser { client, driver }
     }
 
+    /// Starts a browser `width` × `height` (as [`Browser::start`]) and
+    /// opens `url` in it; waits until the page shows `css`.
+    pub async fn open(width: u32, height: u32, url: &str, css: &str) -> Browser {
+        let browser = Browser::start(width, height).await;
+        browser.client.goto(url).await.expect("the page loads");
+        browser.eventually(css, || browser.has(css)).await;
+        browser
+    }
+
     /// Waits until `check` holds, for at most a test step; `what` says what
     /// never happened.
     pub async fn eventually<F, Fut>(&self, what: &str, mut check: F)

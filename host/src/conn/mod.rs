@@ -70,6 +70,13 @@ pub(crate) async fn handle(
         relay_timeouts(&listener.config),
     );
     drop((listener, snapshot));
+    let route_active = match (&proxied, record.route.as_deref()) {
+        (Proxied::Ended(_), _) | (_, None) => None,
+        (_, Some(route)) => Some(metrics.route_active(&name, record.tenant.as_deref(), route)),
+    };
+    if let Some(gauge) = &route_active {
+        gauge.inc();
+    }
     let ended = match proxied {
         Proxied::Ended(outcome) => Err(outcome),
         Proxied::Relay(client, upstream) => Ok(relay(client, upstream, mode, timeouts, &record.transfer).await),
@@ -82,6 +89,9 @@ pub(crate) async fn handle(
         Ok(Err(e)) => Outcome::Io(e),
     };
     active.dec();
+    if let Some(gauge) = &route_active {
+        gauge.dec();
+    }
     let transfer = &record.transfer;
     let bytes_up = transfer.client_to_upstream.load(Ordering::Relaxed);
     let bytes_down = transfer.upstream_to_client.load(Ordering::Relaxed);

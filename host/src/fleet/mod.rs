@@ -79,6 +79,17 @@ pub enum FleetError {
         /// What is wrong with its value.
         reason: String,
     },
+    /// A value of the fleet's state, as etcd had it at `revision`, is not
+    /// what weir writes there.
+    #[error("etcd key {key}: {reason}")]
+    BadState {
+        /// The revision the state was read at.
+        revision: i64,
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// The `[fleet]` settings are wrong.
     #[error("{path}: {field}: {reason}")]
     Settings {
@@ -274,6 +285,8 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, 
 
 /// Reads the published config and the admin API's pools in one
 /// transaction, so both come from one revision.
+/// A value that is not what weir writes there is a [`FleetError::BadState`]
+/// naming the revision it was read at.
 pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Result<State, FleetError> {
     use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
     let txn = Txn::new().and_then(vec![
@@ -296,6 +309,23 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     let (Some(config), Some(pools), Some(policies)) = (gets.next(), gets.next(), gets.next()) else {
         return Err(FleetError::Etcd("a transaction answered without its reads".into()));
     };
+    read_state(client, keys, revision, [config, pools, policies])
+        .await
+        .map_err(|error| match error {
+            FleetError::BadValue { key, reason } => FleetError::BadState { revision, key, reason },
+            other => other,
+        })
+}
+
+/// The state in the answers to [`fetch_state`]'s reads (the config, the
+/// pools, the keys of the tenants' policies) at `revision`.
+async fn read_state(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    revision: i64,
+    [config, pools, policies]: [etcd_client::GetResponse; 3],
+) -> Result<State, FleetError> {
+    use etcd_client::GetOptions;
     let config_key = keys.config();
     let Some(kv) = config.kvs().first() else {
         return Err(FleetError::BadValue {

@@ -286,6 +286,10 @@ impl Node {
         let state = match fetch_state(&mut client, &self.keys).await {
             Ok(state) => state,
             Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
+            Err(error @ FleetError::BadState { revision, .. }) => {
+                self.failed(revision, error.to_string());
+                return Ok(());
+            }
             Err(other) => {
                 let revision = *crate::sync::lock(&self.last_read);
                 self.failed(revision, other.to_string());

@@ -30,6 +30,17 @@ pub struct RouteBytesLabels {
     pub direction: &'static str,
 }
 
+/// One route of a listener or tenant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteActiveLabels {
+    /// The listener.
+    pub listener: LabelValue,
+    /// The tenant, `-` for none.
+    pub tenant: LabelValue,
+    /// The decision's route name (bounded as in `weir_connections_total`).
+    pub route: LabelValue,
+}
+
 /// A listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {

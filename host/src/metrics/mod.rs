@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 mod labels;
 pub use labels::{
     AcmeOrderLabels, BytesLabels, CertificateLabels, ConnectionLabels, FailureLabels, ListenerLabels, PluginLabels,
-    PoolServerLabels, ReloadLabels, RouteBytesLabels, ShedLabels, SniffLabels, TenantLabels,
+    PoolServerLabels, ReloadLabels, RouteActiveLabels, RouteBytesLabels, ShedLabels, SniffLabels, TenantLabels,
 };
 
 /// A label value, escaped as Prometheus's text format requires (`\\`, `\"`
@@ -93,6 +93,8 @@ pub struct Metrics {
     pub accept_errors: Family<ListenerLabels, Counter>,
     /// Bytes by route, counted at each connection's end.
     pub route_bytes: Family<RouteBytesLabels, Counter>,
+    /// Connections being relayed, by route.
+    route_active: Family<RouteActiveLabels, Gauge>,
     /// Certificates' notAfter.
     certificate_not_after: Family<CertificateLabels, Gauge>,
     /// Stapled OCSP responses' nextUpdate.
@@ -167,6 +169,7 @@ impl Metrics {
             shed: Family::<ShedLabels, Counter>::default(),
             accept_errors: Family::<ListenerLabels, Counter>::default(),
             route_bytes: Family::<RouteBytesLabels, Counter>::default(),
+            route_active: Family::<RouteActiveLabels, Gauge>::default(),
             certificate_not_after: Family::<CertificateLabels, Gauge>::default(),
             ocsp_next_update: Family::<CertificateLabels, Gauge>::default(),
             ocsp_stapled: Family::<CertificateLabels, Gauge>::default(),
@@ -222,6 +225,11 @@ impl Metrics {
             "route_bytes",
             "Bytes relayed by route (as in weir_connections_total) and direction, counted when a connection ends",
             self.route_bytes.clone(),
+        );
+        registry.register(
+            "route_connections_active",
+            "Connections being relayed by route (as in weir_connections_total), from their decision to their end",
+            self.route_active.clone(),
         );
         registry.register(
             "sniff_failures",
@@ -306,6 +314,18 @@ impl Metrics {
             listener: listener.into(),
         };
         self.active.get_or_create(&labels).clone()
+    }
+
+    /// The gauge of connections being relayed on `route` of `tenant` (or of
+    /// `listener` for no tenant), the route name bounded as in
+    /// [`Metrics::route_label`].
+    pub fn route_active(&self, listener: &str, tenant: Option<&str>, route: &str) -> Gauge {
+        let labels = RouteActiveLabels {
+            listener: listener.into(),
+            tenant: tenant.unwrap_or("-").into(),
+            route: self.route_label(tenant, listener, route),
+        };
+        self.route_active.get_or_create(&labels).clone()
     }
 
     /// Records a finished connection: its outcome (with its route, capped

@@ -77,16 +77,8 @@ async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
         assert!(reply.expect("served").starts_with(&format!("upstream heard: hi {n}")));
     }
 
-    let browser = Browser::start(1400, 1550).await;
-    browser
-        .client
-        .goto(&format!("http://{admin}/"))
-        .await
-        .expect("the page loads");
     // The page asks for the token; a wrong one is refused and shows nothing.
-    browser
-        .eventually("the token form", || browser.has("#token-form:not([hidden])"))
-        .await;
+    let browser = Browser::open(1400, 1550, &format!("http://{admin}/"), "#token-form:not([hidden])").await;
     browser.type_into("#token-input", "wrong").await;
     browser.click("#token-form button").await;
     browser
@@ -119,6 +111,31 @@ async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
         bytes.as_deref().is_some_and(|b| b.starts_with(&format!("{up} B / "))),
         "{bytes:?}, {up} up"
     );
+    // A connection held open is counted on its route while it lasts.
+    let mut held = weir_tests::tls_connect(public, "app.test", std::sync::Arc::clone(&client))
+        .await
+        .expect("held connection");
+    let active = r#"#route-table tr[data-route="app.test"] td.active"#;
+    browser.wait_for_text("the held connection", active, |t| t == "1").await;
+    let (_, metrics) = admin_request(&admin, "GET", "/metrics", Some(TOKEN), "").await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("weir_route_connections_active{")
+            && l.contains(r#"route="app.test""#)
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        held.write_all(b"bye\n").await.expect("write");
+        let mut reply = String::new();
+        held.read_to_string(&mut reply).await.ok();
+        assert!(reply.starts_with("upstream heard: bye"), "{reply:?}");
+    }
+    drop(held);
+    browser
+        .wait_for_text("the held connection ended", active, |t| t == "0")
+        .await;
+
     let state = |address: &str| format!(r#"div[data-pool="p"] tr[data-server="{address}"] td.state"#);
     let pools = api(&admin, "/api/pools").await;
     for backend in pools["pools"]["p"]["backends"].as_array().expect("backends") {
@@ -274,4 +291,75 @@ async fn head(admin: &str) -> (u16, String) {
         })
         .collect();
     (status, headers.join("\n"))
+}
+
+/// In fleet mode the page lists the nodes holding a lease with the revision
+/// each applied, shows a revision a node refused with its error, and drops
+/// a node that is killed once its lease runs out — all without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_its_revisions_errors_and_liveness() {
+    use super::fleet::{gateway_config, node_file, publish, write};
+    let etcd = weir_tests::etcd::Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(weir_tests::echo).await;
+    let config = write(dir.path(), "weir.toml", &gateway_config(&[upstream.addr.to_string()]));
+    assert!(publish(&config, &etcd.endpoints(), false).status.success());
+    let mut a = WeirProcess::spawn_node(&node_file(dir.path(), "a", &etcd.endpoints(), ""), 1).await;
+    let mut b = WeirProcess::spawn_node(&node_file(dir.path(), "b", &etcd.endpoints(), ""), 1).await;
+    let admin = a.admin_addr().await;
+    let fleet = |admin: String| async move {
+        let (status, body) = admin_request(&admin, "GET", "/api/fleet", None, "").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+
+    let browser = Browser::open(1400, 900, &format!("http://{admin}/"), "#fleet:not([hidden])").await;
+    for node in ["a", "b"] {
+        let css = format!(r#"#fleet-table tr[data-node="{node}"] td.serving"#);
+        browser.wait_for_text("each node listed", &css, |t| t == "etcd").await;
+    }
+    let status = fleet(admin.clone()).await;
+    let revision = status["nodes"]["a"]["revision"].as_i64().expect("revision");
+    assert!(revision > 0, "{status}");
+    let css = r#"#fleet-table tr[data-node="a"] td.revision"#;
+    browser
+        .wait_for_text("the applied revision", css, |t| t == revision.to_string())
+        .await;
+    browser
+        .wait_for_text("the config in use", "#overview-list", |t| {
+            t.contains(&format!("etcd revision {revision}"))
+        })
+        .await;
+
+    // A revision the nodes cannot read: each says so, and still serves.
+    let put = etcd.etcdctl(&["put", "/weir/config", "not json", "-w", "json"]);
+    let put: serde_json::Value = serde_json::from_slice(&put.stdout).expect("etcdctl's JSON");
+    let bad = put["header"]["revision"].as_i64().expect("the put's revision");
+    let css = r#"#fleet-table tr[data-node="b"] td.error"#;
+    browser
+        .wait_for_text("b's error", css, |t| {
+            t.contains("etcd key /weir/config") && t.ends_with(&format!("(revision {bad})"))
+        })
+        .await;
+    let css = r#"#fleet-table tr[data-node="b"] td.revision"#;
+    let served = browser.text(css).await.and_then(|t| t.parse::<i64>().ok());
+    assert!(served.is_some_and(|r| r < bad), "{served:?} vs the bad {bad}");
+    let element = browser.client.find(Locator::Id("fleet")).await.expect("section");
+    std::fs::write(
+        output_dir().join("fleet.png"),
+        element.screenshot().await.expect("screenshot"),
+    )
+    .expect("save");
+
+    // A killed node leaves the table once its lease (2 s) runs out.
+    b.child.start_kill().expect("SIGKILL");
+    let _ = b.child.wait().await;
+    browser
+        .eventually("the killed node gone", || async {
+            !browser.has(r#"#fleet-table tr[data-node="b"]"#).await
+        })
+        .await;
+    assert!(browser.has(r#"#fleet-table tr[data-node="a"]"#).await);
+    browser.client.clone().close().await.expect("close the session");
+    drop(a);
 }

@@ -14,7 +14,7 @@ use weir_tests::{STEP, Upstream, WeirProcess, admin_request, echo, expand, patte
 
 /// A published config: one plain listener whose router sends everything to
 /// the pool `app` (`servers`).
-fn gateway_config(servers: &[String]) -> String {
+pub(super) fn gateway_config(servers: &[String]) -> String {
     let servers = servers
         .iter()
         .map(|s| format!("\"{s}\""))

@@ -153,13 +153,17 @@ function renderRoutes(data, metrics) {
     el("tr", { "data-listener": name }, el("td", {}, name), el("td", {}, l.bind), el("td", {}, l.protocol),
       el("td", {}, l.plugins.join(" → ")), el("td", {}, (counts[name] || {}).active), el("td", {}, (counts[name] || {}).total))));
   const routes = new Map();
-  for (const s of metrics) {
-    if (s.name !== "weir_connections_total") continue;
+  const routeOf = (s) => {
     const key = [s.labels.listener, s.labels.tenant, s.labels.route].join("\u0000");
-    const route = routes.get(key) || { labels: s.labels, total: 0, outcomes: {} };
+    if (!routes.has(key)) routes.set(key, { labels: s.labels, active: 0, total: 0, outcomes: {} });
+    return routes.get(key);
+  };
+  for (const s of metrics) {
+    if (s.name === "weir_route_connections_active") routeOf(s).active += s.value;
+    if (s.name !== "weir_connections_total") continue;
+    const route = routeOf(s);
     route.total += s.value;
     route.outcomes[s.labels.outcome] = (route.outcomes[s.labels.outcome] || 0) + s.value;
-    routes.set(key, route);
   }
   const traffic = new Map();
   for (const s of metrics) {
@@ -172,7 +176,7 @@ function renderRoutes(data, metrics) {
   fill(document.querySelector("#route-table tbody"), [...routes.entries()].map(([key, r]) => {
     const t = traffic.get(key) || { up: 0, down: 0 };
     return el("tr", { "data-route": r.labels.route }, el("td", {}, r.labels.listener), el("td", {}, r.labels.tenant), el("td", { class: "route" }, r.labels.route),
-      el("td", { class: "total" }, r.total), el("td", { class: "bytes" }, bytes(t.up) + " / " + bytes(t.down)),
+      el("td", { class: "active" }, r.active), el("td", { class: "total" }, r.total), el("td", { class: "bytes" }, bytes(t.up) + " / " + bytes(t.down)),
       el("td", {}, Object.entries(r.outcomes).map(([o, n]) => o + " " + n).join(", ")));
   }));
   const select = document.getElementById("route-listener");
@@ -264,9 +268,14 @@ function renderCertificates(data) {
 function renderFleet(fleet) {
   document.getElementById("fleet").hidden = !fleet;
   document.getElementById("fleet-link").hidden = !fleet;
-  if (!fleet || !fleet.nodes) return;
-  fill(document.querySelector("#fleet-table tbody"), Object.entries(fleet.nodes).map(([name, n]) =>
-    el("tr", { "data-node": name }, el("td", {}, name), el("td", {}, n.revision), el("td", {}, n.serving), el("td", {}, when(n.applied_at)), el("td", {}, n.error || ""))));
+  if (!fleet) return;
+  const problem = document.getElementById("fleet-error");
+  problem.hidden = !fleet.error;
+  problem.textContent = fleet.error ? "The node list could not be read from etcd: " + fleet.error : "";
+  fill(document.querySelector("#fleet-table tbody"), Object.entries(fleet.nodes || {}).map(([name, n]) =>
+    el("tr", { "data-node": name }, el("td", {}, name), el("td", {}, n.version), el("td", { class: "revision" }, n.revision),
+      el("td", {}, n.config_revision), el("td", { class: "serving" }, n.serving), el("td", {}, when(n.applied_at)),
+      el("td", { class: "error" }, n.error ? n.error + (n.failed_revision ? " (revision " + n.failed_revision + ")" : "") : ""))));
 }
 
 async function refresh() {
