@@ -228,7 +228,54 @@ async fn the_dashboard_shows_the_gateway_and_acts_on_its_pools() {
         assert_eq!(reply.expect("served"), format!("upstream heard: after {n} (b)\n"));
     }
     assert_eq!(a.accepted(), before, "a removed server got connections");
-    drop(b);
+
+    // Add a server through the page: a bad address is refused and said,
+    // a good one is up on the page and takes connections.
+    browser.type_into("#add-address", "not an address").await;
+    browser.click("#add-server-form button").await;
+    browser.client.accept_alert().await.expect("the confirmation");
+    browser
+        .wait_for_text("the refused address", "#banner", |t| {
+            t.contains("POST /api/pools/p/backends") && t.contains("`not an address` is not host:port")
+        })
+        .await;
+    let pools = api(&admin, "/api/pools").await;
+    assert_eq!(
+        pools["pools"]["p"]["backends"].as_array().map(Vec::len),
+        Some(2),
+        "{pools}"
+    );
+    let d = Upstream::tcp(|s| answer_with(s, " (d)".into())).await;
+    browser
+        .client
+        .find(Locator::Css("#add-address"))
+        .await
+        .expect("input")
+        .clear()
+        .await
+        .expect("clear");
+    browser.type_into("#add-address", &d.addr.to_string()).await;
+    browser.click("#add-server-form button").await;
+    browser.client.accept_alert().await.expect("the confirmation");
+    browser
+        .wait_for_text("the added server up", &state(&d.addr.to_string()), |t| t == "up")
+        .await;
+    for n in 0..4 {
+        let reply = tls_exchange(
+            public,
+            "app.test",
+            std::sync::Arc::clone(&client),
+            &format!("added {n}"),
+        )
+        .await;
+        assert!(
+            reply
+                .expect("served")
+                .starts_with(&format!("upstream heard: added {n}"))
+        );
+    }
+    assert!(d.accepted() > 0, "the added server got no connection");
+    drop((b, d));
 
     // A plugin's reason with markup in it is text, never markup.
     browser.type_into("#route-sni", "evil.test").await;

@@ -198,10 +198,11 @@ function renderPlugins(data, metrics) {
   }));
 }
 
-async function act(method, path, question) {
+async function act(method, path, question, sent) {
   if (!window.confirm(question)) return;
   try {
-    const response = await api(path, { method });
+    const options = sent === undefined ? { method } : { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(sent) };
+    const response = await api(path, options);
     const body = await response.json().catch(() => ({}));
     if (!response.ok) banner(method + " " + path + ": " + (body.error || response.status), true);
     else banner("");
@@ -236,6 +237,20 @@ function renderPools(data) {
       el("h3", {}, name + " (" + pool.policy + ", " + pool.healthy + " of " + pool.backends.length + " up)"),
       el("table", {}, el("thead", {}, el("tr", {}, ...["Server", "State", "Since", "Weight", "Active", "Made", "Connect failures", "Bytes up / down", ""].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
   }));
+  const select = document.getElementById("add-pool");
+  const names = pools.map(([name]) => name);
+  if ([...select.options].map((o) => o.value).join("\u0000") !== names.join("\u0000")) {
+    select.replaceChildren(...names.map((name) => el("option", { value: name }, name)));
+  }
+  document.getElementById("add-server-form").hidden = names.length === 0;
+}
+
+function addServer(event) {
+  event.preventDefault();
+  const pool = document.getElementById("add-pool").value;
+  const address = document.getElementById("add-address").value.trim();
+  const weight = Number(document.getElementById("add-weight").value);
+  act("POST", "/api/pools/" + encodeURIComponent(pool) + "/backends", "Add " + address + " (weight " + weight + ") to pool " + pool + "?", { address, weight });
 }
 
 function renderTenants(data, metrics) {
@@ -342,6 +357,7 @@ document.addEventListener("DOMContentLoaded", () => {
     refresh();
   });
   document.getElementById("route-form").addEventListener("submit", tryRoute);
+  document.getElementById("add-server-form").addEventListener("submit", addServer);
   refresh();
   setInterval(refresh, REFRESH_MS);
 });
