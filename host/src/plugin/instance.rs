@@ -107,7 +107,9 @@ impl std::fmt::Debug for Plugin {
 }
 
 /// Sets the deadline for the next call: whole ticks, plus one because the
-/// current tick is already partly gone. The call yields at each tick.
+/// current tick is already partly gone. The call yields at each tick. (The
+/// first tick of a call that begins while the ticker is slow comes up to
+/// [`SLOW_TICK`](crate::plugin::state::SLOW_TICK) late, once.)
 pub(crate) fn arm(store: &mut Store<State>, budget: Duration) {
     let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
     store.data_mut().ticks_left = ticks;

@@ -8,7 +8,8 @@
 //! under `configure_timeout`. The host never dies of a plugin.
 //!
 //! Calls are asynchronous: a call yields to the tokio scheduler at every
-//! epoch tick (1 ms of running), so a plugin that runs to its deadline
+//! epoch tick (every 0.25 ms once the ticker sees it running, within 5 ms of
+//! its start), so a plugin that runs to its deadline
 //! holds no worker thread while other connections wait. What a plugin may
 //! spend is bounded twice: per plugin, calls in flight
 //! ([`crate::config::MAX_PLUGIN_CALLS`]); per tenant, a [`Budget`] of CPU a second and
@@ -22,7 +23,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -230,12 +231,7 @@ impl Runtime {
         pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(isolated_pool(slots)));
         let isolated = Host::new(&pooled)?;
 
-        let ticker = Arc::new(Ticker {
-            in_flight: AtomicUsize::new(0),
-            parked: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            thread: OnceLock::new(),
-        });
+        let ticker = Arc::new(Ticker::default());
         let engines = [reused.engine.clone(), isolated.engine.clone()];
         let ticker_state = Arc::clone(&ticker);
         let thread = std::thread::Builder::new()

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter};
@@ -132,22 +133,36 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// Ticks of no plugin call after which the epoch thread sleeps until the
-/// next call. Short: most calls end within a tick, and a ticker that
-/// lingered after each would wake thousands of times a second for nothing
-/// (100 ms of linger cost 3 % of a core at 80 connections a second).
-pub(crate) const IDLE_TICKS_BEFORE_PARKING: u32 = 2;
+/// How often the epoch advances while no call is seen running: a call that
+/// begins meanwhile wakes no thread (a wake per call cost a context switch
+/// per connection, a fifth of a passed-through connection's CPU on one
+/// core), and gets its first tick within this long.
+pub(crate) const SLOW_TICK: Duration = Duration::from_millis(5);
+
+/// Fast ticks ([`EPOCH_TICK`]) with no call running after which the ticker
+/// goes back to [`SLOW_TICK`]s.
+const FAST_TICKS_AFTER_LAST_CALL: u32 = 4;
+
+/// Slow ticks in which no call began after which the ticker sleeps until
+/// the next call (a second): an idle gateway has no thread waking.
+const QUIET_TICKS_BEFORE_PARKING: u32 = 200;
 
 /// The clock of plugin deadlines: a thread that advances the engines' epoch
-/// every [`EPOCH_TICK`] while any plugin call may be running, and sleeps
-/// otherwise.
+/// every [`EPOCH_TICK`] while it sees a plugin call running, every
+/// [`SLOW_TICK`] while calls come and go between its ticks, and not at all
+/// once none has begun for a while. A call yields at each tick and is
+/// interrupted once it has seen as many as its deadline has
+/// ([`State::ticks_left`]).
 ///
 /// No call may run unticked (its deadline would never come): a call first
-/// counts itself in `in_flight`, then wakes the thread if `parked` is set; the
-/// thread first sets `parked`, then parks only if `in_flight` is still zero.
-/// With sequentially consistent ordering one of the two always sees the other.
+/// counts itself in `in_flight` and sets `called`, then wakes the thread if
+/// `parked` is set; the thread first sets `parked`, then parks only if
+/// `in_flight` is still zero and `called` unset. With sequentially
+/// consistent ordering one of the two always sees the other.
+#[derive(Default)]
 pub(crate) struct Ticker {
     pub(crate) in_flight: AtomicUsize,
+    pub(crate) called: AtomicBool,
     pub(crate) parked: AtomicBool,
     pub(crate) stop: AtomicBool,
     pub(crate) thread: OnceLock<std::thread::Thread>,
@@ -155,22 +170,31 @@ pub(crate) struct Ticker {
 
 impl Ticker {
     pub(crate) fn run(&self, engines: &[Engine]) {
-        let mut idle_ticks = 0;
+        let (mut fast, mut idle_fast, mut quiet) = (false, 0, 0);
         while !self.stop.load(Ordering::SeqCst) {
+            let called = self.called.swap(false, Ordering::SeqCst);
             if self.in_flight.load(Ordering::SeqCst) > 0 {
-                idle_ticks = 0;
-            } else if idle_ticks >= IDLE_TICKS_BEFORE_PARKING {
+                (fast, idle_fast, quiet) = (true, 0, 0);
+            } else if fast {
+                idle_fast += 1;
+                fast = idle_fast < FAST_TICKS_AFTER_LAST_CALL;
+            } else if called {
+                quiet = 0;
+            } else if quiet >= QUIET_TICKS_BEFORE_PARKING {
                 self.parked.store(true, Ordering::SeqCst);
-                if self.in_flight.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::SeqCst) {
+                if self.in_flight.load(Ordering::SeqCst) == 0
+                    && !self.called.load(Ordering::SeqCst)
+                    && !self.stop.load(Ordering::SeqCst)
+                {
                     std::thread::park();
                 }
                 self.parked.store(false, Ordering::SeqCst);
-                idle_ticks = 0;
+                quiet = 0;
                 continue;
             } else {
-                idle_ticks += 1;
+                quiet += 1;
             }
-            std::thread::sleep(EPOCH_TICK);
+            std::thread::sleep(if fast { EPOCH_TICK } else { SLOW_TICK });
             for engine in engines {
                 engine.increment_epoch();
             }
@@ -180,6 +204,9 @@ impl Ticker {
     /// Marks a plugin call as running until the guard drops.
     pub(crate) fn busy(&self) -> Busy<'_> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if !self.called.load(Ordering::Relaxed) {
+            self.called.store(true, Ordering::SeqCst);
+        }
         if self.parked.load(Ordering::SeqCst) {
             self.wake();
         }
@@ -199,5 +226,63 @@ pub(crate) struct Busy<'a>(&'a Ticker);
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (at most 10 s) until `check` holds.
+    fn eventually(what: &str, check: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !check() {
+            assert!(started.elapsed() < Duration::from_secs(10), "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Without calls the ticker parks; a call wakes it and is ticked while
+    /// it runs, however it began; it parks again once calls stop.
+    #[test]
+    fn the_ticker_ticks_running_calls_and_parks_when_none_come() {
+        let engine = Engine::new(wasmtime::Config::new().epoch_interruption(true)).expect("engine");
+        let ticker = Arc::new(Ticker::default());
+        let running = Arc::clone(&ticker);
+        let engines = vec![engine.clone()];
+        let thread = std::thread::spawn(move || running.run(&engines));
+        let _ = ticker.thread.set(thread.thread().clone());
+        eventually("parked with no call", || ticker.parked.load(Ordering::SeqCst));
+        // An epoch counter of our own: a store's deadline passes once the
+        // engine has ticked.
+        let mut store = wasmtime::Store::new(&engine, ());
+        store.set_epoch_deadline(1);
+        {
+            let _call = ticker.busy();
+            eventually("woken by the call", || !ticker.parked.load(Ordering::SeqCst));
+            // `(module (func (export "f")))`: its entry checks the epoch.
+            let wasm = [
+                0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x01, 0x04, 0x01, 0x60, 0x00, 0x00, 0x03, 0x02, 0x01,
+                0x00, 0x07, 0x05, 0x01, 0x01, b'f', 0x00, 0x00, 0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b,
+            ];
+            let module = wasmtime::Module::new(&engine, wasm).expect("module");
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).expect("instance");
+            let f = instance.get_typed_func::<(), ()>(&mut store, "f").expect("f");
+            let ticked = |store: &mut wasmtime::Store<()>| f.call(&mut *store, ()).is_err();
+            let started = std::time::Instant::now();
+            while !ticked(&mut store) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "a running call was never ticked"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        eventually("parked again after the last call", || {
+            ticker.parked.load(Ordering::SeqCst)
+        });
+        ticker.stop.store(true, Ordering::SeqCst);
+        ticker.wake();
+        thread.join().expect("the ticker ends");
     }
 }
