@@ -93,10 +93,18 @@ impl Browser {
             .unwrap_or_else(|e| panic!("{css} takes no text: {e}"));
     }
 
-    /// Waits (at most a test step) until the text of `css` satisfies `check`.
+    /// Waits (at most a test step) until the text of `css` satisfies `check`;
+    /// a failure says the text last seen there.
     pub async fn wait_for_text(&self, what: &str, css: &str, check: impl Fn(&str) -> bool) {
-        self.eventually(what, || async { self.text(css).await.is_some_and(|t| check(&t)) })
-            .await;
+        let started = Instant::now();
+        loop {
+            let text = self.text(css).await;
+            if text.as_deref().is_some_and(&check) {
+                return;
+            }
+            assert!(started.elapsed() < STEP, "never: {what}; {css} showed {text:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Whether an element `css` selects is there.
