@@ -70,9 +70,11 @@ pub(crate) async fn handle(
         relay_timeouts(&listener.config),
     );
     drop((listener, snapshot));
-    let route_active = match (&proxied, record.route.as_deref()) {
+    let tenant = record.tenant.as_deref();
+    let route_label = metrics.route_label(tenant, &name, record.route.as_deref().unwrap_or("-"));
+    let route_active = match (&proxied, &record.route) {
         (Proxied::Ended(_), _) | (_, None) => None,
-        (_, Some(route)) => Some(metrics.route_active(&name, record.tenant.as_deref(), route)),
+        (_, Some(_)) => Some(metrics.route_active(&name, tenant, &route_label)),
     };
     if let Some(gauge) = &route_active {
         gauge.inc();
@@ -102,7 +104,7 @@ pub(crate) async fn handle(
     metrics.connection_ended(&crate::metrics::Ended {
         listener: &name,
         tenant: record.tenant.as_deref(),
-        route: record.route.as_deref(),
+        route: route_label,
         outcome: outcome.kind(),
         sniff_failure: outcome.sniff_failure(),
         bytes_up,

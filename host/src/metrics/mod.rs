@@ -316,14 +316,13 @@ impl Metrics {
         self.active.get_or_create(&labels).clone()
     }
 
-    /// The gauge of connections being relayed on `route` of `tenant` (or of
-    /// `listener` for no tenant), the route name bounded as in
-    /// [`Metrics::route_label`].
-    pub fn route_active(&self, listener: &str, tenant: Option<&str>, route: &str) -> Gauge {
+    /// The gauge of connections being relayed on `route` (a label from
+    /// [`Metrics::route_label`]) of `tenant`, or of `listener` for no tenant.
+    pub fn route_active(&self, listener: &str, tenant: Option<&str>, route: &LabelValue) -> Gauge {
         let labels = RouteActiveLabels {
             listener: listener.into(),
             tenant: tenant.unwrap_or("-").into(),
-            route: self.route_label(tenant, listener, route),
+            route: route.clone(),
         };
         self.route_active.get_or_create(&labels).clone()
     }
@@ -346,7 +345,7 @@ impl Metrics {
             };
             self.sniff_failures.get_or_create(&labels).inc();
         }
-        let route = self.route_label(ended.tenant, ended.listener, ended.route.unwrap_or("-"));
+        let route = ended.route.clone();
         let tenant: LabelValue = ended.tenant.unwrap_or("-").into();
         if ended.bytes_up > 0 || ended.bytes_down > 0 {
             let mut labels = RouteBytesLabels {
@@ -604,8 +603,9 @@ pub struct Ended<'a> {
     pub listener: &'a str,
     /// Its tenant, if it had one.
     pub tenant: Option<&'a str>,
-    /// The route the decision named, if one did.
-    pub route: Option<&'a str>,
+    /// The `route` label ([`Metrics::route_label`]) of the route the
+    /// decision named, or of `-` before one.
+    pub route: LabelValue,
     /// How it ended (`closed`, `rejected`, ...).
     pub outcome: &'static str,
     /// Why it ended before routing, if it did.
