@@ -33,6 +33,12 @@ pub mod names;
 pub mod proxy;
 
 #[cfg(feature = "bindings")]
+mod addr;
+#[cfg(feature = "bindings")]
+mod caps;
+#[cfg(feature = "bindings")]
+pub use caps::{counters, dns, metrics};
+#[cfg(feature = "bindings")]
 mod sdk;
 #[cfg(feature = "bindings")]
 pub use sdk::*;

@@ -1,6 +1,8 @@
 //! A plugin `route` call as the gateway makes it: on a warm, configured
 //! instance (the default), and with a fresh instance per call
-//! (`reuse_instances = false`), both with the static-router plugin.
+//! (`reuse_instances = false`), both with the static-router plugin; and the
+//! warm call of static-router's `weir:plugin@0.1.0` build (addresses as
+//! strings, converted by the host) beside its 0.2.0 build (typed addresses).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,10 @@ use weir::wit;
 
 fn router_config(reuse: bool) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let wasm = root.join("target/wasm32-wasip2/release/static_router.wasm");
+    router_config_for(&root.join("target/wasm32-wasip2/release/static_router.wasm"), reuse)
+}
+
+fn router_config_for(wasm: &Path, reuse: bool) -> Config {
     assert!(
         wasm.exists(),
         "{} is missing: run scripts/build-plugins.sh",
@@ -44,13 +49,31 @@ fn connection() -> wit::Connection {
         id: 1,
         listener: "bench".into(),
         tenant: None,
-        client_addr: "127.0.0.1:40000".into(),
-        local_addr: "127.0.0.1:443".into(),
+        client: std::net::SocketAddr::from(([127, 0, 0, 1], 40000)).into(),
+        local: std::net::SocketAddr::from(([127, 0, 0, 1], 443)).into(),
         protocol: wit::Protocol::Tls,
         sni: Some("x.example.net".into()),
         alpn: vec!["h2".into(), "http/1.1".into()],
         tls_versions: vec![0x0304, 0x0303],
     }
+}
+
+/// Benchmarks `route` of the config's `router` plugin, after one call.
+fn bench_router(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    runtime: &Runtime,
+    name: &str,
+    config: &Config,
+    conn: &wit::Connection,
+) {
+    let settings = &config.plugins["router"];
+    let plugin = runtime
+        .load("router", &config.resolve(&settings.wasm), settings)
+        .expect("loads");
+    let plugin = std::sync::Arc::new(plugin);
+    let call = |conn: &wit::Connection| futures_executor::block_on(plugin.route(conn)).expect("routes");
+    call(conn);
+    group.bench_function(name, |b| b.iter(|| call(black_box(conn))));
 }
 
 fn route(c: &mut Criterion) {
@@ -59,17 +82,24 @@ fn route(c: &mut Criterion) {
     let mut group = c.benchmark_group("plugin_route");
     for (name, reuse) in [("warm_instance", true), ("fresh_instance", false)] {
         let config = router_config(reuse);
-        let plugin = runtime
-            .load(
-                "router",
-                &config.resolve(&config.plugins["router"].wasm),
-                &config.plugins["router"],
-            )
-            .expect("loads");
-        let plugin = std::sync::Arc::new(plugin);
-        let call = |conn: &wit::Connection| futures_executor::block_on(plugin.route(conn)).expect("routes");
-        call(&conn);
-        group.bench_function(name, |b| b.iter(|| call(black_box(&conn))));
+        bench_router(&mut group, &runtime, name, &config, &conn);
+    }
+    group.finish();
+}
+
+/// static-router's 0.1.0 build (kept in tests/contract-0.1.0) and its
+/// current 0.2.0 build, warm: what typed addresses save per call.
+fn contracts(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("engine");
+    let conn = connection();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut group = c.benchmark_group("contract_route");
+    for (name, wasm) in [
+        ("v0_1_0", root.join("tests/contract-0.1.0/static_router.wasm")),
+        ("v0_2_0", root.join("target/wasm32-wasip2/release/static_router.wasm")),
+    ] {
+        let config = router_config_for(&wasm, true);
+        bench_router(&mut group, &runtime, name, &config, &conn);
     }
     group.finish();
 }
@@ -119,5 +149,5 @@ fn languages(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route, languages);
+criterion_group!(benches, route, contracts, languages);
 criterion_main!(benches);

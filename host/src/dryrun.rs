@@ -3,6 +3,8 @@
 //! decides for it, plugin by plugin — what `weir route` prints and
 //! `POST /api/route` answers.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::plugin::chain::Routing;
@@ -72,8 +74,8 @@ struct Report<'a> {
 struct ConnectionReport<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<&'a str>,
-    client_addr: &'a str,
-    local_addr: &'a str,
+    client_addr: String,
+    local_addr: String,
     protocol: &'static str,
     sni: Option<&'a str>,
     alpn: &'a [String],
@@ -83,7 +85,7 @@ struct ConnectionReport<'a> {
 /// when there is one), as a connection would; the error says what in the
 /// query is wrong.
 pub async fn run(snapshot: &Snapshot, query: &Query) -> Result<DryRun, String> {
-    use std::net::{IpAddr, SocketAddr};
+    use std::net::IpAddr;
     let name = query.listener.as_str();
     let Some(listener) = snapshot.listener(name) else {
         let known: Vec<&str> = snapshot.config.listeners.keys().map(String::as_str).collect();
@@ -128,8 +130,8 @@ pub async fn run(snapshot: &Snapshot, query: &Query) -> Result<DryRun, String> {
         id: 0,
         listener: name.to_owned(),
         tenant: None,
-        client_addr: client_addr.to_string(),
-        local_addr: listener.config.bind.to_string(),
+        client: client_addr.into(),
+        local: listener.config.bind.into(),
         protocol,
         sni,
         alpn: query.alpn.clone(),
@@ -156,8 +158,8 @@ impl DryRun {
             listener: &self.conn.listener,
             connection: ConnectionReport {
                 tenant: self.conn.tenant.as_deref(),
-                client_addr: &self.conn.client_addr,
-                local_addr: &self.conn.local_addr,
+                client_addr: SocketAddr::from(self.conn.client).to_string(),
+                local_addr: SocketAddr::from(self.conn.local).to_string(),
                 protocol: self.protocol,
                 sni: self.conn.sni.as_deref(),
                 alpn: &self.conn.alpn,
@@ -184,7 +186,7 @@ fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> Str
         out,
         "connection: {protocol}, SNI {sni}, ALPN [{}], from {}, on listener `{}`",
         conn.alpn.join(", "),
-        conn.client_addr,
+        SocketAddr::from(conn.client),
         conn.listener
     );
     match &conn.tenant {

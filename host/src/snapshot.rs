@@ -265,6 +265,7 @@ impl Snapshot {
                     .map_err(|reason| tls_error(Invalid::new(format!("dns.{name}.tsig_secret_file"), reason)))?;
             }
         }
+        runtime.set_resolver(&config.resolver);
         let mut plugins = BTreeMap::new();
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);

@@ -29,6 +29,13 @@ impl Bind {
     /// resolve to 127.0.0.1), letting the key [`TSIG_KEY`] change TXT
     /// records in it; ready to answer.
     pub fn start(zone: &str) -> Bind {
+        Bind::start_with(zone, "")
+    }
+
+    /// Like [`Bind::start`], with `records` (zone-file lines, relative
+    /// names) in the zone too. Every query it answers is logged, for
+    /// [`Bind::queries`].
+    pub fn start_with(zone: &str, records: &str) -> Bind {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path();
         let key = Command::new(sbin("tsig-keygen"))
@@ -43,7 +50,7 @@ impl Bind {
             path.join("zone.db"),
             format!(
                 "$TTL 60\n@ IN SOA ns.{zone}. hostmaster.{zone}. 1 60 60 3600 60\n@ IN NS ns.{zone}.\n\
-                 @ IN A 127.0.0.1\nns IN A 127.0.0.1\n* IN A 127.0.0.1\n"
+                 @ IN A 127.0.0.1\nns IN A 127.0.0.1\n* IN A 127.0.0.1\n{records}\n"
             ),
         )
         .expect("write");
@@ -63,7 +70,9 @@ impl Bind {
     dnssec-validation no;
     notify no;
     allow-query {{ any; }};
+    querylog yes;
 }};
+
 controls {{ }};
 include "{dir_text}/tsig.key";
 zone "{zone}" {{
@@ -96,6 +105,24 @@ zone "{zone}" {{
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         bind
+    }
+
+    /// How many queries for `name` (as asked, without the trailing dot) of
+    /// type `kind` it has answered.
+    pub fn queries(&self, name: &str, kind: &str) -> usize {
+        let log = self.query_log();
+        let asked = format!("query: {name} IN {kind} ");
+        log.lines().filter(|line| line.contains(&asked)).count()
+    }
+
+    /// The queries it answered, a line each (`named -g` logs them to its
+    /// stderr, with the rest of its log).
+    pub fn query_log(&self) -> String {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("query: "))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The key file `tsig-keygen` wrote (mode 0600).

@@ -30,8 +30,25 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
-/// A plugin built for `wasm32-wasip2` by `scripts/build-plugins.sh`.
+/// The shipped plugins kept as their `weir:plugin@0.1.0` builds
+/// (`tests/contract-0.1.0/`, built from the sources of that contract).
+const CONTRACT_0_1_0: [&str; 3] = ["static-router", "attestation-allowlist", "misbehave"];
+
+/// The `weir:plugin@0.1.0` build of a shipped plugin.
+pub fn plugin_v0_1(crate_name: &str) -> PathBuf {
+    assert!(CONTRACT_0_1_0.contains(&crate_name), "no 0.1.0 build of {crate_name}");
+    workspace()
+        .join("tests/contract-0.1.0")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+/// A plugin built for `wasm32-wasip2` by `scripts/build-plugins.sh`; with
+/// `WEIR_TEST_CONTRACT=0.1.0`, the 0.1.0 build of the plugins kept as one,
+/// so the same tests prove weir still runs 0.1.0 plugins unchanged.
 pub fn plugin(crate_name: &str) -> PathBuf {
+    if std::env::var("WEIR_TEST_CONTRACT").as_deref() == Ok("0.1.0") && CONTRACT_0_1_0.contains(&crate_name) {
+        return plugin_v0_1(crate_name);
+    }
     let path = target_dir()
         .join("wasm32-wasip2/release")
         .join(format!("{}.wasm", crate_name.replace('-', "_")));
@@ -108,6 +125,7 @@ pub fn expand(toml: &str) -> String {
         ("{alpn_router}", "alpn-router"),
         ("{alpn_router_py}", "alpn-router-py"),
         ("{maintenance}", "maintenance"),
+        ("{rate_limit}", "rate-limit"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Python twin of alpn-router into a weir plugin component,
+# Builds the Python twin of alpn-router into a weir plugin component (of
+# contract 0.1.0, which weir keeps loading beside 0.2.0),
 # target/wasm32-wasip2/release/alpn_router_py.wasm, with componentize-py
 # (from PyPI, installed into a virtual environment under target/ when it is
 # not on the PATH).
@@ -18,4 +19,4 @@ if ! command -v "$componentize" >/dev/null; then
 fi
 mkdir -p "$target/wasm32-wasip2/release"
 cd "$here"
-"$componentize" -d "$root/wit" -w weir-plugin componentize app -o "$target/wasm32-wasip2/release/alpn_router_py.wasm"
+"$componentize" -d "$root/wit/since_v0.1.0" -w weir-plugin componentize app -o "$target/wasm32-wasip2/release/alpn_router_py.wasm"

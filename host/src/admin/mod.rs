@@ -496,6 +496,8 @@ async fn plugins_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
                 "name": name,
                 "wasm": plugin.wasm().display().to_string(),
                 "sha256": weir_plugin_sdk::hex::encode(&plugin.sha256()),
+                "contract": plugin.contract(),
+                "grants": plugin.grants(),
                 "loaded_at": loaded,
                 "on_error": plugin.on_error(),
                 "status": "loaded",

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigError, MAX_PLUGIN_CALLS, MAX_POOL_SERVERS, MIN_HEALTH_INTERVAL, tls};
+use super::{Config, ConfigError, MAX_COUNTER_KEYS, MAX_PLUGIN_CALLS, MAX_POOL_SERVERS, MIN_HEALTH_INTERVAL, tls};
 use crate::addr::HostPort;
 
 /// Whether `name` can name a pool: 1 to 64 ASCII letters, digits, `-`, `_`
@@ -103,6 +103,25 @@ impl Config {
                         ),
                     ));
                 }
+                if let Some(grant) = settings.grants.iter().find(|g| !tenant.grants.contains(g)) {
+                    return Err(self.invalid(
+                        format!("plugins.{plugin}.grants"),
+                        format!(
+                            "`{}` is not among the grants tenant `{name}` may give its plugins \
+                             (the operator's [tenants.{name}] grants)",
+                            grant.name()
+                        ),
+                    ));
+                }
+                if settings.counter_keys > tenant.max_counter_keys {
+                    return Err(self.invalid(
+                        format!("plugins.{plugin}.counter_keys"),
+                        format!(
+                            "{} exceeds tenant `{name}`'s max_counter_keys of {}",
+                            settings.counter_keys, tenant.max_counter_keys
+                        ),
+                    ));
+                }
                 let max = tenant.max_plugin_timeout;
                 if settings.timeout > max {
                     return Err(self.invalid(
@@ -138,6 +157,16 @@ impl Config {
         self.check_cas()?;
         self.check_tenants()?;
         self.check_pools()?;
+        let resolver = &self.resolver;
+        if resolver.timeout < Duration::from_millis(1) || resolver.timeout > Duration::from_secs(1) {
+            return Err(self.invalid("resolver.timeout".into(), "must be between 1ms and 1s"));
+        }
+        if !(1..=100_000).contains(&resolver.cache_entries) {
+            return Err(self.invalid("resolver.cache_entries".into(), "must be between 1 and 100000"));
+        }
+        if resolver.servers.len() > 8 {
+            return Err(self.invalid("resolver.servers".into(), "at most 8 name servers"));
+        }
         if !(1..=1_048_576).contains(&self.cache.max_size_mib) {
             return Err(self.invalid("cache.max_size_mib".into(), "must be between 1 and 1048576 (1 TiB)"));
         }
@@ -221,6 +250,12 @@ impl Config {
             }
             if !(1..=4096).contains(&plugin.max_memory_mib) {
                 return Err(self.invalid(field("max_memory_mib"), "must be between 1 and 4096"));
+            }
+            if !(1..=MAX_COUNTER_KEYS).contains(&plugin.counter_keys) {
+                return Err(self.invalid(
+                    field("counter_keys"),
+                    format!("must be between 1 and {MAX_COUNTER_KEYS}"),
+                ));
             }
             if plugin
                 .config

@@ -22,6 +22,8 @@ mod check;
 mod defaults;
 mod files;
 pub use files::plugin_files_mut;
+mod grants;
+pub use grants::{Capability, MAX_COUNTER_KEYS, ResolverConfig};
 mod pool;
 pub mod tls;
 
@@ -125,6 +127,9 @@ pub struct Config {
     /// Where compiled plugin code is kept between starts.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The resolver behind plugins' `dns` capability.
+    #[serde(default)]
+    pub resolver: ResolverConfig,
     /// Where the file was read from; relative paths in it are relative to its
     /// directory.
     #[serde(skip)]
@@ -299,6 +304,13 @@ pub struct TenantConfig {
     /// refused the same way. Default: 4, or the number of worker threads if
     /// more (a fast plugin's calls overlap at most once per worker).
     pub max_plugin_calls: Option<usize>,
+    /// Capabilities its plugins may be granted: `counters` and `metrics`
+    /// unless given; `dns` only when listed.
+    #[serde(default = "grants::default_tenant_grants")]
+    pub grants: Vec<Capability>,
+    /// Largest `counter_keys` its plugins may have.
+    #[serde(default = "grants::default_counter_keys")]
+    pub max_counter_keys: usize,
 }
 
 /// Process-wide limits.
@@ -494,6 +506,13 @@ pub struct PluginConfig {
     /// instantiation and a `configure` per call.
     #[serde(default = "defaults::yes")]
     pub reuse_instances: bool,
+    /// Capabilities of contract 0.2.0 the plugin may call (`counters`,
+    /// `metrics`, `dns`); a component importing one not listed fails to load.
+    #[serde(default)]
+    pub grants: Vec<Capability>,
+    /// Most keys its counters hold; the least recently hit is evicted.
+    #[serde(default = "grants::default_counter_keys")]
+    pub counter_keys: usize,
 }
 
 impl PluginConfig {

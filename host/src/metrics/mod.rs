@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 mod labels;
+pub mod own;
 pub use labels::{
     AcmeOrderLabels, BytesLabels, CertificateLabels, ConnectionLabels, FailureLabels, ListenerLabels, PluginLabels,
     PoolServerLabels, ReloadLabels, RouteActiveLabels, RouteBytesLabels, ShedLabels, SniffLabels, TenantLabels,
@@ -183,6 +184,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("weir");
         metrics.register_traffic(&mut registry);
         metrics.register_plugins_and_certificates(&mut registry);
+        own::register(&mut registry);
         metrics.registry = registry;
         // Alerts on `result="error"` must see 0 before the first failure, not
         // a missing series.

@@ -49,6 +49,9 @@ pub enum DecisionError {
     /// No route name.
     #[error("the route name is empty")]
     EmptyRoute,
+    /// A decision of contract 0.2.0 this host does not carry out yet.
+    #[error("`{0}` decisions are not carried out by this host yet")]
+    Unsupported(&'static str),
     /// A route name over 256 bytes.
     #[error("the route name is {0} bytes, more than {MAX_ROUTE_LEN}")]
     RouteTooLong(usize),
@@ -231,6 +234,7 @@ impl Decision {
             }
             wit::Action::Reject(reason) => Action::Reject(reason),
             wit::Action::Terminate(termination) => Action::Terminate(Termination::from_wit(termination, known)?),
+            wit::Action::Originate(_) => return Err(DecisionError::Unsupported("originate")),
         };
         let route = decision.route;
         if route.is_empty() {

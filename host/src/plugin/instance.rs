@@ -14,6 +14,8 @@ use wasmtime_wasi::WasiCtx;
 use crate::config::MAX_PLUGIN_CALLS as MAX_CALLS_IN_FLIGHT;
 use crate::config::{OnError, PluginConfig};
 use crate::plugin::budget::Spending;
+use crate::plugin::caps::Capabilities;
+use crate::plugin::contract::{Exports, Pre, Version};
 use crate::plugin::state::{Busy, LogBudget, MemoryCap, State, Ticker};
 use crate::plugin::{Budget, EPOCH_TICK, MAX_IDLE_INSTANCES, PluginError};
 use crate::throttle::EverySecond;
@@ -22,7 +24,7 @@ use crate::wit;
 /// A configured, live instance of a plugin.
 pub(crate) struct Instance {
     pub(crate) store: Store<State>,
-    pub(crate) exports: wit::WeirPlugin,
+    pub(crate) exports: Exports,
 }
 
 /// Plugins loaded and instances alive in this process, for the gauges that
@@ -44,7 +46,7 @@ pub fn live_instances() -> usize {
 }
 
 impl Instance {
-    pub(crate) fn new(store: Store<State>, exports: wit::WeirPlugin) -> Instance {
+    pub(crate) fn new(store: Store<State>, exports: Exports) -> Instance {
         LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
         Instance { store, exports }
     }
@@ -65,7 +67,11 @@ impl Drop for Plugin {
 /// A loaded plugin: its compiled component, settings, and idle instances.
 pub struct Plugin {
     pub(crate) name: Arc<str>,
-    pub(crate) pre: wit::WeirPluginPre<State>,
+    pub(crate) pre: Pre,
+    /// The contract version the component speaks.
+    pub(crate) version: Version,
+    /// What its grants give it.
+    pub(crate) caps: Arc<Capabilities>,
     pub(crate) wasm: PathBuf,
     pub(crate) sha256: [u8; 32],
     pub(crate) settings: PluginConfig,
@@ -112,7 +118,9 @@ impl std::fmt::Debug for Plugin {
 /// [`SLOW_TICK`](crate::plugin::state::SLOW_TICK) late, once.)
 pub(crate) fn arm(store: &mut Store<State>, budget: Duration) {
     let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-    store.data_mut().ticks_left = ticks;
+    let state = store.data_mut();
+    state.ticks_left = ticks;
+    state.deadline = Instant::now() + budget;
     store.set_epoch_deadline(1);
 }
 
@@ -225,6 +233,20 @@ impl Plugin {
         self.on_error
     }
 
+    /// The contract version its component speaks: `weir:plugin@0.1.0` or
+    /// `@0.2.0`.
+    pub fn contract(&self) -> &'static str {
+        match self.version {
+            Version::V0_1 => "0.1.0",
+            Version::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The capabilities its section grants.
+    pub fn grants(&self) -> &[crate::config::Capability] {
+        &self.settings.grants
+    }
+
     /// The `.wasm` file it was loaded from.
     pub fn wasm(&self) -> &Path {
         &self.wasm
@@ -262,8 +284,7 @@ impl Plugin {
         let mut instance = call.checkout().await?;
         arm_task_call(&mut instance.store, self.timeout);
         let result = {
-            let exports = instance.exports.weir_plugin_plugin();
-            let running = std::pin::pin!(exports.call_route(&mut instance.store, conn));
+            let running = std::pin::pin!(instance.exports.route(&mut instance.store, conn));
             Timed::new(running, &mut call.spent).await
         };
         call.finish(instance, result)
@@ -280,8 +301,7 @@ impl Plugin {
         let mut instance = call.checkout().await?;
         arm_task_call(&mut instance.store, self.timeout);
         let result = {
-            let exports = instance.exports.weir_plugin_plugin();
-            let running = std::pin::pin!(exports.call_admit(&mut instance.store, conn, side, peer));
+            let running = std::pin::pin!(instance.exports.admit(&mut instance.store, conn, side, peer));
             Timed::new(running, &mut call.spent).await
         };
         call.finish(instance, result)
@@ -339,7 +359,9 @@ impl Plugin {
                 refused: false,
             },
             ticks_left: 0,
+            deadline: Instant::now(),
             defer_yield,
+            caps: Arc::clone(&self.caps),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -360,13 +382,12 @@ impl Plugin {
         arm(&mut store, budget);
         let exports = self
             .pre
-            .instantiate_async(&mut store)
+            .instantiate(&mut store)
             .await
             .map_err(|e| self.classify(e, &store, budget))?;
         arm(&mut store, budget);
         exports
-            .weir_plugin_plugin()
-            .call_configure(&mut store, &self.config)
+            .configure(&mut store, &self.config)
             .await
             .map_err(|e| self.classify(e, &store, budget))?
             .map_err(PluginError::Configure)?;

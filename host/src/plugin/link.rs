@@ -48,7 +48,8 @@ pub(crate) fn stub_unprovided_imports(
     use wasmtime::component::types::ComponentItem;
     for (name, item) in component.component_type().imports(engine) {
         let interface = name.split_once('@').map_or(name, |(interface, _version)| interface);
-        if PROVIDED_INTERFACES.contains(&interface) {
+        // Capabilities are linked as granted, or refused before this.
+        if PROVIDED_INTERFACES.contains(&interface) || crate::config::Capability::of_import(name).is_some() {
             continue;
         }
         let ComponentItem::ComponentInstance(instance) = item.ty else {

@@ -30,6 +30,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::config::{DEFAULT_ISOLATED_INSTANCES, MAX_ISOLATED_INSTANCES, PluginConfig};
+use crate::plugin::contract::{Pre, Version};
 use crate::plugin::instance::LIVE_PLUGINS;
 use crate::plugin::link::{link_harmless_wasi, stub_unprovided_imports};
 use crate::plugin::state::{LogBudget, State, Ticker};
@@ -38,10 +39,14 @@ use crate::wit;
 
 mod budget;
 pub mod cache;
+mod caps;
 pub mod chain;
+mod contract;
+mod counters;
 pub mod decision;
 mod instance;
 mod link;
+mod shared;
 mod state;
 
 pub use budget::Budget;
@@ -80,8 +85,9 @@ pub enum PluginError {
         /// What wasmtime said.
         reason: String,
     },
-    /// The component does not implement the `weir:plugin` world.
-    #[error("{path}: does not implement weir:plugin/plugin@0.1.0: {reason}")]
+    /// The component does not implement a `weir:plugin` world this host
+    /// runs (0.1.x or 0.2.x), or imports what it cannot be given.
+    #[error("{path}: cannot be linked as a weir plugin: {reason}")]
     Link {
         /// The file.
         path: PathBuf,
@@ -147,6 +153,8 @@ pub struct Runtime {
     /// Configured instances each plugin gets at load: one per thread that
     /// may call plugins at once (the gateway's worker threads).
     warm_instances: usize,
+    /// What plugins' capabilities keep across reloads, by plugin name.
+    shared: shared::Shared,
 }
 
 /// The engine settings both engines share: compiled code is the same for
@@ -190,7 +198,10 @@ impl Host {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         let engine = Engine::new(config).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
-        wit::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
+        // Both contract versions' `log`; capabilities are linked per plugin,
+        // as its grants say.
+        wit::v0_1::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
+        wit::host::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
         link_harmless_wasi(&mut linker).map_err(engine_error)?;
         Ok(Host { engine, linker })
     }
@@ -247,6 +258,7 @@ impl Runtime {
             compiled: Mutex::new(HashMap::new()),
             disk: None,
             warm_instances: worker_threads(),
+            shared: shared::Shared::default(),
         })
     }
 
@@ -319,6 +331,7 @@ impl Runtime {
             && previous.sha256 == sha256
             && previous.settings == *config
             && previous.config == config_text
+            && !self.resolver_changed(previous)
         {
             return Ok(Arc::clone(previous));
         }
@@ -360,16 +373,25 @@ impl Runtime {
             }
         };
         let mut linker = host.linker.clone();
-        let link_error = |e: wasmtime::Error| PluginError::Link {
+        let refused = |reason: String| PluginError::Link {
             path: path.to_owned(),
-            reason: format!("{e:#}"),
+            reason,
         };
+        let link_error = |e: wasmtime::Error| refused(format!("{e:#}"));
+        let version = Version::of(&component, &host.engine).map_err(refused)?;
+        if let Some(reason) = caps::ungranted_import(&component, &host.engine, name, &config.grants) {
+            return Err(refused(reason));
+        }
+        caps::link_granted(&mut linker, &config.grants).map_err(link_error)?;
         stub_unprovided_imports(&mut linker, &component, &host.engine).map_err(link_error)?;
         let pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = wit::WeirPluginPre::new(pre).map_err(link_error)?;
+        let pre = Pre::new(pre, version).map_err(link_error)?;
+        let caps = self.capabilities(name, config).map_err(refused)?;
         let plugin = Plugin {
             name: name.into(),
             pre,
+            version,
+            caps,
             wasm: path.to_owned(),
             sha256,
             settings: config.clone(),

@@ -61,12 +61,18 @@ pub(crate) struct State {
     /// Epoch ticks the running call may still observe before it is
     /// interrupted; the call yields at each one.
     pub(crate) ticks_left: u64,
+    /// When the running call's deadline passes, by the wall clock: what a
+    /// DNS lookup may wait is cut to it (waiting runs no wasm, so no tick
+    /// is spent).
+    pub(crate) deadline: std::time::Instant,
     /// Whether the call runs in a tokio task, where a yield waits until the
     /// worker has polled for I/O and run every task that was ready (a slow
     /// plugin call then goes last, behind other connections). Calls under a
     /// plain `block_on` (loading) yield and resume at once instead: a
     /// deferred wake there would wait for a scheduler that is blocked.
     pub(crate) defer_yield: bool,
+    /// What the plugin's grants give it.
+    pub(crate) caps: Arc<crate::plugin::caps::Capabilities>,
 }
 
 impl WasiView for State {
@@ -79,6 +85,22 @@ impl WasiView for State {
 }
 
 impl wit::Host for State {}
+
+impl wit::v0_1::Host for State {}
+
+impl wit::v0_1::host::Host for State {
+    fn log(&mut self, level: wit::v0_1::host::Level, message: String) {
+        use wit::host::Level;
+        let level = match level {
+            wit::v0_1::host::Level::Trace => Level::Trace,
+            wit::v0_1::host::Level::Debug => Level::Debug,
+            wit::v0_1::host::Level::Info => Level::Info,
+            wit::v0_1::host::Level::Warn => Level::Warn,
+            wit::v0_1::host::Level::Error => Level::Error,
+        };
+        wit::host::Host::log(self, level, message);
+    }
+}
 
 impl wit::host::Host for State {
     fn log(&mut self, level: wit::host::Level, message: String) {

@@ -24,6 +24,15 @@
 //! are always passed through. Names under no base domain, reserved ids and
 //! connections without SNI are left to the next plugin (`next`).
 //!
+//! With `"dns_custom_domains": true`, a name that is neither under a base
+//! domain nor a configured custom domain is looked up as the dstack
+//! gateway does: the TXT record `_dstack-app-address.<name>` holds
+//! `app-id:port`, and the name is passed through to that app like a
+//! configured custom domain. A name without the record, or naming an app
+//! this router does not know, is rejected with a reason saying which. The
+//! lookups go through the host's resolver and cache (the `dns` capability:
+//! the plugin's section needs `grants = ["dns"]`).
+//!
 //! Config:
 //!
 //! ```json
@@ -45,6 +54,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use serde::Deserialize;
+use weir_plugin_sdk::dns::{self, LookupError};
 use weir_plugin_sdk::names::{self, Pattern};
 use weir_plugin_sdk::{Connection, Decision, Plugin, Target, Termination, export_plugin, parse_config};
 
@@ -79,6 +89,7 @@ struct App {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
+    #[serde(default)]
     base_domains: BTreeMap<String, BaseDomain>,
     #[serde(default)]
     apps: BTreeMap<String, App>,
@@ -86,6 +97,8 @@ struct Config {
     custom_domains: BTreeMap<String, String>,
     #[serde(default = "default_reserved")]
     reserved: Vec<String>,
+    #[serde(default)]
+    dns_custom_domains: bool,
 }
 
 fn default_reserved() -> Vec<String> {
@@ -171,6 +184,8 @@ pub struct DstackRouter {
     /// App id → the ports it serves, when it declares them.
     app_ports: HashMap<String, Vec<u16>>,
     reserved: Vec<String>,
+    /// Look names up in DNS (`_dstack-app-address.<name>` TXT).
+    dns_custom_domains: bool,
 }
 
 impl Plugin for DstackRouter {
@@ -178,10 +193,11 @@ impl Plugin for DstackRouter {
         let config: Config = parse_config(config)?;
         let mut router = DstackRouter {
             reserved: config.reserved,
+            dns_custom_domains: config.dns_custom_domains,
             ..DstackRouter::default()
         };
-        if config.base_domains.is_empty() && config.custom_domains.is_empty() {
-            return Err("give at least one of `base_domains` and `custom_domains`".into());
+        if config.base_domains.is_empty() && config.custom_domains.is_empty() && !config.dns_custom_domains {
+            return Err("give at least one of `base_domains`, `custom_domains` and `dns_custom_domains`".into());
         }
         for (base, settings) in config.base_domains {
             let canonical = match Pattern::parse(&base) {
@@ -276,6 +292,9 @@ impl Plugin for DstackRouter {
             };
         }
         let Some((label, base, certificate)) = self.split(sni) else {
+            if self.dns_custom_domains {
+                return self.route_by_dns(sni, conn);
+            }
             return Decision::next();
         };
         let request = match parse_label(label) {
@@ -318,6 +337,31 @@ impl Plugin for DstackRouter {
 }
 
 impl DstackRouter {
+    /// Routes a custom domain by its `_dstack-app-address` TXT record.
+    fn route_by_dns(&self, sni: &str, conn: &Connection) -> Decision {
+        let record = format!("_dstack-app-address.{sni}");
+        let texts = match dns::txt(&record) {
+            Ok(texts) => texts,
+            Err(LookupError::NoRecords) => {
+                return Decision::reject("unknown-domain", format!("{sni}: no TXT record at {record}"));
+            }
+            Err(error) => return Decision::reject("unknown-domain", format!("{sni}: looking up {record}: {error}")),
+        };
+        let Some((app, port)) = texts.iter().find_map(|text| parse_app_address(text)) else {
+            return Decision::reject("unknown-domain", format!("{sni}: {record} holds no app-id:port"));
+        };
+        if !self.serves(app, port) {
+            return Decision::reject(
+                "unknown-domain",
+                format!("{sni}: port {port} is not one of `{app}`'s ports"),
+            );
+        }
+        match self.target(app, port, conn) {
+            Some(target) => Decision::passthrough(format!("dns:{app}-{port}"), target),
+            None => Decision::reject("unknown-domain", format!("{sni}: no app or instance `{app}`")),
+        }
+    }
+
     /// Splits a name under a base domain into its first label, the base
     /// domain and its certificate. A name deeper under a base domain is
     /// reported as an invalid one-label name.
@@ -365,10 +409,7 @@ impl DstackRouter {
             return Some(host);
         }
         let instances = self.apps.get(id)?;
-        let client_ip = conn
-            .client_addr
-            .rsplit_once(':')
-            .map_or(conn.client_addr.as_str(), |(ip, _)| ip);
+        let client_ip = conn.client_ip();
         // Rendezvous hashing: each client has a stable favourite, and
         // removing an instance moves only that instance's clients.
         instances
@@ -383,6 +424,15 @@ impl DstackRouter {
 }
 
 /// An IPv6 literal in brackets, for `host:port`.
+/// `app-id:port` from a TXT record, as the dstack gateway writes it.
+fn parse_app_address(text: &str) -> Option<(&str, u16)> {
+    let (app, port) = text.trim().rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    let id_like =
+        !app.is_empty() && app.len() <= 64 && app.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    id_like.then_some((app, port))
+}
+
 fn bracket(host: &str) -> String {
     match host.contains(':') && !host.starts_with('[') {
         true => format!("[{host}]"),

@@ -37,6 +37,7 @@ fn summary(decision: &Decision) -> String {
     };
     match &decision.action {
         Action::Next => "next".into(),
+        Action::Originate(o) => format!("originate {} {}", decision.route, target(&o.target)),
         Action::Reject(reason) => format!("reject {} ({reason})", decision.route),
         Action::Passthrough(t) => format!("passthrough {} {}", decision.route, target(t)),
         Action::Terminate(t) => {
@@ -112,10 +113,10 @@ fn an_app_id_reaches_one_instance_per_client_and_spreads_clients() {
     let mut seen = std::collections::BTreeMap::new();
     for i in 0..300u32 {
         let mut conn = Connection::for_test(Some(&sni), &[]);
-        conn.client_addr = format!("192.0.2.{}:{}", i % 250, 40000 + i);
+        conn.client = std::net::SocketAddr::from(([192, 0, 2, (i % 250) as u8], (40000 + i) as u16)).into();
         let first = summary(&r.route(&conn));
         // The same client address, another source port: the same instance.
-        conn.client_addr = format!("192.0.2.{}:{}", i % 250, 50000 + i);
+        conn.client.port = (50000 + i) as u16;
         assert_eq!(summary(&r.route(&conn)), first);
         *seen.entry(first).or_insert(0) += 1;
     }

@@ -41,7 +41,7 @@ mod config;
 pub mod rule;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
@@ -117,7 +117,7 @@ impl Plugin for MeshRouter {
     }
 
     fn route(&self, conn: &Connection) -> Decision {
-        let client_ip = conn.client_addr.parse::<SocketAddr>().ok().map(|a| a.ip());
+        let client_ip = Some(conn.client_ip());
         let facts = Facts {
             sni: conn.sni.as_deref(),
             client_ip,

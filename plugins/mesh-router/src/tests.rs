@@ -94,7 +94,7 @@ fn router() -> MeshRouter {
 
 fn conn(sni: Option<&str>, alpn: &[&str], client: &str, protocol: Protocol) -> Connection {
     let mut conn = Connection::for_test(sni, alpn);
-    conn.client_addr = client.into();
+    conn.client = client.parse::<std::net::SocketAddr>().expect("ip:port").into();
     conn.listener = "public".into();
     conn.protocol = protocol;
     conn
@@ -107,6 +107,7 @@ fn summary(decision: &Decision) -> String {
     };
     match &decision.action {
         Action::Next => "next".into(),
+        Action::Originate(o) => format!("originate {} {}", decision.route, target(&o.target)),
         Action::Reject(reason) => format!("reject {} ({reason})", decision.route),
         Action::Passthrough(t) => format!("passthrough {} {}", decision.route, target(t)),
         Action::Terminate(t) => match &t.then {
@@ -182,7 +183,7 @@ fn routers_decide_as_traefik_would() {
             expected,
             "{:?} {:?}",
             conn.sni,
-            conn.client_addr
+            conn.client.to_string()
         );
     }
     // entryPoints: to-db only on `public`.

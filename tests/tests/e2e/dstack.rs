@@ -2,7 +2,9 @@
 //! bare port is terminated with the base domain's wildcard certificate and
 //! reaches a plain server, a `g` name negotiates h2 with the client (curl)
 //! and carries an HTTP/2 exchange to a plaintext h2 server, and a custom
-//! domain is passed through to its app.
+//! domain is passed through to its app; with `dns_custom_domains`, a name
+//! is routed by its `_dstack-app-address` TXT record in a real DNS server
+//! (BIND 9), through the host's resolver and its cache.
 
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ async fn dstack_names_reach_their_apps() {
 
             [plugins.dstack]
             wasm = "{{dstack_router}}"
+            grants = ["dns"]
             config.base_domains."dstack.test" = {{ certificate = "wildcard" }}
             config.apps.{app}.instances = {{ instance1 = "127.0.0.1" }}
             # An app whose instances are a weir pool: the host picks, on the name's port.
@@ -122,4 +125,89 @@ async fn dstack_names_reach_their_apps() {
     assert!(reply.is_err(), "{reply:?}");
     let line = weir.connection_line().await;
     assert!(line.contains("combines `s` (passthrough) and `g` (gRPC)"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_domains_are_routed_by_their_txt_records_and_the_answers_are_cached() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app_pki = Pki::new("app's own CA");
+    let app_tls = Upstream::tls(&app_pki.server(&["shop.custom.test", "stale.custom.test"]), answer).await;
+    let app = "3327603e03f5bd1f830812ca4a789277fc31f577";
+    let port = app_tls.addr.port();
+    let bind = weir_tests::dns::Bind::start_with(
+        "custom.test",
+        &format!(
+            "_dstack-app-address.shop IN TXT \"{app}:{port}\"\n\
+             _dstack-app-address.stale IN TXT \"0000000000000000000000000000000000000000:{port}\"\n"
+        ),
+    );
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["dstack"]
+
+            [plugins.dstack]
+            wasm = "{{dstack_router}}"
+            grants = ["dns"]
+            timeout = "200ms"
+            config.dns_custom_domains = true
+            config.apps.{app}.instances = {{ instance1 = "127.0.0.1" }}
+
+            [resolver]
+            servers = ["{dns}"]
+            "#,
+            dns = bind.addr,
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let record = "_dstack-app-address.shop.custom.test";
+    for round in 0..2 {
+        let reply = tls_exchange(addr, "shop.custom.test", app_pki.client_config(), "by dns").await;
+        assert_eq!(
+            reply.expect("routed by its TXT record"),
+            "upstream heard: by dns\n",
+            "round {round}"
+        );
+        let line = weir.connection_line().await;
+        assert!(line.contains(&format!(r#"route="dns:{app}-{port}""#)), "{line}");
+    }
+    assert_eq!(
+        bind.queries(record, "TXT"),
+        1,
+        "the second lookup was answered from the cache (TTL 60 s): {}",
+        bind.query_log()
+    );
+
+    // No record: the plugin's own refusal, saying which record is missing.
+    let line = refused(&mut weir, addr, "none.custom.test", &app_pki).await;
+    assert!(line.contains(r#"route="unknown-domain""#), "{line}");
+    assert!(
+        line.contains("no TXT record at _dstack-app-address.none.custom.test"),
+        "{line}"
+    );
+    // A record naming an app the router does not know.
+    let line = refused(&mut weir, addr, "stale.custom.test", &app_pki).await;
+    assert!(
+        line.contains("no app or instance `0000000000000000000000000000000000000000`"),
+        "{line}"
+    );
+    // The negative answer is cached too.
+    refused(&mut weir, addr, "none.custom.test", &app_pki).await;
+    assert_eq!(
+        bind.queries("_dstack-app-address.none.custom.test", "TXT"),
+        1,
+        "{}",
+        bind.log()
+    );
+}
+
+/// Asks for `sni` through weir, which must refuse it; its log line.
+async fn refused(weir: &mut WeirProcess, addr: std::net::SocketAddr, sni: &str, pki: &Pki) -> String {
+    let outcome = tls_exchange(addr, sni, pki.client_config(), "x").await;
+    assert!(outcome.is_err(), "{sni} is refused");
+    weir.connection_line().await
 }

@@ -196,3 +196,96 @@ async fn maintenance_is_a_config_flip_away() {
     }
     weir.child.kill().await.expect("stop");
 }
+
+/// What a client at `source` reads back before weir or the upstream
+/// closes; empty when the connection was refused.
+async fn reply_from(source: &str, addr: std::net::SocketAddr) -> String {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    let _ = stream.write_all(b"hi\n").await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_refuses_a_client_over_its_limit_and_serves_the_others() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = tagged("app").await;
+    let limiter = |limit: u32| {
+        format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["limiter", "router"]
+
+            # A fresh instance for every call: the counts live in the host.
+            [plugins.limiter]
+            wasm = "{{rate_limit}}"
+            grants = ["counters", "metrics"]
+            reuse_instances = false
+            config = {{ limit = {limit}, window_seconds = 600 }}
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.no_sni = {{ address = "{upstream}" }}
+
+            [reload]
+            watch = false
+
+            [admin]
+            bind = "127.0.0.1:0"
+            "#,
+            upstream = upstream.addr
+        )
+    };
+    let config = write_config(dir.path(), &limiter(3));
+    let mut weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let admin = weir.admin_addr().await;
+    for i in 1..=3 {
+        assert_eq!(
+            reply_from("127.0.0.2", addr).await,
+            "upstream heard: hi (app)\n",
+            "A's connection {i}"
+        );
+    }
+    assert_eq!(
+        reply_from("127.0.0.2", addr).await,
+        "",
+        "A's fourth connection is refused"
+    );
+    let line = weir.line_containing(r#"route="rate-limit""#).await;
+    assert!(
+        line.contains("127.0.0.2 opened 4 connections in 600 s, over its limit of 3"),
+        "{line}"
+    );
+    assert_eq!(
+        reply_from("127.0.0.3", addr).await,
+        "upstream heard: hi (app)\n",
+        "B is served"
+    );
+    let refused = r#"weir_plugin_counter_total{plugin="limiter",name="refused",label="rate-limit"}"#;
+    assert_eq!(weir_tests::metric(&admin, refused).await, Some(1.0));
+
+    // A reload under a new limit keeps the counts: A has 4 hits, so its
+    // fifth is within a limit of 5 and its sixth is not.
+    std::fs::write(&config, weir_tests::expand(&limiter(5))).expect("write");
+    let (status, body) = weir_tests::admin_request(&admin, "POST", "/api/reload", None, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        reply_from("127.0.0.2", addr).await,
+        "upstream heard: hi (app)\n",
+        "fifth, limit 5"
+    );
+    assert_eq!(reply_from("127.0.0.2", addr).await, "", "sixth");
+    assert_eq!(
+        weir_tests::metric(&admin, refused).await,
+        Some(2.0),
+        "the series survives the reload"
+    );
+}

@@ -11,6 +11,7 @@ mod adversarial;
 mod attestation;
 mod cache;
 mod cli;
+mod contract;
 mod dashboard;
 mod dns01;
 mod dstack;

@@ -35,14 +35,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The client's IP address without the port.
-fn client_ip(addr: &str) -> &str {
-    match addr.rsplit_once(':') {
-        Some((ip, _)) => ip.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
-    }
-}
-
 impl Plugin for Canary {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         let config: Config = parse_config(config)?;
@@ -62,7 +54,7 @@ impl Plugin for Canary {
         if !covered {
             return Decision::next();
         }
-        let slot = fnv1a(client_ip(&conn.client_addr).as_bytes()) % 100;
+        let slot = fnv1a(conn.client_ip().to_string().as_bytes()) % 100;
         if slot < u64::from(self.config.percent) {
             Decision::passthrough("canary", Target::pool(&self.config.canary))
         } else {
@@ -87,7 +79,8 @@ mod tests {
 
     fn route_from(plugin: &Canary, ip: &str, port: u16) -> String {
         let mut conn = Connection::for_test(Some("app.example.com"), &[]);
-        conn.client_addr = format!("{ip}:{port}");
+        let ip: std::net::IpAddr = ip.parse().expect("an IP address");
+        conn.client = std::net::SocketAddr::new(ip, port).into();
         plugin.route(&conn).route
     }
 

@@ -1,0 +1,125 @@
+//! The contract versions a plugin component may speak, and each call made
+//! through the one it does: 0.2.0 directly, 0.1.0 through the conversions
+//! of [`wit::v0_1`].
+
+use wasmtime::Store;
+use wasmtime::component::{Component, InstancePre};
+
+use crate::plugin::state::State;
+use crate::wit;
+
+/// The contract version a component exports `plugin` of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    V0_1,
+    V0_2,
+}
+
+impl Version {
+    /// The version `component` implements, or what it exports instead.
+    pub(crate) fn of(component: &Component, engine: &wasmtime::Engine) -> Result<Version, String> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        for name in &exports {
+            match name.strip_prefix("weir:plugin/plugin@") {
+                Some(version) if version.starts_with("0.1.") => return Ok(Version::V0_1),
+                Some(version) if version.starts_with("0.2.") => return Ok(Version::V0_2),
+                _ => {}
+            }
+        }
+        let shown: Vec<String> = exports.iter().take(8).map(|e| format!("`{e}`")).collect();
+        Err(format!(
+            "it exports no weir:plugin/plugin@0.1.x or @0.2.x (it exports {})",
+            if shown.is_empty() {
+                "nothing".to_owned()
+            } else {
+                shown.join(", ")
+            }
+        ))
+    }
+}
+
+/// A component linked for its contract version, ready to instantiate.
+pub(crate) enum Pre {
+    V0_1(wit::v0_1::WeirPluginPre<State>),
+    V0_2(wit::WeirPluginPre<State>),
+}
+
+/// An instance's exports.
+pub(crate) enum Exports {
+    V0_1(wit::v0_1::WeirPlugin),
+    V0_2(wit::WeirPlugin),
+}
+
+impl Pre {
+    pub(crate) fn new(pre: InstancePre<State>, version: Version) -> wasmtime::Result<Pre> {
+        Ok(match version {
+            Version::V0_1 => Pre::V0_1(wit::v0_1::WeirPluginPre::new(pre)?),
+            Version::V0_2 => Pre::V0_2(wit::WeirPluginPre::new(pre)?),
+        })
+    }
+
+    pub(crate) fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Pre::V0_1(pre) => pre.engine(),
+            Pre::V0_2(pre) => pre.engine(),
+        }
+    }
+
+    pub(crate) async fn instantiate(&self, store: &mut Store<State>) -> wasmtime::Result<Exports> {
+        Ok(match self {
+            Pre::V0_1(pre) => Exports::V0_1(pre.instantiate_async(store).await?),
+            Pre::V0_2(pre) => Exports::V0_2(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+impl Exports {
+    pub(crate) async fn configure(
+        &self,
+        store: &mut Store<State>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Exports::V0_1(e) => e.weir_plugin_plugin().call_configure(store, config).await,
+            Exports::V0_2(e) => e.weir_plugin_plugin().call_configure(store, config).await,
+        }
+    }
+
+    pub(crate) async fn route(
+        &self,
+        store: &mut Store<State>,
+        conn: &wit::Connection,
+    ) -> wasmtime::Result<wit::Decision> {
+        match self {
+            Exports::V0_1(e) => {
+                let conn = wit::v0_1::Connection::from(conn);
+                Ok(e.weir_plugin_plugin().call_route(store, &conn).await?.into())
+            }
+            Exports::V0_2(e) => e.weir_plugin_plugin().call_route(store, conn).await,
+        }
+    }
+
+    pub(crate) async fn admit(
+        &self,
+        store: &mut Store<State>,
+        conn: &wit::Connection,
+        side: wit::Side,
+        peer: &wit::Peer,
+    ) -> wasmtime::Result<wit::Verdict> {
+        match self {
+            Exports::V0_1(e) => {
+                let (conn, peer) = (wit::v0_1::Connection::from(conn), wit::v0_1::Peer::from(peer));
+                let verdict = e
+                    .weir_plugin_plugin()
+                    .call_admit(store, &conn, side.into(), &peer)
+                    .await?;
+                Ok(verdict.into())
+            }
+            Exports::V0_2(e) => e.weir_plugin_plugin().call_admit(store, conn, side, peer).await,
+        }
+    }
+}
