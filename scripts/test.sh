@@ -47,7 +47,8 @@ status=0
 cargo test --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The same end-to-end tests again with the shipped plugins' weir:plugin@0.1.0
 # builds (tests/contract-0.1.0): weir must run them unchanged.
-WEIR_TEST_CONTRACT=0.1.0 cargo test --locked -p weir-tests --test e2e -- \
+# (--workspace, not -p: the same features as the run above, so nothing is built again)
+WEIR_TEST_CONTRACT=0.1.0 cargo test --locked --workspace --test e2e -- \
     passthrough:: termination:: attestation:: plugin_faults:: 2>&1 | tee -a "$log" || status=$?
 # A short coverage-guided run of every fuzz target.
 scripts/fuzz-smoke.sh || status=$?

@@ -96,6 +96,15 @@ impl Decision {
         }
     }
 
+    /// The client speaks plain bytes: open TLS to `target` as `tls` says,
+    /// offering `alpn`.
+    pub fn originate(route: impl Into<String>, target: Target, tls: UpstreamTls, alpn: Vec<String>) -> Decision {
+        Decision {
+            route: route.into(),
+            action: Action::Originate(Origination { target, tls, alpn }),
+        }
+    }
+
     /// Terminate TLS at the gateway as `termination` says.
     pub fn terminate(route: impl Into<String>, termination: Termination) -> Decision {
         Decision {

@@ -143,7 +143,9 @@ pub async fn run(snapshot: &Snapshot, query: &Query) -> Result<DryRun, String> {
     };
     let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
     conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
-    let routing = snapshot.route(listener, tenant.as_deref(), &conn).await;
+    let mut routing = snapshot.route(listener, tenant.as_deref(), &conn).await;
+    let pending = std::mem::take(&mut routing.pending);
+    routing.shadows = crate::plugin::shadow::run(&pending, &conn).await;
     Ok(DryRun {
         conn,
         protocol: protocol_name,
@@ -216,6 +218,13 @@ fn explanation(conn: &wit::Connection, protocol: &str, routing: &Routing) -> Str
         None => "no plugin decided (`no-route`)".to_owned(),
     };
     let _ = writeln!(out, "decision: {} — {why}", describe_action(&routing.decision.action));
+    for shadow in &routing.shadows {
+        let _ = writeln!(
+            out,
+            "shadow: plugin `{}` (shadow_of `{}`) {}: {}",
+            shadow.plugin, shadow.live, shadow.result, shadow.decision
+        );
+    }
     out
 }
 
@@ -254,19 +263,37 @@ fn describe_action(action: &crate::plugin::decision::Action) -> String {
             };
             let then = match &t.then {
                 After::Plain(target) => format!("then plain to {}", describe_target(target)),
-                After::Reencrypt(target, tls) => {
-                    let verify = match (&tls.ca, tls.attested) {
-                        (_, true) => "its RA-TLS attestation".to_owned(),
-                        (Some(ca), false) => format!("CA `{ca}`"),
-                        (None, false) => "the system roots".to_owned(),
-                    };
-                    format!(
-                        "then re-encrypted to {} (verified by {verify})",
-                        describe_target(target)
-                    )
-                }
+                After::Reencrypt(target, tls) => format!(
+                    "then re-encrypted to {} (verified by {})",
+                    describe_target(target),
+                    describe_verification(tls)
+                ),
             };
             format!("terminate TLS with {certificate}{client}{alpn}, {then}")
         }
+        Action::Originate(o) => {
+            let alpn = match o.alpn.is_empty() {
+                true => String::new(),
+                false => format!(", offering ALPN [{}]", o.alpn.join(", ")),
+            };
+            let client_cert = match &o.tls.client_cert {
+                Some(name) => format!(", presenting certificate `{name}`"),
+                None => String::new(),
+            };
+            format!(
+                "open TLS for the plain client to {} (verified by {}){client_cert}{alpn}",
+                describe_target(&o.target),
+                describe_verification(&o.tls)
+            )
+        }
+    }
+}
+
+/// What verifies an upstream weir speaks TLS to.
+fn describe_verification(tls: &crate::plugin::decision::UpstreamTls) -> String {
+    match (&tls.ca, tls.attested) {
+        (_, true) => "its RA-TLS attestation".to_owned(),
+        (Some(ca), false) => format!("CA `{ca}`"),
+        (None, false) => "the system roots".to_owned(),
     }
 }

@@ -191,11 +191,15 @@ fn load_config(path: &Path, no_cache: bool) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn build_snapshot(path: &Path, no_cache: bool) -> anyhow::Result<Snapshot> {
+/// The snapshot a config builds, and the plugin runtime it runs on (whose
+/// epoch ticker must outlive every plugin call: dropped, it stops, and a
+/// call past its first tick would never be interrupted).
+fn build_snapshot(path: &Path, no_cache: bool) -> anyhow::Result<(Snapshot, Runtime)> {
     let config = load_config(path, no_cache)?;
     // One thread calls the plugins here: one instance each proves the config.
     let runtime = Runtime::for_config(&config)?.with_warm_instances(1);
-    Ok(Snapshot::build(config, &runtime)?)
+    let snapshot = Snapshot::build(config, &runtime)?;
+    Ok((snapshot, runtime))
 }
 
 fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
@@ -205,7 +209,7 @@ fn check(path: PathBuf, no_cache: bool) -> anyhow::Result<()> {
     if weir::fleet::NodeFile::is_node_file(&path) {
         return fleet_cmd::check_node_file(&path);
     }
-    let snapshot = build_snapshot(&path, no_cache)?;
+    let (snapshot, _runtime) = build_snapshot(&path, no_cache)?;
     let config = &snapshot.config;
     println!(
         "{}: ok ({} listeners, {} plugins, {} pools)",
@@ -385,7 +389,7 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
     if weir::fleet::NodeFile::is_node_file(&path) {
         return fleet_cmd::check_node_file(&path);
     }
-    let snapshot = build_snapshot(&path, no_cache)?;
+    let (snapshot, _runtime) = build_snapshot(&path, no_cache)?;
     let query = weir::dryrun::Query {
         listener,
         sni,
@@ -397,7 +401,12 @@ fn route(args: RouteArgs) -> anyhow::Result<()> {
             ProtocolArg::Plain => weir::dryrun::Protocol::Plain,
         },
     };
-    let dry = futures_executor::block_on(weir::dryrun::run(&snapshot, &query)).map_err(anyhow::Error::msg)?;
+    // A tokio runtime, as for a connection: plugin calls yield to it at each
+    // epoch tick, and DNS lookups run on it.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let dry = runtime
+        .block_on(weir::dryrun::run(&snapshot, &query))
+        .map_err(anyhow::Error::msg)?;
     if explain {
         print!("{}", dry.explanation());
     } else {

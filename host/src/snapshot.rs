@@ -223,6 +223,8 @@ pub struct Snapshot {
     domains: std::collections::HashMap<String, String>,
     /// Open TLS-ALPN-01 challenges and last orders, carried across reloads.
     acme: Arc<crate::acme::AcmeState>,
+    /// Shadow plugins, by the live plugin they shadow.
+    shadows: crate::plugin::shadow::Shadows,
     /// When it was built.
     pub built_at: std::time::SystemTime,
 }
@@ -313,7 +315,12 @@ impl Snapshot {
             })
             .collect();
         let (tenants, domains) = build_tenants(&config, &plugins, previous);
+        let shadows = crate::plugin::shadow::Shadows::new(config.plugins.iter().filter_map(|(name, settings)| {
+            let live = settings.shadow_of.as_deref()?;
+            Some((Arc::clone(plugins.get(live)?.name()), Arc::clone(plugins.get(name)?)))
+        }));
         Ok(Snapshot {
+            shadows,
             config,
             listeners,
             pools,
@@ -399,11 +406,11 @@ impl Snapshot {
     /// connection is rejected.
     pub async fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
         match tenant {
-            None => chain::route(&listener.chain, conn, self, || {}).await,
+            None => chain::route(&listener.chain, conn, self, &self.shadows, || {}).await,
             Some(tenant) => {
                 let scope = TenantScope { snapshot: self, tenant };
                 let violated = || crate::metrics::METRICS.tenant_violation(&tenant.name);
-                chain::route(&tenant.chain, conn, &scope, violated).await
+                chain::route(&tenant.chain, conn, &scope, &self.shadows, violated).await
             }
         }
     }
@@ -440,6 +447,18 @@ fn build_tenants(
         for plugin in &chain {
             // A tenant's plugins are its own (`Config::check`).
             plugin.set_budget(Some(Arc::clone(&budget)));
+        }
+        // Its shadow plugins spend a budget of their own, with the same
+        // limits: a candidate cannot slow the live plugins down.
+        for (shadow, settings) in &config.plugins {
+            if settings
+                .shadow_of
+                .as_ref()
+                .is_some_and(|live| tenant.plugins.contains(live))
+                && let Some(shadow) = plugins.get(shadow)
+            {
+                shadow.set_budget(Some(crate::plugin::Budget::new(tenant.plugin_cpu, max_calls)));
+            }
         }
         let tenant = Tenant {
             name: name.as_str().into(),

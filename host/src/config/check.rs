@@ -82,7 +82,13 @@ impl Config {
                     format!("must be between 1 and {}", MAX_PLUGIN_CALLS),
                 ));
             }
-            for plugin in &tenant.plugins {
+            // A shadow of a tenant's plugin sees its connections: it is the
+            // tenant's too, under the same limits.
+            let shadows = self.plugins.iter().filter_map(|(name, settings)| {
+                let live = settings.shadow_of.as_ref()?;
+                tenant.plugins.contains(live).then_some(name)
+            });
+            for plugin in tenant.plugins.iter().chain(shadows) {
                 let Some(settings) = self.plugins.get(plugin) else {
                     return Err(self.invalid(field("plugins"), format!("no plugin named `{plugin}`")));
                 };
@@ -250,6 +256,23 @@ impl Config {
             }
             if !(1..=4096).contains(&plugin.max_memory_mib) {
                 return Err(self.invalid(field("max_memory_mib"), "must be between 1 and 4096"));
+            }
+            if let Some(live) = &plugin.shadow_of {
+                match self.plugins.get(live) {
+                    None => return Err(self.invalid(field("shadow_of"), format!("no plugin named `{live}`"))),
+                    Some(live_plugin) if live_plugin.shadow_of.is_some() => {
+                        return Err(self.invalid(field("shadow_of"), format!("`{live}` is itself a shadow plugin")));
+                    }
+                    Some(_) => {}
+                }
+                let in_chain = self.listeners.values().any(|l| l.plugins.contains(name))
+                    || self.tenants.values().any(|t| t.plugins.contains(name));
+                if in_chain {
+                    return Err(self.invalid(
+                        field("shadow_of"),
+                        "a shadow plugin decides nothing: take it out of the chains it is in",
+                    ));
+                }
             }
             if !(1..=MAX_COUNTER_KEYS).contains(&plugin.counter_keys) {
                 return Err(self.invalid(

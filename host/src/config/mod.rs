@@ -513,6 +513,10 @@ pub struct PluginConfig {
     /// Most keys its counters hold; the least recently hit is evicted.
     #[serde(default = "grants::default_counter_keys")]
     pub counter_keys: usize,
+    /// Makes this plugin a candidate for the named (live) plugin: it decides
+    /// every connection the live one does, off the connection's path, and
+    /// only its agreement is counted. A shadow is in no chain.
+    pub shadow_of: Option<String>,
 }
 
 impl PluginConfig {

@@ -14,14 +14,14 @@ use tokio::net::TcpStream;
 use crate::config::ListenerConfig;
 use crate::conn::accept::NEXT_CONNECTION_ID;
 use crate::conn::front::{
-    ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, answer_acme_challenge, read_front,
+    ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, Front, answer_acme_challenge, read_front,
 };
 use crate::conn::outcome::{Outcome, Record};
 use crate::conn::passthrough::passthrough;
-use crate::conn::terminate::{Terminated, terminate};
+use crate::conn::terminate::{Terminated, originate, terminate};
 use crate::plugin::decision::{Action, Decision};
 use crate::relay::{Timeouts, Transfer, relay};
-use crate::snapshot::{Listener, Snapshot};
+use crate::snapshot::{Listener, Snapshot, Tenant};
 use crate::wit;
 
 pub(crate) mod accept;
@@ -195,7 +195,10 @@ pub(crate) async fn proxy(
     // Boxed like the sniffing: an asynchronous plugin call's state (the
     // wasm call's future) would otherwise size every connection's task, for
     // the connection's whole life.
-    let routing = Box::pin(snapshot.route(listener, tenant.as_deref(), &conn)).await;
+    let mut routing = Box::pin(snapshot.route(listener, tenant.as_deref(), &conn)).await;
+    if !routing.pending.is_empty() {
+        crate::plugin::shadow::spawn(std::mem::take(&mut routing.pending), &conn);
+    }
     let refusal_alert = match (routing.plugin.is_some(), routing.failed()) {
         (_, true) => ALERT_INTERNAL_ERROR,
         (true, false) => ALERT_ACCESS_DENIED,
@@ -203,6 +206,23 @@ pub(crate) async fn proxy(
     };
     let Decision { route, action } = routing.decision;
     record.route = Some(route);
+    let tenant = tenant.as_deref();
+    carry_out(action, front, conn, refusal_alert, listener, tenant, snapshot, record).await
+}
+
+/// Does what the decision says: refuses, passes through, terminates or
+/// originates.
+#[allow(clippy::too_many_arguments)]
+async fn carry_out(
+    action: Action,
+    mut front: Front,
+    conn: wit::Connection,
+    refusal_alert: u8,
+    listener: &Arc<Listener>,
+    tenant: Option<&Tenant>,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Proxied {
     match action {
         Action::Reject(reason) => {
             front.refuse(listener, refusal_alert, &reason).await;
@@ -214,20 +234,19 @@ pub(crate) async fn proxy(
         }
         // Boxed, so that the task's own allocation is sized for the
         // passthrough relay, not for a TLS handshake.
-        Action::Terminate(termination) => match Box::pin(terminate(
-            front,
-            conn,
-            &termination,
-            listener,
-            tenant.as_deref(),
-            snapshot,
-            record,
-        ))
-        .await
-        {
-            Ok(streams) => Proxied::Terminated(Box::new(streams)),
-            Err(outcome) => Proxied::Ended(outcome),
-        },
+        Action::Terminate(termination) => {
+            match Box::pin(terminate(front, conn, &termination, listener, tenant, snapshot, record)).await {
+                Ok(streams) => Proxied::Terminated(Box::new(streams)),
+                Err(outcome) => Proxied::Ended(outcome),
+            }
+        }
+        Action::Originate(origination) => {
+            let originating = originate(front, conn, &origination, listener, tenant, snapshot, record);
+            match Box::pin(originating).await {
+                Ok(streams) => Proxied::Terminated(Box::new(streams)),
+                Err(outcome) => Proxied::Ended(outcome),
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::conn::dial::open_upstream;
 use crate::conn::front::{ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, Front, linger_close};
 use crate::conn::outcome::{Outcome, Record};
-use crate::plugin::decision::{After, ClientAuth, Termination, UpstreamTls};
+use crate::plugin::decision::{After, ClientAuth, Origination, Termination, UpstreamTls};
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay_streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{Listener, Snapshot, Tenant};
@@ -27,6 +27,8 @@ pub(crate) enum Terminated {
         tokio_rustls::server::TlsStream<Rewind<TcpStream>>,
         tokio_rustls::client::TlsStream<TcpStream>,
     ),
+    /// A plain client, and the TLS weir opened to its upstream.
+    Originated(TcpStream, tokio_rustls::client::TlsStream<TcpStream>),
 }
 
 impl Terminated {
@@ -34,6 +36,7 @@ impl Terminated {
         match self {
             Terminated::Plain(client, upstream) => relay_streams(client, upstream, timeouts, transfer).await,
             Terminated::Reencrypted(client, upstream) => relay_streams(client, upstream, timeouts, transfer).await,
+            Terminated::Originated(client, upstream) => relay_streams(client, upstream, timeouts, transfer).await,
         }
     }
 }
@@ -78,7 +81,13 @@ pub(crate) async fn terminate(
     if let Some(admission) = &admission {
         admission.release();
     }
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let alpn: Vec<Vec<u8>> = tls
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(<[u8]>::to_vec)
+        .into_iter()
+        .collect();
     let target = termination.then.target();
     let opening = open_upstream(
         target,
@@ -99,17 +108,7 @@ pub(crate) async fn terminate(
     match &termination.then {
         After::Plain(_) => Ok(Terminated::Plain(tls, upstream)),
         After::Reencrypt(_, upstream_tls) => {
-            match reencrypt(
-                upstream,
-                upstream_tls,
-                &conn,
-                alpn.as_deref(),
-                listener,
-                chain,
-                snapshot,
-            )
-            .await
-            {
+            match reencrypt(upstream, upstream_tls, &conn, &alpn, listener, chain, snapshot).await {
                 Ok(upstream) => Ok(Terminated::Reencrypted(tls, upstream)),
                 Err(outcome) => {
                     close_tls(&mut tls).await;
@@ -190,7 +189,7 @@ pub(crate) async fn reencrypt(
     upstream: TcpStream,
     upstream_tls: &UpstreamTls,
     conn: &wit::Connection,
-    alpn: Option<&[u8]>,
+    alpn: &[Vec<u8>],
     listener: &Listener,
     chain: &[Arc<crate::plugin::Plugin>],
     snapshot: &Snapshot,
@@ -231,6 +230,45 @@ pub(crate) async fn reencrypt(
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),
     }
+}
+
+/// Origination: for a plain client, weir opens TLS to the upstream (the
+/// plugins' `admit` asked about its certificate), replays what the client
+/// sent so far, and relays.
+pub(crate) async fn originate(
+    mut front: Front,
+    conn: wit::Connection,
+    origination: &Origination,
+    listener: &Arc<Listener>,
+    tenant: Option<&Tenant>,
+    snapshot: &Snapshot,
+    record: &mut Record,
+) -> Result<Terminated, Outcome> {
+    record.mode = Some("originate");
+    if front.speaks_tls() {
+        let reason = "the decision opens TLS for a plain client, but this client started TLS itself";
+        front.refuse(listener, ALERT_INTERNAL_ERROR, reason).await;
+        return Err(Outcome::Rejected(reason.into()));
+    }
+    let chain = tenant.map_or(listener.chain(), Tenant::chain);
+    let upstream = open_upstream(
+        &origination.target,
+        false,
+        front.local_addr,
+        None,
+        listener,
+        snapshot,
+        record,
+    )
+    .await?;
+    let alpn: Vec<Vec<u8>> = origination.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let mut tls = reencrypt(upstream, &origination.tls, &conn, &alpn, listener, chain, snapshot).await?;
+    tls.write_all(&front.sniffed).await.map_err(Outcome::Io)?;
+    record
+        .transfer
+        .client_to_upstream
+        .fetch_add(front.sniffed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(Terminated::Originated(front.into_client(), tls))
 }
 
 /// A failed handshake in words: rustls shows a certificate refusal that

@@ -49,6 +49,14 @@ impl TenantPolicy {
                 ));
             }
         }
+        if let Some((name, live)) = policy.plugins.iter().find_map(|(name, p)| {
+            p.shadow_of
+                .as_ref()
+                .filter(|live| !policy.plugins.contains_key(*live))
+                .map(|l| (name, l))
+        }) {
+            return Err(format!("`{name}`: shadow_of `{live}` names no plugin of this policy"));
+        }
         Ok(policy)
     }
 

@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 
 mod labels;
 pub mod own;
+pub mod shadow;
 pub use labels::{
     AcmeOrderLabels, BytesLabels, CertificateLabels, ConnectionLabels, FailureLabels, ListenerLabels, PluginLabels,
     PoolServerLabels, ReloadLabels, RouteActiveLabels, RouteBytesLabels, ShedLabels, SniffLabels, TenantLabels,
@@ -185,6 +186,7 @@ impl Metrics {
         metrics.register_traffic(&mut registry);
         metrics.register_plugins_and_certificates(&mut registry);
         own::register(&mut registry);
+        shadow::register(&mut registry);
         metrics.registry = registry;
         // Alerts on `result="error"` must see 0 before the first failure, not
         // a missing series.

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::config::OnError;
 use crate::plugin::decision::{Action, Decision, Known};
+use crate::plugin::shadow::{Pending, ShadowStep, Shadows};
 use crate::plugin::{Plugin, PluginError};
 use crate::wit;
 
@@ -17,16 +18,29 @@ use crate::wit;
 /// (`"next"`). A decision naming what `known` does not hold is a failure of
 /// its plugin, reported to `violated` too. When no plugin decides, the
 /// connection is rejected.
+///
+/// A plugin that decides (or abstains) with `shadows` of its own leaves its
+/// decision in [`Routing::pending`], for the caller to run them against.
 pub async fn route<K: Known + Sync>(
     chain: &[Arc<Plugin>],
     conn: &wit::Connection,
     known: &K,
+    shadows: &Shadows,
     violated: impl Fn(),
 ) -> Routing {
     let mut steps = Vec::with_capacity(chain.len());
+    let mut pending = Vec::new();
     for plugin in chain {
         let started = Instant::now();
+        let candidates = shadows.of(plugin.name());
         let result = plugin.route(conn).await.and_then(|decision| {
+            if !candidates.is_empty() {
+                pending.push(Pending {
+                    live: Arc::clone(plugin.name()),
+                    candidates: candidates.to_vec(),
+                    decision: decision.clone(),
+                });
+            }
             Decision::from_wit(decision, known).map_err(|reason| {
                 violated();
                 PluginError::InvalidDecision(reason)
@@ -51,6 +65,8 @@ pub async fn route<K: Known + Sync>(
                     plugin: Some(name),
                     decision,
                     steps,
+                    pending,
+                    shadows: Vec::new(),
                 };
             }
             Err(error) => {
@@ -76,6 +92,8 @@ pub async fn route<K: Known + Sync>(
                         plugin: Some(name),
                         decision,
                         steps,
+                        pending,
+                        shadows: Vec::new(),
                     };
                 }
             }
@@ -89,6 +107,8 @@ pub async fn route<K: Known + Sync>(
         plugin: None,
         decision,
         steps,
+        pending,
+        shadows: Vec::new(),
     }
 }
 
@@ -173,6 +193,13 @@ pub struct Routing {
     pub decision: Decision,
     /// Each plugin asked, in order.
     pub steps: Vec<Step>,
+    /// Live decisions that shadow plugins are to be compared with.
+    #[serde(skip)]
+    pub pending: Vec<Pending>,
+    /// What the shadow plugins decided, when they were run and waited for
+    /// (`weir route`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<ShadowStep>,
 }
 
 impl Routing {

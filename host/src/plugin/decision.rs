@@ -49,9 +49,6 @@ pub enum DecisionError {
     /// No route name.
     #[error("the route name is empty")]
     EmptyRoute,
-    /// A decision of contract 0.2.0 this host does not carry out yet.
-    #[error("`{0}` decisions are not carried out by this host yet")]
-    Unsupported(&'static str),
     /// A route name over 256 bytes.
     #[error("the route name is {0} bytes, more than {MAX_ROUTE_LEN}")]
     RouteTooLong(usize),
@@ -116,8 +113,21 @@ pub enum Action {
     Passthrough(Target),
     /// Terminate TLS at the gateway.
     Terminate(Termination),
+    /// Open TLS to the upstream for a plain client.
+    Originate(Origination),
     /// Close the connection, for this reason.
     Reject(String),
+}
+
+/// How the gateway opens TLS to the upstream of a plain client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origination {
+    /// The pool or address.
+    pub target: Target,
+    /// How the upstream is verified, and the certificate presented to it.
+    pub tls: UpstreamTls,
+    /// ALPN protocols offered to the upstream, in order.
+    pub alpn: Vec<String>,
 }
 
 /// Where to send a connection.
@@ -234,7 +244,7 @@ impl Decision {
             }
             wit::Action::Reject(reason) => Action::Reject(reason),
             wit::Action::Terminate(termination) => Action::Terminate(Termination::from_wit(termination, known)?),
-            wit::Action::Originate(_) => return Err(DecisionError::Unsupported("originate")),
+            wit::Action::Originate(origination) => Action::Originate(Origination::from_wit(origination, known)?),
         };
         let route = decision.route;
         if route.is_empty() {
@@ -286,6 +296,20 @@ impl Termination {
             client_auth,
             alpn: t.alpn,
             then,
+        })
+    }
+}
+
+impl Origination {
+    fn from_wit(o: wit::Origination, known: &dyn Known) -> Result<Origination, DecisionError> {
+        if o.alpn.len() > MAX_ALPN {
+            return Err(DecisionError::TooManyAlpn(o.alpn.len()));
+        }
+        crate::config::tls::alpn_list(&o.alpn).map_err(DecisionError::Alpn)?;
+        Ok(Origination {
+            target: Target::from_wit(o.target, known)?,
+            tls: UpstreamTls::from_wit(o.tls, known)?,
+            alpn: o.alpn,
         })
     }
 }

@@ -94,6 +94,8 @@ pub struct Plugin {
     pub(crate) log: Arc<LogBudget>,
     /// When a failure was last logged, and how many were not since.
     pub(crate) failure_reports: Mutex<EverySecond>,
+    /// Likewise for its disagreements as a shadow plugin.
+    pub(crate) shadow_reports: Mutex<EverySecond>,
     /// Whether a background task is configuring replacement instances.
     pub(crate) replenishing: AtomicBool,
     /// How many configured instances the stock should hold.
@@ -125,9 +127,11 @@ pub(crate) fn arm(store: &mut Store<State>, budget: Duration) {
 }
 
 /// Arms a call made from a tokio task: its yields go behind other work.
+/// Outside a tokio runtime (a caller's plain `block_on`) a deferred yield
+/// would never be woken, so the call yields and resumes at once instead.
 pub(crate) fn arm_task_call(store: &mut Store<State>, budget: Duration) {
     arm(store, budget);
-    store.data_mut().defer_yield = true;
+    store.data_mut().defer_yield = tokio::runtime::Handle::try_current().is_ok();
 }
 
 /// One call of a plugin in progress: its place among the plugin's calls in

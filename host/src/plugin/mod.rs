@@ -46,6 +46,7 @@ mod counters;
 pub mod decision;
 mod instance;
 mod link;
+pub mod shadow;
 mod shared;
 mod state;
 
@@ -409,6 +410,7 @@ impl Runtime {
             calls: AtomicUsize::new(0),
             log: Arc::new(LogBudget::new()),
             failure_reports: Mutex::new(EverySecond::default()),
+            shadow_reports: Mutex::new(EverySecond::default()),
             replenishing: AtomicBool::new(false),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
             isolated_slots: self.isolated_slots,

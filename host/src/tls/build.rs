@@ -214,11 +214,11 @@ impl TlsMaterial {
 
     /// The client config for re-encrypting to an upstream, offering `alpn`
     /// (the protocol negotiated with the client, if any).
-    pub fn client_config(&self, upstream: &UpstreamTls, alpn: Option<&[u8]>) -> Result<Arc<ClientConfig>, String> {
+    pub fn client_config(&self, upstream: &UpstreamTls, alpn: &[Vec<u8>]) -> Result<Arc<ClientConfig>, String> {
         let key = ClientKey {
             ca: upstream.ca.clone(),
             client_cert: upstream.client_cert.clone(),
-            alpn: alpn.map(<[u8]>::to_vec),
+            alpn: alpn.to_vec(),
             attested: upstream.attested,
         };
         if let Some(config) = crate::sync::lock(&self.clients).get(&key) {
@@ -268,7 +268,7 @@ impl TlsMaterial {
                 builder.with_client_cert_resolver(Arc::new(Presents(Arc::clone(&cert.key))))
             }
         };
-        config.alpn_protocols = key.alpn.iter().cloned().collect();
+        config.alpn_protocols = key.alpn.clone();
         let config = Arc::new(config);
         let mut clients = crate::sync::lock(&self.clients);
         if clients.len() < MAX_CACHED_CONFIGS {

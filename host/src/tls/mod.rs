@@ -123,7 +123,7 @@ struct ServerKey {
 struct ClientKey {
     ca: Option<String>,
     client_cert: Option<String>,
-    alpn: Option<Vec<u8>>,
+    alpn: Vec<Vec<u8>>,
     attested: bool,
 }
 

@@ -22,6 +22,8 @@ mod bindings {
         // waits without holding it either.
         imports: { "weir:plugin/dns": async },
         exports: { default: async },
+        // Shadow rollouts compare a candidate's decision with the live one.
+        additional_derives: [PartialEq],
     });
 }
 

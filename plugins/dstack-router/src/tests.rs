@@ -130,7 +130,7 @@ fn an_app_id_reaches_one_instance_per_client_and_spreads_clients() {
 #[test]
 fn bad_configs_are_refused() {
     let cases = [
-        (r#"{}"#, "missing field `base_domains`"),
+        (r#"{}"#, "at least one of"),
         (r#"{"base_domains": {}}"#, "at least one of"),
         (r#"{"base_domains": {"*.x.com": {"certificate": "c"}}}"#, "without `*.`"),
         (
@@ -165,6 +165,18 @@ fn bad_configs_are_refused() {
     for (config, expected) in cases {
         let err = DstackRouter::default().configure(config).expect_err(config);
         assert!(err.contains(expected), "{config}: {err}");
+    }
+    DstackRouter::default()
+        .configure(r#"{"dns_custom_domains": true}"#)
+        .expect("names from DNS alone");
+}
+
+#[test]
+fn txt_records_name_an_app_and_a_port() {
+    assert_eq!(parse_app_address("3327603e03f5:443"), Some(("3327603e03f5", 443)));
+    assert_eq!(parse_app_address(" abc:8080 "), Some(("abc", 8080)));
+    for bad in ["abc", "abc:0", "abc:99999", ":443", "ABC:443", "a-b:443", "a b:443"] {
+        assert_eq!(parse_app_address(bad), None, "{bad}");
     }
 }
 

@@ -34,6 +34,12 @@
 //! DNS / IP names is listed. `client_auth = "attested"` asks for an RA-TLS
 //! certificate (no `client_ca`), and `reencrypt.attested` requires one from
 //! the upstream; pair them with the attestation-allowlist plugin.
+//!
+//! `originate` (for a plain client) makes the gateway open TLS to the target
+//! itself: `{ "address": "db.internal:5433", "originate": { "ca": "db-ca",
+//! "server_name": "db.internal", "client_cert": "gateway", "alpn":
+//! ["postgresql"] } }`, or `"attested": true` in place of `ca` for an RA-TLS
+//! upstream.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
@@ -59,6 +65,21 @@ struct Entry {
     reject: Option<String>,
     /// Terminate TLS instead of passing it through.
     terminate: Option<Terminate>,
+    /// Open TLS to the target for a plain client.
+    originate: Option<Originate>,
+}
+
+/// How the gateway opens TLS to the target of a plain client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Originate {
+    server_name: Option<String>,
+    ca: Option<String>,
+    client_cert: Option<String>,
+    #[serde(default)]
+    attested: bool,
+    #[serde(default)]
+    alpn: Vec<String>,
 }
 
 /// How the gateway terminates a route's TLS.
@@ -173,6 +194,15 @@ impl Entry {
             Some(version) => target.with_proxy_protocol(version),
             None => target,
         };
+        if let Some(o) = &self.originate {
+            let tls = UpstreamTls {
+                server_name: o.server_name.clone(),
+                ca: o.ca.clone(),
+                client_cert: o.client_cert.clone(),
+                attested: o.attested,
+            };
+            return Decision::originate(route, target, tls, o.alpn.clone());
+        }
         match &self.terminate {
             Some(terminate) => Decision::terminate(route, terminate.termination(target)),
             None => Decision::passthrough(route, target),
@@ -188,6 +218,11 @@ impl Entry {
         }
         if self.reject.is_some() && self.proxy_protocol.is_some() {
             return Err(format!("route `{key}`: `proxy_protocol` makes no sense with `reject`"));
+        }
+        if self.originate.is_some() && (self.reject.is_some() || self.terminate.is_some()) {
+            return Err(format!(
+                "route `{key}`: `originate` makes no sense with `reject` or `terminate`"
+            ));
         }
         if let Some(terminate) = &self.terminate {
             if self.reject.is_some() {
