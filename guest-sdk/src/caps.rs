@@ -2,7 +2,7 @@
 //! `[plugins.NAME]` section grants it (`grants = ["counters"]`); a plugin
 //! that calls one it was not granted fails to load, with the line to add.
 //! Natively (in a plugin's unit tests) counters count in memory without
-//! expiring, metrics go nowhere and DNS lookups fail.
+//! expiring, metrics go nowhere, DNS lookups fail and no pool is seen.
 
 /// Node-local sliding-window counters shared by all the plugin's instances
 /// (grant `counters`).
@@ -67,6 +67,31 @@ pub mod metrics {
         {
             let _ = (name, label, value);
             Ok(())
+        }
+    }
+}
+
+/// A read-only view of the pools the plugin may name (grant `pools`).
+pub mod pools {
+    pub use crate::__bindings::weir::plugin::pools::Server;
+
+    /// The pools the plugin may name.
+    pub fn names() -> Vec<String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::__bindings::weir::plugin::pools::names();
+        #[cfg(not(target_arch = "wasm32"))]
+        return Vec::new();
+    }
+
+    /// The servers of `pool` as the host sees them now; none when the
+    /// plugin may not name it.
+    pub fn servers(pool: &str) -> Option<Vec<Server>> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::__bindings::weir::plugin::pools::servers(pool);
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = pool;
+            None
         }
     }
 }

@@ -37,7 +37,7 @@ mod addr;
 #[cfg(feature = "bindings")]
 mod caps;
 #[cfg(feature = "bindings")]
-pub use caps::{counters, dns, metrics};
+pub use caps::{counters, dns, metrics, pools};
 #[cfg(feature = "bindings")]
 mod sdk;
 #[cfg(feature = "bindings")]

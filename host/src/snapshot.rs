@@ -315,6 +315,7 @@ impl Snapshot {
             })
             .collect();
         let (tenants, domains) = build_tenants(&config, &plugins, previous);
+        show_pools(&config, &plugins, &pools);
         let shadows = crate::plugin::shadow::Shadows::new(config.plugins.iter().filter_map(|(name, settings)| {
             let live = settings.shadow_of.as_deref()?;
             Some((Arc::clone(plugins.get(live)?.name()), Arc::clone(plugins.get(name)?)))
@@ -474,4 +475,26 @@ fn build_tenants(
         tenants.insert(name.clone(), Arc::new(tenant));
     }
     (tenants, domains)
+}
+
+/// Gives each plugin granted `pools` the pools it may name: a tenant's
+/// plugin (and a shadow of one) its tenant's, any other plugin all of them.
+fn show_pools(config: &Config, plugins: &BTreeMap<String, Arc<Plugin>>, pools: &BTreeMap<String, Arc<Pool>>) {
+    use crate::config::Capability;
+    for (name, settings) in &config.plugins {
+        let Some(plugin) = plugins
+            .get(name)
+            .filter(|_| settings.grants.contains(&Capability::Pools))
+        else {
+            continue;
+        };
+        let owner = |plugin: &str| config.tenants.values().find(|t| t.plugins.iter().any(|p| p == plugin));
+        let tenant = owner(name).or_else(|| settings.shadow_of.as_deref().and_then(owner));
+        let view = pools
+            .iter()
+            .filter(|(pool, _)| tenant.is_none_or(|t| t.pools.contains(*pool)))
+            .map(|(pool, p)| (pool.clone(), Arc::clone(p)))
+            .collect();
+        plugin.set_pools(view);
+    }
 }

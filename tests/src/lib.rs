@@ -126,6 +126,7 @@ pub fn expand(toml: &str) -> String {
         ("{alpn_router_py}", "alpn-router-py"),
         ("{maintenance}", "maintenance"),
         ("{rate_limit}", "rate-limit"),
+        ("{least_loaded}", "least-loaded"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {

@@ -18,11 +18,18 @@ pub enum Capability {
     Metrics,
     /// DNS lookups through the host's resolver (`weir:plugin/dns`).
     Dns,
+    /// A read-only view of the pools it may name (`weir:plugin/pools`).
+    Pools,
 }
 
 impl Capability {
     /// Every capability.
-    pub const ALL: [Capability; 3] = [Capability::Counters, Capability::Metrics, Capability::Dns];
+    pub const ALL: [Capability; 4] = [
+        Capability::Counters,
+        Capability::Metrics,
+        Capability::Dns,
+        Capability::Pools,
+    ];
 
     /// Its name in `grants`.
     pub fn name(self) -> &'static str {
@@ -30,6 +37,7 @@ impl Capability {
             Capability::Counters => "counters",
             Capability::Metrics => "metrics",
             Capability::Dns => "dns",
+            Capability::Pools => "pools",
         }
     }
 
@@ -44,9 +52,10 @@ impl Capability {
 
 /// What a tenant's plugins may be granted when `[tenants.NAME] grants`
 /// says nothing: the capabilities that stay on the node and are bounded
-/// per plugin. `dns` (lookups that leave the node) must be given by name.
+/// per plugin (`pools` shows a tenant's plugin its own pools only). `dns`
+/// (lookups that leave the node) must be given by name.
 pub fn default_tenant_grants() -> Vec<Capability> {
-    vec![Capability::Counters, Capability::Metrics]
+    vec![Capability::Counters, Capability::Metrics, Capability::Pools]
 }
 
 /// Most keys a plugin's counters may hold when its section says nothing.

@@ -304,8 +304,8 @@ pub struct TenantConfig {
     /// refused the same way. Default: 4, or the number of worker threads if
     /// more (a fast plugin's calls overlap at most once per worker).
     pub max_plugin_calls: Option<usize>,
-    /// Capabilities its plugins may be granted: `counters` and `metrics`
-    /// unless given; `dns` only when listed.
+    /// Capabilities its plugins may be granted: `counters`, `metrics` and
+    /// `pools` unless given; `dns` only when listed.
     #[serde(default = "grants::default_tenant_grants")]
     pub grants: Vec<Capability>,
     /// Largest `counter_keys` its plugins may have.
@@ -507,7 +507,8 @@ pub struct PluginConfig {
     #[serde(default = "defaults::yes")]
     pub reuse_instances: bool,
     /// Capabilities of contract 0.2.0 the plugin may call (`counters`,
-    /// `metrics`, `dns`); a component importing one not listed fails to load.
+    /// `metrics`, `dns`, `pools`); a component importing one not listed fails
+    /// to load.
     #[serde(default)]
     pub grants: Vec<Capability>,
     /// Most keys its counters hold; the least recently hit is evicted.

@@ -21,6 +21,42 @@ pub(crate) struct Capabilities {
     pub(crate) counters: Option<Arc<Counters>>,
     pub(crate) metrics: Option<Arc<OwnMetrics>>,
     pub(crate) dns: Option<Arc<Dns>>,
+    /// The pools it may name, set by each snapshot that holds the plugin.
+    pub(crate) pools: arc_swap::ArcSwap<PoolView>,
+}
+
+/// Pools by name, as a plugin may see them.
+pub type PoolView = std::collections::BTreeMap<String, Arc<crate::pool::Pool>>;
+
+/// Most servers of one pool shown to a plugin (a pool holds at most
+/// [`crate::config::MAX_POOL_SERVERS`]).
+const MAX_SHOWN_SERVERS: usize = crate::config::MAX_POOL_SERVERS;
+
+impl wit::pools::Host for State {
+    fn names(&mut self) -> Vec<String> {
+        self.caps.pools.load().keys().cloned().collect()
+    }
+
+    fn servers(&mut self, pool: String) -> Option<Vec<wit::pools::Server>> {
+        let view = self.caps.pools.load();
+        let pool = view.get(&pool)?;
+        Some(
+            pool.backends()
+                .iter()
+                .take(MAX_SHOWN_SERVERS)
+                .map(|backend| {
+                    let stats = backend.stats();
+                    wit::pools::Server {
+                        address: stats.address,
+                        weight: stats.weight,
+                        up: stats.healthy && !stats.ejected,
+                        draining: stats.draining,
+                        active: u32::try_from(stats.active).unwrap_or(u32::MAX),
+                    }
+                })
+                .collect(),
+        )
+    }
 }
 
 /// Links the interfaces `grants` name, for a plugin of contract 0.2.0.
@@ -30,6 +66,7 @@ pub(crate) fn link_granted(linker: &mut Linker<State>, grants: &[Capability]) ->
             Capability::Counters => wit::counters::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
             Capability::Metrics => wit::metrics::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
             Capability::Dns => wit::dns::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
+            Capability::Pools => wit::pools::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
         }
     }
     Ok(())

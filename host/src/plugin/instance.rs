@@ -277,6 +277,11 @@ impl Plugin {
         crate::sync::lock(&self.idle).len()
     }
 
+    /// Sets the pools the `pools` capability shows it.
+    pub fn set_pools(&self, pools: crate::plugin::caps::PoolView) {
+        self.caps.pools.store(Arc::new(pools));
+    }
+
     /// Puts the plugin under a tenant's budget (or none).
     pub fn set_budget(&self, budget: Option<Arc<Budget>>) {
         self.budget.store(budget);

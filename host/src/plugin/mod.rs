@@ -39,7 +39,7 @@ use crate::wit;
 
 mod budget;
 pub mod cache;
-mod caps;
+pub mod caps;
 pub mod chain;
 mod contract;
 mod counters;

@@ -59,6 +59,8 @@ impl Runtime {
                     caps.counters = Some(counters);
                 }
                 Capability::Metrics => caps.metrics = Some(kept(&self.shared.metrics, name, || OwnMetrics::new(name))),
+                // Set by each snapshot that holds the plugin.
+                Capability::Pools => {}
                 Capability::Dns => {
                     let resolver = crate::sync::lock(&self.shared.resolver).clone();
                     caps.dns = Some(Arc::new(Dns::new(&resolver)?));

@@ -28,7 +28,7 @@ mod bindings {
 }
 
 pub use bindings::weir::plugin::types::*;
-pub use bindings::weir::plugin::{counters, dns, host, metrics};
+pub use bindings::weir::plugin::{counters, dns, host, metrics, pools};
 pub(crate) use bindings::{WeirPlugin, WeirPluginPre};
 
 impl From<std::net::IpAddr> for IpAddress {

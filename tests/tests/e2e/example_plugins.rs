@@ -289,3 +289,89 @@ async fn rate_limit_refuses_a_client_over_its_limit_and_serves_the_others() {
         "the series survives the reload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_loaded_steers_by_the_pools_it_may_see() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = tagged("first").await;
+    let second = tagged("second").await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["steer"]
+
+            [listeners.tenant]
+            bind = "127.0.0.1:0"
+            plugins = ["edge"]
+
+            [plugins.steer]
+            wasm = "{{least_loaded}}"
+            grants = ["pools"]
+            config = {{ pool = "app" }}
+
+            [plugins.edge]
+            wasm = "{{static_router}}"
+
+            # A tenant's plugin sees its tenant's pools only.
+            [plugins.acme-steer]
+            wasm = "{{least_loaded}}"
+            grants = ["pools"]
+            config = {{ pool = "app" }}
+
+            [tenants.acme]
+            domains = ["acme.test"]
+            plugins = ["acme-steer"]
+            upstreams = ["127.0.0.0/8"]
+
+            [pools.app]
+            servers = ["{first}", "{second}"]
+
+            [admin]
+            bind = "127.0.0.1:0"
+            "#,
+            first = first.addr,
+            second = second.addr,
+        ),
+    );
+    let mut weir = WeirProcess::spawn(&config).await;
+    let admin = weir.admin_addr().await;
+    let addr = weir.addr("public");
+    assert_eq!(reply_from("127.0.0.1", addr).await, "upstream heard: hi (first)\n");
+    let path = format!("/api/pools/app/backends/{}/drain", first.addr);
+    let (status, body) = weir_tests::admin_request(&admin, "POST", &path, None, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        reply_from("127.0.0.1", addr).await,
+        "upstream heard: hi (second)\n",
+        "the drained server is skipped"
+    );
+    let path = format!("/api/pools/app/backends/{}/drain", second.addr);
+    let (status, body) = weir_tests::admin_request(&admin, "POST", &path, None, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(reply_from("127.0.0.1", addr).await, "", "no server left");
+    let line = weir.line_containing("no server of pool").await;
+    assert!(line.contains("no server of pool `app` is up"), "{line}");
+    // The tenant's copy of the plugin is not shown the operator's pool.
+    let config = config.display().to_string();
+    let args = [
+        "route",
+        "--config",
+        &config,
+        "--listener",
+        "tenant",
+        "--sni",
+        "www.acme.test",
+        "--explain",
+    ];
+    let out = weir_tests::run_weir(&args);
+    let said = weir_tests::text(&out.stdout);
+    assert!(
+        said.contains("pool `app` is not one this plugin may see"),
+        "{said}{}",
+        weir_tests::text(&out.stderr)
+    );
+}
