@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Real peers the tests run: the openssl and curl clients, PostgreSQL 15
 # (server and psql), Pebble, BIND 9 (named, tsig-keygen; dig and nsupdate),
 # Chromium with chromedriver, and etcd 3.4 (server and etcdctl); python3 to
-# build the Python example plugin, protoc for etcd-client's build. Debian
+# build the Python example plugin, node and npm for the JavaScript one,
+# protoc for etcd-client's build. Debian
 # package names; only what is missing is installed.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
@@ -29,6 +30,8 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

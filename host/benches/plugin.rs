@@ -104,14 +104,19 @@ fn contracts(c: &mut Criterion) {
     group.finish();
 }
 
-/// The ALPN router example in Rust and its Python twin (componentize-py),
-/// same config, same connection: the cost of writing a plugin in Python.
+/// The ALPN router example in Rust and its Python (componentize-py) and
+/// JavaScript (componentize-js) twins, same config, same connection: the
+/// cost of writing a plugin in either.
 fn languages(c: &mut Criterion) {
     let runtime = Runtime::new().expect("engine");
     let conn = connection();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut group = c.benchmark_group("alpn_router_call");
-    for (name, file) in [("rust", "alpn_router.wasm"), ("python", "alpn_router_py.wasm")] {
+    for (name, file) in [
+        ("rust", "alpn_router.wasm"),
+        ("python", "alpn_router_py.wasm"),
+        ("javascript", "alpn_router_js.wasm"),
+    ] {
         let wasm = root.join("target/wasm32-wasip2/release").join(file);
         if !wasm.exists() {
             eprintln!("{} is missing: build the example plugins first", wasm.display());

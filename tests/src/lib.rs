@@ -124,6 +124,7 @@ pub fn expand(toml: &str) -> String {
         ("{canary}", "canary"),
         ("{alpn_router}", "alpn-router"),
         ("{alpn_router_py}", "alpn-router-py"),
+        ("{alpn_router_js}", "alpn-router-js"),
         ("{maintenance}", "maintenance"),
         ("{rate_limit}", "rate-limit"),
         ("{least_loaded}", "least-loaded"),

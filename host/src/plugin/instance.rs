@@ -177,6 +177,13 @@ impl Call<'_> {
     pub(crate) fn finish<R>(self, instance: Instance, result: wasmtime::Result<R>) -> Result<R, PluginError> {
         let plugin = self.plugin;
         match result {
+            Ok(value) if instance.store.data().limiter.nearly_full() => {
+                // Retired before a later call runs out of memory; its
+                // replacement is configured off the connection path.
+                drop(instance);
+                plugin.replenish();
+                Ok(value)
+            }
             Ok(value) => {
                 plugin.put_back(instance);
                 Ok(value)
@@ -366,6 +373,8 @@ impl Plugin {
             limiter: MemoryCap {
                 max_bytes: self.max_memory_mib as usize * 1024 * 1024,
                 refused: false,
+                grown_to: 0,
+                configured_at: 0,
             },
             ticks_left: 0,
             deadline: Instant::now(),
@@ -400,6 +409,8 @@ impl Plugin {
             .await
             .map_err(|e| self.classify(e, &store, budget))?
             .map_err(PluginError::Configure)?;
+        let limiter = &mut store.data_mut().limiter;
+        limiter.configured_at = limiter.grown_to;
         Ok(Instance::new(store, exports))
     }
 

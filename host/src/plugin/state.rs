@@ -141,12 +141,30 @@ impl wit::host::Host for State {
 pub(crate) struct MemoryCap {
     pub(crate) max_bytes: usize,
     pub(crate) refused: bool,
+    /// The most linear memory it has allowed (the largest of its memories).
+    pub(crate) grown_to: usize,
+    /// `grown_to` once the instance was configured.
+    pub(crate) configured_at: usize,
+}
+
+impl MemoryCap {
+    /// Whether calls have spent half the room the instance had left after
+    /// `configure`: a guest whose memory only grows (a runtime that leaks a
+    /// little per call, or does not collect before it grows) is retired
+    /// before a call of its runs out, and one that does not grow never is.
+    pub(crate) fn nearly_full(&self) -> bool {
+        let room = self.max_bytes.saturating_sub(self.configured_at);
+        self.grown_to > self.configured_at + room / 2
+    }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let allowed = desired <= self.max_bytes;
         self.refused |= !allowed;
+        if allowed {
+            self.grown_to = self.grown_to.max(desired);
+        }
         Ok(allowed)
     }
 
