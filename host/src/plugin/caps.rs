@@ -11,7 +11,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 
 use crate::config::{Capability, ResolverConfig};
 use crate::metrics::own::OwnMetrics;
-use crate::plugin::counters::{Counters, MAX_KEY_LEN, MAX_WINDOW_SECONDS};
+use crate::plugin::counters::Counters;
 use crate::plugin::state::State;
 use crate::wit;
 
@@ -238,13 +238,7 @@ impl State {
         let Some(counters) = &self.caps.counters else {
             return Err("the plugin is not granted `counters`".into());
         };
-        if key.len() > MAX_KEY_LEN {
-            return Err(format!("a key of {} bytes (at most {MAX_KEY_LEN})", key.len()));
-        }
-        if !(1..=MAX_WINDOW_SECONDS).contains(&window_seconds) {
-            return Err(format!("a window of {window_seconds} s (1 to {MAX_WINDOW_SECONDS})"));
-        }
-        Ok(counters.count(key, window_seconds, hit))
+        counters.checked_count(key, window_seconds, hit)
     }
 }
 
@@ -261,5 +255,24 @@ impl wit::metrics::Host for State {
             return Err("the plugin is not granted `metrics`".into());
         };
         metrics.observe(&name, &label, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lookup_takes_host_names_only() {
+        assert_eq!(
+            lookup_name("Shop.Example.ORG.").ok().as_deref(),
+            Some("shop.example.org.")
+        );
+        for bad in ["", "a..b", "10.0.0.1", "a b.test", "x\n.test", &"a".repeat(300)] {
+            match lookup_name(bad) {
+                Err(wit::dns::LookupError::InvalidName(why)) => assert!(why.contains("is not a host name"), "{why}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 }

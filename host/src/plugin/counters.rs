@@ -50,6 +50,18 @@ impl Counters {
         self.evicted(before - keys.len());
     }
 
+    /// [`Counters::count`] for a plugin's arguments: a key over
+    /// [`MAX_KEY_LEN`] or a window outside 1 s to a day is an error.
+    pub(crate) fn checked_count(&self, key: &str, window_seconds: u32, hit: bool) -> Result<u64, String> {
+        if key.len() > MAX_KEY_LEN {
+            return Err(format!("a key of {} bytes (at most {MAX_KEY_LEN})", key.len()));
+        }
+        if !(1..=MAX_WINDOW_SECONDS).contains(&window_seconds) {
+            return Err(format!("a window of {window_seconds} s (1 to {MAX_WINDOW_SECONDS})"));
+        }
+        Ok(self.count(key, window_seconds, hit))
+    }
+
     /// Hits `key` in the last `window_seconds`, after recording one when
     /// `hit`: the current window's, plus the previous window's weighted by
     /// the share of it still inside the sliding window.
@@ -122,6 +134,19 @@ mod tests {
         assert_eq!(counters.count("a", 60, false), 0, "evicted");
         counters.resize(1);
         assert_eq!(counters.len(), 1);
+    }
+
+    #[test]
+    fn bad_keys_and_windows_are_errors() {
+        let counters = Counters::new("limiter", 10);
+        assert_eq!(counters.checked_count(&"k".repeat(256), 60, true), Ok(1));
+        let long = counters
+            .checked_count(&"k".repeat(257), 60, true)
+            .expect_err("too long");
+        assert!(long.contains("257 bytes"), "{long}");
+        assert!(counters.checked_count("k", 0, true).is_err());
+        assert!(counters.checked_count("k", 86_401, true).is_err());
+        assert_eq!(counters.checked_count("k", 86_400, true), Ok(1));
     }
 
     #[test]
