@@ -219,7 +219,7 @@ impl Routing {
 }
 
 /// Records a plugin call's duration, and its failure if it failed.
-fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
+pub(crate) fn observe(plugin: &Plugin, started: Instant, error: Option<&PluginError>) {
     let seconds = started.elapsed().as_secs_f64();
     crate::metrics::METRICS.plugin_call(plugin.name(), seconds, error.map(PluginError::kind));
 }

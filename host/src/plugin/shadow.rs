@@ -93,9 +93,7 @@ pub(crate) async fn run(pending: &[Pending], conn: &wit::Connection) -> Vec<Shad
 async fn compare(candidate: &Arc<Plugin>, pending: &Pending, conn: &wit::Connection) -> ShadowStep {
     let started = Instant::now();
     let result = candidate.route(conn).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let error = result.as_ref().err().map(crate::plugin::PluginError::kind);
-    crate::metrics::METRICS.plugin_call(candidate.name(), seconds, error);
+    crate::plugin::chain::observe(candidate, started, result.as_ref().err());
     let name = candidate.name();
     let live = &pending.live;
     let (outcome, text) = match &result {
