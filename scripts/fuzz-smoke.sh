@@ -35,13 +35,26 @@ for dir in crates/weir-wire/fuzz crates/weir-attest/fuzz fuzz; do
 done
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
+# One target per core at a time: each run is one single-threaded process.
+jobs="$(nproc)"
+smoke() {
+    local target="$1"
+    # Seeds only, so each smoke run starts from the same place.
+    WEIR_CORPUS="$scratch/$target.seed" bash fuzz/seed.sh "$target" >/dev/null
+    local rc=0
+    fuzz "${home[$target]}" run -s none -O -a "$target" "$scratch/$target.seed/corpus/$target" -- \
+        -max_total_time="$seconds" -print_final_stats=1 >"$scratch/$target.log" 2>&1 || rc=$?
+    echo "$rc" >"$scratch/$target.rc"
+}
+for target in "${targets[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+    smoke "$target" &
+done
+wait
 failed=()
 for target in "${targets[@]}"; do
-    # Seeds only, so each smoke run starts from the same place.
-    WEIR_CORPUS="$scratch" bash fuzz/seed.sh "$target" >/dev/null
     log="$scratch/$target.log"
-    if fuzz "${home[$target]}" run -s none -O -a "$target" "$scratch/corpus/$target" -- \
-        -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+    if [ "$(cat "$scratch/$target.rc" 2>/dev/null)" = 0 ]; then
         runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
         edges="$(grep -o 'cov: [0-9]*' "$log" | tail -1)"
         echo "fuzz smoke: $target: ${runs:-?} executions in ${seconds} s, ${edges:-cov: ?}, no crash"

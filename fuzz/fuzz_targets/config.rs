@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = weir::Config::parse(text, std::path::Path::new("/fuzz/weir.toml"));
+        let _ = weir_config::Config::parse(text, std::path::Path::new("/fuzz/weir.toml"));
     }
 });

@@ -20,10 +20,10 @@
 #![deny(unsafe_code)]
 
 pub mod acme;
-pub mod addr;
+pub use weir_config::addr;
 pub mod admin;
 pub mod clock;
-pub mod config;
+pub use weir_config as config;
 mod conn;
 pub mod dryrun;
 pub mod fleet;
@@ -34,7 +34,7 @@ pub mod metrics;
 pub mod own;
 pub mod plugin;
 pub mod pool;
-mod private;
+use weir_config::private;
 pub mod relay;
 pub mod rewind;
 pub mod scaffold;

@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+pub use crate::config::RelayMode;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
@@ -32,26 +33,6 @@ const BUFFER_SIZE: usize = 16 * 1024;
 /// Bytes a direction carries by copying before it switches to splice in
 /// [`RelayMode::Auto`]: below this the pipe's setup costs more than it saves.
 pub const SPLICE_AFTER: u64 = 64 * 1024;
-
-/// How a listener relays passthrough bytes.
-///
-/// Measured on loopback (bench/results): splicing halves the gateway's CPU
-/// per GiB, but the endpoints receive spliced data more slowly, so end-to-end
-/// throughput drops by 10-20 %; the copy loop beats HAProxy on both. Copy is
-/// therefore the default, and `auto` the choice where the gateway's own CPU is
-/// the bottleneck.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RelayMode {
-    /// Copy, then `splice(2)` once a direction has carried [`SPLICE_AFTER`]
-    /// bytes (Linux; elsewhere the same as `copy`).
-    Auto,
-    /// `splice(2)` from the first byte (Linux; elsewhere the same as `copy`).
-    Splice,
-    /// Always copy through a userspace buffer.
-    #[default]
-    Copy,
-}
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

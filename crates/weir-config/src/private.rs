@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Why a file is not private to weir's user: another user owns it, or its
 /// mode has a bit of `forbidden` (0o022: group or others may write).
-pub(crate) fn not_private(metadata: &fs::Metadata, forbidden: u32) -> Option<String> {
+pub fn not_private(metadata: &fs::Metadata, forbidden: u32) -> Option<String> {
     let me = rustix::process::geteuid().as_raw();
     if metadata.uid() != me {
         return Some(format!("owned by uid {}, not weir's uid {me}", metadata.uid()));
@@ -24,7 +24,7 @@ pub(crate) fn not_private(metadata: &fs::Metadata, forbidden: u32) -> Option<Str
 
 /// Refuses a secret file that anyone but weir's user may read or write,
 /// saying why and how to fix it.
-pub(crate) fn check_secret(path: &Path) -> Result<(), String> {
+pub fn check_secret(path: &Path) -> Result<(), String> {
     let metadata = fs::metadata(path).map_err(|e| e.to_string())?;
     match not_private(&metadata, 0o077) {
         None => Ok(()),

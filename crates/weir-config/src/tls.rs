@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
 
-use crate::config::{ListenerTls, TlsVersion};
+use crate::{ListenerTls, TlsVersion};
 
 /// A field of the config and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,19 +29,23 @@ impl Invalid {
     }
 }
 
-pub(crate) static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+/// TLS 1.3 alone, for `min_version = "1.3"`.
+pub static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// The crypto provider everything here uses.
-pub(crate) fn base_provider() -> CryptoProvider {
+pub fn base_provider() -> CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
 /// A listener's TLS settings, resolved.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
-    pub(crate) provider: Arc<CryptoProvider>,
-    pub(crate) versions: &'static [&'static SupportedProtocolVersion],
-    pub(crate) alpn: Vec<Vec<u8>>,
+    /// The provider, with the configured cipher suites (all, if none are named).
+    pub provider: Arc<CryptoProvider>,
+    /// The protocol versions allowed.
+    pub versions: &'static [&'static SupportedProtocolVersion],
+    /// The ALPN protocols offered, in preference order.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// Checks a listener's TLS settings and resolves them. Errors name the field
@@ -117,7 +121,7 @@ pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ListenerTls, TlsVersion};
+    use crate::{ListenerTls, TlsVersion};
 
     #[test]
     fn pins_parse_with_or_without_colons() {
