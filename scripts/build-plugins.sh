@@ -9,7 +9,7 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 cargo build --locked --release --target wasm32-wasip2 \
     -p static-router -p dstack-router -p mesh-router -p attestation-allowlist -p misbehave \
-    -p canary -p alpn-router -p maintenance -p rate-limit -p least-loaded
+    -p canary -p alpn-router -p maintenance -p rate-limit -p least-loaded -p egress
 # The Python example plugin (componentize-py, from PyPI). It needs python3
 # with venv; scripts/test.sh installs them, the quickstart does without.
 if command -v componentize-py >/dev/null || python3 -c "import venv, ensurepip" 2>/dev/null; then

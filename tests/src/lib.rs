@@ -128,6 +128,7 @@ pub fn expand(toml: &str) -> String {
         ("{maintenance}", "maintenance"),
         ("{rate_limit}", "rate-limit"),
         ("{least_loaded}", "least-loaded"),
+        ("{egress}", "egress"),
         ("{misbehave}", "misbehave"),
     ] {
         if text.contains(placeholder) {
@@ -795,6 +796,13 @@ pub fn psql(conninfo: &str, query: &str) -> Result<String, String> {
         true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
         false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
     }
+}
+
+/// [`psql`], run off the async runtime.
+pub async fn psql_async(conninfo: String, query: &'static str) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || psql(&conninfo, query))
+        .await
+        .expect("psql task")
 }
 
 /// A simulated RA-TLS certificate, for tests and local development without

@@ -79,6 +79,12 @@ pub fn classify(buf: &[u8]) -> Result<First, PostgresError> {
     }
 }
 
+/// Whether a plain client's first message is a CancelRequest (which the
+/// server answers by closing, never with a message).
+pub fn is_cancel_request(first: &[u8]) -> bool {
+    first.len() >= 8 && first[..8] == [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]
+}
+
 /// Checks an upstream's one-byte answer to weir's SSLRequest: exactly `S`,
 /// and nothing after it.
 pub fn check_answer(answer: &[u8]) -> Result<(), String> {
@@ -137,6 +143,10 @@ mod tests {
         assert_eq!(classify(&startup), Ok(First::Plain));
         let cancel = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2];
         assert_eq!(classify(&cancel), Ok(First::Plain));
+        assert!(is_cancel_request(&cancel));
+        assert!(!is_cancel_request(&cancel[..7]), "too short to tell");
+        let startup = [0, 0, 0, 16, 0, 3, 0, 0, b'u', b's', b'e', b'r', 0, b'x', 0, 0];
+        assert!(!is_cancel_request(&startup));
         assert_eq!(classify(&[0x16, 0x03, 0x01]), Ok(First::Tls));
         for bad in [
             &b"GET / HTTP/1.1\r\n"[..],

@@ -16,9 +16,10 @@ use crate::conn::accept::NEXT_CONNECTION_ID;
 use crate::conn::front::{
     ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, Front, answer_acme_challenge, read_front,
 };
+use crate::conn::originate::originate;
 use crate::conn::outcome::{Outcome, Record};
 use crate::conn::passthrough::passthrough;
-use crate::conn::terminate::{Terminated, originate, terminate};
+use crate::conn::terminate::{Terminated, terminate};
 use crate::plugin::decision::{Action, Decision};
 use crate::relay::{Timeouts, Transfer, relay};
 use crate::snapshot::{Listener, Snapshot, Tenant};
@@ -27,6 +28,7 @@ use crate::wit;
 pub(crate) mod accept;
 mod dial;
 mod front;
+mod originate;
 mod outcome;
 mod passthrough;
 mod terminate;

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::conn::dial::open_upstream;
 use crate::conn::front::{ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, Front, linger_close};
 use crate::conn::outcome::{Outcome, Record};
-use crate::plugin::decision::{After, ClientAuth, Origination, Termination, UpstreamTls};
+use crate::plugin::decision::{After, ClientAuth, Termination, UpstreamTls};
 use crate::relay::{RelayEnd, Timeouts, Transfer, relay_streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{Listener, Snapshot, Tenant};
@@ -230,45 +230,6 @@ pub(crate) async fn reencrypt(
         Ok(()) => Ok(tls),
         Err(reason) => Err(Outcome::Denied(format!("upstream: {reason}"))),
     }
-}
-
-/// Origination: for a plain client, weir opens TLS to the upstream (the
-/// plugins' `admit` asked about its certificate), replays what the client
-/// sent so far, and relays.
-pub(crate) async fn originate(
-    mut front: Front,
-    conn: wit::Connection,
-    origination: &Origination,
-    listener: &Arc<Listener>,
-    tenant: Option<&Tenant>,
-    snapshot: &Snapshot,
-    record: &mut Record,
-) -> Result<Terminated, Outcome> {
-    record.mode = Some("originate");
-    if front.speaks_tls() {
-        let reason = "the decision opens TLS for a plain client, but this client started TLS itself";
-        front.refuse(listener, ALERT_INTERNAL_ERROR, reason).await;
-        return Err(Outcome::Rejected(reason.into()));
-    }
-    let chain = tenant.map_or(listener.chain(), Tenant::chain);
-    let upstream = open_upstream(
-        &origination.target,
-        false,
-        front.local_addr,
-        None,
-        listener,
-        snapshot,
-        record,
-    )
-    .await?;
-    let alpn: Vec<Vec<u8>> = origination.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    let mut tls = reencrypt(upstream, &origination.tls, &conn, &alpn, listener, chain, snapshot).await?;
-    tls.write_all(&front.sniffed).await.map_err(Outcome::Io)?;
-    record
-        .transfer
-        .client_to_upstream
-        .fetch_add(front.sniffed.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    Ok(Terminated::Originated(front.into_client(), tls))
 }
 
 /// A failed handshake in words: rustls shows a certificate refusal that

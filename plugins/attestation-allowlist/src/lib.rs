@@ -21,7 +21,7 @@
 //! ```
 //!
 //! A rule covers a connection when its `sni` pattern (exact or `*.` one
-//! label) matches, its `tenant` is the connection's, and its `side`
+//! label) matches, its `tenant` and `listener` are the connection's, and its `side`
 //! (`client` or `upstream`) is the peer's; absent fields cover everything.
 //! Each measurement list that is present must contain the peer's value (hex,
 //! any case); absent lists do not constrain.
@@ -44,6 +44,7 @@ enum SideFilter {
 struct RuleConfig {
     sni: Option<String>,
     tenant: Option<String>,
+    listener: Option<String>,
     side: Option<SideFilter>,
     mrtd: Option<Vec<String>>,
     rtmr0: Option<Vec<String>>,
@@ -107,6 +108,7 @@ impl Measure {
 struct Rule {
     sni: Option<Pattern>,
     tenant: Option<String>,
+    listener: Option<String>,
     side: Option<SideFilter>,
     allowed: Vec<(Measure, Vec<Vec<u8>>)>,
 }
@@ -172,6 +174,7 @@ impl Plugin for AttestationAllowlist {
             rules.push(Rule {
                 sni,
                 tenant: rule.tenant,
+                listener: rule.listener,
                 side: rule.side,
                 allowed,
             });
@@ -223,11 +226,12 @@ impl Rule {
             (Some(_), None) => false,
         };
         let tenant_ok = self.tenant.is_none() || self.tenant == conn.tenant;
+        let listener_ok = self.listener.as_ref().is_none_or(|l| *l == conn.listener);
         let side_ok = matches!(
             (self.side, side),
             (None, _) | (Some(SideFilter::Client), Side::Client) | (Some(SideFilter::Upstream), Side::Upstream)
         );
-        sni_ok && tenant_ok && side_ok
+        sni_ok && tenant_ok && listener_ok && side_ok
     }
 
     /// The first measurement the attestation fails, with its value.
@@ -351,6 +355,28 @@ mod tests {
         assert_eq!(
             plugin.admit(&acme, Side::Client, &peer(Some(bad))),
             Verdict::Deny(format!("RTMR0 {} is not allowed", "01".repeat(48)))
+        );
+    }
+
+    #[test]
+    fn a_rule_can_cover_one_listener_alone() {
+        let plugin = allowlist(&format!(
+            r#"{{"require_verified": false, "rules": [{{"listener": "db", "side": "upstream", "mrtd": ["{MRTD}"]}}]}}"#
+        ));
+        let stranger = peer(Some(attestation(&[7; 48], false, false)));
+        let mut db = Connection::for_test(None, &[]);
+        db.listener = "db".into();
+        assert_eq!(
+            plugin.admit(&db, Side::Upstream, &stranger),
+            Verdict::Deny(format!("MRTD {} is not allowed", "07".repeat(48)))
+        );
+        let good = peer(Some(attestation(&parse_hex(MRTD).expect("hex"), false, false)));
+        assert_eq!(plugin.admit(&db, Side::Upstream, &good), Verdict::Allow);
+        let other = Connection::for_test(None, &[]);
+        assert_eq!(
+            plugin.admit(&other, Side::Upstream, &stranger),
+            Verdict::Allow,
+            "another listener"
         );
     }
 

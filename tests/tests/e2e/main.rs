@@ -15,6 +15,7 @@ mod contract;
 mod dashboard;
 mod dns01;
 mod dstack;
+mod egress;
 mod example_plugins;
 mod fleet;
 mod fleet_acme;

@@ -9,17 +9,12 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_tests::{Pki, Postgres, STEP, Upstream, psql, read_to_end, recording_upstream, start_gateway, toml_path};
+use weir_tests::{
+    Pki, Postgres, STEP, Upstream, psql_async as query, read_to_end, recording_upstream, start_gateway, toml_path,
+};
 use weir_wire::postgres::SSL_REQUEST;
 
 const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
-
-/// psql, run off the async runtime.
-async fn query(conninfo: String, sql: &'static str) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || psql(&conninfo, sql))
-        .await
-        .expect("psql task")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_reaches_postgres_through_passthrough_termination_and_reencryption() {
