@@ -813,26 +813,15 @@ pub async fn psql_async(conninfo: String, query: &'static str) -> Result<String,
 /// longer covers its body, so weir reports the attestation **unverified**.
 pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
     use rcgen::PublicKeyData as _;
+    use weir_attest::simulate;
     let key = rcgen::KeyPair::generate().expect("key");
-    let mut binding = ring::digest::Context::new(&ring::digest::SHA512);
-    binding.update(b"ratls-cert:");
-    binding.update(&key.subject_public_key_info());
     let mut quote = testdata("attestation/tdx_quote_v4.bin");
-    quote[184..232].copy_from_slice(&mrtd);
-    quote[568..632].copy_from_slice(binding.finish().as_ref());
-    // VersionedAttestation::V0, AttestationQuote::DstackTdx, the quote, no
-    // event log, no runtime events, the report data, an empty config.
-    let mut attestation = vec![0u8, 0u8];
-    let len = u16::try_from(quote.len()).expect("quote below 16 KiB") << 2 | 1;
-    attestation.extend_from_slice(&len.to_le_bytes());
-    attestation.extend_from_slice(&quote);
-    attestation.extend_from_slice(&[0, 0]);
-    attestation.extend_from_slice(&quote[568..632]);
-    attestation.push(0);
-    // The extension value is a DER OCTET STRING, as dstack writes it.
-    let mut der = vec![0x04, 0x82];
-    der.extend_from_slice(&u16::try_from(attestation.len()).expect("fits").to_be_bytes());
-    der.extend_from_slice(&attestation);
+    simulate::rebind(
+        &mut quote,
+        &mrtd,
+        &simulate::key_binding(&key.subject_public_key_info()),
+    );
+    let der = simulate::attestation_extension(&quote);
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
     params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(

@@ -29,6 +29,7 @@ mod extension;
 pub mod ocsp;
 mod quote;
 mod ratls;
+pub mod simulate;
 mod verify;
 pub mod x509;
 

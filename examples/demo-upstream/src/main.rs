@@ -34,6 +34,28 @@ struct Args {
     /// those names.
     #[arg(long = "certificate")]
     certificates: Vec<String>,
+    /// A simulated RA-TLS certificate (self-signed, its dstack attestation
+    /// binding its key to a synthetic TDX quote with this MRTD, reported
+    /// unverified), as FILE=NAME,MRTD (MRTD: 96 hex digits): writes
+    /// `FILE.pem` and `FILE-key.pem` to `--dir`. For trying attested paths
+    /// without TDX hardware, with `require_verified = false`.
+    #[arg(long = "ratls")]
+    ratls: Vec<String>,
+}
+
+/// A simulated RA-TLS certificate for `name`, attesting `mrtd`.
+fn simulated_ratls(name: &str, mrtd: &[u8; 48]) -> anyhow::Result<(rcgen::Certificate, rcgen::KeyPair)> {
+    use rcgen::PublicKeyData as _;
+    use weir_attest::simulate;
+    let key = rcgen::KeyPair::generate()?;
+    let quote = simulate::synthetic_quote(mrtd, &simulate::key_binding(&key.subject_public_key_info()));
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 4, 1, 62397, 1, 8],
+        simulate::attestation_extension(&quote),
+    ));
+    Ok((params.self_signed(&key)?, key))
 }
 
 struct Server {
@@ -89,6 +111,20 @@ async fn main() -> anyhow::Result<()> {
         let names: Vec<String> = names.split(',').map(str::to_owned).collect();
         let (cert, key) = mint(names, format!("{file} (weir)"))?;
         std::fs::write(args.dir.join(format!("{file}.pem")), cert.pem() + &ca_cert.pem())?;
+        std::fs::write(args.dir.join(format!("{file}-key.pem")), key.serialize_pem())?;
+    }
+
+    for spec in &args.ratls {
+        let parsed = spec
+            .split_once('=')
+            .and_then(|(file, rest)| rest.split_once(',').map(|(name, mrtd)| (file, name, mrtd)));
+        let (file, name, mrtd) = parsed.context("expected FILE=NAME,MRTD")?;
+        let mrtd: [u8; 48] = weir_plugin_sdk::hex::decode(mrtd)
+            .ok()
+            .and_then(|m| m.try_into().ok())
+            .with_context(|| format!("`{mrtd}` is not an MRTD (96 hex digits)"))?;
+        let (cert, key) = simulated_ratls(name, &mrtd)?;
+        std::fs::write(args.dir.join(format!("{file}.pem")), cert.pem())?;
         std::fs::write(args.dir.join(format!("{file}-key.pem")), key.serialize_pem())?;
     }
 
