@@ -24,6 +24,7 @@
 //! files).
 #![forbid(unsafe_code)]
 
+mod app_info;
 mod events;
 mod extension;
 pub mod ocsp;
@@ -33,6 +34,7 @@ pub mod simulate;
 mod verify;
 pub mod x509;
 
+pub use app_info::AppInfo;
 pub use events::{Event, replay_rtmr3};
 pub use extension::{DstackAttestation, decode_attestation};
 pub use quote::{TdReport, parse_quote};
@@ -49,6 +51,8 @@ pub const OID_EVENT_LOG: &str = "1.3.6.1.4.1.62397.1.2";
 pub const OID_APP_ID: &str = "1.3.6.1.4.1.62397.1.3";
 /// Legacy: what the certificate is for.
 pub const OID_CERT_USAGE: &str = "1.3.6.1.4.1.62397.1.4";
+/// dstack's app-info extension (msgpack `AppInfo`, see [`AppInfo`]).
+pub const OID_APP_INFO: &str = "1.3.6.1.4.1.62397.1.9";
 
 /// The event type of dstack runtime events (IMR 3).
 pub const DSTACK_RUNTIME_EVENT: u32 = 0x0800_0001;
@@ -133,6 +137,9 @@ pub enum AttestError {
     /// The legacy event log is not the expected JSON.
     #[error("event log JSON: {0}")]
     EventLog(String),
+    /// The app-info extension is malformed, or contradicts the event log.
+    #[error("app info (1.3.6.1.4.1.62397.1.9): {0}")]
+    AppInfo(String),
     /// The certificate does not parse.
     #[error("certificate: {0}")]
     Certificate(String),

@@ -6,8 +6,8 @@ use crate::extension::decode_attestation;
 use crate::quote::{TdReport, parse_quote};
 use crate::verify::Verification;
 use crate::{
-    AttestError, BINDING_TAG, DSTACK_RUNTIME_EVENT, OID_APP_ID, OID_ATTESTATION, OID_CERT_USAGE, OID_EVENT_LOG,
-    OID_TDX_QUOTE,
+    AppInfo, AttestError, BINDING_TAG, DSTACK_RUNTIME_EVENT, OID_APP_ID, OID_APP_INFO, OID_ATTESTATION, OID_CERT_USAGE,
+    OID_EVENT_LOG, OID_TDX_QUOTE,
 };
 
 /// The attestation an RA-TLS certificate carries, with the checks that need
@@ -22,8 +22,11 @@ pub struct RaTls {
     pub events: Vec<Event>,
     /// Whether replaying the IMR-3 events gives the quote's RTMR3.
     pub rtmr3_matches: bool,
-    /// The app id (legacy extension, else the `app-id` runtime event).
+    /// The app id (legacy extension, else the `app-id` runtime event, else
+    /// the app-info extension's).
     pub app_id: Option<Vec<u8>>,
+    /// The app-info extension, checked against the replayed event log.
+    pub app_info: Option<AppInfo>,
     /// The legacy certificate-usage extension.
     pub usage: Option<String>,
 }
@@ -70,12 +73,20 @@ impl RaTls {
                 .map(|e| e.payload.clone())
         });
         let usage = extension(OID_CERT_USAGE).map(|u| String::from_utf8_lossy(u).into_owned());
+        let app_info = extension(OID_APP_INFO).map(AppInfo::decode).transpose()?;
+        if let Some(info) = &app_info
+            && rtmr3_matches
+        {
+            info.check_against(&events)?;
+        }
+        let app_id = app_id.filter(|_| rtmr3_matches || extension(OID_APP_ID).is_some());
         Ok(RaTls {
             quote,
             report,
             events,
             rtmr3_matches,
-            app_id: app_id.filter(|_| rtmr3_matches || extension(OID_APP_ID).is_some()),
+            app_id: app_id.or_else(|| app_info.as_ref().map(|info| info.app_id.to_vec())),
+            app_info,
             usage,
         })
     }

@@ -410,3 +410,32 @@ fn a_legacy_event_log_with_bad_hex_is_an_error_not_a_panic() {
     let good = events::parse_event_log_json(log(&"ab".repeat(48)).as_bytes()).expect("48-byte digest");
     assert_eq!(good[0].digest, vec![0xab; 48]);
 }
+
+#[test]
+fn the_app_info_extension_is_read_and_a_malformed_one_refused() {
+    use crate::simulate;
+    use rcgen::PublicKeyData as _;
+    const APP_INFO: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 9];
+    let app_info = crate::app_info::tests::encoded(&[0xc0; 32]);
+    let mint = |info: &[u8]| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let quote = simulate::synthetic_quote(&[7; 48], &simulate::key_binding(&key.subject_public_key_info()));
+        let mut params = rcgen::CertificateParams::new(vec!["tee.test".to_owned()]).expect("params");
+        params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
+            ATTESTATION,
+            simulate::attestation_extension(&quote),
+        ));
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(APP_INFO, octet_string(info)));
+        params.self_signed(&key).expect("cert").der().to_vec()
+    };
+    let ratls = RaTls::from_certificate(&mint(&app_info)).expect("read");
+    let info = ratls.app_info.as_ref().expect("app info");
+    assert_eq!(info.compose_hash.as_slice(), [0xc0; 32]);
+    assert_eq!(ratls.app_id, Some(vec![0x33; 20]), "the app id comes from the app info");
+    assert!(matches!(
+        RaTls::from_certificate(&mint(b"\x91\x01")),
+        Err(AttestError::AppInfo(_))
+    ));
+}
