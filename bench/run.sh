@@ -24,6 +24,8 @@
 #                                     18 MB Python example plugin
 #   bench/run.sh coldstart            `weir route` and `weir run` start times
 #                                     with and without the compiled-code cache
+#   bench/run.sh egress [--seconds N]  pgbench through weir's RA-TLS egress
+#                                     and sidecar against libpq's own TLS
 #   bench/run.sh fleet [--publishes N]
 #                                     three fleet nodes on one etcd: publish to
 #                                     applied, storage, a new component
@@ -31,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation | reload-memory | coldstart | fleet) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory | coldstart | fleet | egress) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -49,6 +51,10 @@ if [ "$mode" = fleet ]; then
     command -v etcd >/dev/null || need+=(etcd-server)
     command -v etcdctl >/dev/null || need+=(etcd-client)
 fi
+if [ "$mode" = egress ]; then
+    command -v pgbench >/dev/null || need+=(postgresql-client-15)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql-15)
+fi
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
@@ -65,7 +71,7 @@ sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="16384 65000" ||
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 scripts/build-plugins.sh
-cargo build --locked --release -p weir -p weir-bench
+cargo build --locked --release -p weir -p weir-bench -p demo-upstream
 case "$mode" in
     compare) exec python3 bench/run.py "$@" ;;
     connections) exec python3 bench/connections.py "$@" ;;
@@ -74,4 +80,5 @@ case "$mode" in
     reload-memory) exec python3 bench/reload_memory.py "$@" ;;
     coldstart) exec python3 bench/coldstart.py "$@" ;;
     fleet) exec python3 bench/fleet.py "$@" ;;
+    egress) exec python3 bench/egress.py "$@" ;;
 esac
