@@ -63,7 +63,7 @@ The three hops are up. In another terminal, try:
   psql "host=127.0.0.1 port=15433 user=postgres dbname=postgres sslmode=disable" -c "select 1"
 
   # what the egress decides for a connection on its db listener, without a socket:
-  $root/target/debug/weir route --config $root/examples/teesql/egress.toml --listener db
+  $root/target/debug/weir route --config $root/examples/teesql/egress.toml --listener db --protocol plain
 
 Each hop logs its connections below, tagged. Ctrl-C stops them all.
 
