@@ -183,8 +183,8 @@ async fn handshake(
     Ok(tls)
 }
 
-/// The TLS handshake with an upstream, then the plugins' `admit` on its
-/// certificate.
+/// The TLS handshake with an upstream, the plugins' `admit` on its
+/// certificate inside it (after it, for a resumed session).
 pub(crate) async fn reencrypt(
     upstream: TcpStream,
     upstream_tls: &UpstreamTls,
@@ -201,21 +201,32 @@ pub(crate) async fn reencrypt(
         (None, None, Err(e)) => return Err(Outcome::Io(e)),
     };
     let name = name.map_err(|e| Outcome::ConnectFailed(format!("upstream server name: {e}")))?;
+    // The chain judges the upstream's certificate inside the handshake.
+    let admission = Arc::new(Admission::new(chain, conn.clone()));
     let client_config = snapshot
         .tls()
-        .client_config(upstream_tls, alpn)
+        .client_config(upstream_tls, alpn, Some(&admission))
         .map_err(|reason| Outcome::ConnectFailed(format!("upstream TLS: {reason}")))?;
     let connect = tokio_rustls::TlsConnector::from(client_config).connect(name, upstream);
-    let tls = match tokio::time::timeout(listener.config.handshake_timeout, connect).await {
+    let handshake = tokio::time::timeout(listener.config.handshake_timeout, connect).await;
+    // The connection's client config (which rustls keeps) need not keep
+    // the plugins alive once they have spoken.
+    admission.release();
+    let tls = match handshake {
         Err(_) => return Err(Outcome::ConnectFailed("upstream TLS handshake timed out".into())),
         Ok(Err(e)) => {
-            return Err(Outcome::ConnectFailed(format!(
-                "upstream TLS handshake: {}",
-                handshake_error(&e)
-            )));
+            return Err(match admission.outcome() {
+                Some(Err(reason)) => Outcome::Denied(format!("upstream: {reason}")),
+                _ => Outcome::ConnectFailed(format!("upstream TLS handshake: {}", handshake_error(&e))),
+            });
         }
         Ok(Ok(tls)) => tls,
     };
+    if admission.outcome().is_some() {
+        return Ok(tls);
+    }
+    // A resumed session skips certificate verification, and with it the
+    // `admit` inside the handshake: ask the plugins now.
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(<[_]>::first) else {
         return Err(Outcome::ConnectFailed("the upstream presented no certificate".into()));
     };

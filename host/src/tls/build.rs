@@ -13,10 +13,10 @@ use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
 use crate::plugin::decision::{ClientAuth, Termination, UpstreamTls};
 use crate::tls::client_verifier::{Admitting, AttestedClient};
-use crate::tls::server_verifier::{AttestedServer, Pinned};
+use crate::tls::server_verifier::{AdmittingServer, AttestedServer, Pinned};
 use crate::tls::{
-    Admission, Certificate, ClientKey, ListenerSettings, MAX_CACHED_CONFIGS, SESSION_CACHE_SIZE, ServerEntry,
-    ServerKey, TerminateError, TlsMaterial, base_provider, system_roots,
+    Admission, CachedClient, Certificate, ClientKey, ListenerSettings, MAX_CACHED_CONFIGS, SESSION_CACHE_SIZE,
+    ServerEntry, ServerKey, TerminateError, TlsMaterial, base_provider, system_roots,
 };
 
 /// What a completed server handshake was, for a PROXY v2 header.
@@ -213,17 +213,42 @@ impl TlsMaterial {
     }
 
     /// The client config for re-encrypting to an upstream, offering `alpn`
-    /// (the protocol negotiated with the client, if any).
-    pub fn client_config(&self, upstream: &UpstreamTls, alpn: &[Vec<u8>]) -> Result<Arc<ClientConfig>, String> {
+    /// (the protocol negotiated with the client, if any). With `admission`,
+    /// a copy for one connection whose verifier runs the chain's `admit` on
+    /// the upstream's certificate inside the handshake, so a refused
+    /// upstream never sees the handshake finish (its session cache is the
+    /// shared one's).
+    pub fn client_config(
+        &self,
+        upstream: &UpstreamTls,
+        alpn: &[Vec<u8>],
+        admission: Option<&Arc<Admission>>,
+    ) -> Result<Arc<ClientConfig>, String> {
         let key = ClientKey {
             ca: upstream.ca.clone(),
             client_cert: upstream.client_cert.clone(),
             alpn: alpn.to_vec(),
             attested: upstream.attested,
         };
-        if let Some(config) = crate::sync::lock(&self.clients).get(&key) {
-            return Ok(Arc::clone(config));
-        }
+        let cached = crate::sync::lock(&self.clients).get(&key).cloned();
+        let (config, verifier) = match cached {
+            Some(cached) => cached,
+            None => self.build_client_config(key)?,
+        };
+        let Some(admission) = admission else {
+            return Ok(config);
+        };
+        let mut own = (*config).clone();
+        own.dangerous().set_certificate_verifier(Arc::new(AdmittingServer {
+            inner: verifier,
+            admission: Arc::clone(admission),
+            attestation: upstream.attested.then(|| Arc::clone(&self.attestation)),
+        }));
+        Ok(Arc::new(own))
+    }
+
+    /// Builds (and caches, up to its bound) the client config for `key`.
+    fn build_client_config(&self, key: ClientKey) -> Result<CachedClient, String> {
         let provider = Arc::new(base_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match &key.ca {
             None if key.attested => Arc::new(AttestedServer {
@@ -257,7 +282,7 @@ impl TlsMaterial {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(Arc::clone(&verifier));
         let mut config = match &key.client_cert {
             None => builder.with_no_client_auth(),
             Some(name) => {
@@ -272,8 +297,8 @@ impl TlsMaterial {
         let config = Arc::new(config);
         let mut clients = crate::sync::lock(&self.clients);
         if clients.len() < MAX_CACHED_CONFIGS {
-            clients.insert(key, Arc::clone(&config));
+            clients.insert(key, (Arc::clone(&config), Arc::clone(&verifier)));
         }
-        Ok(config)
+        Ok((config, verifier))
     }
 }

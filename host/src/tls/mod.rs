@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::clock::unix_seconds;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -137,6 +138,9 @@ struct ServerEntry {
     attestation: Option<Arc<AttestationPolicy>>,
 }
 
+/// An upstream client config and the verifier it was built with.
+type CachedClient = (Arc<ClientConfig>, Arc<dyn ServerCertVerifier>);
+
 /// Certificates and trust anchors from one config, and the rustls configs
 /// built from them as connections need them.
 pub struct TlsMaterial {
@@ -148,7 +152,10 @@ pub struct TlsMaterial {
     /// Server configs by tenant (`None`: the listeners' chains), then by
     /// termination.
     servers: Mutex<ServerConfigs>,
-    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    /// Upstream client configs, with the verifier each was built with (a
+    /// connection's copy wraps it to run the chain's `admit` inside the
+    /// handshake).
+    clients: Mutex<HashMap<ClientKey, CachedClient>>,
 }
 
 impl fmt::Debug for TlsMaterial {

@@ -1,5 +1,5 @@
 //! Verifying upstream servers beyond the web PKI: SHA-256 pins, and RA-TLS
-//! attestation (after which the chain's `admit` decides).
+//! attestation, and the chain's `admit` inside the handshake.
 
 use std::sync::Arc;
 
@@ -10,7 +10,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use weir_attest::AttestationPolicy;
 use weir_plugin_sdk::hex;
 
-use crate::tls::client_verifier::refused;
+use crate::tls::client_verifier::{Admission, describe, refused};
+use crate::wit;
 
 /// Verifies an upstream by pinned end-entity fingerprint, after its chain
 /// when a CA bundle is also given. Without a bundle the pin is the whole
@@ -71,4 +72,68 @@ impl ServerCertVerifier for AttestedServer {
     }
 
     signatures_by_algorithms!();
+}
+
+/// An upstream's certificate judged by the chain's `admit` inside the
+/// handshake, after `inner` (or, for an RA-TLS upstream, the attestation,
+/// examined once for both) accepts it: a deny fails the handshake before
+/// weir finishes it, so the upstream never serves a refused connection.
+#[derive(Debug)]
+pub(crate) struct AdmittingServer {
+    pub(crate) inner: Arc<dyn ServerCertVerifier>,
+    pub(crate) admission: Arc<Admission>,
+    /// Set for an RA-TLS upstream: `inner` would examine the same quote.
+    pub(crate) attestation: Option<Arc<AttestationPolicy>>,
+}
+
+impl ServerCertVerifier for AdmittingServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let attestation = match &self.attestation {
+            Some(policy) => {
+                let examined = policy.examine(end_entity);
+                if let Err(e) = &examined {
+                    return Err(refused(format!("RA-TLS: {e}")));
+                }
+                Some(examined)
+            }
+            None => {
+                self.inner
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+                None
+            }
+        };
+        self.admission
+            .check(wit::Side::Upstream, describe(end_entity, attestation))
+            .map_err(refused)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }

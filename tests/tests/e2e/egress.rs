@@ -257,6 +257,13 @@ async fn each_side_refuses_an_mrtd_it_does_not_allow_and_psql_says_why() {
     );
     let line = hops.egress.connection_line().await;
     assert!(line.contains("outcome=denied"), "{line}");
+    // weir refused inside the handshake: the sidecar never finished it, so
+    // it dialled nothing.
+    let line = hops.sidecar.connection_line().await;
+    assert!(
+        line.contains(r#"upstream="-""#) && !line.contains("outcome=closed"),
+        "{line}"
+    );
 
     // The sidecar refuses an egress presenting another MRTD; psql hears it
     // from the egress, and the sidecar's log says which measurement.
