@@ -55,7 +55,13 @@ pub(crate) async fn originate(
         Ok((tls, answer)) => {
             let mut client = front.into_client();
             if !answer.is_empty() {
-                client.write_all(&answer).await.map_err(Outcome::Io)?;
+                // Bounded like the handshake: a client that does not read
+                // cannot hold the task here.
+                let write = tokio::time::timeout(listener.config.handshake_timeout, client.write_all(&answer));
+                match write.await {
+                    Ok(written) => written.map_err(Outcome::Io)?,
+                    Err(_) => return Err(Outcome::Io(std::io::ErrorKind::TimedOut.into())),
+                }
                 record
                     .transfer
                     .upstream_to_client
