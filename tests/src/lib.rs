@@ -825,7 +825,7 @@ pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
     params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
-        &[1, 3, 6, 1, 4, 1, 62397, 1, 8],
+        weir_attest::simulate::ATTESTATION_OID_ARCS,
         der,
     ));
     let cert = params.self_signed(&key).expect("self-signed");

@@ -40,13 +40,7 @@ pub struct AppInfo {
 impl AppInfo {
     /// Decodes the extension's payload (the OCTET STRING's contents).
     pub fn decode(bytes: &[u8]) -> Result<AppInfo, AttestError> {
-        if bytes.len() > MAX_APP_INFO {
-            return Err(AttestError::TooLarge {
-                what: "app info",
-                len: bytes.len(),
-                max: MAX_APP_INFO,
-            });
-        }
+        crate::within("app info", bytes.len(), MAX_APP_INFO)?;
         rmp_serde::from_slice(bytes).map_err(|e| AttestError::AppInfo(e.to_string()))
     }
 

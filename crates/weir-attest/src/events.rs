@@ -77,13 +77,7 @@ pub(crate) fn parse_event_log_json(bytes: &[u8]) -> Result<Vec<Event>, AttestErr
         _ => weir_plugin_sdk::hex::decode(s).map_err(|e| AttestError::EventLog(format!("a hex field: {e}"))),
     };
     let entries: Vec<Json> = serde_json::from_slice(bytes).map_err(|e| AttestError::EventLog(e.to_string()))?;
-    if entries.len() > MAX_EVENTS {
-        return Err(AttestError::TooLarge {
-            what: "event log",
-            len: entries.len(),
-            max: MAX_EVENTS,
-        });
-    }
+    crate::within("event log", entries.len(), MAX_EVENTS)?;
     entries
         .into_iter()
         .map(|e| {

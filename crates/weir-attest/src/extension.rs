@@ -24,13 +24,7 @@ pub struct DstackAttestation {
 /// `VersionedAttestation::V0` when the first byte is 0, the msgpack V1 form
 /// when it opens a msgpack map.
 pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError> {
-    if bytes.len() > MAX_ATTESTATION {
-        return Err(AttestError::TooLarge {
-            what: "attestation",
-            len: bytes.len(),
-            max: MAX_ATTESTATION,
-        });
-    }
+    crate::within("attestation", bytes.len(), MAX_ATTESTATION)?;
     // fixmap, map16, map32: dstack's V1 is a msgpack map.
     if matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
         return decode_v1(bytes);
@@ -46,13 +40,7 @@ pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError
     }
     let quote = r.bytes("quote", MAX_QUOTE)?.to_vec();
     let count = r.compact("event log")?;
-    if count > MAX_EVENTS {
-        return Err(AttestError::TooLarge {
-            what: "event log",
-            len: count,
-            max: MAX_EVENTS,
-        });
-    }
+    crate::within("event log", count, MAX_EVENTS)?;
     let mut events = Vec::with_capacity(count.min(64));
     for _ in 0..count {
         events.push(Event {
@@ -64,13 +52,7 @@ pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError
         });
     }
     let count = r.compact("runtime events")?;
-    if count > MAX_EVENTS {
-        return Err(AttestError::TooLarge {
-            what: "runtime events",
-            len: count,
-            max: MAX_EVENTS,
-        });
-    }
+    crate::within("runtime events", count, MAX_EVENTS)?;
     let mut runtime_events = Vec::with_capacity(count.min(64));
     for _ in 0..count {
         let name = r.string("runtime event name", 1024)?;

@@ -151,5 +151,13 @@ pub enum AttestError {
     Binding,
 }
 
+/// Refuses `len` (of `what`) when it is over `max`.
+fn within(what: &'static str, len: usize, max: usize) -> Result<(), AttestError> {
+    match len > max {
+        true => Err(AttestError::TooLarge { what, len, max }),
+        false => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests;

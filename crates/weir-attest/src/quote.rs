@@ -106,9 +106,7 @@ impl<'a> Reader<'a> {
     /// A SCALE `Vec<u8>` at most `max` long.
     pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], AttestError> {
         let len = self.compact(what)?;
-        if len > max {
-            return Err(AttestError::TooLarge { what, len, max });
-        }
+        crate::within(what, len, max)?;
         self.take(what, len)
     }
 
@@ -121,13 +119,7 @@ impl<'a> Reader<'a> {
 /// Parses a TDX quote (v4, or v5 with a TD 1.0 or TD 1.5 body) and checks
 /// that its signature section is complete.
 pub fn parse_quote(quote: &[u8]) -> Result<TdReport, AttestError> {
-    if quote.len() > MAX_QUOTE {
-        return Err(AttestError::TooLarge {
-            what: "quote",
-            len: quote.len(),
-            max: MAX_QUOTE,
-        });
-    }
+    crate::within("quote", quote.len(), MAX_QUOTE)?;
     let mut r = Reader::new(quote);
     let version = r.u16("quote header")?;
     let _attestation_key_type = r.u16("quote header")?;

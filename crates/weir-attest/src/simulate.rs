@@ -5,6 +5,10 @@
 //! quote's body, so weir — and any verifier — reports it **unverified**:
 //! it passes only where a policy says `require_verified = false`.
 
+/// The attestation extension's OID (`1.3.6.1.4.1.62397.1.8`) as arcs, the
+/// form certificate builders (rcgen) take.
+pub const ATTESTATION_OID_ARCS: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 8];
+
 /// Where a TDX v4 quote keeps MRTD (the 48-byte header, then the body's
 /// 136 bytes before it).
 const MRTD_AT: usize = 48 + 136;

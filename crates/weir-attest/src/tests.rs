@@ -218,7 +218,7 @@ fn binding(spki: &[u8]) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
-const ATTESTATION: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 8];
+const ATTESTATION: &[u64] = crate::simulate::ATTESTATION_OID_ARCS;
 const QUOTE: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 1];
 const EVENT_LOG: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 2];
 const APP_ID: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 3];

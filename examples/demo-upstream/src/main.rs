@@ -52,7 +52,7 @@ fn simulated_ratls(name: &str, mrtd: &[u8; 48]) -> anyhow::Result<(rcgen::Certif
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
     params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
-        &[1, 3, 6, 1, 4, 1, 62397, 1, 8],
+        simulate::ATTESTATION_OID_ARCS,
         simulate::attestation_extension(&quote),
     ));
     Ok((params.self_signed(&key)?, key))

@@ -205,7 +205,7 @@ pub(crate) async fn reencrypt(
     let admission = Arc::new(Admission::new(chain, conn.clone()));
     let client_config = snapshot
         .tls()
-        .client_config(upstream_tls, alpn, Some(&admission))
+        .client_config(upstream_tls, alpn, &admission)
         .map_err(|reason| Outcome::ConnectFailed(format!("upstream TLS: {reason}")))?;
     let connect = tokio_rustls::TlsConnector::from(client_config).connect(name, upstream);
     let handshake = tokio::time::timeout(listener.config.handshake_timeout, connect).await;

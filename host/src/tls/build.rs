@@ -212,17 +212,16 @@ impl TlsMaterial {
         })
     }
 
-    /// The client config for re-encrypting to an upstream, offering `alpn`
-    /// (the protocol negotiated with the client, if any). With `admission`,
-    /// a copy for one connection whose verifier runs the chain's `admit` on
-    /// the upstream's certificate inside the handshake, so a refused
-    /// upstream never sees the handshake finish (its session cache is the
-    /// shared one's).
+    /// The client config for one connection re-encrypting (or originating)
+    /// to an upstream, offering `alpn`: a copy of the cached one (sharing its
+    /// session cache) whose verifier runs `admission`'s chain on the
+    /// upstream's certificate inside the handshake, so a refused upstream
+    /// never sees the handshake finish.
     pub fn client_config(
         &self,
         upstream: &UpstreamTls,
         alpn: &[Vec<u8>],
-        admission: Option<&Arc<Admission>>,
+        admission: &Arc<Admission>,
     ) -> Result<Arc<ClientConfig>, String> {
         let key = ClientKey {
             ca: upstream.ca.clone(),
@@ -234,9 +233,6 @@ impl TlsMaterial {
         let (config, verifier) = match cached {
             Some(cached) => cached,
             None => self.build_client_config(key)?,
-        };
-        let Some(admission) = admission else {
-            return Ok(config);
         };
         let mut own = (*config).clone();
         own.dangerous().set_certificate_verifier(Arc::new(AdmittingServer {
