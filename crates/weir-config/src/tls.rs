@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
+use rustls::{CipherSuite, SupportedProtocolVersion};
 
 use crate::{ListenerTls, TlsVersion};
 
@@ -32,10 +32,35 @@ impl Invalid {
 /// TLS 1.3 alone, for `min_version = "1.3"`.
 pub static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
-/// The crypto provider everything here uses.
+/// The crypto provider everything here uses, its cipher suites in weir's
+/// order of preference ([`PREFERENCE`]).
 pub fn base_provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| {
+        PREFERENCE
+            .iter()
+            .position(|preferred| *preferred == suite.suite())
+            .unwrap_or(PREFERENCE.len())
+    });
+    provider
 }
+
+/// The order in which a terminating weir picks a cipher suite when the
+/// client does not put ChaCha20 first: AES-128-GCM before AES-256-GCM (a
+/// TLS 1.3 handshake with SHA-256 costs less than one with SHA-384, and
+/// AES-128 encrypts faster), ChaCha20-Poly1305 last (for clients with AES
+/// instructions it is the slower one), as Go's TLS stack does.
+pub const PREFERENCE: [CipherSuite; 9] = [
+    CipherSuite::TLS13_AES_128_GCM_SHA256,
+    CipherSuite::TLS13_AES_256_GCM_SHA384,
+    CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
 
 /// A listener's TLS settings, resolved.
 #[derive(Debug, Clone)]

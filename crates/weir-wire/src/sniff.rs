@@ -37,6 +37,10 @@ pub struct ClientHello {
     /// Offered versions from supported_versions (GREASE values dropped), or
     /// the legacy hello version when that extension is absent.
     pub versions: Vec<u16>,
+    /// The first AEAD the client offers among AES-GCM and
+    /// ChaCha20-Poly1305 is ChaCha20: clients without AES instructions list
+    /// it first, and a server should then follow the client's order.
+    pub prefers_chacha: bool,
 }
 
 /// Why the first bytes are not a ClientHello that weir routes.
@@ -178,6 +182,7 @@ fn decode_hello(message: &[u8]) -> Result<ClientHello, SniffError> {
         sni: None,
         alpn: Vec::new(),
         versions: Vec::new(),
+        prefers_chacha: prefers_chacha(&hello.ciphers),
     };
     let Some(raw_extensions) = hello.ext else {
         out.versions.push(hello.version.0);
@@ -237,6 +242,19 @@ fn alpn(list: &[&[u8]]) -> Result<Vec<String>, SniffError> {
             String::from_utf8(name.to_vec()).map_err(|_| SniffError::Malformed("ALPN protocol name is not UTF-8"))
         })
         .collect()
+}
+
+/// Whether ChaCha20-Poly1305 comes before every AES-GCM suite in the
+/// client's list (TLS 1.3 and TLS 1.2 ECDHE suites; GREASE and others
+/// skipped).
+fn prefers_chacha(ciphers: &[tls_parser::TlsCipherSuiteID]) -> bool {
+    const CHACHA: [u16; 3] = [0x1303, 0xcca8, 0xcca9];
+    const AES_GCM: [u16; 6] = [0x1301, 0x1302, 0xc02b, 0xc02c, 0xc02f, 0xc030];
+    ciphers
+        .iter()
+        .map(|c| c.0)
+        .find(|c| CHACHA.contains(c) || AES_GCM.contains(c))
+        .is_some_and(|c| CHACHA.contains(&c))
 }
 
 fn versions(list: &[TlsVersion]) -> Vec<u16> {

@@ -157,6 +157,7 @@ pub(crate) async fn read_front(
         sni: None,
         alpn: Vec::new(),
         versions: Vec::new(),
+        prefers_chacha: false,
     });
     Ok(Front {
         client,

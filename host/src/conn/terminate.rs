@@ -66,16 +66,7 @@ pub(crate) async fn terminate(
     };
     let local_addr = front.local_addr;
     let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
-    let mut tls = handshake(
-        front,
-        &conn,
-        termination,
-        listener,
-        tenant,
-        snapshot,
-        admission.as_ref(),
-    )
-    .await?;
+    let mut tls = handshake(front, termination, listener, tenant, snapshot, admission.as_ref()).await?;
     // The connection's server config (which rustls keeps) need not keep
     // the plugins alive once they have spoken.
     if let Some(admission) = &admission {
@@ -124,19 +115,17 @@ pub(crate) async fn terminate(
 /// for a resumed session (which skips verification).
 async fn handshake(
     mut front: Front,
-    conn: &wit::Connection,
     termination: &Termination,
     listener: &Arc<Listener>,
     tenant: Option<&Tenant>,
     snapshot: &Snapshot,
     admission: Option<&Arc<Admission>>,
 ) -> Result<tokio_rustls::server::TlsStream<Rewind<TcpStream>>, Outcome> {
-    let sni = conn.sni.as_deref();
     let server_config = match snapshot.tls().server_config(
         &listener.name,
         &listener.tls,
         termination,
-        sni,
+        &front.hello,
         tenant.map(|t| (&t.name, t.certificates())),
         admission.cloned(),
     ) {

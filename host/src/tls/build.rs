@@ -87,16 +87,20 @@ impl TlsMaterial {
     /// The server config for a terminated connection. With client
     /// authentication the config is this connection's own, so that the
     /// plugins' `admit` runs inside the handshake (a deny is an alert); its
-    /// session cache and ticket key are still the termination's.
+    /// session cache and ticket key are still the termination's. The cipher
+    /// suite is weir's choice ([`PREFERENCE`](crate::config::tls::PREFERENCE)
+    /// or the listener's `cipher_suites` order), unless the `hello` puts
+    /// ChaCha20 first, when the client's order is followed.
     pub fn server_config(
         &self,
         listener: &Arc<str>,
         settings: &ListenerSettings,
         termination: &Termination,
-        sni: Option<&str>,
+        hello: &weir_wire::sniff::ClientHello,
         tenant: Option<(&Arc<str>, &std::collections::BTreeSet<String>)>,
         admission: Option<Arc<Admission>>,
     ) -> Result<Arc<ServerConfig>, TerminateError> {
+        let sni = hello.sni.as_deref();
         let (owner, allowed) = match tenant {
             Some((name, certificates)) => (Some(Arc::clone(name)), Some(certificates)),
             None => (None, None),
@@ -159,8 +163,10 @@ impl TlsMaterial {
                 config.alpn_protocols.clone_from(&entry.config.alpn_protocols);
                 config.session_storage = Arc::clone(&entry.config.session_storage);
                 config.ticketer = Arc::clone(&entry.config.ticketer);
+                config.ignore_client_order = !hello.prefers_chacha;
                 Ok(Arc::new(config))
             }
+            _ if hello.prefers_chacha => Ok(entry.client_order),
             _ => Ok(entry.config),
         }
     }
@@ -204,8 +210,13 @@ impl TlsMaterial {
         config.alpn_protocols.clone_from(&key.alpn);
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(config_error)?;
+        // Both share the session cache and ticket key (Arcs).
+        let mut client_order = config.clone();
+        config.ignore_client_order = true;
+        client_order.ignore_client_order = false;
         Ok(ServerEntry {
             config: Arc::new(config),
+            client_order: Arc::new(client_order),
             verifier,
             resolver,
             attestation: (key.client_auth == ClientAuth::Attested).then(|| Arc::clone(&self.attestation)),

@@ -131,7 +131,11 @@ struct ClientKey {
 /// A server config and what a per-connection variant needs from it.
 #[derive(Clone)]
 struct ServerEntry {
+    /// Picks the cipher suite by weir's order.
     config: Arc<ServerConfig>,
+    /// The same, following the client's order (for clients that put
+    /// ChaCha20 first).
+    client_order: Arc<ServerConfig>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
     resolver: Arc<Candidates>,
     /// Set for attested client authentication.

@@ -568,3 +568,64 @@ async fn every_plugin_of_the_chain_must_admit() {
     let reply = tls_exchange(addr, "trap.web.test", site_pki.client_config(), "anonymous").await;
     assert_eq!(reply.expect("no certificate, no admit"), "upstream heard: anonymous\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_picks_the_cipher_suite_unless_the_client_puts_chacha_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new("weir site CA");
+    let ca = pki.write_ca(dir.path(), "ca");
+    let upstream = Upstream::tcp(answer).await;
+    let gateway = weir_tests::start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+
+        [listeners.listed]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        tls.cipher_suites = ["TLS13_CHACHA20_POLY1305_SHA256", "TLS13_AES_256_GCM_SHA384", "TLS13_AES_128_GCM_SHA256"]
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.routes."web.test" = {{ address = "{up}", terminate = {{}} }}
+
+        {site}
+        "#,
+        up = upstream.addr,
+        site = certificate_section(dir.path(), "site", &pki.server(&["web.test"])),
+    ))
+    .await;
+    let suite = |addr, extra: &'static [&'static str]| {
+        let ca = ca.clone();
+        async move {
+            let (stdout, stderr) = s_client(addr, "web.test", &ca, extra, "hello").await;
+            assert_eq!(stdout, "upstream heard: hello\n", "stderr: {stderr}");
+            stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("Ciphersuite: "))
+                .unwrap_or_else(|| panic!("no Ciphersuite line: {stderr}"))
+                .to_owned()
+        }
+    };
+    let public = gateway.local_addr("public").expect("listener");
+    // openssl's default order puts AES-256-GCM first: weir's order wins.
+    assert_eq!(suite(public, &[]).await, "TLS_AES_128_GCM_SHA256");
+    // A client that puts ChaCha20 first (no AES instructions) gets it.
+    let chacha_first = &["-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"];
+    assert_eq!(suite(public, chacha_first).await, "TLS_CHACHA20_POLY1305_SHA256");
+    // What the client alone offers is what it gets.
+    let only_256 = &["-ciphersuites", "TLS_AES_256_GCM_SHA384"];
+    assert_eq!(suite(public, only_256).await, "TLS_AES_256_GCM_SHA384");
+    // TLS 1.2: AES-128-GCM before the AES-256-GCM openssl lists first.
+    let tls12 = &[
+        "-tls1_2",
+        "-cipher",
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+    ];
+    assert_eq!(suite(public, tls12).await, "ECDHE-ECDSA-AES128-GCM-SHA256");
+    // A listener's `cipher_suites` order is weir's order there.
+    let listed = gateway.local_addr("listed").expect("listener");
+    let aes_first = &["-ciphersuites", "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"];
+    assert_eq!(suite(listed, aes_first).await, "TLS_AES_256_GCM_SHA384");
+}

@@ -265,3 +265,36 @@ fn a_record_of_another_type_inside_the_hello_is_refused() {
     wire.extend_from_slice(&[0x17, 0x03, 0x03, 0, 1, 0]);
     assert_eq!(parse_client_hello(&wire), Err(SniffError::Interleaved(0x17)));
 }
+
+/// The cipher suite list of a single-record hello: (offset, length).
+fn cipher_list(bytes: &[u8]) -> (usize, usize) {
+    let session_id = 5 + 4 + 2 + 32;
+    let at = session_id + 1 + usize::from(bytes[session_id]);
+    (at + 2, usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]])))
+}
+
+#[test]
+fn a_client_putting_chacha20_before_aes_gcm_is_seen_to_prefer_it() {
+    for (capture, bytes) in captures().into_iter().filter(|(c, _)| is_hello(&c.file)) {
+        // Every captured client (x86 builds) lists AES-GCM first.
+        let hello = complete(parse_client_hello(&bytes));
+        assert!(!hello.prefers_chacha, "{}", capture.file);
+    }
+    let mut bytes = testdata::read("clienthello/openssl-tls13-sni.bin");
+    let (at, len) = cipher_list(&bytes);
+    let suites: Vec<[u8; 2]> = bytes[at..at + len].chunks(2).map(|c| [c[0], c[1]]).collect();
+    assert_eq!(
+        suites[..3],
+        [[0x13, 0x02], [0x13, 0x03], [0x13, 0x01]],
+        "openssl's TLS 1.3 order"
+    );
+    // ChaCha20 first, then AES-256 and AES-128: prefers it.
+    bytes[at..at + 4].copy_from_slice(&[0x13, 0x03, 0x13, 0x02]);
+    assert!(complete(parse_client_hello(&bytes)).prefers_chacha);
+    // A GREASE value and a non-AEAD suite before it change nothing.
+    bytes[at..at + 6].copy_from_slice(&[0x1a, 0x1a, 0x00, 0x3c, 0x13, 0x03]);
+    assert!(complete(parse_client_hello(&bytes)).prefers_chacha);
+    // AES-128-GCM first: does not.
+    bytes[at..at + 6].copy_from_slice(&[0x13, 0x01, 0x13, 0x03, 0x13, 0x02]);
+    assert!(!complete(parse_client_hello(&bytes)).prefers_chacha);
+}
