@@ -1,7 +1,9 @@
 //! `weir-bench`: the TLS upstream and the load generator of weir's
 //! side-by-side benchmarks (`bench/run.sh`). Every client connection is a
 //! full TLS handshake (no resumption) with the upstream, through whichever
-//! proxy is being measured, or directly.
+//! proxy is being measured, or directly; `rate --resume` resumes with the
+//! tickets of earlier connections instead (a proxy that terminates issues
+//! them; the upstream issues none).
 //!
 //! After the handshake the client sends a 9-byte request: an op byte and a
 //! big-endian u64 length. `U`: the client uploads that many bytes and the
@@ -80,6 +82,11 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Keeps the tickets the server sends and resumes with them (TLS 1.3
+        /// PSK with a fresh X25519 exchange, as clients do); the report counts
+        /// the connections that did resume.
+        #[arg(long)]
+        resume: bool,
     },
     /// Opens `--conns` idle connections, prints a line once they are all up,
     /// and holds them until standard input closes; then checks that every
@@ -103,7 +110,8 @@ fn main() -> anyhow::Result<()> {
                 target,
                 concurrency,
                 seconds,
-            } => rate(&target, concurrency, seconds).await,
+                resume,
+            } => rate(&target, concurrency, seconds, resume).await,
             Command::Idle { target, conns } => idle(&target, conns).await,
         }
     })
@@ -199,6 +207,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result
 }
 
 fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    client_config_with(ca, rustls::client::Resumption::disabled())
+}
+
+fn client_config_with(ca: &Path, resumption: rustls::client::Resumption) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let cert = CertificateDer::from_pem_file(ca).with_context(|| format!("read {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert)?;
@@ -206,7 +218,7 @@ fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
+    config.resumption = resumption;
     Ok(Arc::new(config))
 }
 
@@ -280,19 +292,29 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn rate(target: &Target, concurrency: usize, seconds: f64) -> anyhow::Result<()> {
-    let config = client_config(&target.ca)?;
+async fn rate(target: &Target, concurrency: usize, seconds: f64, resume: bool) -> anyhow::Result<()> {
+    let shared = client_config(&target.ca)?;
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (config, stop, counter, errors) = (
-            Arc::clone(&config),
+        // Resuming, each worker keeps its own tickets, as one client does:
+        // one shared store would hold 8 for the server name, fewer than 64
+        // workers take at once, and measure the store instead of the server.
+        let config = if resume {
+            let store = rustls::client::ClientSessionMemoryCache::new(8);
+            client_config_with(&target.ca, rustls::client::Resumption::store(Arc::new(store)))?
+        } else {
+            Arc::clone(&shared)
+        };
+        let (stop, counter, errors, resumed) = (
             Arc::clone(&stop),
             Arc::clone(&counter),
             Arc::clone(&errors),
+            Arc::clone(&resumed),
         );
         let addr = target.target;
         tasks.push(tokio::spawn(async move {
@@ -303,17 +325,21 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64) -> anyhow::Resu
                 let result = async {
                     let mut tls = tls_connect(addr, &config, n).await?;
                     let handshake = begin.elapsed();
+                    let was_resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                     request(&mut tls, b'E', 32).await?;
                     tls.write_all(&[7u8; 32]).await?;
                     tls.flush().await?;
                     let mut echo = [0u8; 32];
                     tls.read_exact(&mut echo).await?;
                     tls.shutdown().await?;
-                    Ok::<_, std::io::Error>(handshake)
+                    Ok::<_, std::io::Error>((handshake, was_resumed))
                 }
                 .await;
                 match result {
-                    Ok(handshake) => latencies.push(u32::try_from(handshake.as_micros()).unwrap_or(u32::MAX)),
+                    Ok((handshake, was_resumed)) => {
+                        latencies.push(u32::try_from(handshake.as_micros()).unwrap_or(u32::MAX));
+                        resumed.fetch_add(u64::from(was_resumed), Ordering::Relaxed);
+                    }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -336,6 +362,7 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64) -> anyhow::Resu
         "p50_us": percentile(&latencies, 0.50),
         "p99_us": percentile(&latencies, 0.99),
         "errors": errors.load(Ordering::Relaxed),
+        "resumed": resumed.load(Ordering::Relaxed),
     });
     println!("{report}");
     Ok(())
