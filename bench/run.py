@@ -299,7 +299,9 @@ def write_terminate_configs():
     haproxy_tls = f" ssl verify required ca-file {ca} sni str({SNI})" if REENCRYPT else ""
     nginx_tls = (
         f"proxy_ssl on;\n        proxy_ssl_verify on;\n        proxy_ssl_trusted_certificate {ca};\n"
-        f"        proxy_ssl_name {SNI};\n        proxy_ssl_server_name on;\n        "
+        f"        proxy_ssl_name {SNI};\n        proxy_ssl_server_name on;\n"
+        # nginx 1.22 offers the upstream TLS 1.2 at most unless told.
+        "        proxy_ssl_protocols TLSv1.2 TLSv1.3;\n        "
         if REENCRYPT else ""
     )
     (WORK / "weir.toml").write_text(f"""
@@ -340,6 +342,8 @@ stream {{
         listen 127.0.0.1:10446 ssl;
         ssl_certificate {WORK / 'bench.pem'};
         ssl_certificate_key {WORK / 'bench-key.pem'};
+        # nginx before 1.23.4 accepts TLS 1.2 at most unless told.
+        ssl_protocols TLSv1.2 TLSv1.3;
         {nginx_tls}proxy_pass $upstream;
         proxy_timeout 10m;
     }}
@@ -374,6 +378,7 @@ def measure_once(target, idle):
     figures["rate_p50_us"] = rate["p50_us"]
     figures["rate_p99_us"] = rate["p99_us"]
     figures["rate_errors"] = rate["errors"]
+    figures["rate_tls13_share"] = rate["tls13"] / max(rate["connections"], 1) * 100
     if cpu is not None:
         figures["rate_cpu_us_per_conn"] = (cpu - cpu0) / max(rate["connections"], 1) * 1e6
 
@@ -444,6 +449,7 @@ ROWS = [
     ("rate_p50_us", "connect+handshake p50, 64 concurrent", "µs", False),
     ("rate_p99_us", "connect+handshake p99, 64 concurrent", "µs", False),
     ("rate_cpu_us_per_conn", "proxy CPU per connection", "µs", False),
+    ("rate_tls13_share", "connections on TLS 1.3", "%", True),
     ("serial_p50_us", "connect+handshake p50, serial", "µs", False),
     ("serial_p99_us", "connect+handshake p99, serial", "µs", False),
     ("resumed_per_s", "resumed TLS connections/s, 64 concurrent", "conn/s", True),

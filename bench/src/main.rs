@@ -84,7 +84,7 @@ enum Command {
         seconds: f64,
         /// Keeps the tickets the server sends and resumes with them (TLS 1.3
         /// PSK with a fresh X25519 exchange, as clients do); the report counts
-        /// the connections that did resume.
+        /// the connections that did resume (and, always, those on TLS 1.3).
         #[arg(long)]
         resume: bool,
     },
@@ -298,6 +298,7 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64, resume: bool) -
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
+    let tls13 = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -310,11 +311,12 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64, resume: bool) -
         } else {
             Arc::clone(&shared)
         };
-        let (stop, counter, errors, resumed) = (
+        let (stop, counter, errors, resumed, tls13) = (
             Arc::clone(&stop),
             Arc::clone(&counter),
             Arc::clone(&errors),
             Arc::clone(&resumed),
+            Arc::clone(&tls13),
         );
         let addr = target.target;
         tasks.push(tokio::spawn(async move {
@@ -325,20 +327,23 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64, resume: bool) -
                 let result = async {
                     let mut tls = tls_connect(addr, &config, n).await?;
                     let handshake = begin.elapsed();
-                    let was_resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    let session = tls.get_ref().1;
+                    let was_resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    let on_tls13 = session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
                     request(&mut tls, b'E', 32).await?;
                     tls.write_all(&[7u8; 32]).await?;
                     tls.flush().await?;
                     let mut echo = [0u8; 32];
                     tls.read_exact(&mut echo).await?;
                     tls.shutdown().await?;
-                    Ok::<_, std::io::Error>((handshake, was_resumed))
+                    Ok::<_, std::io::Error>((handshake, was_resumed, on_tls13))
                 }
                 .await;
                 match result {
-                    Ok((handshake, was_resumed)) => {
+                    Ok((handshake, was_resumed, on_tls13)) => {
                         latencies.push(u32::try_from(handshake.as_micros()).unwrap_or(u32::MAX));
                         resumed.fetch_add(u64::from(was_resumed), Ordering::Relaxed);
+                        tls13.fetch_add(u64::from(on_tls13), Ordering::Relaxed);
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -363,6 +368,7 @@ async fn rate(target: &Target, concurrency: usize, seconds: f64, resume: bool) -
         "p99_us": percentile(&latencies, 0.99),
         "errors": errors.load(Ordering::Relaxed),
         "resumed": resumed.load(Ordering::Relaxed),
+        "tls13": tls13.load(Ordering::Relaxed),
     });
     println!("{report}");
     Ok(())
