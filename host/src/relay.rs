@@ -108,27 +108,34 @@ pub async fn relay(
     let activity = Activity::new();
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
-    // Pinned here and lent to `both_ways`: moving them into it would make
-    // the task carry two copies of each (rustc does not overlap the
-    // storage of a future moved into another), and every idle connection
-    // pays for its task's size.
-    let up = pin!(pump(
-        &mut client_read,
-        &mut upstream_write,
-        mode,
-        &transfer.client_to_upstream,
-        transfer,
-        &activity,
-    ));
-    let down = pin!(pump(
-        &mut upstream_read,
-        &mut client_write,
-        mode,
-        &transfer.upstream_to_client,
-        transfer,
-        &activity,
-    ));
-    both_ways(up, down, &activity, timeouts).await
+    let end = {
+        // Pinned here and lent to `both_ways`: moving them into it would make
+        // the task carry two copies of each (rustc does not overlap the
+        // storage of a future moved into another), and every idle connection
+        // pays for its task's size.
+        let up = pin!(pump(
+            &mut client_read,
+            &mut upstream_write,
+            mode,
+            &transfer.client_to_upstream,
+            transfer,
+            &activity,
+        ));
+        let down = pin!(pump(
+            &mut upstream_read,
+            &mut client_write,
+            mode,
+            &transfer.upstream_to_client,
+            transfer,
+            &activity,
+        ));
+        both_ways(up, down, &activity, timeouts).await
+    };
+    // Closed whole: a write half dropped on its own shuts its side down
+    // first, one more system call where `close` sends the FIN anyway.
+    drop(client_read.reunite(client_write));
+    drop(upstream_read.reunite(upstream_write));
+    end
 }
 
 /// Relays between any two streams (TLS on either side) by copying, with
@@ -251,7 +258,14 @@ async fn pump(
     if !eof {
         splice::pump(reader, writer, count, &transfer.spliced, activity).await?;
     }
+    // When the other direction has ended already, the relay is over and
+    // closing the sockets sends this FIN: shutting down first would cost a
+    // system call, one that fails when the peer has gone (reset).
+    let other_ended = activity.half_closed.load(Ordering::Relaxed);
     activity.half_close();
+    if other_ended {
+        return Ok(());
+    }
     writer.shutdown().await
 }
 
