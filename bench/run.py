@@ -11,7 +11,9 @@ upstream, verifying its certificate against the bench CA.
 
 Started by bench/run.sh, which installs the proxies and builds the binaries.
 The proxy under test is pinned to CPU 0 and limited to one thread / worker;
-the TLS upstream and the load generator share CPU 1. Client throughput is
+the TLS upstream and the load generator share CPU 1. With --workers N the
+proxy gets N threads / workers on CPUs 0 .. N-1 (so with 2 on a 2-core
+machine it shares CPU 1 with them): how its rate scales with cores. Client throughput is
 bounded by the load generator and the upstream (both do TLS), so the proxy's
 own CPU time per connection and per GiB, read from /proc, are reported beside
 it. Every figure is the median of the repeats.
@@ -51,6 +53,8 @@ REPEATS = 1 if QUICK else 3
 BULK_BYTES = (256 << 20) if QUICK else GIB
 RATE_SECONDS = 2 if QUICK else 5
 SERIAL_SECONDS = 1 if QUICK else 3
+WORKERS = int(sys.argv[sys.argv.index("--workers") + 1]) if "--workers" in sys.argv else 1
+PROXY_CPUS = "0" if WORKERS == 1 else f"0-{WORKERS - 1}"
 # A proxy holds two descriptors per connection: where the descriptor limit
 # is below 20,000 + headroom, fewer idle connections are opened (the report
 # says how many). The headroom covers weir's descriptor reserve (1/16 of the
@@ -193,9 +197,9 @@ class Target:
     def start(self):
         if self.command:
             self.process = subprocess.Popen(
-                ["taskset", "-c", "0", *self.command],
+                ["taskset", "-c", PROXY_CPUS, *self.command],
                 stdout=subprocess.DEVNULL, stderr=open(WORK / f"{self.name}.log", "w"),
-                env={**os.environ, "TOKIO_WORKER_THREADS": "1", "WEIR_LOG": "warn"},
+                env={**os.environ, "TOKIO_WORKER_THREADS": str(WORKERS), "WEIR_LOG": "warn"},
             )
             wait_for_port(self.port, self.process)
 
@@ -216,7 +220,7 @@ def haproxy_preamble(global_extra="", defaults_extra=""):
     return f"""
 global
     maxconn {IDLE_CONNS + 100}
-{global_extra}    nbthread 1
+{global_extra}    nbthread {WORKERS}
     log stderr format raw local0 err
 
 defaults
@@ -231,7 +235,7 @@ def nginx_preamble():
     """nginx's main and events sections: one worker, the stream module."""
     return f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
+worker_processes {WORKERS};
 worker_rlimit_nofile {FD_LIMIT};
 daemon off;
 pid {WORK}/nginx.pid;
@@ -469,7 +473,18 @@ def fmt(value):
 
 def report(results, targets, facts):
     names = [t.name for t in targets]
-    flags = (" --reencrypt" if REENCRYPT else " --terminate" if TERMINATE else "") + (" --quick" if QUICK else "")
+    flags = (
+        (" --reencrypt" if REENCRYPT else " --terminate" if TERMINATE else "")
+        + (" --quick" if QUICK else "")
+        + (f" --workers {WORKERS}" if WORKERS != 1 else "")
+    )
+    threads = (
+        "on CPU 0 with one thread (weir: one tokio worker"
+        if WORKERS == 1
+        else f"on CPUs {PROXY_CPUS} with {WORKERS} threads, sharing CPU 1 with the load generator and the "
+        f"upstream (weir: {WORKERS} tokio workers"
+    )
+    nbthread, workers = f"`nbthread {WORKERS}`", ("one worker" if WORKERS == 1 else f"{WORKERS} workers")
     what = "re-encrypting TLS" if REENCRYPT else "terminating TLS" if TERMINATE else "passing TLS through"
     lines = [
         f"# weir beside HAProxy, nginx and a direct connection, {what} — {facts['date']}",
@@ -491,9 +506,9 @@ def report(results, targets, facts):
             + ("over a new TLS connection to the upstream, whose certificate it verifies against the "
                "bench CA (no resumption towards the upstream either: it issues no tickets). "
                if REENCRYPT else "in plain to the upstream's plaintext port. ")
-            + "`direct` is the client talking TLS to the rustls upstream itself. The proxy runs on CPU 0 "
-            "with one thread (weir: one tokio worker, rustls with ring; HAProxy: `nbthread 1`, "
-            "`bind ... ssl crt`; nginx: one worker, stream `listen ... ssl`, both OpenSSL); the load "
+            + "`direct` is the client talking TLS to the rustls upstream itself. The proxy runs "
+            f"{threads}, rustls with ring; HAProxy: {nbthread}, "
+            f"`bind ... ssl crt`; nginx: {workers}, stream `listen ... ssl`, both OpenSSL); the load "
             "generator and the upstream share CPU 1. Here the proxy does the server side of every "
             + ("handshake and the client side of another, and encrypts every byte twice, "
                if REENCRYPT else "handshake, ")
@@ -507,8 +522,8 @@ def report(results, targets, facts):
         lines += [
             "",
             "Passthrough of the same TLS sessions (SNI `bench.test`, full TLS 1.3 handshake each, no resumption) "
-            "to the same rustls upstream. The proxy runs on CPU 0 with one thread (weir: one tokio worker; "
-            "HAProxy: `nbthread 1`, `option splice-auto`; nginx: one worker, `ssl_preread` + `map`); the "
+            f"to the same rustls upstream. The proxy runs {threads}; "
+            f"HAProxy: {nbthread}, `option splice-auto`; nginx: {workers}, `ssl_preread` + `map`); the "
             "load generator and the upstream share CPU 1, so throughput and connection rate are bounded by "
             "them (they do the TLS work) — the proxy's own CPU time is the fairer comparison. "
             f"Figures are medians of {REPEATS} runs, the targets taken in turn within each run "
@@ -586,6 +601,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
     kind = "-reencrypt" if REENCRYPT else "-terminate" if TERMINATE else ""
+    kind += f"-workers{WORKERS}" if WORKERS != 1 else ""
     path = RESULTS / f"{stamp}-{facts['commit']}{kind}{'-quick' if QUICK else ''}.md"
     path.write_text(text)
     latest = RESULTS / f"latest{kind}.md"
