@@ -363,28 +363,33 @@ def version(command):
         return "?"
 
 
+def timed(target, *args):
+    """Runs the load generator with `args`; its report and the proxy's CPU
+    seconds meanwhile (None for the direct baseline)."""
+    cpu0 = target.cpu()
+    result = client(*args)
+    cpu = target.cpu()
+    return result, (None if cpu is None else cpu - cpu0)
+
+
 def measure_once(target, idle):
     """One run of every workload against one target."""
     figures = {}
     port = f"127.0.0.1:{target.port}"
     for conns in (1, 64):
-        cpu0 = target.cpu()
-        bulk = client("bulk", "--target", port, "--conns", str(conns), "--bytes", str(BULK_BYTES))
-        cpu = target.cpu()
+        bulk, cpu = timed(target, "bulk", "--target", port, "--conns", str(conns), "--bytes", str(BULK_BYTES))
         figures[f"bulk{conns}_mbps"] = bulk["mb_per_s"]
         if cpu is not None:
-            figures[f"bulk{conns}_cpu_ms_per_gib"] = (cpu - cpu0) / (bulk["bytes"] / GIB) * 1000
+            figures[f"bulk{conns}_cpu_ms_per_gib"] = cpu / (bulk["bytes"] / GIB) * 1000
 
-    cpu0 = target.cpu()
-    rate = client("rate", "--target", port, "--concurrency", "64", "--seconds", str(RATE_SECONDS))
-    cpu = target.cpu()
+    rate, cpu = timed(target, "rate", "--target", port, "--concurrency", "64", "--seconds", str(RATE_SECONDS))
     figures["rate_per_s"] = rate["per_second"]
     figures["rate_p50_us"] = rate["p50_us"]
     figures["rate_p99_us"] = rate["p99_us"]
     figures["rate_errors"] = rate["errors"]
     figures["rate_tls13_share"] = rate["tls13"] / max(rate["connections"], 1) * 100
     if cpu is not None:
-        figures["rate_cpu_us_per_conn"] = (cpu - cpu0) / max(rate["connections"], 1) * 1e6
+        figures["rate_cpu_us_per_conn"] = cpu / max(rate["connections"], 1) * 1e6
 
     serial = client("rate", "--target", port, "--concurrency", "1", "--seconds", str(SERIAL_SECONDS))
     figures["serial_p50_us"] = serial["p50_us"]
@@ -393,12 +398,12 @@ def measure_once(target, idle):
     # Resumption is between the client and whoever terminates: a proxy that
     # terminates (the upstream issues no tickets, so direct is left out).
     if TERMINATE and target.process:
-        cpu0 = target.cpu()
-        resumed = client("rate", "--target", port, "--concurrency", "64", "--seconds", str(RATE_SECONDS), "--resume")
-        cpu = target.cpu()
+        resumed, cpu = timed(
+            target, "rate", "--target", port, "--concurrency", "64", "--seconds", str(RATE_SECONDS), "--resume"
+        )
         figures["resumed_per_s"] = resumed["per_second"]
         figures["resumed_share"] = resumed["resumed"] / max(resumed["connections"], 1) * 100
-        figures["resumed_cpu_us_per_conn"] = (cpu - cpu0) / max(resumed["connections"], 1) * 1e6
+        figures["resumed_cpu_us_per_conn"] = cpu / max(resumed["connections"], 1) * 1e6
         figures["rate_errors"] += resumed["errors"]
 
     if idle and target.process:
