@@ -6,6 +6,7 @@
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::Config;
@@ -44,8 +45,8 @@ fn router_config_for(wasm: &Path, reuse: bool) -> Config {
     Config::parse(&text, Path::new("bench.toml")).expect("bench config")
 }
 
-fn connection() -> wit::Connection {
-    wit::Connection {
+fn connection() -> Arc<wit::Connection> {
+    Arc::new(wit::Connection {
         id: 1,
         listener: "bench".into(),
         tenant: None,
@@ -55,7 +56,7 @@ fn connection() -> wit::Connection {
         sni: Some("x.example.net".into()),
         alpn: vec!["h2".into(), "http/1.1".into()],
         tls_versions: vec![0x0304, 0x0303],
-    }
+    })
 }
 
 /// Benchmarks `route` of the config's `router` plugin, after one call.
@@ -64,14 +65,14 @@ fn bench_router(
     runtime: &Runtime,
     name: &str,
     config: &Config,
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
 ) {
     let settings = &config.plugins["router"];
     let plugin = runtime
         .load("router", &config.resolve(&settings.wasm), settings)
         .expect("loads");
-    let plugin = std::sync::Arc::new(plugin);
-    let call = |conn: &wit::Connection| futures_executor::block_on(plugin.route(conn)).expect("routes");
+    let plugin = Arc::new(plugin);
+    let call = |conn: &Arc<wit::Connection>| futures_executor::block_on(plugin.route(conn)).expect("routes");
     call(conn);
     group.bench_function(name, |b| b.iter(|| call(black_box(conn))));
 }
@@ -146,8 +147,8 @@ fn languages(c: &mut Criterion) {
                 &config.plugins["alpn"],
             )
             .expect("loads");
-        let plugin = std::sync::Arc::new(plugin);
-        let call = |conn: &wit::Connection| futures_executor::block_on(plugin.route(conn)).expect("routes");
+        let plugin = Arc::new(plugin);
+        let call = |conn: &Arc<wit::Connection>| futures_executor::block_on(plugin.route(conn)).expect("routes");
         call(&conn);
         group.bench_function(name, |b| b.iter(|| call(black_box(&conn))));
     }

@@ -4,6 +4,7 @@
 //! `POST /api/route` answers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -143,11 +144,12 @@ pub async fn run(snapshot: &Snapshot, query: &Query) -> Result<DryRun, String> {
     };
     let tenant = snapshot.tenant_for(conn.sni.as_deref()).cloned();
     conn.tenant = tenant.as_ref().map(|t| t.name.to_string());
+    let conn = Arc::new(conn);
     let mut routing = snapshot.route(listener, tenant.as_deref(), &conn).await;
     let pending = std::mem::take(&mut routing.pending);
     routing.shadows = crate::plugin::shadow::run(&pending, &conn).await;
     Ok(DryRun {
-        conn,
+        conn: Arc::unwrap_or_clone(conn),
         protocol: protocol_name,
         routing,
     })

@@ -405,7 +405,7 @@ impl Snapshot {
     /// (`"next"`). A tenant's decision that names something outside the
     /// tenant is a failure of its plugin. When no plugin decides, the
     /// connection is rejected.
-    pub async fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &wit::Connection) -> Routing {
+    pub async fn route(&self, listener: &Listener, tenant: Option<&Tenant>, conn: &Arc<wit::Connection>) -> Routing {
         match tenant {
             None => chain::route(&listener.chain, conn, self, &self.shadows, || {}).await,
             Some(tenant) => {

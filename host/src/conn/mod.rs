@@ -197,6 +197,7 @@ pub(crate) async fn proxy(
     // Boxed like the sniffing: an asynchronous plugin call's state (the
     // wasm call's future) would otherwise size every connection's task, for
     // the connection's whole life.
+    let conn = Arc::new(conn);
     let mut routing = Box::pin(snapshot.route(listener, tenant.as_deref(), &conn)).await;
     if !routing.pending.is_empty() {
         crate::plugin::shadow::spawn(std::mem::take(&mut routing.pending), &conn);
@@ -218,7 +219,7 @@ pub(crate) async fn proxy(
 async fn carry_out(
     action: Action,
     mut front: Front,
-    conn: wit::Connection,
+    conn: Arc<wit::Connection>,
     refusal_alert: u8,
     listener: &Arc<Listener>,
     tenant: Option<&Tenant>,

@@ -38,7 +38,7 @@ const FIRST_ANSWER: usize = 16 * 1024;
 /// protocol (an ErrorResponse to a PostgreSQL client) before it is closed.
 pub(crate) async fn originate(
     mut front: Front,
-    conn: wit::Connection,
+    conn: Arc<wit::Connection>,
     origination: &Origination,
     listener: &Arc<Listener>,
     tenant: Option<&Tenant>,
@@ -82,7 +82,7 @@ pub(crate) async fn originate(
 /// upstream's first answer when the client is PostgreSQL.
 async fn open(
     front: &mut Front,
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
     origination: &Origination,
     listener: &Arc<Listener>,
     tenant: Option<&Tenant>,

@@ -45,7 +45,7 @@ impl Terminated {
 /// `admit` inside it), then plain or re-encrypted to the target.
 pub(crate) async fn terminate(
     mut front: Front,
-    conn: wit::Connection,
+    conn: Arc<wit::Connection>,
     termination: &Termination,
     listener: &Arc<Listener>,
     tenant: Option<&Tenant>,
@@ -62,7 +62,7 @@ pub(crate) async fn terminate(
     }
     let admission = match termination.client_auth {
         ClientAuth::None => None,
-        _ => Some(Arc::new(Admission::new(chain, conn.clone()))),
+        _ => Some(Arc::new(Admission::new(chain, Arc::clone(&conn)))),
     };
     let local_addr = front.local_addr;
     let ssl_request = reencrypting && front.protocol == wit::Protocol::PostgresTls;
@@ -177,7 +177,7 @@ async fn handshake(
 pub(crate) async fn reencrypt(
     upstream: TcpStream,
     upstream_tls: &UpstreamTls,
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
     alpn: &[Vec<u8>],
     listener: &Listener,
     chain: &[Arc<crate::plugin::Plugin>],
@@ -191,7 +191,7 @@ pub(crate) async fn reencrypt(
     };
     let name = name.map_err(|e| Outcome::ConnectFailed(format!("upstream server name: {e}")))?;
     // The chain judges the upstream's certificate inside the handshake.
-    let admission = Arc::new(Admission::new(chain, conn.clone()));
+    let admission = Arc::new(Admission::new(chain, Arc::clone(conn)));
     let client_config = snapshot
         .tls()
         .client_config(upstream_tls, alpn, &admission)
@@ -223,7 +223,7 @@ pub(crate) async fn reencrypt(
         .attested
         .then(|| snapshot.tls().attestation().examine(cert));
     let admitted = match describe(cert, attestation) {
-        Ok(peer) => crate::plugin::chain::admit(chain, conn, wit::Side::Upstream, &peer).await,
+        Ok(peer) => crate::plugin::chain::admit(chain, conn, wit::Side::Upstream, &Arc::new(peer)).await,
         Err(reason) => Err(reason),
     };
     match admitted {

@@ -23,7 +23,7 @@ use crate::wit;
 /// decision in [`Routing::pending`], for the caller to run them against.
 pub async fn route<K: Known + Sync>(
     chain: &[Arc<Plugin>],
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
     known: &K,
     shadows: &Shadows,
     violated: impl Fn(),
@@ -117,9 +117,9 @@ pub async fn route<K: Known + Sync>(
 /// `on_error` is `next`, which skips it.
 pub async fn admit(
     chain: &[Arc<Plugin>],
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
     side: wit::Side,
-    peer: &wit::Peer,
+    peer: &Arc<wit::Peer>,
 ) -> Result<(), String> {
     for plugin in chain {
         let name = plugin.name();
@@ -148,9 +148,9 @@ pub async fn admit(
 /// the worker's other tasks move to another thread while the chain runs.
 pub fn admit_blocking(
     chain: &[Arc<Plugin>],
-    conn: &wit::Connection,
+    conn: &Arc<wit::Connection>,
     side: wit::Side,
-    peer: &wit::Peer,
+    peer: &Arc<wit::Peer>,
 ) -> Result<(), String> {
     crate::sync::off_the_worker(|| futures_executor::block_on(admit(chain, conn, side, peer)))
 }

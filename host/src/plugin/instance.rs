@@ -16,6 +16,7 @@ use crate::config::{OnError, PluginConfig};
 use crate::plugin::budget::Spending;
 use crate::plugin::caps::Capabilities;
 use crate::plugin::contract::{Exports, Pre, Version};
+use crate::plugin::lane;
 use crate::plugin::state::{Busy, LogBudget, MemoryCap, State, Ticker};
 use crate::plugin::{Budget, EPOCH_TICK, MAX_IDLE_INSTANCES, PluginError};
 use crate::throttle::EverySecond;
@@ -98,6 +99,8 @@ pub struct Plugin {
     pub(crate) shadow_reports: Mutex<EverySecond>,
     /// Whether a background task is configuring replacement instances.
     pub(crate) replenishing: AtomicBool,
+    /// Whether its calls start in the slow lane.
+    pub(crate) slowness: lane::Slowness,
     /// How many configured instances the stock should hold.
     pub(crate) warm: usize,
     /// The isolated engine's instance slots (for the refusal when all are
@@ -158,18 +161,44 @@ impl Call<'_> {
         if let Some(instance) = idle {
             return Ok(instance);
         }
-        let plugin = self.plugin;
+        let plugin = Arc::clone(self.plugin);
         // A fresh instance per call (no reuse) is part of the call, within
         // its `timeout`; a stock that ran dry waits within `configure_timeout`.
-        let making = async {
+        let making = async move {
             if plugin.reuse_instances {
                 plugin.configured_instance(true).await
             } else {
                 plugin.instantiate(plugin.timeout, true).await
             }
         };
-        let made = Timed::new(std::pin::pin!(making), &mut self.spent).await;
+        let made = lane::run(making, self.plugin.slowness.slow())
+            .await
+            .and_then(|(made, spent)| {
+                self.spent += spent;
+                made
+            });
         made.inspect_err(|error| self.plugin.record(error))
+    }
+
+    /// Runs `body` on `instance` under the plugin's deadline — on this
+    /// thread, or in the slow lane if it computes for long (see
+    /// [`lane`]) — and returns the instance to the stock, or discards it
+    /// after a failure.
+    pub(crate) async fn run<R, F>(
+        mut self,
+        mut instance: Instance,
+        body: impl FnOnce(Instance) -> F,
+    ) -> Result<R, PluginError>
+    where
+        F: std::future::Future<Output = (Instance, wasmtime::Result<R>)> + Send + 'static,
+        R: Send + 'static,
+    {
+        arm_task_call(&mut instance.store, self.plugin.timeout);
+        let ran = lane::run(body(instance), self.plugin.slowness.slow()).await;
+        let ((instance, result), spent) = ran.inspect_err(|error| self.plugin.record(error))?;
+        self.spent += spent;
+        self.plugin.slowness.observe(spent);
+        self.finish(instance, result)
     }
 
     /// Returns the instance to the stock after a good call; discards it after
@@ -205,31 +234,6 @@ impl Drop for Call<'_> {
         if let Some(spending) = self.spending.take() {
             spending.end(self.spent);
         }
-    }
-}
-
-/// Adds the time spent polling a future — the plugin running on this
-/// thread, not the time it waits to be polled again — to a total.
-pub(crate) struct Timed<'a, F> {
-    pub(crate) inner: F,
-    pub(crate) spent: &'a mut Duration,
-}
-
-impl<'a, F> Timed<'a, F> {
-    pub(crate) fn new(inner: F, spent: &'a mut Duration) -> Self {
-        Timed { inner, spent }
-    }
-}
-
-impl<F: std::future::Future + Unpin> std::future::Future for Timed<'_, F> {
-    type Output = F::Output;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        let started = Instant::now();
-        let this = &mut *self;
-        let polled = std::pin::Pin::new(&mut this.inner).poll(cx);
-        *this.spent += started.elapsed();
-        polled
     }
 }
 
@@ -295,32 +299,34 @@ impl Plugin {
     }
 
     /// Asks the plugin to route a connection.
-    pub async fn route(self: &Arc<Self>, conn: &wit::Connection) -> Result<wit::Decision, PluginError> {
+    pub async fn route(self: &Arc<Self>, conn: &Arc<wit::Connection>) -> Result<wit::Decision, PluginError> {
         let mut call = self.begin()?;
-        let mut instance = call.checkout().await?;
-        arm_task_call(&mut instance.store, self.timeout);
-        let result = {
-            let running = std::pin::pin!(instance.exports.route(&mut instance.store, conn));
-            Timed::new(running, &mut call.spent).await
-        };
-        call.finish(instance, result)
+        let instance = call.checkout().await?;
+        let conn = Arc::clone(conn);
+        call.run(instance, |mut instance| async move {
+            let Instance { store, exports } = &mut instance;
+            let result = exports.route(store, &conn).await;
+            (instance, result)
+        })
+        .await
     }
 
     /// Asks the plugin whether to admit an authenticated peer.
     pub async fn admit(
         self: &Arc<Self>,
-        conn: &wit::Connection,
+        conn: &Arc<wit::Connection>,
         side: wit::Side,
-        peer: &wit::Peer,
+        peer: &Arc<wit::Peer>,
     ) -> Result<wit::Verdict, PluginError> {
         let mut call = self.begin()?;
-        let mut instance = call.checkout().await?;
-        arm_task_call(&mut instance.store, self.timeout);
-        let result = {
-            let running = std::pin::pin!(instance.exports.admit(&mut instance.store, conn, side, peer));
-            Timed::new(running, &mut call.spent).await
-        };
-        call.finish(instance, result)
+        let instance = call.checkout().await?;
+        let (conn, peer) = (Arc::clone(conn), Arc::clone(peer));
+        call.run(instance, |mut instance| async move {
+            let Instance { store, exports } = &mut instance;
+            let result = exports.admit(store, &conn, side, &peer).await;
+            (instance, result)
+        })
+        .await
     }
 
     /// Takes a place for a call: within the plugin's calls in flight and
@@ -422,15 +428,14 @@ impl Plugin {
         if self.warm == 0 || self.replenishing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             self.replenishing.store(false, Ordering::Release);
             return;
-        };
+        }
         let plugin = Arc::clone(self);
-        runtime.spawn(async move {
+        let refill = async move {
             while plugin.idle_instances() < plugin.warm {
-                let mut spent = Duration::ZERO;
-                let made = Timed::new(std::pin::pin!(plugin.configured_instance(true)), &mut spent).await;
+                let (made, spent) = lane::Timed::new(plugin.configured_instance(true)).await;
                 if let Some(budget) = plugin.budget.load_full() {
                     budget.charge(spent);
                 }
@@ -443,7 +448,8 @@ impl Plugin {
                 }
             }
             plugin.replenishing.store(false, Ordering::Release);
-        });
+        };
+        lane::spawn(refill);
     }
 
     /// Whether to log this failure of a call: one a second is, with how

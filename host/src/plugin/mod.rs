@@ -45,6 +45,7 @@ mod contract;
 mod counters;
 pub mod decision;
 mod instance;
+mod lane;
 mod link;
 pub mod shadow;
 mod shared;
@@ -412,6 +413,7 @@ impl Runtime {
             failure_reports: Mutex::new(EverySecond::default()),
             shadow_reports: Mutex::new(EverySecond::default()),
             replenishing: AtomicBool::new(false),
+            slowness: lane::Slowness::default(),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
             isolated_slots: self.isolated_slots,
         };

@@ -64,13 +64,13 @@ pub struct ShadowStep {
 
 /// Runs each candidate of `pending` in a task of its own: the connection
 /// goes on at once.
-pub(crate) fn spawn(pending: Vec<Pending>, conn: &wit::Connection) {
+pub(crate) fn spawn(pending: Vec<Pending>, conn: &Arc<wit::Connection>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     for pending in pending {
         for candidate in pending.candidates.clone() {
-            let (conn, pending) = (conn.clone(), pending.clone());
+            let (conn, pending) = (Arc::clone(conn), pending.clone());
             runtime.spawn(async move {
                 compare(&candidate, &pending, &conn).await;
             });
@@ -79,7 +79,7 @@ pub(crate) fn spawn(pending: Vec<Pending>, conn: &wit::Connection) {
 }
 
 /// Runs every candidate of `pending` and waits for them (`weir route`).
-pub(crate) async fn run(pending: &[Pending], conn: &wit::Connection) -> Vec<ShadowStep> {
+pub(crate) async fn run(pending: &[Pending], conn: &Arc<wit::Connection>) -> Vec<ShadowStep> {
     let mut steps = Vec::new();
     for pending in pending {
         for candidate in &pending.candidates {
@@ -90,7 +90,7 @@ pub(crate) async fn run(pending: &[Pending], conn: &wit::Connection) -> Vec<Shad
 }
 
 /// One candidate's call, compared, counted and (sampled) logged.
-async fn compare(candidate: &Arc<Plugin>, pending: &Pending, conn: &wit::Connection) -> ShadowStep {
+async fn compare(candidate: &Arc<Plugin>, pending: &Pending, conn: &Arc<wit::Connection>) -> ShadowStep {
     let started = Instant::now();
     let result = candidate.route(conn).await;
     crate::plugin::chain::observe(candidate, started, result.as_ref().err());

@@ -18,7 +18,7 @@ use crate::wit;
 pub struct Admission {
     /// Emptied by [`Admission::release`] once the handshake is over.
     chain: Mutex<Vec<Arc<crate::plugin::Plugin>>>,
-    conn: wit::Connection,
+    conn: Arc<wit::Connection>,
     outcome: Mutex<Option<Result<(), String>>>,
 }
 
@@ -32,7 +32,7 @@ impl fmt::Debug for Admission {
 
 impl Admission {
     /// `chain` will judge peers of `conn`.
-    pub fn new(chain: &[Arc<crate::plugin::Plugin>], conn: wit::Connection) -> Admission {
+    pub fn new(chain: &[Arc<crate::plugin::Plugin>], conn: Arc<wit::Connection>) -> Admission {
         Admission {
             chain: Mutex::new(chain.to_vec()),
             conn,
@@ -45,7 +45,8 @@ impl Admission {
     /// Remembers the outcome.
     pub fn check(&self, side: wit::Side, peer: Result<wit::Peer, String>) -> Result<(), String> {
         let chain = crate::sync::lock(&self.chain).clone();
-        let outcome = peer.and_then(|peer| crate::plugin::chain::admit_blocking(&chain, &self.conn, side, &peer));
+        let outcome =
+            peer.and_then(|peer| crate::plugin::chain::admit_blocking(&chain, &self.conn, side, &Arc::new(peer)));
         *crate::sync::lock(&self.outcome) = Some(outcome.clone());
         outcome
     }

@@ -417,7 +417,7 @@ async fn an_instance_whose_memory_only_grows_is_retired_before_a_call_fails() {
             .load("alpn", &config.resolve(&settings.wasm), settings)
             .expect("loads"),
     );
-    let conn = weir::wit::Connection {
+    let conn = Arc::new(weir::wit::Connection {
         id: 1,
         listener: "public".into(),
         tenant: None,
@@ -427,7 +427,7 @@ async fn an_instance_whose_memory_only_grows_is_retired_before_a_call_fails() {
         sni: Some("svc.test".into()),
         alpn: vec!["h2".into()],
         tls_versions: vec![0x0304],
-    };
+    });
     for call in 0..10_000 {
         let decision = plugin.route(&conn).await.unwrap_or_else(|e| panic!("call {call}: {e}"));
         assert_eq!(decision.route, "alpn:h2");

@@ -266,7 +266,60 @@ async fn a_looping_tenant_spends_only_its_own_budget() {
     assert!(timeouts <= 60.0, "the budget let {timeouts} looping calls run");
     let line = weir.line_containing("plugin CPU budget of 100ms a second").await;
     assert!(line.contains("was not run") && line.contains("looper"), "{line}");
+    // The looping calls computed in the slow lane, at the lowest priority,
+    // not on the worker that serves the calm tenant.
+    let threads = thread_cpu(weir.child.id().expect("weir's pid"));
+    let (slow, rest): (Vec<_>, Vec<_>) = threads.iter().partition(|t| t.name.starts_with("weir-plugin-slo"));
+    let slow_cpu: std::time::Duration = slow.iter().map(|t| t.cpu).sum();
+    let rest_cpu: std::time::Duration = rest.iter().map(|t| t.cpu).sum();
+    assert!(
+        slow_cpu >= std::time::Duration::from_millis(5 * 10),
+        "the slow lane computed {slow_cpu:?}: {threads:?}"
+    );
+    assert!(
+        slow_cpu > rest_cpu,
+        "slow lane {slow_cpu:?}, the rest {rest_cpu:?}: {threads:?}"
+    );
+    assert!(slow.iter().all(|t| t.nice == 19), "{threads:?}");
     weir.child.kill().await.expect("stop");
+}
+
+/// One thread of a process: its name, CPU time and nice value.
+#[derive(Debug)]
+struct ThreadCpu {
+    name: String,
+    cpu: std::time::Duration,
+    nice: i64,
+}
+
+/// The threads of process `pid`, from `/proc`.
+fn thread_cpu(pid: u32) -> Vec<ThreadCpu> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    let mut threads = Vec::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |file: &str| std::fs::read_to_string(path.join(file)).unwrap_or_default();
+        let name = read("comm").trim().to_owned();
+        let cpu_ns = read("schedstat")
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        // Field 19 of `stat`, counting after the parenthesised name.
+        let stat = read("stat");
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let nice = after_name
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        threads.push(ThreadCpu {
+            name,
+            cpu: std::time::Duration::from_nanos(cpu_ns),
+            nice,
+        });
+    }
+    threads
 }
 
 /// One tenant's terminations, each different (an ALPN name per connection,
