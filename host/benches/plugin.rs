@@ -59,11 +59,12 @@ fn connection() -> Arc<wit::Connection> {
     })
 }
 
-/// Benchmarks `route` of the config's `router` plugin, after one call.
+/// Benchmarks `route` of the config's `router` plugin, after one call;
+/// under a tenant's budget (one it never spends) when `budget`.
 fn bench_router(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     runtime: &Runtime,
-    name: &str,
+    (name, budget): (&str, bool),
     config: &Config,
     conn: &Arc<wit::Connection>,
 ) {
@@ -71,6 +72,9 @@ fn bench_router(
     let plugin = runtime
         .load("router", &config.resolve(&settings.wasm), settings)
         .expect("loads");
+    if budget {
+        plugin.set_budget(Some(weir::plugin::Budget::new(std::time::Duration::from_secs(64), 64)));
+    }
     let plugin = Arc::new(plugin);
     let call = |conn: &Arc<wit::Connection>| futures_executor::block_on(plugin.route(conn)).expect("routes");
     call(conn);
@@ -81,9 +85,13 @@ fn route(c: &mut Criterion) {
     let runtime = Runtime::new().expect("engine");
     let conn = connection();
     let mut group = c.benchmark_group("plugin_route");
-    for (name, reuse) in [("warm_instance", true), ("fresh_instance", false)] {
+    for (name, reuse, budget) in [
+        ("warm_instance", true, false),
+        ("fresh_instance", false, false),
+        ("warm_instance_in_a_tenants_budget", true, true),
+    ] {
         let config = router_config(reuse);
-        bench_router(&mut group, &runtime, name, &config, &conn);
+        bench_router(&mut group, &runtime, (name, budget), &config, &conn);
     }
     group.finish();
 }
@@ -100,7 +108,7 @@ fn contracts(c: &mut Criterion) {
         ("v0_2_0", root.join("target/wasm32-wasip2/release/static_router.wasm")),
     ] {
         let config = router_config_for(&wasm, true);
-        bench_router(&mut group, &runtime, name, &config, &conn);
+        bench_router(&mut group, &runtime, (name, false), &config, &conn);
     }
     group.finish();
 }

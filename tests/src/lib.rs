@@ -602,6 +602,12 @@ impl WeirProcess {
         .unwrap_or_else(|_| panic!("a log line containing {needle:?}"))
     }
 
+    /// The log lines weir has written since they were last read, without
+    /// waiting for more.
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.lines.try_recv().ok()).collect()
+    }
+
     /// Where the admin API listens, from its start-up line.
     pub async fn admin_addr(&mut self) -> String {
         let line = self.line_containing("admin listening").await;

@@ -1,5 +1,5 @@
 //! A tenant's budget of plugin time: CPU per second (a token bucket charged
-//! with polled time) and calls in flight.
+//! with the CPU time of its calls) and calls in flight.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -148,6 +148,15 @@ pub(crate) struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// How the call's CPU time is measured: with the thread's CPU clock when
+    /// a tenant's budget is charged with it, else not at all.
+    fn meter(&self) -> lane::Meter {
+        match self.spending {
+            Some(_) => lane::Meter::ThreadCpu,
+            None => lane::Meter::Off,
+        }
+    }
+
     /// Ends a call that was refused before it ran, recording why.
     pub(crate) fn refuse(self, error: PluginError) -> PluginError {
         self.plugin.record(&error);
@@ -171,7 +180,7 @@ impl Call<'_> {
                 plugin.instantiate(plugin.timeout, true).await
             }
         };
-        let made = lane::run(making, self.plugin.slowness.slow())
+        let made = lane::run(making, self.plugin.slowness.slow(), self.meter())
             .await
             .and_then(|(made, spent)| {
                 self.spent += spent;
@@ -194,10 +203,13 @@ impl Call<'_> {
         R: Send + 'static,
     {
         arm_task_call(&mut instance.store, self.plugin.timeout);
-        let ran = lane::run(body(instance), self.plugin.slowness.slow()).await;
+        let armed = instance.store.data().ticks_left;
+        let ran = lane::run(body(instance), self.plugin.slowness.slow(), self.meter()).await;
         let ((instance, result), spent) = ran.inspect_err(|error| self.plugin.record(error))?;
         self.spent += spent;
-        self.plugin.slowness.observe(spent);
+        self.plugin
+            .slowness
+            .observe(armed.saturating_sub(instance.store.data().ticks_left));
         self.finish(instance, result)
     }
 
@@ -435,8 +447,14 @@ impl Plugin {
         let plugin = Arc::clone(self);
         let refill = async move {
             while plugin.idle_instances() < plugin.warm {
-                let (made, spent) = lane::Timed::new(plugin.configured_instance(true)).await;
-                if let Some(budget) = plugin.budget.load_full() {
+                let budget = plugin.budget.load_full();
+                let meter = if budget.is_some() {
+                    lane::Meter::ThreadCpu
+                } else {
+                    lane::Meter::Off
+                };
+                let (made, spent) = lane::Timed::new(plugin.configured_instance(true), meter).await;
+                if let Some(budget) = budget {
                     budget.charge(spent);
                 }
                 match made {

@@ -6,10 +6,11 @@
 //! tick) moves to the *slow lane*: threads of their own at the lowest CPU
 //! priority (nice 19), so a plugin that computes for long delays the other
 //! connections of a worker by one slice at most, and the kernel runs every
-//! worker's ready work before it. A plugin one of whose calls computed for
-//! longer than a tick starts its calls in the slow lane for the next
-//! [`SLOW_FOR`], so it cannot come back to the workers with a call that
-//! computes a slice each time.
+//! worker's ready work before it. A plugin one of whose calls went on
+//! computing through [`SLOW_TICKS`] ticks starts its calls in the slow lane
+//! for the next [`SLOW_FOR`], so it cannot come back to the workers with a
+//! call that computes a slice each time. (One tick is not enough to tell: a
+//! call of a microsecond sees one if it is preempted, or straddles a tick.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +21,13 @@ use std::time::{Duration, Instant};
 
 use crate::plugin::PluginError;
 
-/// How long a plugin that computed for longer than a tick stays in the slow
-/// lane.
+/// How long a plugin whose call computed through [`SLOW_TICKS`] ticks stays
+/// in the slow lane.
 pub(crate) const SLOW_FOR: Duration = Duration::from_secs(10);
+
+/// The ticks a call sees that make its plugin slow: it computed for at
+/// least two whole ticks (0.5 ms) after its first.
+pub(crate) const SLOW_TICKS: u64 = 3;
 
 /// The nice value of the slow lane's threads: the lowest priority.
 const SLOW_LANE_NICE: i32 = 19;
@@ -39,10 +44,10 @@ impl Slowness {
         until != 0 && since_start() < until
     }
 
-    /// Records a call's CPU time: one longer than a tick sends the
-    /// plugin's calls to the slow lane for [`SLOW_FOR`].
-    pub(crate) fn observe(&self, spent: Duration) {
-        if spent > crate::plugin::EPOCH_TICK {
+    /// Records how many ticks a call saw: [`SLOW_TICKS`] send the plugin's
+    /// calls to the slow lane for [`SLOW_FOR`].
+    pub(crate) fn observe(&self, ticks: u64) {
+        if ticks >= SLOW_TICKS {
             let until = since_start() + SLOW_FOR.as_millis() as u64;
             self.0.fetch_max(until, Ordering::Relaxed);
         }
@@ -58,20 +63,59 @@ fn since_start() -> u64 {
 
 /// Runs `work` — on this thread until it first yields, then on the slow
 /// lane; from the start on the slow lane when `slow` — and returns what it
-/// returned with the time spent polling it (the plugin computing, wherever
-/// it ran). Dropping the returned future cancels the work.
-pub(crate) async fn run<F>(work: F, slow: bool) -> Result<(F::Output, Duration), PluginError>
+/// returned with the CPU time `meter` measured while polling it (the plugin
+/// computing, wherever it ran). Dropping the returned future cancels the
+/// work.
+pub(crate) fn run<F>(work: F, slow: bool, meter: Meter) -> Lane<F>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let mut work = Timed::new(work);
-    if !slow && let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut work).poll(cx))).await {
-        return Ok(done);
+    let timed = Timed::new(work, meter);
+    if slow && let Some(lane) = lane() {
+        return Lane::Moved(Moved(lane.spawn(timed)));
     }
-    match lane() {
-        Some(lane) => Moved(lane.spawn(work)).await,
-        None => Ok(work.await),
+    Lane::Here(Some(timed))
+}
+
+/// A call in progress: polled here until it first yields, then moved.
+pub(crate) enum Lane<F: Future> {
+    /// Still on the caller's thread (taken when moved).
+    Here(Option<Timed<F>>),
+    /// In the slow lane.
+    Moved(Moved<(F::Output, Duration)>),
+}
+
+impl<F> Future for Lane<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = Result<(F::Output, Duration), PluginError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is Unpin (the work itself is boxed).
+        let this = &mut *self;
+        if let Lane::Here(here) = this {
+            let Some(timed) = here.as_mut() else {
+                return Poll::Ready(Err(PluginError::Trap("polled after it finished".into())));
+            };
+            match Pin::new(timed).poll(cx) {
+                Poll::Ready(done) => {
+                    *here = None;
+                    return Poll::Ready(Ok(done));
+                }
+                Poll::Pending => {
+                    let Some(lane) = lane() else { return Poll::Pending };
+                    let Some(timed) = here.take() else { return Poll::Pending };
+                    *this = Lane::Moved(Moved(lane.spawn(timed)));
+                }
+            }
+        }
+        match this {
+            Lane::Moved(moved) => Pin::new(moved).poll(cx),
+            Lane::Here(_) => Poll::Pending,
+        }
     }
 }
 
@@ -123,16 +167,55 @@ fn lower_priority() {
     }
 }
 
-/// A future and the time spent polling it.
+/// How a call's CPU time is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Meter {
+    /// Not at all (no budget is charged with it): zero.
+    Off,
+    /// With the polling thread's CPU clock, so time the thread spent
+    /// preempted, throttled or stolen by the hypervisor mid-call is not
+    /// charged (a wall clock charged a call frozen for 30 ms with 30 ms, and
+    /// emptied a busy but harmless tenant's budget on a loaded machine).
+    /// Two clock reads a poll, about 0.2 µs each.
+    ThreadCpu,
+}
+
+impl Meter {
+    /// A reading, to subtract from a later one on the same thread.
+    fn read(self) -> Duration {
+        match self {
+            Meter::Off => Duration::ZERO,
+            Meter::ThreadCpu => thread_cpu(),
+        }
+    }
+}
+
+/// The calling thread's CPU time so far.
+#[cfg(unix)]
+fn thread_cpu() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+/// Where threads have no CPU clock of their own: the wall clock.
+#[cfg(not(unix))]
+fn thread_cpu() -> Duration {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// A future and the CPU time spent polling it.
 pub(crate) struct Timed<F> {
     inner: Pin<Box<F>>,
+    meter: Meter,
     spent: Duration,
 }
 
 impl<F: Future> Timed<F> {
-    pub(crate) fn new(inner: F) -> Self {
+    pub(crate) fn new(inner: F, meter: Meter) -> Self {
         Timed {
             inner: Box::pin(inner),
+            meter,
             spent: Duration::ZERO,
         }
     }
@@ -142,15 +225,16 @@ impl<F: Future> Future for Timed<F> {
     type Output = (F::Output, Duration);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let started = Instant::now();
+        let started = self.meter.read();
         let polled = self.inner.as_mut().poll(cx);
-        self.spent += started.elapsed();
+        let spent = self.meter.read().saturating_sub(started);
+        self.spent += spent;
         polled.map(|done| (done, self.spent))
     }
 }
 
 /// Work moved to the slow lane, cancelled when dropped.
-struct Moved<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct Moved<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Future for Moved<T> {
     type Output = Result<T, PluginError>;
@@ -183,11 +267,15 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn work_done_at_once_stays_and_work_that_yields_moves() {
         let here = std::thread::current().id();
-        let (stayed, _) = run(async { std::thread::current().id() }, false).await.expect("ran");
+        let (stayed, _) = run(async { std::thread::current().id() }, false, Meter::Off)
+            .await
+            .expect("ran");
         assert_eq!(stayed, here);
-        let (moved, _) = run(yields_once(), false).await.expect("ran");
+        let (moved, _) = run(yields_once(), false, Meter::Off).await.expect("ran");
         assert_ne!(moved, here, "work that yielded went on elsewhere");
-        let (started_there, _) = run(async { std::thread::current().id() }, true).await.expect("ran");
+        let (started_there, _) = run(async { std::thread::current().id() }, true, Meter::Off)
+            .await
+            .expect("ran");
         assert_ne!(started_there, here, "slow work starts in the slow lane");
     }
 
@@ -196,7 +284,7 @@ mod tests {
     fn the_slow_lane_runs_at_the_lowest_priority() {
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         let nice = runtime.block_on(async {
-            let (nice, _) = run(async { rustix::process::getpriority_process(None) }, true)
+            let (nice, _) = run(async { rustix::process::getpriority_process(None) }, true, Meter::Off)
                 .await
                 .expect("ran");
             nice
@@ -205,13 +293,44 @@ mod tests {
     }
 
     #[test]
-    fn a_call_longer_than_a_tick_sends_its_plugin_to_the_slow_lane() {
+    fn a_call_computing_through_ticks_sends_its_plugin_to_the_slow_lane() {
         let slowness = Slowness::default();
         assert!(!slowness.slow());
-        slowness.observe(crate::plugin::EPOCH_TICK / 2);
-        assert!(!slowness.slow(), "a short call leaves it on the workers");
-        slowness.observe(crate::plugin::EPOCH_TICK * 2);
+        slowness.observe(0);
+        slowness.observe(SLOW_TICKS - 1);
+        assert!(!slowness.slow(), "a call that saw fewer ticks leaves it on the workers");
+        slowness.observe(SLOW_TICKS);
         assert!(slowness.slow());
+    }
+
+    #[test]
+    fn the_meter_charges_computing_and_not_waiting() {
+        fn spin_for(wall: Duration) {
+            let start = Instant::now();
+            while start.elapsed() < wall {
+                std::hint::black_box(0u64);
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let (_, asleep) = runtime.block_on(Timed::new(
+            async { std::thread::sleep(Duration::from_millis(40)) },
+            Meter::ThreadCpu,
+        ));
+        assert!(
+            asleep < Duration::from_millis(10),
+            "a poll that waited 40 ms was charged {asleep:?}"
+        );
+        let (_, computing) = runtime.block_on(Timed::new(
+            async { spin_for(Duration::from_millis(40)) },
+            Meter::ThreadCpu,
+        ));
+        // At least half of it, should another process share the CPU.
+        assert!(
+            computing >= Duration::from_millis(20),
+            "40 ms of computing was charged {computing:?}"
+        );
+        let (_, off) = runtime.block_on(Timed::new(async { spin_for(Duration::from_millis(5)) }, Meter::Off));
+        assert_eq!(off, Duration::ZERO);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -228,7 +347,7 @@ mod tests {
             let _tell = tell;
             std::future::pending::<()>().await;
         };
-        let running = run(forever, true);
+        let running = run(forever, true, Meter::Off);
         let _ = tokio::time::timeout(Duration::from_millis(50), running).await;
         tokio::time::timeout(Duration::from_secs(10), dropped_rx)
             .await
