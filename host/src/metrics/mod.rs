@@ -75,6 +75,8 @@ pub struct Metrics {
     pub plugin_calls: Family<PluginLabels, Histogram>,
     /// Plugin failures.
     pub plugin_failures: Family<FailureLabels, Counter>,
+    /// CPU time of tenants' plugin calls, charged to their budgets.
+    pub plugin_cpu: Family<PluginLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Loaded plugins alive (set at scrape time).
     plugins_loaded: Gauge,
     /// Plugin instances alive (set at scrape time).
@@ -161,6 +163,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(1e-6, 4.0, 11))
             }),
             plugin_failures: Family::<FailureLabels, Counter>::default(),
+            plugin_cpu: Family::default(),
             plugin_log_dropped: Family::<PluginLabels, Counter>::default(),
             plugins_loaded: Gauge::default(),
             plugin_instances: Gauge::default(),
@@ -306,6 +309,11 @@ impl Metrics {
             self.plugin_failures.clone(),
         );
         registry.register(
+            "plugin_cpu_seconds",
+            "CPU time of a tenant's plugin calls and instances, as its threads' CPU clocks counted it: what its plugin_cpu budget was charged",
+            self.plugin_cpu.clone(),
+        );
+        registry.register(
             "plugin_log_dropped",
             "Plugin log lines dropped because the plugin logged faster than 32 KiB a second",
             self.plugin_log_dropped.clone(),
@@ -406,6 +414,12 @@ impl Metrics {
     pub fn plugin_log_dropped(&self, plugin: &str) {
         let labels = PluginLabels { plugin: plugin.into() };
         self.plugin_log_dropped.get_or_create(&labels).inc();
+    }
+
+    /// Counts CPU time a tenant's plugin spent, charged to its budget.
+    pub fn plugin_cpu(&self, plugin: &str, spent: std::time::Duration) {
+        let labels = PluginLabels { plugin: plugin.into() };
+        self.plugin_cpu.get_or_create(&labels).inc_by(spent.as_secs_f64());
     }
 
     /// Records a plugin call's duration, and its failure's kind if it failed.

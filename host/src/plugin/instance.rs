@@ -244,6 +244,7 @@ impl Drop for Call<'_> {
     fn drop(&mut self) {
         self.plugin.calls.fetch_sub(1, Ordering::AcqRel);
         if let Some(spending) = self.spending.take() {
+            crate::metrics::METRICS.plugin_cpu(self.plugin.name(), self.spent);
             spending.end(self.spent);
         }
     }
@@ -455,6 +456,7 @@ impl Plugin {
                 };
                 let (made, spent) = lane::Timed::new(plugin.configured_instance(true), meter).await;
                 if let Some(budget) = budget {
+                    crate::metrics::METRICS.plugin_cpu(&plugin.name, spent);
                     budget.charge(spent);
                 }
                 match made {

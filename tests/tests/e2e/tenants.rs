@@ -207,6 +207,7 @@ async fn a_looping_tenant_spends_only_its_own_budget() {
             calm = calm.addr,
         ),
     );
+    let started = std::time::Instant::now();
     let mut weir = WeirProcess::spawn_under(&config, &["env", "TOKIO_WORKER_THREADS=1"]).await;
     let admin = weir.admin_addr().await;
     let addr = weir.addr("public");
@@ -259,28 +260,49 @@ async fn a_looping_tenant_spends_only_its_own_budget() {
         }
     };
     let (timeouts, refused) = (count("timeout").await, count("budget").await);
-    assert!(timeouts >= 5.0, "timeouts: {timeouts}");
+    // (Few when other processes keep the CPUs busy: the slow lane at nice
+    // 19 then barely runs, and the clients give up on its calls.)
+    assert!(timeouts >= 1.0, "timeouts: {timeouts}");
     assert!(refused >= 100.0, "refused over budget: {refused}");
     // 100 ms of CPU a second for 1.5 s (plus the first second's worth) is
     // at most ~25 calls of 10 ms: the rest never ran.
     assert!(timeouts <= 60.0, "the budget let {timeouts} looping calls run");
-    let line = weir.line_containing("plugin CPU budget of 100ms a second").await;
-    assert!(line.contains("was not run") && line.contains("looper"), "{line}");
-    // The looping calls computed in the slow lane, at the lowest priority,
-    // not on the worker that serves the calm tenant.
+    // Refused over its CPU, or, when the machine is so busy that the slow
+    // lane barely runs, over its calls in flight.
+    let line = weir.line_containing("was not run: its tenant has").await;
+    assert!(
+        line.contains("looper")
+            && (line.contains("plugin CPU budget of 100ms a second") || line.contains("(max_plugin_calls)")),
+        "{line}"
+    );
+    // The CPU it was charged stayed within its budget: 100 ms a second
+    // since weir started, its 10 ms burst, and each of its (at most 4)
+    // calls in flight overdrawing by one call (its 10 ms deadline, plus a
+    // first tick up to 5 ms late and a fresh instance).
+    let charged = weir_tests::metric(&admin, "weir_plugin_cpu_seconds_total{plugin=\"looper\"}")
+        .await
+        .expect("the looper's CPU is counted");
+    let since_start = started.elapsed().as_secs_f64();
+    assert!(
+        charged <= 0.1 * since_start + 0.01 + 4.0 * 0.02,
+        "charged {charged} s of CPU in {since_start} s"
+    );
+    // That CPU was spent in the slow lane, at the lowest priority, not on
+    // the worker that serves the calm tenant: all of it but the first
+    // slice of a call on the worker (up to 5 ms, once in 10 s) and the
+    // fresh instances made there (under 0.5 ms each).
     let threads = thread_cpu(weir.child.id().expect("weir's pid"));
-    let (slow, rest): (Vec<_>, Vec<_>) = threads.iter().partition(|t| t.name.starts_with("weir-plugin-slo"));
+    let slow: Vec<_> = threads
+        .iter()
+        .filter(|t| t.name.starts_with("weir-plugin-slo"))
+        .collect();
     let slow_cpu: std::time::Duration = slow.iter().map(|t| t.cpu).sum();
-    let rest_cpu: std::time::Duration = rest.iter().map(|t| t.cpu).sum();
+    let on_workers = std::time::Duration::from_secs_f64(0.005 + 0.0005 * (timeouts + 4.0));
     assert!(
-        slow_cpu >= std::time::Duration::from_millis(5 * 10),
-        "the slow lane computed {slow_cpu:?}: {threads:?}"
+        slow_cpu + on_workers >= std::time::Duration::from_secs_f64(charged),
+        "the looper was charged {charged} s, the slow lane computed {slow_cpu:?}: {threads:?}"
     );
-    assert!(
-        slow_cpu > rest_cpu,
-        "slow lane {slow_cpu:?}, the rest {rest_cpu:?}: {threads:?}"
-    );
-    assert!(slow.iter().all(|t| t.nice == 19), "{threads:?}");
+    assert!(!slow.is_empty() && slow.iter().all(|t| t.nice == 19), "{threads:?}");
     weir.child.kill().await.expect("stop");
 }
 
