@@ -125,7 +125,9 @@ pub(crate) fn arm(store: &mut Store<State>, budget: Duration) {
     let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
     let state = store.data_mut();
     state.ticks_left = ticks;
-    state.deadline = Instant::now() + budget;
+    let now = Instant::now();
+    state.deadline = now + budget;
+    state.cut_off_at = now + crate::plugin::state::wall_cap(budget);
     store.set_epoch_deadline(1);
 }
 
@@ -397,16 +399,18 @@ impl Plugin {
             },
             ticks_left: 0,
             deadline: Instant::now(),
+            cut_off_at: Instant::now(),
             defer_yield,
             caps: Arc::clone(&self.caps),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         // At every tick the call yields to the scheduler, until its ticks
-        // are spent; then it is interrupted.
+        // are spent, or the wall clock passes its cap; then it is
+        // interrupted.
         store.epoch_deadline_callback(|mut store| {
             let state = store.data_mut();
-            if state.ticks_left == 0 {
+            if state.ticks_left == 0 || Instant::now() >= state.cut_off_at {
                 return Ok(UpdateDeadline::Interrupt);
             }
             state.ticks_left -= 1;

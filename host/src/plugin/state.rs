@@ -65,6 +65,11 @@ pub(crate) struct State {
     /// DNS lookup may wait is cut to it (waiting runs no wasm, so no tick
     /// is spent).
     pub(crate) deadline: std::time::Instant,
+    /// When the running call is cut off however few ticks it has seen
+    /// ([`wall_cap`]): a call that computes in the slow lane of a machine
+    /// kept busy at a higher priority sees ticks only while it runs, and
+    /// would otherwise hold its connection and instance for minutes.
+    pub(crate) cut_off_at: std::time::Instant,
     /// Whether the call runs in a tokio task, where a yield waits until the
     /// worker has polled for I/O and run every task that was ready (a slow
     /// plugin call then goes last, behind other connections). Calls under a
@@ -267,6 +272,15 @@ impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// How long a call with deadline `timeout` may take by the wall clock,
+/// whatever it computed: four times its deadline, and at least a second
+/// more. A fast call that is preempted is not cut off for it unless it is
+/// frozen for over a second; a call starved at the lowest priority is, in
+/// bounded time.
+pub(crate) fn wall_cap(timeout: Duration) -> Duration {
+    (timeout * 4).max(timeout + Duration::from_secs(1))
 }
 
 #[cfg(test)]
