@@ -14,14 +14,13 @@
 //! exchanges never pay for the pipe. The copy loop is the default, the
 //! portable fallback and the reference in tests.
 
-use std::future::Future;
 use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use crate::config::RelayMode;
@@ -287,47 +286,19 @@ async fn copy(
         let mut buf = Vec::with_capacity(BUFFER_SIZE);
         while !reached(count) {
             buf.clear();
-            let room = buf.capacity();
-            match read_now(reader, &mut buf) {
-                Some(Ok(0)) => return Ok(true),
-                Some(Ok(n)) => {
+            match reader.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
                     writer.write_all(&buf[..n]).await?;
                     count.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
-                    if n < room {
-                        // Drained: tokio has cleared the readiness, so no
-                        // read that finds nothing is needed to learn it.
-                        break;
-                    }
                 }
-                None => {
-                    // Nothing to read, or the task's budget is spent (then
-                    // the readiness still stands, and `readable()` does not
-                    // count against the budget): yield if it is spent.
-                    tokio::task::consume_budget().await;
-                    break;
-                }
-                Some(Err(e)) => return Err(e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             }
         }
     }
     Ok(false)
-}
-
-/// One read into `buf`'s spare room if the socket may have data, without
-/// waiting: `None` when it has none (or the task's budget is spent).
-/// Through `poll_read` (the `read_buf` future, polled once), which clears
-/// the socket's readiness after a read shorter than the buffer as well as
-/// after `EAGAIN`, against the readiness it saw before reading, so data
-/// arriving meanwhile is not missed; `try_read` clears it only after an
-/// `EAGAIN`, a system call after every short read. The waker it may leave
-/// is a no-op one, replaced by the caller's next `readable()`.
-fn read_now(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match pin!(reader.read_buf(buf)).poll(&mut cx) {
-        Poll::Ready(read) => Some(read),
-        Poll::Pending => None,
-    }
 }
 
 #[cfg(target_os = "linux")]
