@@ -62,6 +62,9 @@ impl EncodeLabelValue for LabelValue {
     }
 }
 
+/// Seconds of plugin CPU, counted as budgets are charged.
+pub type CpuCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// Every metric weir exports.
 pub struct Metrics {
     registry: Registry,
@@ -76,7 +79,7 @@ pub struct Metrics {
     /// Plugin failures.
     pub plugin_failures: Family<FailureLabels, Counter>,
     /// CPU time of tenants' plugin calls, charged to their budgets.
-    pub plugin_cpu: Family<PluginLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub plugin_cpu: Family<PluginLabels, CpuCounter>,
     /// Loaded plugins alive (set at scrape time).
     plugins_loaded: Gauge,
     /// Plugin instances alive (set at scrape time).
@@ -416,10 +419,11 @@ impl Metrics {
         self.plugin_log_dropped.get_or_create(&labels).inc();
     }
 
-    /// Counts CPU time a tenant's plugin spent, charged to its budget.
-    pub fn plugin_cpu(&self, plugin: &str, spent: std::time::Duration) {
+    /// The counter of the CPU time `plugin` spent under a tenant's budget,
+    /// kept by the plugin so that a call does not look it up.
+    pub fn plugin_cpu(&self, plugin: &str) -> CpuCounter {
         let labels = PluginLabels { plugin: plugin.into() };
-        self.plugin_cpu.get_or_create(&labels).inc_by(spent.as_secs_f64());
+        self.plugin_cpu.get_or_create(&labels).clone()
     }
 
     /// Records a plugin call's duration, and its failure's kind if it failed.

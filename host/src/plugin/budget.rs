@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::metrics::CpuCounter;
 use crate::throttle::Bucket;
 
 /// A tenant's allowance of plugin time: CPU a second, as a bucket that holds
@@ -29,8 +30,8 @@ pub(crate) const BUDGET_BURST: f64 = 0.1;
 pub(crate) struct Spending(Arc<Budget>);
 
 impl Spending {
-    pub(crate) fn end(self, spent: Duration) {
-        self.0.charge(spent);
+    pub(crate) fn end(self, spent: Duration, counted: &CpuCounter) {
+        self.0.charge(spent, counted);
         // Dropping `self` gives the call's place back.
     }
 }
@@ -87,8 +88,10 @@ impl Budget {
         bucket
     }
 
-    /// Charges CPU spent by the tenant's plugins.
-    pub(crate) fn charge(&self, spent: Duration) {
+    /// Charges CPU spent by one of the tenant's plugins, and counts it in
+    /// that plugin's `weir_plugin_cpu_seconds_total`.
+    pub(crate) fn charge(&self, spent: Duration, counted: &CpuCounter) {
+        counted.inc_by(spent.as_secs_f64());
         self.refill().spend(spent.as_secs_f64());
     }
 }

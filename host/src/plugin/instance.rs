@@ -89,6 +89,8 @@ pub struct Plugin {
     pub(crate) ticker: Arc<Ticker>,
     /// The budget of the tenant that owns the plugin, if any.
     pub(crate) budget: arc_swap::ArcSwapOption<Budget>,
+    /// What it spent of that budget (`weir_plugin_cpu_seconds_total`).
+    pub(crate) cpu_spent: crate::metrics::CpuCounter,
     /// Calls in flight.
     pub(crate) calls: AtomicUsize,
     /// Its log volume, over all its instances.
@@ -150,13 +152,9 @@ pub(crate) struct Call<'a> {
 }
 
 impl Call<'_> {
-    /// How the call's CPU time is measured: with the thread's CPU clock when
-    /// a tenant's budget is charged with it, else not at all.
+    /// How the call's CPU time is measured (see [`lane::Meter::charging`]).
     fn meter(&self) -> lane::Meter {
-        match self.spending {
-            Some(_) => lane::Meter::ThreadCpu,
-            None => lane::Meter::Off,
-        }
+        lane::Meter::charging(self.spending.is_some())
     }
 
     /// Ends a call that was refused before it ran, recording why.
@@ -246,8 +244,7 @@ impl Drop for Call<'_> {
     fn drop(&mut self) {
         self.plugin.calls.fetch_sub(1, Ordering::AcqRel);
         if let Some(spending) = self.spending.take() {
-            crate::metrics::METRICS.plugin_cpu(self.plugin.name(), self.spent);
-            spending.end(self.spent);
+            spending.end(self.spent, &self.plugin.cpu_spent);
         }
     }
 }
@@ -453,15 +450,10 @@ impl Plugin {
         let refill = async move {
             while plugin.idle_instances() < plugin.warm {
                 let budget = plugin.budget.load_full();
-                let meter = if budget.is_some() {
-                    lane::Meter::ThreadCpu
-                } else {
-                    lane::Meter::Off
-                };
+                let meter = lane::Meter::charging(budget.is_some());
                 let (made, spent) = lane::Timed::new(plugin.configured_instance(true), meter).await;
                 if let Some(budget) = budget {
-                    crate::metrics::METRICS.plugin_cpu(&plugin.name, spent);
-                    budget.charge(spent);
+                    budget.charge(spent, &plugin.cpu_spent);
                 }
                 match made {
                     Ok(instance) => plugin.put_back(instance),

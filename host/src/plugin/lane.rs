@@ -181,6 +181,12 @@ pub(crate) enum Meter {
 }
 
 impl Meter {
+    /// With the thread's CPU clock when a tenant's budget is charged with
+    /// what is measured, else not at all.
+    pub(crate) fn charging(budget: bool) -> Meter {
+        if budget { Meter::ThreadCpu } else { Meter::Off }
+    }
+
     /// A reading, to subtract from a later one on the same thread.
     fn read(self) -> Duration {
         match self {

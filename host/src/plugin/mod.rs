@@ -408,6 +408,7 @@ impl Runtime {
             idle: Mutex::new(Vec::new()),
             ticker: Arc::clone(&self.ticker),
             budget: arc_swap::ArcSwapOption::empty(),
+            cpu_spent: crate::metrics::METRICS.plugin_cpu(name),
             calls: AtomicUsize::new(0),
             log: Arc::new(LogBudget::new()),
             failure_reports: Mutex::new(EverySecond::default()),
