@@ -247,14 +247,12 @@ events {{
 """
 
 
-def write_configs():
-    if TERMINATE:
-        write_terminate_configs()
-        return
-    host, port = UPSTREAM
-    (WORK / "weir.toml").write_text(f"""
+def weir_passthrough(bind, upstream, relay="copy"):
+    """weir passing `SNI` through to `upstream` (host:port), refusing other names."""
+    return f"""
 [listeners.bench]
-bind = "127.0.0.1:10444"
+bind = "{bind}"
+relay = "{relay}"
 plugins = ["router"]
 
 [plugins.router]
@@ -263,34 +261,51 @@ config.routes."{SNI}" = {{ pool = "upstream" }}
 config.default = {{ reject = "unknown name" }}
 
 [pools.upstream]
-servers = ["{host}:{port}"]
-""")
-    spliced = (WORK / "weir.toml").read_text().replace('bind = "127.0.0.1:10444"', 'bind = "127.0.0.1:10447"\nrelay = "auto"')
-    (WORK / "weir-auto.toml").write_text(spliced)
-    (WORK / "haproxy.cfg").write_text(haproxy_preamble(global_extra="    maxpipes 128\n", defaults_extra="    option splice-auto\n") + f"""
+servers = ["{upstream}"]
+"""
+
+
+def haproxy_passthrough(bind, upstream):
+    """HAProxy routing `SNI` by the ClientHello to `upstream`, splicing where it sees fit."""
+    return haproxy_preamble(global_extra="    maxpipes 128\n", defaults_extra="    option splice-auto\n") + f"""
 frontend bench
-    bind 127.0.0.1:10445
+    bind {bind}
     tcp-request inspect-delay 5s
     tcp-request content accept if {{ req.ssl_hello_type 1 }}
     use_backend upstream if {{ req.ssl_sni -i {SNI} }}
 
 backend upstream
-    server s1 {host}:{port}
-""")
-    (WORK / "nginx.conf").write_text(nginx_preamble() + f"""
+    server s1 {upstream}
+"""
+
+
+def nginx_passthrough(bind, upstream):
+    """nginx stream routing `SNI` with `ssl_preread` to `upstream`."""
+    return nginx_preamble() + f"""
 stream {{
     map $ssl_preread_server_name $upstream {{
-        {SNI} {host}:{port};
+        {SNI} {upstream};
         default 127.0.0.1:1;
     }}
     server {{
-        listen 127.0.0.1:10446;
+        listen {bind};
         ssl_preread on;
         proxy_pass $upstream;
         proxy_timeout 10m;
     }}
 }}
-""")
+"""
+
+
+def write_configs():
+    if TERMINATE:
+        write_terminate_configs()
+        return
+    upstream = f"{UPSTREAM[0]}:{UPSTREAM[1]}"
+    (WORK / "weir.toml").write_text(weir_passthrough("127.0.0.1:10444", upstream))
+    (WORK / "weir-auto.toml").write_text(weir_passthrough("127.0.0.1:10447", upstream, relay="auto"))
+    (WORK / "haproxy.cfg").write_text(haproxy_passthrough("127.0.0.1:10445", upstream))
+    (WORK / "nginx.conf").write_text(nginx_passthrough("127.0.0.1:10446", upstream))
 
 
 def write_terminate_configs():

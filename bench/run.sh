@@ -26,6 +26,9 @@
 #                                     with and without the compiled-code cache
 #   bench/run.sh egress [--seconds N]  pgbench through weir's RA-TLS egress
 #                                     and sidecar against libpq's own TLS
+#   bench/run.sh splice [--quick]     copy against splice(2) for bulk data, on
+#                                     loopback and over veth pairs between
+#                                     network namespaces it creates
 #   bench/run.sh fleet [--publishes N]
 #                                     three fleet nodes on one etcd: publish to
 #                                     applied, storage, a new component
@@ -33,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation | reload-memory | coldstart | fleet | egress) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory | coldstart | fleet | egress | splice) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -41,12 +44,16 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 need=()
-if [ "$mode" = compare ]; then
+if [ "$mode" = compare ] || [ "$mode" = splice ]; then
     command -v haproxy >/dev/null || need+=(haproxy)
     command -v nginx >/dev/null || need+=(nginx)
     [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 fi
 command -v taskset >/dev/null || need+=(util-linux)
+if [ "$mode" = splice ]; then
+    command -v ethtool >/dev/null || need+=(ethtool)
+    command -v ip >/dev/null || need+=(iproute2)
+fi
 if [ "$mode" = fleet ]; then
     command -v etcd >/dev/null || need+=(etcd-server)
     command -v etcdctl >/dev/null || need+=(etcd-client)
@@ -81,4 +88,5 @@ case "$mode" in
     coldstart) exec python3 bench/coldstart.py "$@" ;;
     fleet) exec python3 bench/fleet.py "$@" ;;
     egress) exec python3 bench/egress.py "$@" ;;
+    splice) exec python3 bench/splice.py "$@" ;;
 esac

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The server name every benchmark connection asks for.
 const SNI: &str = "bench.test";
-/// Client sockets bind to 127.0.0.2 .. 127.0.0.(2 + SOURCES - 1), so that
+/// Client sockets on loopback bind to 127.0.0.2 .. 127.0.0.(2 + SOURCES - 1), so that
 /// tens of thousands of connections do not run out of ephemeral ports.
 const SOURCES: u32 = 32;
 
@@ -225,8 +225,12 @@ fn client_config_with(ca: &Path, resumption: rustls::client::Resumption) -> anyh
 /// Opens a TCP connection from one of the rotating loopback sources.
 async fn tcp_connect(target: SocketAddr, n: u64) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
-    let source = Ipv4Addr::new(127, 0, 0, 2 + (n % u64::from(SOURCES)) as u8);
-    socket.bind(SocketAddr::new(source.into(), 0))?;
+    // Off loopback (the network-namespace benchmarks) the kernel picks the
+    // route's own source address.
+    if target.ip().is_loopback() {
+        let source = Ipv4Addr::new(127, 0, 0, 2 + (n % u64::from(SOURCES)) as u8);
+        socket.bind(SocketAddr::new(source.into(), 0))?;
+    }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
