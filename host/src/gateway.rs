@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop};
+use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop, deferral, set_deferral};
 use crate::plugin::{PluginError, Runtime};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::source::{ConfigSource, FileSource, SetPoolError, SharedPools};
@@ -52,6 +52,8 @@ pub struct Gateway {
     pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     addrs: BTreeMap<String, SocketAddr>,
     accept_tasks: Vec<JoinHandle<()>>,
+    /// The listening sockets by listener name, for options a reload changes.
+    sockets: BTreeMap<Arc<str>, Arc<TcpListener>>,
     runtime: Arc<Runtime>,
     /// Where the configuration comes from.
     pub(crate) source: Box<dyn ConfigSource>,
@@ -196,6 +198,7 @@ impl Gateway {
                 error,
             };
             let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
+            set_deferral(&socket, deferral(&listener.config)).map_err(bind_error)?;
             let local = socket.local_addr().map_err(bind_error)?;
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
@@ -207,7 +210,10 @@ impl Gateway {
         let all = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::sync::LazyLock::force(&DESCRIPTOR_LIMIT);
         let mut own = Vec::new();
+        let mut by_name = BTreeMap::new();
         for (name, local, socket) in sockets {
+            let socket = Arc::new(socket);
+            by_name.insert(Arc::clone(&name), Arc::clone(&socket));
             addrs.insert(name.to_string(), local);
             own.push(crate::own::OwnAddress::register(local));
             let listener_stats = Arc::new(ListenerStats::default());
@@ -224,6 +230,7 @@ impl Gateway {
             snapshot,
             addrs,
             accept_tasks,
+            sockets: by_name,
             runtime,
             source,
             reloads: tokio::sync::Mutex::new(ReloadStatus::default()),
@@ -284,6 +291,7 @@ impl Gateway {
                 new.start_health_checks();
                 let new = Arc::new(new);
                 self.snapshot.store(Arc::clone(&new));
+                self.apply_socket_options(&old, &new);
                 status.succeeded += 1;
                 tracing::info!(trigger, millis, reloaded = ?reloaded_plugins, "reloaded");
                 let report = ReloadReport {
@@ -321,6 +329,26 @@ impl Gateway {
         crate::metrics::METRICS.reloaded(report.error.is_none());
         status.last = Some(report.clone());
         report
+    }
+
+    /// Applies the socket options of `new`'s listeners that differ from
+    /// `old`'s (the deferred accept); a socket that refuses keeps its
+    /// options, and says so.
+    fn apply_socket_options(&self, old: &Snapshot, new: &Snapshot) {
+        for listener in new.listeners() {
+            let seconds = deferral(&listener.config);
+            let unchanged = old
+                .listener(&listener.name)
+                .is_some_and(|before| deferral(&before.config) == seconds);
+            if unchanged {
+                continue;
+            }
+            if let Some(socket) = self.sockets.get(&listener.name)
+                && let Err(error) = set_deferral(socket, seconds)
+            {
+                tracing::warn!(listener = &*listener.name, %error, "defer_accept could not be changed; the old setting stays");
+            }
+        }
     }
 
     /// How many compiled plugin components are kept for reuse: those of

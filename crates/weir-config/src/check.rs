@@ -223,6 +223,12 @@ impl Config {
                     return Err(self.invalid(field(what), "must be longer than zero"));
                 }
             }
+            if listener.defer_accept && listener.protocol == crate::ListenerProtocol::Plain {
+                return Err(self.invalid(
+                    field("defer_accept"),
+                    "a plain listener's clients may wait for the server to speak first; only tls and postgres listeners can defer",
+                ));
+            }
             if listener.max_connections_per_client == 0 {
                 return Err(self.invalid(field("max_connections_per_client"), "must be at least 1"));
             }

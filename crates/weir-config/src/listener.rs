@@ -58,6 +58,14 @@ pub struct ListenerConfig {
     /// this long closes it (the idle timeout still applies if shorter).
     #[serde(default = "defaults::half_close_timeout", with = "humantime_serde")]
     pub half_close_timeout: Duration,
+    /// Lets the kernel hold each new connection until its first bytes
+    /// arrive (Linux `TCP_DEFER_ACCEPT`, for up to `sniff_timeout`, in whole
+    /// seconds): weir wakes once per connection instead of twice, and a
+    /// client that connects and says nothing costs no descriptor, task or
+    /// connection-limit slot until the kernel gives up waiting. Not for
+    /// `plain` listeners, whose clients may wait for the server to speak.
+    #[serde(default)]
+    pub defer_accept: bool,
     /// How passthrough bytes are moved: `copy` (the default), `auto` (copy,
     /// then `splice(2)` past 64 KiB in a direction), or `splice`.
     #[serde(default)]

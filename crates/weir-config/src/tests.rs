@@ -24,6 +24,7 @@ fn a_minimal_config_gets_the_documented_defaults() {
     assert_eq!(listener.protocol, ListenerProtocol::Tls);
     assert_eq!(listener.sniff_timeout, Duration::from_secs(5));
     assert_eq!(listener.relay, RelayMode::Copy);
+    assert!(!listener.defer_accept);
     let plugin = &config.plugins["router"];
     assert_eq!(plugin.on_error, OnError::Deny);
     assert_eq!(plugin.timeout, Duration::from_millis(10));
@@ -52,6 +53,10 @@ fn errors_name_the_file_the_field_and_the_reason() {
             "pools.app.servers",
         ),
         (MINIMAL.replace("[\"router\"]", "[]"), "the plugin chain is empty"),
+        (
+            MINIMAL.replace("bind =", "protocol = \"plain\"\ndefer_accept = true\nbind ="),
+            "listeners.public.defer_accept: a plain listener's clients may wait for the server to speak first",
+        ),
         (
             MINIMAL.replace("wasm =", "timeout = \"0ms\"\nwasm ="),
             "plugins.router.timeout",

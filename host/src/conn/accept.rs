@@ -49,9 +49,57 @@ pub(crate) static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync
     }
 });
 
+/// Seconds the kernel holds a new connection for its first bytes on this
+/// listener (0: it hands connections over at once). See
+/// `ListenerConfig::defer_accept`.
+pub(crate) fn deferral(config: &crate::config::ListenerConfig) -> u32 {
+    if !config.defer_accept {
+        return 0;
+    }
+    let seconds = config.sniff_timeout.as_secs() + u64::from(config.sniff_timeout.subsec_nanos() > 0);
+    u32::try_from(seconds).unwrap_or(u32::MAX).max(1)
+}
+
+/// Has the kernel hold new connections on `socket` until their first bytes
+/// arrive, for up to `seconds` (`TCP_DEFER_ACCEPT`); 0 turns it off.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub(crate) fn set_deferral(socket: &TcpListener, seconds: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    let len = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: setsockopt reads `len` bytes, the size of `value`, from the
+    // address of `value`, a local that outlives the call; the descriptor is
+    // borrowed from `socket`, which stays open for the whole call.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const value).cast(),
+            len,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Off Linux connections are handed over at once.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_deferral(_socket: &TcpListener, seconds: u32) -> io::Result<()> {
+    if seconds == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "defer_accept needs Linux"))
+    }
+}
+
 pub(crate) async fn accept_loop(
     name: Arc<str>,
-    socket: TcpListener,
+    socket: Arc<TcpListener>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     stats: Arc<ListenerStats>,
     // Connections in progress over all of the gateway's listeners.

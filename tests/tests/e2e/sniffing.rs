@@ -195,3 +195,53 @@ async fn a_silent_client_is_closed_at_the_deadline_while_others_are_served() {
     );
     assert_eq!(upstream.accepted(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferring_listener_sees_a_client_only_once_it_speaks() {
+    let (upstream, mut rx) = recording_upstream().await;
+    let gateway = start_gateway(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["router"]
+        sniff_timeout = "30s"
+        defer_accept = true
+
+        [plugins.router]
+        wasm = "{{static_router}}"
+        config.default = {{ pool = "all" }}
+
+        [pools.all]
+        servers = ["{}"]
+        "#,
+        upstream.addr
+    ))
+    .await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let accepted = || {
+        gateway.stats()["public"]
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Connected as far as the client can tell, but the kernel keeps it.
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    for i in 0..3u8 {
+        let mut sent = testdata("clienthello/python-ssl-sni.bin");
+        sent.extend(pattern(4096, i));
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(&sent).await.expect("send");
+        client.shutdown().await.expect("FIN");
+        expect_bytes(&mut rx, &sent, "a client that spoke").await;
+    }
+    assert_eq!(accepted(), 3, "the silent client reached weir before saying anything");
+
+    // Once it speaks, it is accepted and served like the others.
+    let mut sent = testdata("clienthello/python-ssl-sni.bin");
+    sent.extend(pattern(4096, 9));
+    silent.write_all(&sent).await.expect("send");
+    silent.shutdown().await.expect("FIN");
+    expect_bytes(&mut rx, &sent, "the silent client, once it spoke").await;
+    assert_eq!(accepted(), 4);
+    assert_eq!(upstream.accepted(), 4);
+}
