@@ -53,7 +53,8 @@ pub struct Gateway {
     addrs: BTreeMap<String, SocketAddr>,
     accept_tasks: Vec<JoinHandle<()>>,
     /// The listening sockets by listener name, for options a reload changes.
-    sockets: BTreeMap<Arc<str>, Arc<TcpListener>>,
+    /// Weak: the accept task owns its socket, so stopping it closes the port.
+    sockets: BTreeMap<Arc<str>, std::sync::Weak<TcpListener>>,
     runtime: Arc<Runtime>,
     /// Where the configuration comes from.
     pub(crate) source: Box<dyn ConfigSource>,
@@ -213,7 +214,7 @@ impl Gateway {
         let mut by_name = BTreeMap::new();
         for (name, local, socket) in sockets {
             let socket = Arc::new(socket);
-            by_name.insert(Arc::clone(&name), Arc::clone(&socket));
+            by_name.insert(Arc::clone(&name), Arc::downgrade(&socket));
             addrs.insert(name.to_string(), local);
             own.push(crate::own::OwnAddress::register(local));
             let listener_stats = Arc::new(ListenerStats::default());
@@ -343,8 +344,8 @@ impl Gateway {
             if unchanged {
                 continue;
             }
-            if let Some(socket) = self.sockets.get(&listener.name)
-                && let Err(error) = set_deferral(socket, seconds)
+            if let Some(socket) = self.sockets.get(&listener.name).and_then(std::sync::Weak::upgrade)
+                && let Err(error) = set_deferral(&socket, seconds)
             {
                 tracing::warn!(listener = &*listener.name, %error, "defer_accept could not be changed; the old setting stays");
             }
