@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop, deferral, set_deferral};
+use crate::conn::accept::{DESCRIPTOR_LIMIT, accept_loop, deferral, max_pipes, set_deferral};
 use crate::plugin::{PluginError, Runtime};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::source::{ConfigSource, FileSource, SetPoolError, SharedPools};
@@ -204,6 +204,7 @@ impl Gateway {
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
         snapshot.start_health_checks();
+        crate::relay::set_max_pipes(max_pipes(&snapshot.config.limits));
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
         let mut accept_tasks = Vec::new();
@@ -336,6 +337,7 @@ impl Gateway {
     /// `old`'s (the deferred accept); a socket that refuses keeps its
     /// options, and says so.
     fn apply_socket_options(&self, old: &Snapshot, new: &Snapshot) {
+        crate::relay::set_max_pipes(max_pipes(&new.config.limits));
         for listener in new.listeners() {
             let seconds = deferral(&listener.config);
             let unchanged = old

@@ -229,6 +229,12 @@ pub struct Limits {
     /// the admin API one for its client). Default: 1/16 of the descriptor
     /// limit, between 16 and 1024; 0 turns it off.
     pub descriptor_reserve: Option<u64>,
+    /// Most pipes open at once for `relay = "auto"` and `"splice"`, in use
+    /// or pooled (each is two descriptors). A spliced direction holds one
+    /// only while a burst moves; a burst that finds none free is copied.
+    /// Default: 1/8 of the descriptor limit, between 16 and 16,384; 0: never
+    /// splice.
+    pub max_pipes: Option<usize>,
     /// Most instances of `reuse_instances = false` plugins alive at once
     /// (their calls in flight, over all of them): slots reserved at start,
     /// so read at start only. Default 1000.

@@ -49,6 +49,16 @@ pub(crate) static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync
     }
 });
 
+/// The most splice pipes open at once (`limits.max_pipes`): by default an
+/// eighth of the descriptor limit (a quarter of the descriptors, two a
+/// pipe), between 16 and 16,384.
+pub(crate) fn max_pipes(limits: &crate::config::Limits) -> usize {
+    limits.max_pipes.unwrap_or_else(|| {
+        let limit = DESCRIPTOR_LIMIT.unwrap_or(8192);
+        usize::try_from((limit / 8).clamp(16, 16_384)).unwrap_or(16_384)
+    })
+}
+
 /// Seconds the kernel holds a new connection for its first bytes on this
 /// listener (0: it hands connections over at once). See
 /// `ListenerConfig::defer_accept`.

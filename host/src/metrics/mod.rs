@@ -118,6 +118,12 @@ pub struct Metrics {
     acme_next_renewal: Family<CertificateLabels, Gauge>,
     /// When each ACME certificate's last order ended, by its result.
     acme_last_order: Family<AcmeOrderLabels, Gauge>,
+    /// Splice pipes open, in use or pooled (set at scrape time).
+    splice_pipes_open: Gauge,
+    /// Splice pipes carrying a burst (set at scrape time).
+    splice_pipes_in_use: Gauge,
+    /// Bursts copied because no splice pipe could be had.
+    splice_pipe_refusals: Counter,
     /// Route names with a series, for [`MAX_ROUTE_LABELS`].
     route_labels: RouteLabels,
 }
@@ -186,6 +192,9 @@ impl Metrics {
             pool_server_active: Family::<PoolServerLabels, Gauge>::default(),
             acme_next_renewal: Family::<CertificateLabels, Gauge>::default(),
             acme_last_order: Family::<AcmeOrderLabels, Gauge>::default(),
+            splice_pipes_open: Gauge::default(),
+            splice_pipes_in_use: Gauge::default(),
+            splice_pipe_refusals: Counter::default(),
             route_labels: RouteLabels::default(),
         };
         let mut registry = Registry::with_prefix("weir");
@@ -247,6 +256,21 @@ impl Metrics {
             self.sniff_failures.clone(),
         );
         registry.register("reloads", "Config reloads by result", self.reloads.clone());
+        registry.register(
+            "splice_pipes_open",
+            "Pipes open for splice(2) relaying, carrying a burst or pooled ([limits] max_pipes bounds them)",
+            self.splice_pipes_open.clone(),
+        );
+        registry.register(
+            "splice_pipes_in_use",
+            "Pipes for splice(2) relaying carrying a burst now",
+            self.splice_pipes_in_use.clone(),
+        );
+        registry.register(
+            "splice_pipe_refusals",
+            "Bursts of a splicing direction copied instead, for want of a pipe (at [limits] max_pipes, or out of descriptors)",
+            self.splice_pipe_refusals.clone(),
+        );
     }
 
     /// Plugins, their instances and failures, and certificates.
@@ -549,8 +573,17 @@ impl Metrics {
         self.plugin_instances.set(gauge(instances));
     }
 
+    /// Counts one burst copied for want of a splice pipe.
+    pub fn splice_pipe_refused(&self) {
+        self.splice_pipe_refusals.inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let (open, in_use) = crate::relay::pipes();
+        self.splice_pipes_open.set(gauge(open));
+        self.splice_pipes_in_use.set(gauge(in_use));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -398,6 +398,113 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
     weir.child.kill().await.expect("stop weir");
 }
 
+/// Sends `hello` and 1 MiB on each of `n` connections at once and reads
+/// each echo back whole, leaving the connections open.
+#[cfg(target_os = "linux")]
+async fn echo_a_mebibyte_each(addr: std::net::SocketAddr, hello: &[u8], n: usize) -> Vec<TcpStream> {
+    use tokio::io::AsyncReadExt;
+    let mut sent = hello.to_vec();
+    sent.extend(weir_tests::pattern(1 << 20, 5));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let sent = sent.clone();
+        tasks.spawn(async move {
+            let client = TcpStream::connect(addr).await.expect("connect");
+            let (mut read, mut write) = client.into_split();
+            let writing = {
+                let sent = sent.clone();
+                tokio::spawn(async move {
+                    write.write_all(&sent).await.expect("send");
+                    write
+                })
+            };
+            let mut back = vec![0u8; sent.len()];
+            tokio::time::timeout(weir_tests::STEP, read.read_exact(&mut back))
+                .await
+                .expect("the echo in time")
+                .expect("the echo");
+            assert!(back == sent, "the echo differs");
+            read.reunite(writing.await.expect("writer")).expect("one stream")
+        });
+    }
+    tasks.join_all().await
+}
+
+/// A splicing direction holds a pipe only while a burst moves: connections
+/// that carried megabytes and then sit idle hold none. A reload to
+/// `max_pipes = 0` closes the pooled ones, and every burst after it is
+/// copied, byte for byte, and counted.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_splicing_connections_hold_no_pipes_and_max_pipes_bounds_them() {
+    let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
+        let (mut read, mut write) = stream.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = |limits: &str| {
+        ROUTER
+            .replace("127.0.0.1:9000", &upstream.addr.to_string())
+            .replace("app.test", "a.example.com")
+            .replace("plugins = [\"router\"]", "plugins = [\"router\"]\nrelay = \"splice\"")
+            + &format!("\n[reload]\nwatch = false\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]\n{limits}\n")
+    };
+    let path = config_file(dir.path(), &config(""));
+    let mut weir = WeirProcess::spawn(Path::new(&path)).await;
+    let addr = weir.addr("public");
+    let admin = weir.admin_addr().await;
+    let hello = testdata("clienthello/openssl-tls13-sni.bin");
+    let gauge = |series: &'static str| {
+        let admin = admin.clone();
+        async move { weir_tests::metric(&admin, series).await.expect(series) }
+    };
+    // Polled: a direction gives its pipe back just after its last bytes,
+    // which the client may read first.
+    let settles_at = |series: &'static str, expected: f64| async move {
+        let mut value = gauge(series).await;
+        for _ in 0..50 {
+            if value == expected {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            value = gauge(series).await;
+        }
+        assert_eq!(value, expected, "{series}");
+    };
+
+    let idle = echo_a_mebibyte_each(addr, &hello, 8).await;
+    settles_at("weir_splice_pipes_in_use", 0.0).await;
+    let open = gauge("weir_splice_pipes_open").await;
+    assert!(
+        (1.0..=16.0).contains(&open),
+        "pooled pipes: {open} (16 directions spliced)"
+    );
+    assert_eq!(gauge("weir_splice_pipe_refusals_total").await, 0.0);
+    drop(idle);
+    for _ in 0..8 {
+        let line = weir.connection_line().await;
+        assert!(!line.contains("spliced=0 "), "nothing spliced: {line}");
+    }
+
+    std::fs::write(&path, weir_tests::expand(&config("max_pipes = 0"))).expect("rewrite");
+    let (status, report) = weir_tests::admin_request(&admin, "POST", "/api/reload", None, "").await;
+    assert_eq!(status, 200, "{report}");
+    settles_at("weir_splice_pipes_open", 0.0).await;
+    let copied = echo_a_mebibyte_each(addr, &hello, 4).await;
+    assert_eq!(gauge("weir_splice_pipes_open").await, 0.0);
+    assert!(
+        gauge("weir_splice_pipe_refusals_total").await >= 8.0,
+        "each direction copies"
+    );
+    drop(copied);
+    for _ in 0..4 {
+        let line = weir.connection_line().await;
+        assert!(line.contains("spliced=0 "), "spliced past max_pipes = 0: {line}");
+    }
+    weir.child.kill().await.expect("stop weir");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_and_logs_one_line_per_connection() {
     let upstream = Upstream::tcp(|mut stream: TcpStream| async move {
