@@ -245,3 +245,67 @@ async fn a_deferring_listener_sees_a_client_only_once_it_speaks() {
     assert_eq!(accepted(), 4);
     assert_eq!(upstream.accepted(), 4);
 }
+
+/// A reload that turns `defer_accept` on applies it to the listening socket
+/// in place: a silent client was accepted before it, and is not after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_defer_accept_on_in_place() {
+    let (upstream, mut rx) = recording_upstream().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = |defer: bool| {
+        format!(
+            r#"
+            [reload]
+            watch = false
+
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+            sniff_timeout = "30s"
+            defer_accept = {defer}
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.default = {{ pool = "all" }}
+
+            [pools.all]
+            servers = ["{}"]
+            "#,
+            upstream.addr
+        )
+    };
+    let (gateway, _path) = weir_tests::start_gateway_file(dir.path(), &config(false)).await;
+    let addr = gateway.local_addr("public").expect("listener");
+    let accepted = || {
+        gateway.stats()["public"]
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let _before = TcpStream::connect(addr).await.expect("connect");
+    let deadline = Instant::now() + STEP;
+    while accepted() < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        accepted(),
+        1,
+        "without defer_accept a silent client is accepted at once"
+    );
+
+    weir_tests::write_config(dir.path(), &config(true));
+    let report = gateway.reload("test").await;
+    assert_eq!(report.error, None, "{report:?}");
+    let mut after = TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        accepted(),
+        1,
+        "a silent client reached weir after defer_accept was turned on"
+    );
+    let mut sent = testdata("clienthello/python-ssl-sni.bin");
+    sent.extend(pattern(1024, 4));
+    after.write_all(&sent).await.expect("send");
+    after.shutdown().await.expect("FIN");
+    expect_bytes(&mut rx, &sent, "the deferred client, once it spoke").await;
+    assert_eq!(accepted(), 2);
+}
