@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import socket
@@ -53,6 +54,10 @@ REPEATS = 1 if QUICK else 3
 BULK_BYTES = (256 << 20) if QUICK else GIB
 RATE_SECONDS = 2 if QUICK else 5
 SERIAL_SECONDS = 1 if QUICK else 3
+# Every proxy's listener holds a connection in the kernel until its first
+# bytes (TCP_DEFER_ACCEPT): weir `defer_accept`, HAProxy `defer-accept`,
+# nginx `deferred` (from nginx 1.25.5 on).
+DEFER = "--defer" in sys.argv
 WORKERS = int(sys.argv[sys.argv.index("--workers") + 1]) if "--workers" in sys.argv else 1
 PROXY_CPUS = "0" if WORKERS == 1 else f"0-{WORKERS - 1}"
 # A proxy holds two descriptors per connection: where the descriptor limit
@@ -215,6 +220,23 @@ class Target:
         return rss_kib(self.process.pid) if self.process else None
 
 
+WEIR_DEFER = "\ndefer_accept = true" if DEFER else ""
+HAPROXY_DEFER = " defer-accept" if DEFER else ""
+
+
+def nginx_stream_defers():
+    """Whether nginx's stream `listen` takes `deferred` (1.25.5 and later)."""
+    try:
+        out = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    except OSError:
+        return False
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
+    return bool(found) and tuple(int(n) for n in found.groups()) >= (1, 25, 5)
+
+
+NGINX_DEFER = " deferred" if DEFER and nginx_stream_defers() else ""
+
+
 def haproxy_preamble(global_extra="", defaults_extra=""):
     """HAProxy's global and defaults sections: one thread, TCP mode."""
     return f"""
@@ -253,7 +275,7 @@ def weir_passthrough(bind, upstream, relay="copy"):
 [listeners.bench]
 bind = "{bind}"
 relay = "{relay}"
-plugins = ["router"]
+plugins = ["router"]{WEIR_DEFER}
 
 [plugins.router]
 wasm = "{PLUGIN}"
@@ -269,7 +291,7 @@ def haproxy_passthrough(bind, upstream):
     """HAProxy routing `SNI` by the ClientHello to `upstream`, splicing where it sees fit."""
     return haproxy_preamble(global_extra="    maxpipes 128\n", defaults_extra="    option splice-auto\n") + f"""
 frontend bench
-    bind {bind}
+    bind {bind}{HAPROXY_DEFER}
     tcp-request inspect-delay 5s
     tcp-request content accept if {{ req.ssl_hello_type 1 }}
     use_backend upstream if {{ req.ssl_sni -i {SNI} }}
@@ -288,7 +310,7 @@ stream {{
         default 127.0.0.1:1;
     }}
     server {{
-        listen {bind};
+        listen {bind}{NGINX_DEFER};
         ssl_preread on;
         proxy_pass $upstream;
         proxy_timeout 10m;
@@ -326,7 +348,7 @@ def write_terminate_configs():
     (WORK / "weir.toml").write_text(f"""
 [listeners.bench]
 bind = "127.0.0.1:10444"
-plugins = ["router"]
+plugins = ["router"]{WEIR_DEFER}
 
 [plugins.router]
 wasm = "{PLUGIN}"
@@ -345,7 +367,7 @@ servers = ["{host}:{port}"]
 """)
     (WORK / "haproxy.cfg").write_text(haproxy_preamble() + f"""
 frontend bench
-    bind 127.0.0.1:10445 ssl crt {WORK / 'bench-combined.pem'}
+    bind 127.0.0.1:10445 ssl crt {WORK / 'bench-combined.pem'}{HAPROXY_DEFER}
     use_backend upstream if {{ ssl_fc_sni -i {SNI} }}
 
 backend upstream
@@ -358,7 +380,7 @@ stream {{
         default 127.0.0.1:1;
     }}
     server {{
-        listen 127.0.0.1:10446 ssl;
+        listen 127.0.0.1:10446 ssl{NGINX_DEFER};
         ssl_certificate {WORK / 'bench.pem'};
         ssl_certificate_key {WORK / 'bench-key.pem'};
         # nginx before 1.23.4 accepts TLS 1.2 at most unless told.
@@ -497,6 +519,7 @@ def report(results, targets, facts):
         (" --reencrypt" if REENCRYPT else " --terminate" if TERMINATE else "")
         + (" --quick" if QUICK else "")
         + (f" --workers {WORKERS}" if WORKERS != 1 else "")
+        + (" --defer" if DEFER else "")
     )
     threads = (
         "on CPU 0 with one thread (weir: one tokio worker"
@@ -554,6 +577,15 @@ def report(results, targets, facts):
             "",
         ]
         pairs = (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy"))
+    if DEFER:
+        lines += [
+            "Every proxy's listener has the kernel hold a new connection until its first bytes "
+            "(`TCP_DEFER_ACCEPT`): weir `defer_accept = true`, HAProxy `bind ... defer-accept`, "
+            + ("nginx `listen ... deferred`." if NGINX_DEFER else
+               "but not nginx: its stream module takes `listen ... deferred` from 1.25.5 on, so this nginx "
+               "accepts at once."),
+            "",
+        ]
     header = " | ".join(f"{mine} ÷ {'HAProxy' if other == 'haproxy' else other}" for mine, other in pairs)
     lines += [
         "| metric | " + " | ".join(names) + " | " + header + " |",
@@ -622,6 +654,7 @@ def main():
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
     kind = "-reencrypt" if REENCRYPT else "-terminate" if TERMINATE else ""
     kind += f"-workers{WORKERS}" if WORKERS != 1 else ""
+    kind += "-defer" if DEFER else ""
     path = RESULTS / f"{stamp}-{facts['commit']}{kind}{'-quick' if QUICK else ''}.md"
     path.write_text(text)
     latest = RESULTS / f"latest{kind}.md"
