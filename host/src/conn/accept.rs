@@ -117,6 +117,11 @@ pub(crate) async fn accept_loop(
 ) {
     let mut accept_errors = AcceptErrors::default();
     let mut reserve_reports = crate::throttle::EverySecond::default();
+    // A socket bound to one address accepts connections to that address
+    // only: each connection's local address is known without asking the
+    // kernel (a getsockname per connection). Bound to 0.0.0.0 or [::], it
+    // is asked.
+    let bound = socket.local_addr().ok().filter(|addr| !addr.ip().is_unspecified());
     loop {
         match socket.accept().await {
             Ok((stream, client)) => {
@@ -166,7 +171,7 @@ pub(crate) async fn accept_loop(
                 all.fetch_add(1, Ordering::Relaxed);
                 let (stats, all) = (Arc::clone(&stats), Arc::clone(&all));
                 tokio::spawn(async move {
-                    handle(stream, client, listener, snapshot).await;
+                    handle(stream, client, bound, listener, snapshot).await;
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     all.fetch_sub(1, Ordering::Relaxed);
                 });

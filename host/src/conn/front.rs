@@ -88,14 +88,15 @@ pub(crate) async fn answer_acme_challenge(
 }
 
 /// Reads the PROXY header (from trusted sources) and the client's first
-/// bytes, all under the listener's sniff deadline.
+/// bytes, all under the listener's sniff deadline. `client` comes with its
+/// local address when its listener is bound to one (`None`: it is asked).
 pub(crate) async fn read_front(
-    mut client: TcpStream,
+    (mut client, bound): (TcpStream, Option<SocketAddr>),
     listener: &Listener,
     record: &mut Record,
 ) -> Result<Front, Outcome> {
     let config = &listener.config;
-    let mut local_addr = match client.local_addr() {
+    let mut local_addr = match bound.map_or_else(|| client.local_addr(), Ok) {
         Ok(addr) => addr,
         Err(e) => return Err(Outcome::Io(e)),
     };

@@ -45,6 +45,7 @@ const RECORD_TARGET: &str = "weir::gateway";
 pub(crate) async fn handle(
     client: TcpStream,
     client_addr: SocketAddr,
+    bound: Option<SocketAddr>,
     listener: Arc<Listener>,
     snapshot: Arc<Snapshot>,
 ) {
@@ -65,7 +66,7 @@ pub(crate) async fn handle(
     let metrics = &crate::metrics::METRICS;
     let active = metrics.active(&listener.name);
     active.inc();
-    let proxied = proxy(client, &listener, &snapshot, &mut record).await;
+    let proxied = proxy((client, bound), &listener, &snapshot, &mut record).await;
     let (name, mode, timeouts) = (
         Arc::clone(&listener.name),
         listener.config.relay,
@@ -138,8 +139,10 @@ pub(crate) enum Proxied {
 /// Takes a connection from sniffing through routing to its end, or, for a
 /// passthrough, to the point where [`handle`] relays it. Returning
 /// `Ended` drops (closes) the client socket.
+/// `client` comes with its local address when the listener knows it (see
+/// [`read_front`]).
 pub(crate) async fn proxy(
-    client: TcpStream,
+    client: (TcpStream, Option<SocketAddr>),
     listener: &Arc<Listener>,
     snapshot: &Snapshot,
     record: &mut Record,
