@@ -21,9 +21,11 @@ import run as bench
 
 WANTED = 10_000
 # weir raises its soft descriptor limit to the hard one; it needs two per
-# connection plus a few dozen of its own.
+# connection plus a few dozen of its own, and sheds new connections within
+# its descriptor reserve of the limit (1/16 of it, 16 to 1,024).
 HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-CONNS = min(WANTED, (HARD_LIMIT - 64) // 2)
+RESERVE = min(max(HARD_LIMIT // 16, 16), 1024)
+CONNS = min(WANTED, (HARD_LIMIT - RESERVE - 64) // 2)
 
 
 def descriptors(pid):
@@ -73,7 +75,7 @@ def main():
         "| figure | value |",
         "| --- | --- |",
         f"| connections asked for | {CONNS:,}" + ("" if CONNS == WANTED else
-            f" (the hard descriptor limit here, {HARD_LIMIT:,}, caps one process at {CONNS:,} relayed connections)")
+            f" (the hard descriptor limit here, {HARD_LIMIT:,}, less weir's descriptor reserve, {RESERVE:,}, caps one process at {CONNS:,} relayed connections)")
         + " |",
         f"| opened / failed to open | {held:,} / {opened['errors']:,} |",
         f"| still relaying when checked | {checked['alive']:,} |",
