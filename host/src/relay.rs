@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use crate::config::RelayMode;
-pub use splice::{pipes, set_max_pipes};
+pub use splice::{PIPE_REFUSALS, pipes, set_max_pipes};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
@@ -357,6 +357,10 @@ mod splice {
     static OPEN: AtomicUsize = AtomicUsize::new(0);
     /// Most pipes open at once; see [`set_max_pipes`].
     static MAX: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// Bursts copied because no pipe could be had (exported as
+    /// `weir_splice_pipe_refusals_total`).
+    pub static PIPE_REFUSALS: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+        std::sync::LazyLock::new(Default::default);
 
     /// A pipe's read and write ends.
     struct Pipe {
@@ -400,7 +404,7 @@ mod splice {
         let max = MAX.load(Ordering::Relaxed);
         if OPEN.fetch_add(1, Ordering::Relaxed) >= max {
             OPEN.fetch_sub(1, Ordering::Relaxed);
-            crate::metrics::METRICS.splice_pipe_refused();
+            PIPE_REFUSALS.inc();
             return None;
         }
         match pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
@@ -413,7 +417,7 @@ mod splice {
             }
             Err(_) => {
                 OPEN.fetch_sub(1, Ordering::Relaxed);
-                crate::metrics::METRICS.splice_pipe_refused();
+                PIPE_REFUSALS.inc();
                 None
             }
         }
@@ -503,6 +507,10 @@ mod splice {
     pub const AVAILABLE: bool = false;
 
     pub fn set_max_pipes(_: usize) {}
+
+    /// Never counts: nothing splices here.
+    pub static PIPE_REFUSALS: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+        std::sync::LazyLock::new(Default::default);
 
     pub fn pipes() -> (usize, usize) {
         (0, 0)

@@ -122,8 +122,6 @@ pub struct Metrics {
     splice_pipes_open: Gauge,
     /// Splice pipes carrying a burst (set at scrape time).
     splice_pipes_in_use: Gauge,
-    /// Bursts copied because no splice pipe could be had.
-    splice_pipe_refusals: Counter,
     /// Route names with a series, for [`MAX_ROUTE_LABELS`].
     route_labels: RouteLabels,
 }
@@ -194,7 +192,6 @@ impl Metrics {
             acme_last_order: Family::<AcmeOrderLabels, Gauge>::default(),
             splice_pipes_open: Gauge::default(),
             splice_pipes_in_use: Gauge::default(),
-            splice_pipe_refusals: Counter::default(),
             route_labels: RouteLabels::default(),
         };
         let mut registry = Registry::with_prefix("weir");
@@ -269,7 +266,7 @@ impl Metrics {
         registry.register(
             "splice_pipe_refusals",
             "Bursts of a splicing direction copied instead, for want of a pipe (at [limits] max_pipes, or out of descriptors)",
-            self.splice_pipe_refusals.clone(),
+            crate::relay::PIPE_REFUSALS.clone(),
         );
     }
 
@@ -571,11 +568,6 @@ impl Metrics {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.plugins_loaded.set(gauge(loaded));
         self.plugin_instances.set(gauge(instances));
-    }
-
-    /// Counts one burst copied for want of a splice pipe.
-    pub fn splice_pipe_refused(&self) {
-        self.splice_pipe_refusals.inc();
     }
 
     /// The Prometheus text exposition.
