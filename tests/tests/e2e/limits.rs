@@ -207,6 +207,29 @@ async fn echoed(stream: &mut TcpStream, hello: &[u8], wait: std::time::Duration)
     }
 }
 
+/// A listener routing a.example.com to `upstream`, with `listener` lines
+/// added to it and `tables` after it, and no descriptor reserve: these
+/// tests are about running out, and the reserve would shed first.
+fn running_out_config(upstream: std::net::SocketAddr, listener: &str, tables: &str) -> String {
+    format!(
+        r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+plugins = ["router"]
+connect_timeout = "60s"
+{listener}
+
+[plugins.router]
+wasm = "{{static_router}}"
+config.routes."a.example.com" = {{ address = "{upstream}" }}
+
+{tables}
+[limits]
+descriptor_reserve = 0
+"#
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
     use std::time::Duration;
@@ -214,24 +237,7 @@ async fn at_the_descriptor_limit_new_connections_wait_without_a_busy_loop() {
     let upstream = Upstream::tcp(echo).await;
     let config = weir_tests::write_config(
         dir.path(),
-        &format!(
-            r#"
-            [listeners.public]
-            bind = "127.0.0.1:0"
-            plugins = ["router"]
-            sniff_timeout = "60s"
-            connect_timeout = "60s"
-
-            [plugins.router]
-            wasm = "{{static_router}}"
-            config.routes."a.example.com" = {{ address = "{}" }}
-
-            # This test is about running out; the reserve would shed first.
-            [limits]
-            descriptor_reserve = 0
-            "#,
-            upstream.addr
-        ),
+        &running_out_config(upstream.addr, "sniff_timeout = \"60s\"", ""),
     );
     // 64 descriptors, soft and hard: a few dozen connections exhaust them.
     let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["prlimit", "--nofile=64:64"]).await;
@@ -521,4 +527,85 @@ async fn one_client_or_network_cannot_take_a_listener() {
     );
     let mut d = connect_from([127, 0, 1, 1], addr).await;
     assert!(echoes(&mut d, b"d\n").await, "127.0.1.0/24 is another client");
+}
+
+/// A splicing listener out of descriptors: no burst can get a pipe, so every
+/// one is copied instead, byte for byte, and counted; splicing never costs
+/// a connection.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_a_splicing_relay_copies_every_byte() {
+    use std::time::Duration;
+    let hello = weir_tests::testdata("clienthello/openssl-tls13-sni.bin");
+    let hello_len = hello.len();
+    // Swallows the replayed hello, then echoes: no byte moves through the
+    // relay until the bulk below, so no pipe exists before descriptors run out.
+    let upstream = Upstream::tcp(move |mut stream: TcpStream| async move {
+        let mut first = vec![0u8; hello_len];
+        if stream.read_exact(&mut first).await.is_ok() {
+            echo(stream).await;
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = weir_tests::write_config(
+        dir.path(),
+        &running_out_config(upstream.addr, "relay = \"splice\"", "[admin]\nbind = \"127.0.0.1:0\"\n"),
+    );
+    let mut weir = weir_tests::WeirProcess::spawn_under(&config, &["prlimit", "--nofile=64:64"]).await;
+    let addr = weir.addr("public");
+    let admin = weir.admin_addr().await;
+    let pid = weir.child.id().expect("weir's pid");
+
+    // Fill weir up, a connection at a time, until one is left waiting for
+    // a descriptor for its upstream.
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < 64, "64 connections and still no descriptor limit");
+        let mut stream = TcpStream::connect(addr).await.expect("the kernel accepts");
+        stream.write_all(&hello).await.expect("hello");
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while upstream.accepted() == held.len() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if upstream.accepted() == held.len() {
+            break;
+        }
+        held.push(stream);
+    }
+    assert!(held.len() >= 5, "only {} connections before the limit", held.len());
+    assert_eq!(open_descriptors(pid), 64, "weir is not out of descriptors");
+
+    // Every connection moves 256 KiB each way at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, stream) in held.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let body = weir_tests::pattern(256 * 1024, u8::try_from(n % 251).unwrap_or(0));
+            let (mut read, mut write) = stream.into_split();
+            let sent = body.clone();
+            let writing = tokio::spawn(async move {
+                write.write_all(&sent).await.expect("send");
+                write
+            });
+            let mut back = vec![0u8; body.len()];
+            tokio::time::timeout(STEP, read.read_exact(&mut back))
+                .await
+                .expect("the echo in time")
+                .expect("the echo");
+            assert!(back == body, "connection {n}: the echo differs");
+            drop(writing.await.expect("writer"));
+        });
+    }
+    let connections = tasks.join_all().await.len();
+
+    // Descriptors free again: the admin API answers, and says how many
+    // bursts found no pipe (at least one per direction).
+    let refusals = weir_tests::metric(&admin, "weir_splice_pipe_refusals_total")
+        .await
+        .expect("the refusal counter");
+    assert!(
+        refusals >= (2 * connections) as f64,
+        "{refusals} bursts copied for want of a pipe, over {connections} connections"
+    );
+    weir.child.kill().await.expect("stop");
 }
