@@ -497,6 +497,25 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Sends `body` on `stream` while reading its echo back (a large body
+/// would stall if it were all written first), asserts that the echo is
+/// `body`, byte for byte, within [`STEP`], and hands the stream back.
+pub async fn echo_through(stream: TcpStream, body: Vec<u8>) -> TcpStream {
+    let (mut read, mut write) = stream.into_split();
+    let sent = body.clone();
+    let writing = tokio::spawn(async move {
+        write.write_all(&sent).await.expect("send");
+        write
+    });
+    let mut back = vec![0u8; body.len()];
+    tokio::time::timeout(STEP, read.read_exact(&mut back))
+        .await
+        .expect("the echo in time")
+        .expect("the echo");
+    assert!(back == body, "the echo differs from what was sent");
+    read.reunite(writing.await.expect("writer")).expect("one stream")
+}
+
 /// Reads to EOF within [`STEP`].
 pub async fn read_to_end<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();

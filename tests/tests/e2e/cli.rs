@@ -402,7 +402,6 @@ async fn auto_relay_splices_bulk_transfers_and_copies_short_ones() {
 /// each echo back whole, leaving the connections open.
 #[cfg(target_os = "linux")]
 async fn echo_a_mebibyte_each(addr: std::net::SocketAddr, hello: &[u8], n: usize) -> Vec<TcpStream> {
-    use tokio::io::AsyncReadExt;
     let mut sent = hello.to_vec();
     sent.extend(weir_tests::pattern(1 << 20, 5));
     let mut tasks = tokio::task::JoinSet::new();
@@ -410,21 +409,7 @@ async fn echo_a_mebibyte_each(addr: std::net::SocketAddr, hello: &[u8], n: usize
         let sent = sent.clone();
         tasks.spawn(async move {
             let client = TcpStream::connect(addr).await.expect("connect");
-            let (mut read, mut write) = client.into_split();
-            let writing = {
-                let sent = sent.clone();
-                tokio::spawn(async move {
-                    write.write_all(&sent).await.expect("send");
-                    write
-                })
-            };
-            let mut back = vec![0u8; sent.len()];
-            tokio::time::timeout(weir_tests::STEP, read.read_exact(&mut back))
-                .await
-                .expect("the echo in time")
-                .expect("the echo");
-            assert!(back == sent, "the echo differs");
-            read.reunite(writing.await.expect("writer")).expect("one stream")
+            weir_tests::echo_through(client, sent).await
         });
     }
     tasks.join_all().await

@@ -579,24 +579,14 @@ async fn out_of_descriptors_a_splicing_relay_copies_every_byte() {
     // Every connection moves 256 KiB each way at once.
     let mut tasks = tokio::task::JoinSet::new();
     for (n, stream) in held.into_iter().enumerate() {
-        tasks.spawn(async move {
-            let body = weir_tests::pattern(256 * 1024, u8::try_from(n % 251).unwrap_or(0));
-            let (mut read, mut write) = stream.into_split();
-            let sent = body.clone();
-            let writing = tokio::spawn(async move {
-                write.write_all(&sent).await.expect("send");
-                write
-            });
-            let mut back = vec![0u8; body.len()];
-            tokio::time::timeout(STEP, read.read_exact(&mut back))
-                .await
-                .expect("the echo in time")
-                .expect("the echo");
-            assert!(back == body, "connection {n}: the echo differs");
-            drop(writing.await.expect("writer"));
-        });
+        let body = weir_tests::pattern(256 * 1024, u8::try_from(n % 251).unwrap_or(0));
+        tasks.spawn(weir_tests::echo_through(stream, body));
     }
-    let connections = tasks.join_all().await.len();
+    // Kept until every echo is back: a connection closed early would free
+    // descriptors for the others' pipes.
+    let streams = tasks.join_all().await;
+    let connections = streams.len();
+    drop(streams);
 
     // Descriptors free again: the admin API answers, and says how many
     // bursts found no pipe (at least one per direction).

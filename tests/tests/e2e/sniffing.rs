@@ -196,33 +196,43 @@ async fn a_silent_client_is_closed_at_the_deadline_while_others_are_served() {
     assert_eq!(upstream.accepted(), 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deferring_listener_sees_a_client_only_once_it_speaks() {
-    let (upstream, mut rx) = recording_upstream().await;
-    let gateway = start_gateway(&format!(
+/// A listener sending every connection to `upstream`, with a long sniff
+/// deadline and `defer_accept` as given.
+fn deferring_config(upstream: std::net::SocketAddr, defer: bool) -> String {
+    format!(
         r#"
+        [reload]
+        watch = false
+
         [listeners.public]
         bind = "127.0.0.1:0"
         plugins = ["router"]
         sniff_timeout = "30s"
-        defer_accept = true
+        defer_accept = {defer}
 
         [plugins.router]
         wasm = "{{static_router}}"
         config.default = {{ pool = "all" }}
 
         [pools.all]
-        servers = ["{}"]
-        "#,
-        upstream.addr
-    ))
-    .await;
+        servers = ["{upstream}"]
+        "#
+    )
+}
+
+/// Connections the gateway's `public` listener has accepted.
+fn accepted(gateway: &Gateway) -> u64 {
+    gateway.stats()["public"]
+        .total
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferring_listener_sees_a_client_only_once_it_speaks() {
+    let (upstream, mut rx) = recording_upstream().await;
+    let gateway = start_gateway(&deferring_config(upstream.addr, true)).await;
     let addr = gateway.local_addr("public").expect("listener");
-    let accepted = || {
-        gateway.stats()["public"]
-            .total
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let accepted = || accepted(&gateway);
 
     // Connected as far as the client can tell, but the kernel keeps it.
     let mut silent = TcpStream::connect(addr).await.expect("connect");
@@ -252,35 +262,10 @@ async fn a_deferring_listener_sees_a_client_only_once_it_speaks() {
 async fn a_reload_turns_defer_accept_on_in_place() {
     let (upstream, mut rx) = recording_upstream().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = |defer: bool| {
-        format!(
-            r#"
-            [reload]
-            watch = false
-
-            [listeners.public]
-            bind = "127.0.0.1:0"
-            plugins = ["router"]
-            sniff_timeout = "30s"
-            defer_accept = {defer}
-
-            [plugins.router]
-            wasm = "{{static_router}}"
-            config.default = {{ pool = "all" }}
-
-            [pools.all]
-            servers = ["{}"]
-            "#,
-            upstream.addr
-        )
-    };
+    let config = |defer: bool| deferring_config(upstream.addr, defer);
     let (gateway, _path) = weir_tests::start_gateway_file(dir.path(), &config(false)).await;
     let addr = gateway.local_addr("public").expect("listener");
-    let accepted = || {
-        gateway.stats()["public"]
-            .total
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let accepted = || accepted(&gateway);
     let _before = TcpStream::connect(addr).await.expect("connect");
     let deadline = Instant::now() + STEP;
     while accepted() < 1 && Instant::now() < deadline {
