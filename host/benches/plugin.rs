@@ -1,6 +1,7 @@
 //! A plugin `route` call as the gateway makes it: on a warm, configured
 //! instance (the default), and with a fresh instance per call
-//! (`reuse_instances = false`), both with the static-router plugin; and the
+//! (`reuse_instances = false`, from the configured image and with `configure`
+//! run per call), all with the static-router plugin; and the
 //! warm call of static-router's `weir:plugin@0.1.0` build (addresses as
 //! strings, converted by the host) beside its 0.2.0 build (typed addresses).
 
@@ -13,12 +14,16 @@ use weir::Config;
 use weir::plugin::Runtime;
 use weir::wit;
 
-fn router_config(reuse: bool) -> Config {
+fn router_config(reuse: bool, snapshot: bool) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    router_config_for(&root.join("target/wasm32-wasip2/release/static_router.wasm"), reuse)
+    router_config_for(
+        &root.join("target/wasm32-wasip2/release/static_router.wasm"),
+        reuse,
+        snapshot,
+    )
 }
 
-fn router_config_for(wasm: &Path, reuse: bool) -> Config {
+fn router_config_for(wasm: &Path, reuse: bool, snapshot: bool) -> Config {
     assert!(
         wasm.exists(),
         "{} is missing: run scripts/build-plugins.sh",
@@ -33,6 +38,7 @@ fn router_config_for(wasm: &Path, reuse: bool) -> Config {
         [plugins.router]
         wasm = "{}"
         reuse_instances = {reuse}
+        snapshot = {snapshot}
         config.routes."a.example.com" = {{ pool = "app" }}
         config.routes."*.example.net" = {{ address = "127.0.0.1:9000" }}
         config.default = {{ reject = "unknown" }}
@@ -85,12 +91,13 @@ fn route(c: &mut Criterion) {
     let runtime = Runtime::new().expect("engine");
     let conn = connection();
     let mut group = c.benchmark_group("plugin_route");
-    for (name, reuse, budget) in [
-        ("warm_instance", true, false),
-        ("fresh_instance", false, false),
-        ("warm_instance_in_a_tenants_budget", true, true),
+    for (name, reuse, snapshot, budget) in [
+        ("warm_instance", true, true, false),
+        ("fresh_instance", false, true, false),
+        ("fresh_instance_configured_per_call", false, false, false),
+        ("warm_instance_in_a_tenants_budget", true, true, true),
     ] {
-        let config = router_config(reuse);
+        let config = router_config(reuse, snapshot);
         bench_router(&mut group, &runtime, (name, budget), &config, &conn);
     }
     group.finish();
@@ -107,7 +114,7 @@ fn contracts(c: &mut Criterion) {
         ("v0_1_0", root.join("tests/contract-0.1.0/static_router.wasm")),
         ("v0_2_0", root.join("target/wasm32-wasip2/release/static_router.wasm")),
     ] {
-        let config = router_config_for(&wasm, true);
+        let config = router_config_for(&wasm, true, true);
         bench_router(&mut group, &runtime, (name, false), &config, &conn);
     }
     group.finish();

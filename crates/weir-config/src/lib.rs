@@ -415,6 +415,13 @@ pub struct PluginConfig {
     /// instantiation and a `configure` per call.
     #[serde(default = "defaults::yes")]
     pub reuse_instances: bool,
+    /// With `reuse_instances = false`: start every instance from a snapshot
+    /// of the plugin's memory taken once after `configure` (its configured
+    /// image), instead of running `configure` in each. `false` runs it in
+    /// each, for a plugin whose `configure` must differ per instance (one
+    /// that seeds a random generator there, say).
+    #[serde(default = "defaults::yes")]
+    pub snapshot: bool,
     /// Capabilities of contract 0.2.0 the plugin may call (`counters`,
     /// `metrics`, `dns`, `pools`); a component importing one not listed fails
     /// to load.

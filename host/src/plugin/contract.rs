@@ -3,7 +3,7 @@
 //! of [`wit::v0_1`].
 
 use wasmtime::Store;
-use wasmtime::component::{Component, InstancePre};
+use wasmtime::component::{Component, Instance, InstancePre};
 
 use crate::plugin::state::State;
 use crate::wit;
@@ -39,6 +39,16 @@ impl Version {
                 shown.join(", ")
             }
         ))
+    }
+}
+
+impl Version {
+    /// The typed exports of `instance`, a component of this version.
+    pub(crate) fn exports(self, store: &mut Store<State>, instance: &Instance) -> wasmtime::Result<Exports> {
+        Ok(match self {
+            Version::V0_1 => Exports::V0_1(wit::v0_1::WeirPlugin::new(store, instance)?),
+            Version::V0_2 => Exports::V0_2(wit::WeirPlugin::new(store, instance)?),
+        })
     }
 }
 

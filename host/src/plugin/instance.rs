@@ -108,6 +108,9 @@ pub struct Plugin {
     /// The isolated engine's instance slots (for the refusal when all are
     /// in use).
     pub(crate) isolated_slots: u32,
+    /// The compiled-code key of its configured image, when its instances
+    /// start from one (see [`image`](crate::plugin::image)).
+    pub(crate) image: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -379,10 +382,10 @@ impl Plugin {
             })
     }
 
-    /// Creates and configures a fresh instance, each step within `budget`;
-    /// `defer_yield` says whether it runs in a tokio task (see [`State`]).
-    pub(crate) async fn instantiate(&self, budget: Duration, defer_yield: bool) -> Result<Instance, PluginError> {
-        let _busy = self.ticker.busy();
+    /// A store for one instance: its WASI context, memory cap and epoch
+    /// deadline (armed for `budget`); `defer_yield` says whether it runs in
+    /// a tokio task (see [`State`]).
+    pub(crate) fn new_store(&self, budget: Duration, defer_yield: bool) -> Store<State> {
         let state = State {
             plugin: Arc::clone(&self.name),
             log: Arc::clone(&self.log),
@@ -418,17 +421,28 @@ impl Plugin {
             }
         });
         arm(&mut store, budget);
+        store
+    }
+
+    /// Creates and configures a fresh instance, each step within `budget`;
+    /// `defer_yield` says whether it runs in a tokio task (see [`State`]).
+    /// An instance of a configured image starts configured.
+    pub(crate) async fn instantiate(&self, budget: Duration, defer_yield: bool) -> Result<Instance, PluginError> {
+        let _busy = self.ticker.busy();
+        let mut store = self.new_store(budget, defer_yield);
         let exports = self
             .pre
             .instantiate(&mut store)
             .await
             .map_err(|e| self.classify(e, &store, budget))?;
-        arm(&mut store, budget);
-        exports
-            .configure(&mut store, &self.config)
-            .await
-            .map_err(|e| self.classify(e, &store, budget))?
-            .map_err(PluginError::Configure)?;
+        if self.image.is_none() {
+            arm(&mut store, budget);
+            exports
+                .configure(&mut store, &self.config)
+                .await
+                .map_err(|e| self.classify(e, &store, budget))?
+                .map_err(PluginError::Configure)?;
+        }
         let limiter = &mut store.data_mut().limiter;
         limiter.configured_at = limiter.grown_to;
         Ok(Instance::new(store, exports))

@@ -44,6 +44,7 @@ pub mod chain;
 mod contract;
 mod counters;
 pub mod decision;
+mod image;
 mod instance;
 mod lane;
 mod link;
@@ -301,7 +302,10 @@ impl Runtime {
     pub fn retain_compiled<'a>(&self, in_use: impl IntoIterator<Item = &'a Plugin>) {
         let keep: std::collections::HashSet<([u8; 32], bool)> = in_use
             .into_iter()
-            .map(|plugin| (plugin.sha256, !plugin.reuse_instances))
+            .flat_map(|plugin| {
+                let isolated = !plugin.reuse_instances;
+                std::iter::once((plugin.sha256, isolated)).chain(plugin.image.map(|key| (key, true)))
+            })
             .collect();
         crate::sync::lock(&self.compiled).retain(|key, _| keep.contains(key));
     }
@@ -341,6 +345,67 @@ impl Runtime {
             .map(Arc::new)
     }
 
+    /// The compiled component kept under `key` for `host`: from memory,
+    /// from the disk cache, or compiled by `compile` (and kept in both).
+    fn compiled(
+        &self,
+        host: &Host,
+        key: [u8; 32],
+        isolated: bool,
+        compile: impl FnOnce() -> Result<Component, PluginError>,
+    ) -> Result<Component, PluginError> {
+        if let Some(component) = crate::sync::lock(&self.compiled).get(&(key, isolated)).cloned() {
+            return Ok(component);
+        }
+        let component = self.disk_compiled(host, key, compile)?;
+        crate::sync::lock(&self.compiled).insert((key, isolated), component.clone());
+        Ok(component)
+    }
+
+    /// Like [`compiled`](Runtime::compiled), without keeping it in memory.
+    fn disk_compiled(
+        &self,
+        host: &Host,
+        key: [u8; 32],
+        compile: impl FnOnce() -> Result<Component, PluginError>,
+    ) -> Result<Component, PluginError> {
+        if let Some(component) = self.disk.as_ref().and_then(|disk| disk.load(&host.engine, &key)) {
+            return Ok(component);
+        }
+        let component = compile()?;
+        if let Some(disk) = &self.disk {
+            disk.store(&key, &component);
+        }
+        Ok(component)
+    }
+
+    /// Links `component` for plugin `name`: its contract version, the
+    /// capabilities it is granted (and none it is not), stubs for the rest.
+    fn link(
+        &self,
+        host: &Host,
+        name: &str,
+        path: &Path,
+        config: &PluginConfig,
+        component: &Component,
+    ) -> Result<(Linker<State>, Pre, Version), PluginError> {
+        let mut linker = host.linker.clone();
+        let refused = |reason: String| PluginError::Link {
+            path: path.to_owned(),
+            reason,
+        };
+        let link_error = |e: wasmtime::Error| refused(format!("{e:#}"));
+        let version = Version::of(component, &host.engine).map_err(refused)?;
+        if let Some(reason) = caps::ungranted_import(component, &host.engine, name, &config.grants) {
+            return Err(refused(reason));
+        }
+        caps::link_granted(&mut linker, &config.grants).map_err(link_error)?;
+        stub_unprovided_imports(&mut linker, component, &host.engine).map_err(link_error)?;
+        let pre = linker.instantiate_pre(component).map_err(link_error)?;
+        let pre = Pre::new(pre, version).map_err(link_error)?;
+        Ok((linker, pre, version))
+    }
+
     /// Compiles (or takes from the cache), links and configures a plugin.
     fn instantiate(
         &self,
@@ -353,43 +418,18 @@ impl Runtime {
     ) -> Result<Plugin, PluginError> {
         let isolated = !config.reuse_instances;
         let host = if isolated { &self.isolated } else { &self.reused };
-        let cached = crate::sync::lock(&self.compiled).get(&(sha256, isolated)).cloned();
-        let component = match cached {
-            Some(component) => component,
-            None => {
-                let component = match self.disk.as_ref().and_then(|disk| disk.load(&host.engine, &sha256)) {
-                    Some(component) => component,
-                    None => {
-                        let component = Component::new(&host.engine, bytes).map_err(|e| PluginError::Compile {
-                            path: path.to_owned(),
-                            reason: format!("{e:#}"),
-                        })?;
-                        if let Some(disk) = &self.disk {
-                            disk.store(&sha256, &component);
-                        }
-                        component
-                    }
-                };
-                crate::sync::lock(&self.compiled).insert((sha256, isolated), component.clone());
-                component
-            }
-        };
-        let mut linker = host.linker.clone();
-        let refused = |reason: String| PluginError::Link {
+        let component = self.compiled(host, sha256, isolated, || {
+            Component::new(&host.engine, bytes).map_err(|e| PluginError::Compile {
+                path: path.to_owned(),
+                reason: format!("{e:#}"),
+            })
+        })?;
+        let (linker, pre, version) = self.link(host, name, path, config, &component)?;
+        let caps = self.capabilities(name, config).map_err(|reason| PluginError::Link {
             path: path.to_owned(),
             reason,
-        };
-        let link_error = |e: wasmtime::Error| refused(format!("{e:#}"));
-        let version = Version::of(&component, &host.engine).map_err(refused)?;
-        if let Some(reason) = caps::ungranted_import(&component, &host.engine, name, &config.grants) {
-            return Err(refused(reason));
-        }
-        caps::link_granted(&mut linker, &config.grants).map_err(link_error)?;
-        stub_unprovided_imports(&mut linker, &component, &host.engine).map_err(link_error)?;
-        let pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = Pre::new(pre, version).map_err(link_error)?;
-        let caps = self.capabilities(name, config).map_err(refused)?;
-        let plugin = Plugin {
+        })?;
+        let mut plugin = Plugin {
             name: name.into(),
             pre,
             version,
@@ -417,17 +457,76 @@ impl Runtime {
             slowness: lane::Slowness::default(),
             warm: if config.reuse_instances { self.warm_instances } else { 0 },
             isolated_slots: self.isolated_slots,
+            image: None,
         };
         LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
+        if isolated && config.snapshot {
+            self.start_from_image(&mut plugin, host, &linker, bytes)?;
+        }
         // Configure the instances now, one per worker thread, so that no
         // connection waits for an instantiation and a `configure` (which may
         // take longer than a call's deadline); a refused config fails the
-        // load. Without reuse, one instance proves the config.
+        // load. Without reuse, one instance proves the config (or the image).
         for _ in 0..plugin.warm.max(1) {
             let instance = futures_executor::block_on(plugin.configured_instance(false))?;
             plugin.put_back(instance);
         }
         Ok(plugin)
+    }
+
+    /// Makes `plugin`'s instances start from its configured image (taken
+    /// now, or found in the caches); a component that cannot be imaged goes
+    /// on configuring each instance, and the log says why.
+    fn start_from_image(
+        &self,
+        plugin: &mut Plugin,
+        host: &Host,
+        linker: &Linker<State>,
+        bytes: &[u8],
+    ) -> Result<(), PluginError> {
+        let key = image::key(&plugin.sha256, &plugin.config);
+        let mut unsupported = None;
+        let taken = self.compiled(host, key, true, || {
+            let instrumented = |wasm: &[u8]| {
+                let key = image::instrumented_key(&plugin.sha256);
+                // Only on disk: it is needed again only for another config.
+                self.disk_compiled(host, key, || {
+                    Component::new(&host.engine, wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))
+                })
+                .map_err(|e| e.to_string())
+            };
+            let image = match futures_executor::block_on(image::take(plugin, linker, bytes, instrumented)) {
+                Ok(image) => image,
+                Err(image::Refused::Plugin(error)) => return Err(error),
+                Err(image::Refused::Unsupported(reason)) => {
+                    unsupported = Some(reason.clone());
+                    return Err(PluginError::Engine(reason));
+                }
+            };
+            Component::new(&host.engine, &image).map_err(|e| PluginError::Compile {
+                path: plugin.wasm.clone(),
+                reason: format!("its configured image: {e:#}"),
+            })
+        });
+        let component = match (taken, unsupported) {
+            (Ok(component), _) => component,
+            (Err(_), Some(reason)) => {
+                tracing::info!(plugin = &*plugin.name, %reason, "no configured image: each instance runs configure");
+                return Ok(());
+            }
+            (Err(error), None) => return Err(error),
+        };
+        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link {
+            path: plugin.wasm.clone(),
+            reason: format!("its configured image: {e:#}"),
+        })?;
+        plugin.pre = Pre::new(pre, plugin.version).map_err(|e| PluginError::Link {
+            path: plugin.wasm.clone(),
+            reason: format!("its configured image: {e:#}"),
+        })?;
+        plugin.image = Some(key);
+        tracing::debug!(plugin = &*plugin.name, "its instances start from its configured image");
+        Ok(())
     }
 }
 

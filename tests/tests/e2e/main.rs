@@ -19,6 +19,7 @@ mod egress;
 mod example_plugins;
 mod fleet;
 mod fleet_acme;
+mod images;
 mod limits;
 mod mesh;
 mod ocsp;

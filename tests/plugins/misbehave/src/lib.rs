@@ -10,6 +10,8 @@
 //! bound), `unknown-pool`, `bad-address`, `bad-proxy-version`, `empty-route`
 //! (return invalid decisions), `named-route` (passes through to `pool` under the route name `route`),
 //! `log-flood` (logs 1,000 lines of 1 KiB, then routes to `pool`),
+//! `count` (logs `configured` in `configure`; passes through to `pool` under
+//! the route name `call-N`, N counting the calls this instance has served),
 //! `alpn-per-connection` (terminates, with an ALPN
 //! name of the connection's own, to `pool`), `read-file`, `socket`, `env` (reach for the
 //! host), `next`, `fail-configure` (refuses its config), `slow-configure`
@@ -39,6 +41,9 @@ struct Misbehave {
     route: Option<String>,
 }
 
+/// Calls this instance has served (mode `count`).
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Plugin for Misbehave {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         *self = parse_config(config)?;
@@ -52,6 +57,10 @@ impl Plugin for Misbehave {
         match self.mode.as_str() {
             "fail-configure" => Err("refusing this config on purpose".into()),
             "slow-configure" => Ok(()),
+            "count" => {
+                weir_plugin_sdk::log(Level::Info, "configured");
+                Ok(())
+            }
             "loop-configure" => {
                 let mut n: u64 = 0;
                 loop {
@@ -100,6 +109,13 @@ impl Plugin for Misbehave {
             "bad-address" => Decision::passthrough("bad", Target::address("not an address")),
             "bad-proxy-version" => Decision::passthrough("bad", Target::address("127.0.0.1:1").with_proxy_protocol(7)),
             "empty-route" => Decision::passthrough("", Target::address("127.0.0.1:1")),
+            "count" => {
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Decision::passthrough(
+                    format!("call-{n}"),
+                    Target::pool(self.pool.as_deref().unwrap_or("good")),
+                )
+            }
             // A route name of the config's choosing, passed through to `pool`.
             "named-route" => Decision::passthrough(
                 self.route.as_deref().unwrap_or("named"),
