@@ -486,7 +486,7 @@ impl Runtime {
     ) -> Result<(), PluginError> {
         let key = image::key(&plugin.sha256, &plugin.config);
         let mut unsupported = None;
-        let taken = self.compiled(host, key, true, || {
+        let mut take = || {
             let instrumented = |wasm: &[u8]| {
                 let key = image::instrumented_key(&plugin.sha256);
                 // Only on disk: it is needed again only for another config.
@@ -495,7 +495,21 @@ impl Runtime {
                 })
                 .map_err(|e| e.to_string())
             };
-            let image = match futures_executor::block_on(image::take(plugin, linker, bytes, instrumented)) {
+            // Wizer rewrites what the plugin's author wrote, and some of its
+            // checks are assertions: a panic there refuses the image, not
+            // the gateway.
+            let taking = std::panic::AssertUnwindSafe(|| {
+                futures_executor::block_on(image::take(plugin, linker, bytes, instrumented))
+            });
+            let taken = std::panic::catch_unwind(taking).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(image::Refused::Unsupported(format!("wizer failed on it: {what}")))
+            });
+            let image = match taken {
                 Ok(image) => image,
                 Err(image::Refused::Plugin(error)) => return Err(error),
                 Err(image::Refused::Unsupported(reason)) => {
@@ -507,7 +521,15 @@ impl Runtime {
                 path: plugin.wasm.clone(),
                 reason: format!("its configured image: {e:#}"),
             })
-        });
+        };
+        // What `configure` read through a capability (a DNS answer, a pool,
+        // a counter) is in the image: such an image is taken at every load
+        // of the plugin and kept nowhere else, so it never outlives it.
+        let taken = if plugin.settings.grants.is_empty() {
+            self.compiled(host, key, true, take)
+        } else {
+            take()
+        };
         let component = match (taken, unsupported) {
             (Ok(component), _) => component,
             (Err(_), Some(reason)) => {

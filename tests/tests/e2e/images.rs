@@ -199,3 +199,30 @@ async fn images_are_kept_in_the_compiled_code_cache() {
         assert_ne!(&now.1, corrupt, "{} was not written again", path.display());
     }
 }
+
+/// What `configure` may have read through a capability is in the image, so
+/// a granted plugin's image is taken at each load and never written to the
+/// cache, where a later start would find it stale.
+#[tokio::test]
+async fn a_granted_plugins_image_is_not_kept_on_disk() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let granted = config(
+        r#"config = { mode = "count", pool = "good" }
+        reuse_instances = false
+        grants = ["counters"]"#,
+    );
+    for _ in 0..2 {
+        let runtime = Runtime::new()
+            .expect("runtime")
+            .with_cache(&cache, 1 << 30)
+            .expect("cache");
+        let plugin = load(&runtime, &granted).expect("loads");
+        assert_eq!(routes(&plugin, 3).await, vec!["call-1"; 3]);
+        assert_eq!(
+            entries(&cache).len(),
+            2,
+            "the component and its instrumented build only"
+        );
+    }
+}
