@@ -517,9 +517,10 @@ impl Runtime {
                     return Err(PluginError::Engine(reason));
                 }
             };
-            Component::new(&host.engine, &image).map_err(|e| PluginError::Compile {
-                path: plugin.wasm.clone(),
-                reason: format!("its configured image: {e:#}"),
+            Component::new(&host.engine, &image).map_err(|e| {
+                let reason = format!("its image does not compile: {e:#}");
+                unsupported = Some(reason.clone());
+                PluginError::Engine(reason)
             })
         };
         // What `configure` read through a capability (a DNS answer, a pool,
@@ -538,14 +539,17 @@ impl Runtime {
             }
             (Err(error), None) => return Err(error),
         };
-        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link {
-            path: plugin.wasm.clone(),
-            reason: format!("its configured image: {e:#}"),
-        })?;
-        plugin.pre = Pre::new(pre, plugin.version).map_err(|e| PluginError::Link {
-            path: plugin.wasm.clone(),
-            reason: format!("its configured image: {e:#}"),
-        })?;
+        let linked = linker
+            .instantiate_pre(&component)
+            .and_then(|pre| Pre::new(pre, plugin.version));
+        plugin.pre = match linked {
+            Ok(pre) => pre,
+            Err(e) => {
+                let reason = format!("its image does not link: {e:#}");
+                tracing::info!(plugin = &*plugin.name, %reason, "no configured image: each instance runs configure");
+                return Ok(());
+            }
+        };
         plugin.image = Some(key);
         tracing::debug!(plugin = &*plugin.name, "its instances start from its configured image");
         Ok(())
