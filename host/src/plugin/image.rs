@@ -53,11 +53,31 @@ pub(crate) fn instrumented_key(component: &[u8; 32]) -> [u8; 32] {
     cache::sha256(&[IMAGE_FORMAT, b"instrumented\0", component])
 }
 
+/// [`take`], to its end, on this thread. Wizer rewrites what the plugin's
+/// author wrote, and some of its checks are assertions: a panic there
+/// refuses the image, not the load (nor the gateway).
+pub(crate) fn take_now(
+    plugin: &Plugin,
+    linker: &Linker<State>,
+    bytes: &[u8],
+    compile: impl FnOnce(&[u8]) -> Result<Component, String>,
+) -> Result<Vec<u8>, Refused> {
+    let taking = std::panic::AssertUnwindSafe(|| futures_executor::block_on(take(plugin, linker, bytes, compile)));
+    std::panic::catch_unwind(taking).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Refused::Unsupported(format!("wizer failed on it: {what}")))
+    })
+}
+
 /// Takes the configured image of `plugin`, whose component's bytes are
 /// `bytes`, linked by `linker`: the rewritten component's bytes. `compile`
 /// compiles the instrumented build (through the caches: it is the same for
 /// every config of the component).
-pub(crate) async fn take(
+async fn take(
     plugin: &Plugin,
     linker: &Linker<State>,
     bytes: &[u8],

@@ -485,6 +485,29 @@ impl Runtime {
         bytes: &[u8],
     ) -> Result<(), PluginError> {
         let key = image::key(&plugin.sha256, &plugin.config);
+        match self.image_pre(plugin, host, linker, bytes, key)? {
+            Ok(pre) => {
+                plugin.pre = pre;
+                plugin.image = Some(key);
+                tracing::debug!(plugin = &*plugin.name, "its instances start from its configured image");
+            }
+            Err(reason) => {
+                tracing::info!(plugin = &*plugin.name, %reason, "no configured image: each instance runs configure");
+            }
+        }
+        Ok(())
+    }
+
+    /// `plugin`'s configured image (kept under `key`), linked; `Ok(Err(why))`
+    /// when the component cannot be imaged.
+    fn image_pre(
+        &self,
+        plugin: &Plugin,
+        host: &Host,
+        linker: &Linker<State>,
+        bytes: &[u8],
+        key: [u8; 32],
+    ) -> Result<Result<Pre, String>, PluginError> {
         let mut unsupported = None;
         let mut take = || {
             let instrumented = |wasm: &[u8]| {
@@ -495,32 +518,17 @@ impl Runtime {
                 })
                 .map_err(|e| e.to_string())
             };
-            // Wizer rewrites what the plugin's author wrote, and some of its
-            // checks are assertions: a panic there refuses the image, not
-            // the gateway.
-            let taking = std::panic::AssertUnwindSafe(|| {
-                futures_executor::block_on(image::take(plugin, linker, bytes, instrumented))
-            });
-            let taken = std::panic::catch_unwind(taking).unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(image::Refused::Unsupported(format!("wizer failed on it: {what}")))
-            });
-            let image = match taken {
-                Ok(image) => image,
-                Err(image::Refused::Plugin(error)) => return Err(error),
-                Err(image::Refused::Unsupported(reason)) => {
-                    unsupported = Some(reason.clone());
-                    return Err(PluginError::Engine(reason));
-                }
+            let compiled = match image::take_now(plugin, linker, bytes, instrumented) {
+                Ok(image) => Component::new(&host.engine, &image)
+                    .map_err(|e| image::Refused::Unsupported(format!("its image does not compile: {e:#}"))),
+                Err(refused) => Err(refused),
             };
-            Component::new(&host.engine, &image).map_err(|e| {
-                let reason = format!("its image does not compile: {e:#}");
-                unsupported = Some(reason.clone());
-                PluginError::Engine(reason)
+            compiled.map_err(|refused| match refused {
+                image::Refused::Plugin(error) => error,
+                image::Refused::Unsupported(reason) => {
+                    unsupported = Some(reason.clone());
+                    PluginError::Engine(reason)
+                }
             })
         };
         // What `configure` read through a capability (a DNS answer, a pool,
@@ -533,26 +541,13 @@ impl Runtime {
         };
         let component = match (taken, unsupported) {
             (Ok(component), _) => component,
-            (Err(_), Some(reason)) => {
-                tracing::info!(plugin = &*plugin.name, %reason, "no configured image: each instance runs configure");
-                return Ok(());
-            }
+            (Err(_), Some(reason)) => return Ok(Err(reason)),
             (Err(error), None) => return Err(error),
         };
         let linked = linker
             .instantiate_pre(&component)
             .and_then(|pre| Pre::new(pre, plugin.version));
-        plugin.pre = match linked {
-            Ok(pre) => pre,
-            Err(e) => {
-                let reason = format!("its image does not link: {e:#}");
-                tracing::info!(plugin = &*plugin.name, %reason, "no configured image: each instance runs configure");
-                return Ok(());
-            }
-        };
-        plugin.image = Some(key);
-        tracing::debug!(plugin = &*plugin.name, "its instances start from its configured image");
-        Ok(())
+        Ok(linked.map_err(|e| format!("its image does not link: {e:#}")))
     }
 }
 
