@@ -23,12 +23,7 @@ impl Event {
     /// a dstack runtime event (binding them), the logged one otherwise.
     fn extended_digest(&self, index: usize) -> Result<[u8; 48], AttestError> {
         if self.event_type == DSTACK_RUNTIME_EVENT {
-            let mut input = DSTACK_RUNTIME_EVENT.to_le_bytes().to_vec();
-            input.push(b':');
-            input.extend_from_slice(self.name.as_bytes());
-            input.push(b':');
-            input.extend_from_slice(&self.payload);
-            return Ok(sha384(&[&input]));
+            return Ok(runtime_event_digest(&self.name, &self.payload));
         }
         <[u8; 48]>::try_from(self.digest.as_slice()).map_err(|_| AttestError::Digest {
             index,
@@ -37,7 +32,19 @@ impl Event {
     }
 }
 
-fn sha384(parts: &[&[u8]]) -> [u8; 48] {
+/// dstack's digest of a runtime event: SHA-384 of its type (little-endian),
+/// `:`, its name, `:`, its payload.
+pub(crate) fn runtime_event_digest(name: &str, payload: &[u8]) -> [u8; 48] {
+    sha384(&[
+        &DSTACK_RUNTIME_EVENT.to_le_bytes(),
+        b":",
+        name.as_bytes(),
+        b":",
+        payload,
+    ])
+}
+
+pub(crate) fn sha384(parts: &[&[u8]]) -> [u8; 48] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA384);
     for part in parts {
         ctx.update(part);

@@ -18,6 +18,9 @@ pub struct DstackAttestation {
     pub report_data: [u8; 64],
     /// The VM config (JSON text).
     pub config: String,
+    /// The platform dstack names: `tdx`, or `gcp-tdx` (a TDX quote whose
+    /// dstack measurements come from a TPM quote instead).
+    pub platform: &'static str,
 }
 
 /// Decodes the dstack attestation extension: SCALE
@@ -70,6 +73,7 @@ pub fn decode_attestation(bytes: &[u8]) -> Result<DstackAttestation, AttestError
         runtime_events,
         report_data,
         config,
+        platform: "tdx",
     })
 }
 
@@ -139,8 +143,9 @@ fn decode_v1(bytes: &[u8]) -> Result<DstackAttestation, AttestError> {
     if attestation.version != 1 {
         return Err(AttestError::V1(format!("version {} (only 1)", attestation.version)));
     }
-    let (quote, log) = match attestation.platform {
-        v1::Platform::Tdx { quote, event_log } | v1::Platform::GcpTdx { quote, event_log } => (quote, event_log),
+    let (quote, log, platform) = match attestation.platform {
+        v1::Platform::Tdx { quote, event_log } => (quote, event_log, "tdx"),
+        v1::Platform::GcpTdx { quote, event_log } => (quote, event_log, "gcp-tdx"),
         v1::Platform::NitroEnclave {} => return Err(AttestError::V1("a Nitro Enclave attestation, not TDX".into())),
     };
     if quote.len() > MAX_QUOTE || log.len() > MAX_EVENTS {
@@ -182,5 +187,6 @@ fn decode_v1(bytes: &[u8]) -> Result<DstackAttestation, AttestError> {
             .collect(),
         report_data,
         config,
+        platform,
     })
 }

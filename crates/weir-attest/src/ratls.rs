@@ -25,8 +25,13 @@ pub struct RaTls {
     /// The app id (legacy extension, else the `app-id` runtime event, else
     /// the app-info extension's).
     pub app_id: Option<Vec<u8>>,
-    /// The app-info extension, checked against the replayed event log.
+    /// The app-info extension, checked against the replayed event log and
+    /// the quote (when `app_info_checked`).
     pub app_info: Option<AppInfo>,
+    /// Whether every app-info claim the event log and the quote can prove was
+    /// checked: RTMR3 replayed, on TDX (on GCP dstack measures with a TPM
+    /// quote weir does not read).
+    pub app_info_checked: bool,
     /// The legacy certificate-usage extension.
     pub usage: Option<String>,
 }
@@ -43,17 +48,17 @@ impl RaTls {
                 .find(|ext| ext.oid.to_id_string() == oid)
                 .map(|ext| unwrap_octet_string(ext.value))
         };
-        let (quote, events) = match (extension(OID_ATTESTATION), extension(OID_TDX_QUOTE)) {
+        let (quote, events, platform) = match (extension(OID_ATTESTATION), extension(OID_TDX_QUOTE)) {
             (Some(value), _) => {
                 let attestation = decode_attestation(value)?;
-                (attestation.quote, attestation.events)
+                (attestation.quote, attestation.events, attestation.platform)
             }
             (None, Some(quote)) => {
                 let events = match extension(OID_EVENT_LOG) {
                     Some(log) => parse_event_log_json(log)?,
                     None => Vec::new(),
                 };
-                (quote.to_vec(), events)
+                (quote.to_vec(), events, "tdx")
             }
             (None, None) => return Err(AttestError::Missing),
         };
@@ -74,10 +79,11 @@ impl RaTls {
         });
         let usage = extension(OID_CERT_USAGE).map(|u| String::from_utf8_lossy(u).into_owned());
         let app_info = extension(OID_APP_INFO).map(AppInfo::decode).transpose()?;
+        let app_info_checked = rtmr3_matches && platform == "tdx";
         if let Some(info) = &app_info
             && rtmr3_matches
         {
-            info.check_against(&events)?;
+            info.check_against(&events, app_info_checked.then_some(&report))?;
         }
         let app_id = app_id.filter(|_| rtmr3_matches || extension(OID_APP_ID).is_some());
         Ok(RaTls {
@@ -87,6 +93,7 @@ impl RaTls {
             rtmr3_matches,
             app_id: app_id.or_else(|| app_info.as_ref().map(|info| info.app_id.to_vec())),
             app_info,
+            app_info_checked,
             usage,
         })
     }
@@ -113,6 +120,7 @@ impl RaTls {
             report_data: self.report.report_data.to_vec(),
             app_id: self.app_id.clone(),
             runtime_events,
+            app_info: self.app_info.clone().filter(|_| self.app_info_checked),
         }
     }
 }
@@ -149,4 +157,7 @@ pub struct Attestation {
     pub app_id: Option<Vec<u8>>,
     /// dstack runtime events (name, payload), when RTMR3 replayed.
     pub runtime_events: Vec<(String, Vec<u8>)>,
+    /// The app-info extension, only once its claims were checked
+    /// ([`RaTls::app_info_checked`]).
+    pub app_info: Option<AppInfo>,
 }

@@ -415,27 +415,84 @@ fn a_legacy_event_log_with_bad_hex_is_an_error_not_a_panic() {
 fn the_app_info_extension_is_read_and_a_malformed_one_refused() {
     use crate::simulate;
     use rcgen::PublicKeyData as _;
-    const APP_INFO: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 9];
     let app_info = crate::app_info::tests::encoded(&[0xc0; 32]);
-    let mint = |info: &[u8]| {
+    // `extensions` makes the attestation (None: no event log) and app info.
+    type Extensions<'a> = &'a dyn Fn(&mut Vec<u8>) -> (Vec<u8>, Vec<u8>);
+    let mint = |extensions: Extensions| {
         let key = rcgen::KeyPair::generate().expect("key");
-        let quote = simulate::synthetic_quote(&[7; 48], &simulate::key_binding(&key.subject_public_key_info()));
+        let mut quote = simulate::synthetic_quote(&[7; 48], &simulate::key_binding(&key.subject_public_key_info()));
+        let (attestation, info) = extensions(&mut quote);
         let mut params = rcgen::CertificateParams::new(vec!["tee.test".to_owned()]).expect("params");
-        params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
-            ATTESTATION,
-            simulate::attestation_extension(&quote),
-        ));
-        params
-            .custom_extensions
-            .push(rcgen::CustomExtension::from_oid_content(APP_INFO, octet_string(info)));
+        for (oid, value) in [(ATTESTATION, attestation), (simulate::APP_INFO_OID_ARCS, info)] {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(oid, value));
+        }
         params.self_signed(&key).expect("cert").der().to_vec()
     };
-    let ratls = RaTls::from_certificate(&mint(&app_info)).expect("read");
-    let info = ratls.app_info.as_ref().expect("app info");
+    let with_info =
+        |info: Vec<u8>| move |quote: &mut Vec<u8>| (simulate::attestation_extension(quote), octet_string(&info));
+    let unverified = Verification {
+        verified: false,
+        tcb_status: None,
+        reason: None,
+    };
+    // As dstack writes it: runtime events replaying to RTMR3, the app info
+    // with the measurements dstack computes, and a ninth field.
+    let app = simulate::App {
+        app_id: vec![0x33; 20],
+        compose_hash: vec![0xc0; 32],
+        instance_id: vec![1; 20],
+        os_image_hash: vec![5; 32],
+        key_provider: br#"{"type":"kms"}"#.to_vec(),
+    };
+    let genuine = mint(&|quote| app.extensions(quote).expect("extensions"));
+    let ratls = RaTls::from_certificate(&genuine).expect("read");
+    assert!(ratls.rtmr3_matches && ratls.app_info_checked);
+    let seen = ratls.attestation(&unverified);
+    let info = seen.app_info.expect("a checked app info is handed on");
     assert_eq!(info.compose_hash.as_slice(), [0xc0; 32]);
+    assert_eq!(info.init_script_hashes, Some(Vec::new()));
+    let (mr_system, mr_aggregated) = crate::app_info::measurements(&ratls.report, &app.key_provider);
+    assert_eq!(
+        (info.mr_system.as_slice(), info.mr_aggregated.as_slice()),
+        (&mr_system[..], &mr_aggregated[..])
+    );
+    assert_eq!(seen.runtime_events.len(), 5, "{:?}", seen.runtime_events);
+
+    // Claims the quote or the event log contradict are refused, naming both.
+    let lie = RaTls::from_certificate(&mint(&with_info(app_info.clone()))).expect_err("mr_system");
+    assert!(
+        lie.to_string()
+            .contains(&format!("it claims mr_system {}, but the quote gives", hex(&[3; 32]))),
+        "{lie}"
+    );
+    let other_compose = simulate::App {
+        compose_hash: vec![0xd0; 32],
+        ..app.clone()
+    };
+    let lie = mint(&|quote| {
+        let (attestation, _) = app.extensions(quote).expect("extensions");
+        let (_, claimed) = other_compose.extensions(&mut quote.clone()).expect("extensions");
+        (attestation, claimed)
+    });
+    let lie = RaTls::from_certificate(&lie).expect_err("compose hash");
+    assert!(lie.to_string().contains("claims compose-hash d0d0"), "{lie}");
+
+    // With an event log that does not replay, nothing can be checked: the
+    // app info is read (its app id names the app) but not handed on.
+    let unchecked = mint(&|quote| {
+        let (_, info) = app.extensions(quote).expect("extensions");
+        quote[48 + 472] ^= 1;
+        (simulate::attestation_extension(quote), info)
+    });
+    let ratls = RaTls::from_certificate(&unchecked).expect("read");
+    assert!(!ratls.rtmr3_matches && ratls.app_info.is_some());
     assert_eq!(ratls.app_id, Some(vec![0x33; 20]), "the app id comes from the app info");
+    assert_eq!(ratls.attestation(&unverified).app_info, None);
+
     assert!(matches!(
-        RaTls::from_certificate(&mint(b"\x91\x01")),
+        RaTls::from_certificate(&mint(&with_info(b"\x91\x01".to_vec()))),
         Err(AttestError::AppInfo(_))
     ));
 }
