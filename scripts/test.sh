@@ -48,11 +48,14 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
-# The same end-to-end tests again with the shipped plugins' weir:plugin@0.1.0
-# builds (tests/contract-0.1.0): weir must run them unchanged.
+# The same end-to-end tests again with the shipped plugins' builds for the
+# older contracts (tests/contract-0.1.0, tests/contract-0.2.0): weir must run
+# them unchanged. 0.2.0 added originate, so its rerun takes the egress tests too.
 # (--workspace, not -p: the same features as the run above, so nothing is built again)
 WEIR_TEST_CONTRACT=0.1.0 cargo test --locked --workspace --test e2e -- \
     passthrough:: termination:: attestation:: plugin_faults:: 2>&1 | tee -a "$log" || status=$?
+WEIR_TEST_CONTRACT=0.2.0 cargo test --locked --workspace --test e2e -- \
+    passthrough:: termination:: attestation:: plugin_faults:: egress:: 2>&1 | tee -a "$log" || status=$?
 # A short coverage-guided run of every fuzz target.
 scripts/fuzz-smoke.sh || status=$?
 # One closing line for the whole run: cargo's last line belongs to whichever

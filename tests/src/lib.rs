@@ -30,25 +30,57 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
-/// The shipped plugins kept as their `weir:plugin@0.1.0` builds
-/// (`tests/contract-0.1.0/`, built from the sources of that contract).
-const CONTRACT_0_1_0: [&str; 3] = ["static-router", "attestation-allowlist", "misbehave"];
+/// The plugins kept as their builds of an older contract
+/// (`tests/contract-<version>/`, built from the sources of that contract
+/// before the SDK moved on).
+const KEPT_BUILDS: [(&str, &[&str]); 2] = [
+    ("0.1.0", &["static-router", "attestation-allowlist", "misbehave"]),
+    (
+        "0.2.0",
+        &["static-router", "attestation-allowlist", "misbehave", "egress"],
+    ),
+];
+
+/// The kept `weir:plugin@<version>` build of a plugin, if there is one.
+fn kept_build(version: &str, crate_name: &str) -> Option<PathBuf> {
+    KEPT_BUILDS
+        .iter()
+        .any(|(v, crates)| *v == version && crates.contains(&crate_name))
+        .then(|| {
+            workspace()
+                .join(format!("tests/contract-{version}"))
+                .join(format!("{}.wasm", crate_name.replace('-', "_")))
+        })
+}
 
 /// The `weir:plugin@0.1.0` build of a shipped plugin.
 pub fn plugin_v0_1(crate_name: &str) -> PathBuf {
-    assert!(CONTRACT_0_1_0.contains(&crate_name), "no 0.1.0 build of {crate_name}");
-    workspace()
-        .join("tests/contract-0.1.0")
-        .join(format!("{}.wasm", crate_name.replace('-', "_")))
+    kept_build("0.1.0", crate_name).unwrap_or_else(|| panic!("no 0.1.0 build of {crate_name}"))
+}
+
+/// The `weir:plugin@0.2.0` build of a shipped plugin.
+pub fn plugin_v0_2(crate_name: &str) -> PathBuf {
+    kept_build("0.2.0", crate_name).unwrap_or_else(|| panic!("no 0.2.0 build of {crate_name}"))
 }
 
 /// A plugin built for `wasm32-wasip2` by `scripts/build-plugins.sh`; with
-/// `WEIR_TEST_CONTRACT=0.1.0`, the 0.1.0 build of the plugins kept as one,
-/// so the same tests prove weir still runs 0.1.0 plugins unchanged.
+/// `WEIR_TEST_CONTRACT=0.1.0` or `0.2.0`, the build of that contract for the
+/// plugins kept as one, so the same tests prove weir still runs older
+/// plugins unchanged.
 pub fn plugin(crate_name: &str) -> PathBuf {
-    if std::env::var("WEIR_TEST_CONTRACT").as_deref() == Ok("0.1.0") && CONTRACT_0_1_0.contains(&crate_name) {
-        return plugin_v0_1(crate_name);
+    if let Some(kept) = std::env::var("WEIR_TEST_CONTRACT")
+        .ok()
+        .and_then(|version| kept_build(&version, crate_name))
+    {
+        return kept;
     }
+    plugin_current(crate_name)
+}
+
+/// A plugin's current build (`scripts/build-plugins.sh`), whatever
+/// `WEIR_TEST_CONTRACT` says: for tests of what only the current contract
+/// has.
+pub fn plugin_current(crate_name: &str) -> PathBuf {
     let path = target_dir()
         .join("wasm32-wasip2/release")
         .join(format!("{}.wasm", crate_name.replace('-', "_")));
@@ -837,6 +869,38 @@ pub async fn psql_async(conninfo: String, query: &'static str) -> Result<String,
 /// certificate's key. The key binding holds, but the quote's signature no
 /// longer covers its body, so weir reports the attestation **unverified**.
 pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
+    simulated_ratls_with(name, mrtd, |quote| {
+        vec![(
+            weir_attest::simulate::ATTESTATION_OID_ARCS,
+            weir_attest::simulate::attestation_extension(quote),
+        )]
+    })
+}
+
+/// A simulated RA-TLS certificate as dstack's guest agent writes it for an
+/// app: [`simulated_ratls`], with `app`'s runtime events measured into the
+/// quote's RTMR3 and carried in the attestation, and the app-info extension
+/// (`1.3.6.1.4.1.62397.1.9`) with `mr_system` and `mr_aggregated` computed
+/// from the quote as dstack does.
+pub fn simulated_dstack_ratls(name: &str, mrtd: [u8; 48], app: &weir_attest::simulate::App) -> Identity {
+    use weir_attest::simulate;
+    simulated_ratls_with(name, mrtd, |quote| {
+        let (attestation, app_info) = app.extensions(quote).expect("a v4 quote");
+        vec![
+            (simulate::ATTESTATION_OID_ARCS, attestation),
+            (simulate::APP_INFO_OID_ARCS, app_info),
+        ]
+    })
+}
+
+/// A self-signed certificate for `name` whose extensions `extensions`
+/// writes from the sample quote, rebound to `mrtd` and to the new key: a
+/// simulated RA-TLS certificate of any make, a lying one included.
+pub fn simulated_ratls_with(
+    name: &str,
+    mrtd: [u8; 48],
+    extensions: impl FnOnce(&mut [u8]) -> Vec<(&'static [u64], Vec<u8>)>,
+) -> Identity {
     use rcgen::PublicKeyData as _;
     use weir_attest::simulate;
     let key = rcgen::KeyPair::generate().expect("key");
@@ -846,13 +910,13 @@ pub fn simulated_ratls(name: &str, mrtd: [u8; 48]) -> Identity {
         &mrtd,
         &simulate::key_binding(&key.subject_public_key_info()),
     );
-    let der = simulate::attestation_extension(&quote);
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
-    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(
-        weir_attest::simulate::ATTESTATION_OID_ARCS,
-        der,
-    ));
+    for (oid, der) in extensions(&mut quote) {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(oid, der));
+    }
     let cert = params.self_signed(&key).expect("self-signed");
     Identity {
         chain: vec![cert.der().clone()],

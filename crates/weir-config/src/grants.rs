@@ -1,4 +1,4 @@
-//! What plugins may call beyond `log`: the capabilities of contract 0.2.0
+//! What plugins may call beyond `log`: the capabilities (contract 0.2.0 and later)
 //! a `[plugins.NAME]` section grants, what a tenant's plugins may be
 //! granted, and the resolver behind the `dns` capability.
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A host interface of `weir:plugin@0.2.0` that a plugin may call only
+/// A host interface of `weir:plugin` (0.2.0 and later) that a plugin may call only
 /// when its section grants it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -41,7 +41,7 @@ impl Capability {
         }
     }
 
-    /// The capability a component import (`weir:plugin/dns@0.2.0`) is, if
+    /// The capability a component import (`weir:plugin/dns@0.3.0`) is, if
     /// it is one.
     pub fn of_import(import: &str) -> Option<Capability> {
         let interface = import.split_once('@').map_or(import, |(interface, _)| interface);

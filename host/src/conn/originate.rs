@@ -3,10 +3,13 @@
 //! what the client sent so far is replayed inside the TLS.
 //!
 //! A PostgreSQL client (a StartupMessage on a `postgres` listener) is taken
-//! to a PostgreSQL server's TLS in one of its two ways: an origination
-//! offering ALPN `postgresql` opens with a ClientHello (direct TLS, which
-//! PostgreSQL 17 accepts only with that ALPN); one without asks with an
-//! SSLRequest first, as every PostgreSQL server accepts. Its first answer is
+//! to a PostgreSQL server's TLS in one of its two ways, as the decision's
+//! `start` says: a ClientHello first (direct TLS, which PostgreSQL 17
+//! accepts only with ALPN `postgresql`), or an SSLRequest first, as every
+//! PostgreSQL server accepts. A decision that does not say (every 0.2.0
+//! plugin's) gets direct TLS when it offers ALPN `postgresql` and an
+//! SSLRequest when not; a client of another protocol gets direct TLS
+//! unless the decision asks for the SSLRequest. Its first answer is
 //! read before the relay starts, so a refusal the upstream only sends after
 //! the handshake (a TLS 1.3 server judges the client's certificate after the
 //! client has finished) reaches the client as an ErrorResponse with the
@@ -24,7 +27,7 @@ use crate::conn::dial::open_upstream;
 use crate::conn::front::{ALERT_INTERNAL_ERROR, Front};
 use crate::conn::outcome::{Outcome, Record};
 use crate::conn::terminate::{Terminated, handshake_error, reencrypt};
-use crate::plugin::decision::Origination;
+use crate::plugin::decision::{Origination, TlsStart};
 use crate::snapshot::{Listener, Snapshot, Tenant};
 use crate::wit;
 
@@ -90,11 +93,14 @@ async fn open(
     record: &mut Record,
 ) -> Result<(TlsStream<TcpStream>, Vec<u8>), Outcome> {
     let postgres = listener.config.protocol == ListenerProtocol::Postgres;
-    let direct = origination.alpn.iter().any(|p| p == POSTGRES_ALPN);
+    let ssl_request = match origination.start {
+        Some(start) => start == TlsStart::PostgresSslRequest,
+        None => postgres && !origination.alpn.iter().any(|p| p == POSTGRES_ALPN),
+    };
     let chain = tenant.map_or(listener.chain(), Tenant::chain);
     let upstream = open_upstream(
         &origination.target,
-        postgres && !direct,
+        ssl_request,
         front.local_addr,
         None,
         listener,

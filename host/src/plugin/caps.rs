@@ -1,4 +1,4 @@
-//! The capabilities of contract 0.2.0 (`counters`, `metrics`, `dns`): what
+//! The capabilities (`counters`, `metrics`, `dns`, `pools`, since 0.2.0): what
 //! a plugin's grants link, the load error for an import not granted, and the
 //! host side of each call — every argument bounded, every bad one an error
 //! returned to the plugin, never a trap.
@@ -11,6 +11,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 
 use crate::config::{Capability, ResolverConfig};
 use crate::metrics::own::OwnMetrics;
+use crate::plugin::contract::Version;
 use crate::plugin::counters::Counters;
 use crate::plugin::state::State;
 use crate::wit;
@@ -59,14 +60,33 @@ impl wit::pools::Host for State {
     }
 }
 
-/// Links the interfaces `grants` name, for a plugin of contract 0.2.0.
-pub(crate) fn link_granted(linker: &mut Linker<State>, grants: &[Capability]) -> wasmtime::Result<()> {
+/// Links the interfaces `grants` name, in the contract version the plugin
+/// speaks (0.1.0 has none).
+pub(crate) fn link_granted(
+    linker: &mut Linker<State>,
+    grants: &[Capability],
+    version: Version,
+) -> wasmtime::Result<()> {
+    use wit::v0_2;
     for grant in grants {
-        match grant {
-            Capability::Counters => wit::counters::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
-            Capability::Metrics => wit::metrics::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
-            Capability::Dns => wit::dns::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
-            Capability::Pools => wit::pools::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
+        match (version, grant) {
+            (Version::V0_1, _) => {}
+            (Version::V0_2, Capability::Counters) => {
+                v0_2::counters::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?
+            }
+            (Version::V0_2, Capability::Metrics) => {
+                v0_2::metrics::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?
+            }
+            (Version::V0_2, Capability::Dns) => v0_2::dns::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
+            (Version::V0_2, Capability::Pools) => v0_2::pools::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
+            (Version::V0_3, Capability::Counters) => {
+                wit::counters::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?
+            }
+            (Version::V0_3, Capability::Metrics) => {
+                wit::metrics::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?
+            }
+            (Version::V0_3, Capability::Dns) => wit::dns::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
+            (Version::V0_3, Capability::Pools) => wit::pools::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?,
         }
     }
     Ok(())

@@ -128,6 +128,19 @@ pub struct Origination {
     pub tls: UpstreamTls,
     /// ALPN protocols offered to the upstream, in order.
     pub alpn: Vec<String>,
+    /// How TLS starts; `None`: contract 0.2.0's rule (an SSLRequest first
+    /// for a PostgreSQL client unless `alpn` offers `postgresql`).
+    pub start: Option<TlsStart>,
+}
+
+/// How an origination opens TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsStart {
+    /// A ClientHello first.
+    Direct,
+    /// A PostgreSQL SSLRequest first, then the ClientHello after its `S`.
+    PostgresSslRequest,
 }
 
 /// Where to send a connection.
@@ -310,6 +323,10 @@ impl Origination {
             target: Target::from_wit(o.target, known)?,
             tls: UpstreamTls::from_wit(o.tls, known)?,
             alpn: o.alpn,
+            start: o.start.map(|start| match start {
+                wit::TlsStart::Direct => TlsStart::Direct,
+                wit::TlsStart::PostgresSslRequest => TlsStart::PostgresSslRequest,
+            }),
         })
     }
 }

@@ -263,13 +263,10 @@ impl Plugin {
         self.on_error
     }
 
-    /// The contract version its component speaks: `weir:plugin@0.1.0` or
-    /// `@0.2.0`.
+    /// The contract version its component speaks: `weir:plugin@0.1.0`,
+    /// `@0.2.0` or `@0.3.0`.
     pub fn contract(&self) -> &'static str {
-        match self.version {
-            Version::V0_1 => "0.1.0",
-            Version::V0_2 => "0.2.0",
-        }
+        self.version.name()
     }
 
     /// The capabilities its section grants.

@@ -48,6 +48,7 @@ mod image;
 mod instance;
 mod lane;
 mod link;
+mod older;
 pub mod shadow;
 mod shared;
 mod state;
@@ -201,9 +202,10 @@ impl Host {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         let engine = Engine::new(config).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
-        // Both contract versions' `log`; capabilities are linked per plugin,
-        // as its grants say.
+        // Every contract version's `log`; capabilities are linked per
+        // plugin, as its grants say.
         wit::v0_1::WeirPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
+        wit::v0_2::host::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
         wit::host::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_error)?;
         link_harmless_wasi(&mut linker).map_err(engine_error)?;
         Ok(Host { engine, linker })
@@ -399,7 +401,7 @@ impl Runtime {
         if let Some(reason) = caps::ungranted_import(component, &host.engine, name, &config.grants) {
             return Err(refused(reason));
         }
-        caps::link_granted(&mut linker, &config.grants).map_err(link_error)?;
+        caps::link_granted(&mut linker, &config.grants, version).map_err(link_error)?;
         stub_unprovided_imports(&mut linker, component, &host.engine).map_err(link_error)?;
         let pre = linker.instantiate_pre(component).map_err(link_error)?;
         let pre = Pre::new(pre, version).map_err(link_error)?;

@@ -91,22 +91,6 @@ impl WasiView for State {
 
 impl wit::Host for State {}
 
-impl wit::v0_1::Host for State {}
-
-impl wit::v0_1::host::Host for State {
-    fn log(&mut self, level: wit::v0_1::host::Level, message: String) {
-        use wit::host::Level;
-        let level = match level {
-            wit::v0_1::host::Level::Trace => Level::Trace,
-            wit::v0_1::host::Level::Debug => Level::Debug,
-            wit::v0_1::host::Level::Info => Level::Info,
-            wit::v0_1::host::Level::Warn => Level::Warn,
-            wit::v0_1::host::Level::Error => Level::Error,
-        };
-        wit::host::Host::log(self, level, message);
-    }
-}
-
 impl wit::host::Host for State {
     fn log(&mut self, level: wit::host::Level, message: String) {
         use wit::host::Level;

@@ -1,10 +1,12 @@
 //! `weir:plugin@0.1.0` (`wit/since_v0.1.0/weir.wit`), the first released
-//! contract: its bindings, and the conversions that let the host, which
-//! speaks 0.2.0, call a 0.1.0 plugin unchanged — a connection's typed
-//! addresses written as the `ip:port` strings 0.1.0 gives, and the 0.1.0
-//! decision (a subset of 0.2.0's) taken as the 0.2.0 one it is.
+//! contract: its bindings, and the conversions that let the host call a
+//! 0.1.0 plugin unchanged — a connection's typed addresses written as the
+//! `ip:port` strings 0.1.0 gives, and the 0.1.0 peer and decision (a subset
+//! of 0.2.0's) taken to and from 0.2.0's, which [`super::v0_2`] takes on to
+//! the host's.
 
 use crate::wit as now;
+use crate::wit::v0_2 as next;
 
 #[allow(unsafe_code, missing_docs, clippy::all)]
 mod bindings {
@@ -49,8 +51,8 @@ impl From<now::Side> for Side {
     }
 }
 
-impl From<&now::Peer> for Peer {
-    fn from(peer: &now::Peer) -> Peer {
+impl From<&next::Peer> for Peer {
+    fn from(peer: &next::Peer) -> Peer {
         Peer {
             subject: peer.subject.clone(),
             sans: peer.sans.clone(),
@@ -79,26 +81,26 @@ impl From<Verdict> for now::Verdict {
     }
 }
 
-impl From<Decision> for now::Decision {
-    fn from(decision: Decision) -> now::Decision {
-        now::Decision {
+impl From<Decision> for next::Decision {
+    fn from(decision: Decision) -> next::Decision {
+        next::Decision {
             route: decision.route,
             action: match decision.action {
-                Action::Passthrough(target) => now::Action::Passthrough(target.into()),
-                Action::Terminate(t) => now::Action::Terminate(now::Termination {
+                Action::Passthrough(target) => next::Action::Passthrough(target.into()),
+                Action::Terminate(t) => next::Action::Terminate(next::Termination {
                     certificate: t.certificate,
                     client_auth: match t.client_auth {
-                        ClientAuth::None => now::ClientAuth::None,
-                        ClientAuth::Optional(ca) => now::ClientAuth::Optional(ca),
-                        ClientAuth::Required(ca) => now::ClientAuth::Required(ca),
-                        ClientAuth::Attested => now::ClientAuth::Attested,
+                        ClientAuth::None => next::ClientAuth::None,
+                        ClientAuth::Optional(ca) => next::ClientAuth::Optional(ca),
+                        ClientAuth::Required(ca) => next::ClientAuth::Required(ca),
+                        ClientAuth::Attested => next::ClientAuth::Attested,
                     },
                     alpn: t.alpn,
                     then: match t.then {
-                        After::Plain(target) => now::After::Plain(target.into()),
-                        After::Reencrypt((target, tls)) => now::After::Reencrypt((
+                        After::Plain(target) => next::After::Plain(target.into()),
+                        After::Reencrypt((target, tls)) => next::After::Reencrypt((
                             target.into(),
-                            now::UpstreamTls {
+                            next::UpstreamTls {
                                 server_name: tls.server_name,
                                 ca: tls.ca,
                                 client_cert: tls.client_cert,
@@ -107,21 +109,33 @@ impl From<Decision> for now::Decision {
                         )),
                     },
                 }),
-                Action::Reject(reason) => now::Action::Reject(reason),
-                Action::Next => now::Action::Next,
+                Action::Reject(reason) => next::Action::Reject(reason),
+                Action::Next => next::Action::Next,
             },
         }
     }
 }
 
-impl From<Target> for now::Target {
-    fn from(target: Target) -> now::Target {
-        now::Target {
+impl From<Target> for next::Target {
+    fn from(target: Target) -> next::Target {
+        next::Target {
             upstream: match target.upstream {
-                Upstream::Pool(name) => now::Upstream::Pool(name),
-                Upstream::Address(addr) => now::Upstream::Address(addr),
+                Upstream::Pool(name) => next::Upstream::Pool(name),
+                Upstream::Address(addr) => next::Upstream::Address(addr),
             },
             proxy_protocol: target.proxy_protocol,
+        }
+    }
+}
+
+impl From<host::Level> for next::host::Level {
+    fn from(level: host::Level) -> next::host::Level {
+        match level {
+            host::Level::Trace => next::host::Level::Trace,
+            host::Level::Debug => next::host::Level::Debug,
+            host::Level::Info => next::host::Level::Info,
+            host::Level::Warn => next::host::Level::Warn,
+            host::Level::Error => next::host::Level::Error,
         }
     }
 }

@@ -1,13 +1,15 @@
-//! The plugin contract's versions and capabilities: a `weir:plugin@0.1.0`
-//! build and a 0.2.0 build of static-router serve side by side in one
+//! The plugin contract's versions and capabilities: `weir:plugin@0.1.0`,
+//! 0.2.0 and 0.3.0 builds of static-router serve side by side in one
 //! gateway; a component importing a capability its section does not grant,
 //! or a tenant's plugin granted one its tenant may not give, is refused
 //! with the line to change.
 
-use weir_tests::{Upstream, WeirProcess, admin_request, answer, plugin_v0_1, run_weir, text, toml_path, write_config};
+use weir_tests::{
+    Upstream, WeirProcess, admin_request, answer, plugin_v0_1, plugin_v0_2, run_weir, text, toml_path, write_config,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
+async fn plugins_of_every_contract_serve_side_by_side() {
     let dir = tempfile::tempdir().expect("temp dir");
     let upstream = Upstream::tcp(answer).await;
     let config = write_config(
@@ -19,6 +21,11 @@ async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
             protocol = "plain"
             plugins = ["old"]
 
+            [listeners.mid]
+            bind = "127.0.0.1:0"
+            protocol = "plain"
+            plugins = ["mid"]
+
             [listeners.new]
             bind = "127.0.0.1:0"
             protocol = "plain"
@@ -26,6 +33,10 @@ async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
 
             [plugins.old]
             wasm = {old}
+            config.no_sni = {{ address = "{upstream}" }}
+
+            [plugins.mid]
+            wasm = {mid}
             config.no_sni = {{ address = "{upstream}" }}
 
             [plugins.new]
@@ -36,12 +47,13 @@ async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
             bind = "127.0.0.1:0"
             "#,
             old = toml_path(&plugin_v0_1("static-router")),
+            mid = toml_path(&plugin_v0_2("static-router")),
             upstream = upstream.addr,
         ),
     );
     let mut weir = WeirProcess::spawn(&config).await;
     let admin = weir.admin_addr().await;
-    for listener in ["old", "new"] {
+    for listener in ["old", "mid", "new"] {
         let mut stream = tokio::net::TcpStream::connect(weir.addr(listener))
             .await
             .expect("connect");
@@ -58,7 +70,7 @@ async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
         drop(stream);
         let line = weir.connection_line().await;
         assert!(line.contains(r#"route="no_sni""#), "{line}");
-        // The 0.1.0 plugin gets the addresses as strings, the 0.2.0 one
+        // The 0.1.0 plugin gets the addresses as strings, the others
         // typed: both see the same client (the log line says the host's).
         assert!(line.contains("client=127.0.0.1:"), "{line}");
     }
@@ -72,7 +84,8 @@ async fn plugins_of_contract_0_1_0_and_0_2_0_serve_side_by_side() {
             .map(|p| p["contract"].clone())
     };
     assert_eq!(contract("old"), Some("0.1.0".into()), "{body}");
-    assert_eq!(contract("new"), Some("0.2.0".into()), "{body}");
+    assert_eq!(contract("mid"), Some("0.2.0".into()), "{body}");
+    assert_eq!(contract("new"), Some("0.3.0".into()), "{body}");
 }
 
 fn check(dir: &std::path::Path, toml: &str) -> (bool, String) {
@@ -105,7 +118,7 @@ fn a_capability_not_granted_is_refused_with_the_line_to_add() {
     let (ok, out) = check(dir.path(), &limiter(""));
     assert!(!ok, "{out}");
     assert!(
-        out.contains("imports `weir:plugin/counters@0.2.0` and `weir:plugin/metrics@0.2.0`"),
+        out.contains("imports `weir:plugin/counters@0.3.0` and `weir:plugin/metrics@0.3.0`"),
         "{out}"
     );
     assert!(
