@@ -1,9 +1,12 @@
 //! `attestation-allowlist`: admits TLS peers by what they run. On every
 //! `admit` (a client on a terminated connection, an upstream on a
 //! re-encrypted one) the rules that cover the connection are checked against
-//! the peer's attestation: allowed MRTDs, RTMR0-3 values, app ids, and the
-//! dstack compose-hash and os-image-hash (from runtime events, which weir
-//! lists only when they replay to RTMR3). A peer passes when it satisfies one
+//! the peer's attestation: allowed MRTDs, RTMR0-3 values, app ids, the
+//! dstack compose-hash, os-image-hash and instance-id (from runtime events,
+//! which weir lists only when they replay to RTMR3), and dstack's
+//! `mr_system` and `mr_aggregated` (from the certificate's app-info, which
+//! weir hands on only once it has checked them against the quote; dstack's
+//! KMS allow-lists by these). A peer passes when it satisfies one
 //! covering rule; a deny names the measurement that failed and its value.
 //! Connections no rule covers are left alone (allowed). `route` always
 //! abstains.
@@ -54,6 +57,9 @@ struct RuleConfig {
     app_id: Option<Vec<String>>,
     compose_hash: Option<Vec<String>>,
     os_image_hash: Option<Vec<String>>,
+    instance_id: Option<Vec<String>>,
+    mr_system: Option<Vec<String>>,
+    mr_aggregated: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +83,8 @@ enum Measure {
     Rtmr(usize),
     AppId,
     Event(&'static str),
+    MrSystem,
+    MrAggregated,
 }
 
 impl Measure {
@@ -86,6 +94,8 @@ impl Measure {
             Measure::Rtmr(i) => format!("RTMR{i}"),
             Measure::AppId => "app id".into(),
             Measure::Event(name) => name.into(),
+            Measure::MrSystem => "mr_system".into(),
+            Measure::MrAggregated => "mr_aggregated".into(),
         }
     }
 
@@ -100,6 +110,8 @@ impl Measure {
                 .iter()
                 .find(|(event, _)| event == name)
                 .map(|(_, payload)| payload.clone()),
+            Measure::MrSystem => attestation.app_info.as_ref().map(|info| info.mr_system.clone()),
+            Measure::MrAggregated => attestation.app_info.as_ref().map(|info| info.mr_aggregated.clone()),
         }
     }
 }
@@ -147,6 +159,9 @@ impl Plugin for AttestationAllowlist {
                 (Measure::AppId, rule.app_id, None),
                 (Measure::Event("compose-hash"), rule.compose_hash, None),
                 (Measure::Event("os-image-hash"), rule.os_image_hash, None),
+                (Measure::Event("instance-id"), rule.instance_id, None),
+                (Measure::MrSystem, rule.mr_system, Some(32)),
+                (Measure::MrAggregated, rule.mr_aggregated, Some(32)),
             ] {
                 let Some(values) = values else { continue };
                 if values.is_empty() {
@@ -267,6 +282,7 @@ mod tests {
             report_data: vec![0; 64],
             app_id: Some(vec![0xaa; 20]),
             runtime_events: vec![("compose-hash".into(), vec![0xcc; 32])],
+            app_info: None,
         }
     }
 
@@ -381,10 +397,54 @@ mod tests {
     }
 
     #[test]
+    fn dstack_measurements_come_from_the_checked_app_info() {
+        let plugin = allowlist(&format!(
+            r#"{{"rules": [{{"mr_aggregated": ["{}"], "mr_system": ["{}"]}}]}}"#,
+            "a9".repeat(32),
+            "5e".repeat(32)
+        ));
+        let conn = Connection::for_test(None, &[]);
+        let mut with_info = attestation(&[7; 48], true, false);
+        assert_eq!(
+            plugin.admit(&conn, Side::Client, &peer(Some(with_info.clone()))),
+            Verdict::Deny("the attestation has no mr_system".into()),
+            "no app-info: nothing to match"
+        );
+        let info = weir_plugin_sdk::AppInfo {
+            app_id: vec![0xaa; 20],
+            compose_hash: vec![0xcc; 32],
+            instance_id: vec![1; 20],
+            device_id: vec![2; 32],
+            mr_system: vec![0x5e; 32],
+            mr_aggregated: vec![0xa9; 32],
+            os_image_hash: vec![3; 32],
+            key_provider: b"{}".to_vec(),
+            init_script_hashes: None,
+        };
+        with_info.app_info = Some(info.clone());
+        assert_eq!(
+            plugin.admit(&conn, Side::Client, &peer(Some(with_info.clone()))),
+            Verdict::Allow
+        );
+        with_info.app_info = Some(weir_plugin_sdk::AppInfo {
+            mr_system: vec![0x11; 32],
+            ..info
+        });
+        assert_eq!(
+            plugin.admit(&conn, Side::Client, &peer(Some(with_info))),
+            Verdict::Deny(format!("mr_system {} is not allowed", "11".repeat(32)))
+        );
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         for (config, expected) in [
             (r#"{"rules": [{"mrtd": ["zz"]}]}"#, "rules[0]: MRTD: `zz` is not hex"),
             (r#"{"rules": [{"mrtd": ["00"]}]}"#, "is 1 bytes, not 48"),
+            (
+                r#"{"rules": [{"mr_system": ["00"]}]}"#,
+                "mr_system: `00` is 1 bytes, not 32",
+            ),
             (r#"{"rules": [{"app_id": []}]}"#, "empty list allows nothing"),
             (r#"{"rules": [{"side": "both"}]}"#, "unknown variant `both`"),
             (r#"{"rules": [{"mrdt": []}]}"#, "unknown field `mrdt`"),

@@ -359,3 +359,87 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_go_on() {
         "the open connection finished its query"
     );
 }
+
+/// A TLS server that wants PostgreSQL's SSLRequest first and ALPN
+/// `postgresql` in the ClientHello (what a PostgreSQL 17 server accepts
+/// either way): contract 0.3.0's `tls-start` lets a decision ask for both.
+/// The server reports the first 8 bytes and the negotiated ALPN, then passes
+/// the decrypted protocol on to PostgreSQL 15 in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssl_request_can_carry_alpn_postgresql_when_the_decision_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let postgres = tokio::task::spawn_blocking({
+        let identity = simulated_ratls("db.internal", [0; 48]);
+        move || Postgres::start(&identity)
+    })
+    .await
+    .expect("postgres task");
+    let db = postgres.port;
+    let mut config = (*weir_tests::server_config(&simulated_ratls("*.dstack.test", SIDECAR_MRTD))).clone();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = weir_tests::Upstream::tcp(move |mut tcp: tokio::net::TcpStream| {
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        async move {
+            let mut first = [0; 8];
+            if tcp.read_exact(&mut first).await.is_err() || tcp.write_all(b"S").await.is_err() {
+                return;
+            }
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            let _ = tx.send((first, alpn));
+            if let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", db)).await {
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            }
+        }
+    })
+    .await;
+
+    let (cert, key) = simulated_ratls("egress", EGRESS_MRTD).write(dir.path(), "egress");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.pg17]
+            bind = "127.0.0.1:0"
+            protocol = "postgres"
+            plugins = ["egress", "allow"]
+
+            [plugins.egress]
+            wasm = "{egress}"
+            config.routes.pg17 = {{ remote = "{remote}", server_name = "db.dstack.test", protocol = "postgres-sslrequest", alpn = ["postgresql"], client_cert = "app" }}
+
+            [plugins.allow]
+            wasm = "{{attestation_allowlist}}"
+            config = {{ require_verified = false, rules = [ {{ side = "upstream", mrtd = ["{sidecar}"] }} ] }}
+
+            [certificates.app]
+            cert = {cert}
+            key = {key}
+            "#,
+            // The 0.2.0 build has no `tls-start`: it refuses `alpn` here.
+            egress = weir_tests::plugin_current("egress").display(),
+            remote = server.addr,
+            sidecar = hex(&SIDECAR_MRTD),
+            cert = toml_path(&cert),
+            key = toml_path(&key),
+        ),
+    );
+    let mut egress = WeirProcess::spawn(&config).await;
+    assert_eq!(
+        query(egress.addr("pg17").port(), "select 'both'").await.as_deref(),
+        Ok("both")
+    );
+    let (first, alpn) = tokio::time::timeout(STEP, rx.recv())
+        .await
+        .expect("the server reported in time")
+        .expect("the server is running");
+    assert_eq!(first, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f], "an SSLRequest came first");
+    assert_eq!(alpn.as_deref(), Some(&b"postgresql"[..]));
+    let line = egress.connection_line().await;
+    assert!(line.contains(r#"mode="originate""#), "{line}");
+}

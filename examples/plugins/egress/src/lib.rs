@@ -25,8 +25,10 @@
 //! defaults to `remote`'s host); `protocol`: `postgres` (PostgreSQL 17's
 //! direct TLS: a ClientHello first, ALPN `postgresql` — what a dstack
 //! gateway in between can route by SNI), `postgres-sslrequest` (an
-//! SSLRequest first, for a server that expects one), or `tls` (anything
-//! else, with the `alpn` list given); `client_cert` (a `[certificates]` name:
+//! SSLRequest first, for a server that expects one; no ALPN unless `alpn`
+//! names it, as `["postgresql"]` is what PostgreSQL 17's libpq offers
+//! there), or `tls` (anything else, with the `alpn` list given);
+//! `client_cert` (a `[certificates]` name:
 //! weir's attested identity); `ca` (a `[cas]` name) and `attested` (the
 //! remote must present a verified RA-TLS certificate; default true). A
 //! listener without a route abstains (`next`).
@@ -34,7 +36,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use weir_plugin_sdk::{Connection, Decision, Plugin, Target, UpstreamTls, export_plugin, parse_config};
+use weir_plugin_sdk::{Connection, Decision, Plugin, Target, TlsStart, UpstreamTls, export_plugin, parse_config};
 
 /// How weir starts TLS with the remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -110,9 +112,6 @@ impl Route {
         match self.protocol {
             Protocol::Postgres if self.alpn.is_empty() => self.alpn = vec!["postgresql".into()],
             Protocol::Postgres => return Err("`alpn` is `postgresql` for protocol `postgres`: leave it out".into()),
-            Protocol::PostgresSslrequest if !self.alpn.is_empty() => {
-                return Err("protocol `postgres-sslrequest` offers no ALPN: leave `alpn` out".into());
-            }
             Protocol::PostgresSslrequest | Protocol::Tls => {}
         }
         if self.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
@@ -136,7 +135,11 @@ impl Route {
             client_cert: self.client_cert.clone(),
             attested: self.attested,
         };
-        Decision::originate(listener, target, tls, self.alpn.clone())
+        let start = match self.protocol {
+            Protocol::Postgres | Protocol::Tls => TlsStart::Direct,
+            Protocol::PostgresSslrequest => TlsStart::PostgresSslRequest,
+        };
+        Decision::originate(listener, target, tls, self.alpn.clone()).starting(start)
     }
 }
 
@@ -182,6 +185,7 @@ mod tests {
             r#"{"routes": {
                 "db": {"remote": "app-5433s.dstack.example:443", "protocol": "postgres", "client_cert": "app"},
                 "old-db": {"remote": "10.0.0.5:5432", "server_name": "db.internal", "protocol": "postgres-sslrequest", "ca": "db-ca", "attested": false},
+                "pg17": {"remote": "10.0.0.6:5432", "protocol": "postgres-sslrequest", "alpn": ["postgresql"]},
                 "api": {"pool": "api", "protocol": "tls", "alpn": ["h2"]}
             }}"#,
         )
@@ -197,10 +201,19 @@ mod tests {
         assert_eq!(db.tls.client_cert.as_deref(), Some("app"));
         assert!(db.tls.attested);
         assert_eq!(db.alpn, ["postgresql"]);
+        assert_eq!(db.start, Some(TlsStart::Direct));
         let Action::Originate(old) = plugin.route(&on("old-db")).action else {
             panic!("originates")
         };
-        assert!(old.alpn.is_empty(), "no ALPN: weir asks with an SSLRequest");
+        assert!(old.alpn.is_empty(), "no ALPN unless the route names one");
+        assert_eq!(old.start, Some(TlsStart::PostgresSslRequest));
+        let Action::Originate(pg17) = plugin.route(&on("pg17")).action else {
+            panic!("originates")
+        };
+        assert_eq!(
+            (pg17.alpn.as_slice(), pg17.start),
+            (&["postgresql".to_owned()][..], Some(TlsStart::PostgresSslRequest))
+        );
         assert_eq!(old.tls.ca.as_deref(), Some("db-ca"));
         assert!(!old.tls.attested);
         let Action::Originate(api) = plugin.route(&on("api")).action else {
@@ -208,6 +221,7 @@ mod tests {
         };
         assert_eq!(api.target.upstream, Upstream::Pool("api".into()));
         assert_eq!(api.alpn, ["h2"]);
+        assert_eq!(api.start, Some(TlsStart::Direct));
         assert_eq!(plugin.route(&on("other")).action, Action::Next);
     }
 
@@ -227,8 +241,8 @@ mod tests {
                 "routes.db: `alpn` is `postgresql`",
             ),
             (
-                r#"{"routes": {"db": {"remote": "a:1", "protocol": "postgres-sslrequest", "alpn": ["x"]}}}"#,
-                "routes.db: protocol `postgres-sslrequest` offers no ALPN",
+                r#"{"routes": {"db": {"remote": "a:1", "protocol": "tls", "alpn": [""]}}}"#,
+                "routes.db: each ALPN protocol is 1 to 255 bytes",
             ),
             (
                 r#"{"routes": {"db": {"remote": "a:1", "protocol": "ftp"}}}"#,
