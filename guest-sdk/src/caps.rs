@@ -1,4 +1,4 @@
-//! The capabilities of contract 0.2.0, each callable only when the plugin's
+//! The capabilities (contract 0.2.0 and later), each callable only when the plugin's
 //! `[plugins.NAME]` section grants it (`grants = ["counters"]`); a plugin
 //! that calls one it was not granted fails to load, with the line to add.
 //! Natively (in a plugin's unit tests) counters count in memory without

@@ -3,7 +3,8 @@
 //! (`reuse_instances = false`, from the configured image and with `configure`
 //! run per call), all with the static-router plugin; and the
 //! warm call of static-router's `weir:plugin@0.1.0` build (addresses as
-//! strings, converted by the host) beside its 0.2.0 build (typed addresses).
+//! strings, converted by the host) and its 0.2.0 build (typed addresses,
+//! converted from 0.3.0's records) beside its current 0.3.0 build.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -103,8 +104,9 @@ fn route(c: &mut Criterion) {
     group.finish();
 }
 
-/// static-router's 0.1.0 build (kept in tests/contract-0.1.0) and its
-/// current 0.2.0 build, warm: what typed addresses save per call.
+/// static-router's 0.1.0 and 0.2.0 builds (kept in tests/contract-0.*) and
+/// its current 0.3.0 build, warm: what each older contract's conversions
+/// cost per call.
 fn contracts(c: &mut Criterion) {
     let runtime = Runtime::new().expect("engine");
     let conn = connection();
@@ -112,7 +114,8 @@ fn contracts(c: &mut Criterion) {
     let mut group = c.benchmark_group("contract_route");
     for (name, wasm) in [
         ("v0_1_0", root.join("tests/contract-0.1.0/static_router.wasm")),
-        ("v0_2_0", root.join("target/wasm32-wasip2/release/static_router.wasm")),
+        ("v0_2_0", root.join("tests/contract-0.2.0/static_router.wasm")),
+        ("v0_3_0", root.join("target/wasm32-wasip2/release/static_router.wasm")),
     ] {
         let config = router_config_for(&wasm, true, true);
         bench_router(&mut group, &runtime, (name, false), &config, &conn);

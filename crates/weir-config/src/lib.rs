@@ -422,7 +422,7 @@ pub struct PluginConfig {
     /// that seeds a random generator there, say).
     #[serde(default = "defaults::yes")]
     pub snapshot: bool,
-    /// Capabilities of contract 0.2.0 the plugin may call (`counters`,
+    /// Capabilities (contract 0.2.0 and later) the plugin may call (`counters`,
     /// `metrics`, `dns`, `pools`); a component importing one not listed fails
     /// to load.
     #[serde(default)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Python twin of alpn-router into a weir plugin component (of
-# contract 0.1.0, which weir keeps loading beside 0.2.0),
+# contract 0.1.0, which weir keeps loading beside the current one),
 # target/wasm32-wasip2/release/alpn_router_py.wasm, with componentize-py
 # (from PyPI, installed into a virtual environment under target/ when it is
 # not on the PATH).
