@@ -140,6 +140,9 @@ pub enum AttestError {
     /// The app-info extension is malformed, or contradicts the event log.
     #[error("app info (1.3.6.1.4.1.62397.1.9): {0}")]
     AppInfo(String),
+    /// The legacy app-id extension contradicts the event log.
+    #[error("app id (1.3.6.1.4.1.62397.1.3): {0}")]
+    AppId(String),
     /// The certificate does not parse.
     #[error("certificate: {0}")]
     Certificate(String),

@@ -22,8 +22,9 @@ pub struct RaTls {
     pub events: Vec<Event>,
     /// Whether replaying the IMR-3 events gives the quote's RTMR3.
     pub rtmr3_matches: bool,
-    /// The app id (legacy extension, else the `app-id` runtime event, else
-    /// the app-info extension's).
+    /// The app id: the `app-id` runtime event, when RTMR3 replayed (a
+    /// legacy app-id extension that says otherwise refuses the
+    /// certificate).
     pub app_id: Option<Vec<u8>>,
     /// The app-info extension, checked against the replayed event log and
     /// the quote (when `app_info_checked`).
@@ -71,12 +72,23 @@ impl RaTls {
             return Err(AttestError::Binding);
         }
         let rtmr3_matches = replay_rtmr3(&events)? == report.rtmr[3];
-        let app_id = extension(OID_APP_ID).map(<[u8]>::to_vec).or_else(|| {
-            events
-                .iter()
-                .find(|e| e.imr == 3 && e.event_type == DSTACK_RUNTIME_EVENT && e.name == "app-id")
-                .map(|e| e.payload.clone())
-        });
+        // The app id is what RTMR3 measured, nothing less: a TD can have
+        // any key quoted, so a certificate's own claim (the legacy
+        // extension, the app info) names no app unless the log proves it.
+        let app_id = events
+            .iter()
+            .find(|e| e.imr == 3 && e.event_type == DSTACK_RUNTIME_EVENT && e.name == "app-id")
+            .map(|e| e.payload.clone())
+            .filter(|_| rtmr3_matches);
+        if let (Some(measured), Some(claimed)) = (&app_id, extension(OID_APP_ID))
+            && measured.as_slice() != claimed
+        {
+            return Err(AttestError::AppId(format!(
+                "it claims {}, but the event log measured {}",
+                weir_plugin_sdk::hex::encode(claimed),
+                weir_plugin_sdk::hex::encode(measured)
+            )));
+        }
         let usage = extension(OID_CERT_USAGE).map(|u| String::from_utf8_lossy(u).into_owned());
         let app_info = extension(OID_APP_INFO).map(AppInfo::decode).transpose()?;
         let app_info_checked = rtmr3_matches && platform == "tdx";
@@ -85,13 +97,12 @@ impl RaTls {
         {
             info.check_against(&events, app_info_checked.then_some(&report))?;
         }
-        let app_id = app_id.filter(|_| rtmr3_matches || extension(OID_APP_ID).is_some());
         Ok(RaTls {
             quote,
             report,
             events,
             rtmr3_matches,
-            app_id: app_id.or_else(|| app_info.as_ref().map(|info| info.app_id.to_vec())),
+            app_id,
             app_info,
             app_info_checked,
             usage,
@@ -153,7 +164,7 @@ pub struct Attestation {
     pub rtmr: Vec<Vec<u8>>,
     /// REPORTDATA, 64 bytes.
     pub report_data: Vec<u8>,
-    /// The app id, when the certificate names one.
+    /// The app id, when RTMR3's replayed event log names one.
     pub app_id: Option<Vec<u8>>,
     /// dstack runtime events (name, payload), when RTMR3 replayed.
     pub runtime_events: Vec<(String, Vec<u8>)>,

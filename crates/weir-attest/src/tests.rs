@@ -237,31 +237,41 @@ fn a_certificate_whose_attestation_binds_another_key_is_refused() {
     ));
 }
 
-#[test]
-fn the_legacy_extensions_are_read_and_bound() {
-    // The key first, then the quote that binds it.
+/// A certificate with the legacy extensions: the sample quote bound to a
+/// fresh key, `log` as the event log, `app_id` as the app-id extension;
+/// with `replay`, the quote's RTMR3 is what the log replays to.
+fn legacy_certificate(log: &[u8], app_id: &[u8], replay: bool) -> (Vec<u8>, Vec<u8>) {
     use rcgen::PublicKeyData as _;
     let key = rcgen::KeyPair::generate().expect("key");
     let mut quote = testdata::read("attestation/tdx_quote_v4.bin");
     quote[568..632].copy_from_slice(&binding(&key.subject_public_key_info()));
-    let log = br#"[{"imr":3,"event_type":134217729,"digest":"","event":"app-id","event_payload":"aabb"}]"#;
+    if replay {
+        let events = events::parse_event_log_json(log).expect("log");
+        quote[520..568].copy_from_slice(&replay_rtmr3(&events).expect("replays"));
+    }
     let mut params = rcgen::CertificateParams::new(vec!["tee.test".to_owned()]).expect("params");
     for (oid, value) in [
         (QUOTE, quote.clone()),
         (EVENT_LOG, log.to_vec()),
-        (APP_ID, vec![0xaa, 0xbb]),
+        (APP_ID, app_id.to_vec()),
     ] {
         params
             .custom_extensions
             .push(rcgen::CustomExtension::from_oid_content(oid, octet_string(&value)));
     }
-    let der = params.self_signed(&key).expect("cert").der().to_vec();
+    (params.self_signed(&key).expect("cert").der().to_vec(), quote)
+}
+
+#[test]
+fn the_legacy_extensions_are_read_and_bound() {
+    let log = br#"[{"imr":3,"event_type":134217729,"digest":"","event":"app-id","event_payload":"aabb"}]"#;
+    // The sample's RTMR3 is zero; one app-id event does not replay to it.
+    let (der, quote) = legacy_certificate(log, &[0xaa, 0xbb], false);
     let ratls = RaTls::from_certificate(&der).expect("bound");
     assert_eq!(ratls.quote, quote);
-    assert_eq!(ratls.app_id, Some(vec![0xaa, 0xbb]));
     assert_eq!(ratls.events.len(), 1);
-    // The sample's RTMR3 is zero; one app-id event does not replay to it.
     assert!(!ratls.rtmr3_matches);
+    assert_eq!(ratls.app_id, None, "the extension's own word names no app");
     let seen = ratls.attestation(&Verification {
         verified: false,
         tcb_status: None,
@@ -270,6 +280,19 @@ fn the_legacy_extensions_are_read_and_bound() {
     assert!(seen.runtime_events.is_empty(), "unreplayed events are not handed on");
     assert_eq!(seen.mrtd.as_slice(), &quote[184..232]);
     assert!(!seen.debug);
+
+    // Replayed, the log names the app, and an extension claiming another
+    // is refused.
+    let (der, _) = legacy_certificate(log, &[0xaa, 0xbb], true);
+    let ratls = RaTls::from_certificate(&der).expect("bound");
+    assert!(ratls.rtmr3_matches);
+    assert_eq!(ratls.app_id, Some(vec![0xaa, 0xbb]));
+    let (der, _) = legacy_certificate(log, &[0xcc, 0xdd], true);
+    let err = RaTls::from_certificate(&der).expect_err("contradicted");
+    assert_eq!(
+        err.to_string(),
+        "app id (1.3.6.1.4.1.62397.1.3): it claims ccdd, but the event log measured aabb"
+    );
 }
 
 /// dstack's V1 wire form, written the way dstack writes it: msgpack maps
@@ -480,7 +503,7 @@ fn the_app_info_extension_is_read_and_a_malformed_one_refused() {
     assert!(lie.to_string().contains("claims compose-hash d0d0"), "{lie}");
 
     // With an event log that does not replay, nothing can be checked: the
-    // app info is read (its app id names the app) but not handed on.
+    // app info is read but not handed on, and names no app.
     let unchecked = mint(&|quote| {
         let (_, info) = app.extensions(quote).expect("extensions");
         quote[48 + 472] ^= 1;
@@ -488,7 +511,7 @@ fn the_app_info_extension_is_read_and_a_malformed_one_refused() {
     });
     let ratls = RaTls::from_certificate(&unchecked).expect("read");
     assert!(!ratls.rtmr3_matches && ratls.app_info.is_some());
-    assert_eq!(ratls.app_id, Some(vec![0x33; 20]), "the app id comes from the app info");
+    assert_eq!(ratls.app_id, None, "the app info's own word names no app");
     assert_eq!(ratls.attestation(&unverified).app_info, None);
 
     assert!(matches!(
