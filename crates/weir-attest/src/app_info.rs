@@ -13,7 +13,8 @@
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::{AttestError, DSTACK_RUNTIME_EVENT, Event, TdReport};
+use crate::events::runtime_event;
+use crate::{AttestError, Event, TdReport};
 
 /// Largest app-info extension read.
 pub const MAX_APP_INFO: usize = 16 * 1024;
@@ -78,13 +79,8 @@ impl AppInfo {
     /// `mr_system` / `mr_aggregated` other than dstack's from `report`
     /// (whose RTMR3 the events replayed into), when there is one.
     pub fn check_against(&self, events: &[Event], report: Option<&TdReport>) -> Result<(), AttestError> {
-        let runtime_event = |name: &str| {
-            events
-                .iter()
-                .find(|e| e.imr == 3 && e.event_type == DSTACK_RUNTIME_EVENT && e.name == name)
-        };
         for (name, claimed) in self.claims() {
-            if let Some(event) = runtime_event(name)
+            if let Some(event) = runtime_event(events, name)
                 && event.payload != claimed
             {
                 return Err(contradicted(name, claimed, &event.payload, "the event log measured"));
@@ -93,7 +89,7 @@ impl AppInfo {
         let Some(report) = report else {
             return Ok(());
         };
-        let key_provider = runtime_event("key-provider").map_or(&[][..], |e| &e.payload);
+        let key_provider = runtime_event(events, "key-provider").map_or(&[][..], |e| &e.payload);
         let (mr_system, mr_aggregated) = measurements(report, key_provider);
         for (name, claimed, computed) in [
             ("mr_system", &self.mr_system, mr_system),
@@ -152,6 +148,7 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::DSTACK_RUNTIME_EVENT;
 
     /// What dstack's `rmp_serde::to_vec(&app_info)` writes: an array of
     /// the fields, byte strings as bin.

@@ -19,6 +19,11 @@ pub struct Event {
 }
 
 impl Event {
+    /// Whether this is a dstack runtime event extended into RTMR3.
+    pub fn is_runtime_event(&self) -> bool {
+        self.imr == 3 && self.event_type == DSTACK_RUNTIME_EVENT
+    }
+
     /// The digest extended into the IMR: recomputed from name and payload for
     /// a dstack runtime event (binding them), the logged one otherwise.
     fn extended_digest(&self, index: usize) -> Result<[u8; 48], AttestError> {
@@ -30,6 +35,12 @@ impl Event {
             len: self.digest.len(),
         })
     }
+}
+
+/// The first dstack runtime event called `name`: the one the system emits
+/// at boot, before anything an app in the TD adds under the same name.
+pub(crate) fn runtime_event<'a>(events: &'a [Event], name: &str) -> Option<&'a Event> {
+    events.iter().find(|e| e.is_runtime_event() && e.name == name)
 }
 
 /// dstack's digest of a runtime event: SHA-384 of its type (little-endian),

@@ -1,13 +1,13 @@
 //! An RA-TLS certificate's attestation: found, its key binding checked,
 //! RTMR3 replayed; and [`Attestation`], what plugins are shown of it.
 
-use crate::events::{Event, parse_event_log_json, replay_rtmr3};
+use crate::events::{Event, parse_event_log_json, replay_rtmr3, runtime_event};
 use crate::extension::decode_attestation;
 use crate::quote::{TdReport, parse_quote};
 use crate::verify::Verification;
 use crate::{
-    AppInfo, AttestError, BINDING_TAG, DSTACK_RUNTIME_EVENT, OID_APP_ID, OID_APP_INFO, OID_ATTESTATION, OID_CERT_USAGE,
-    OID_EVENT_LOG, OID_TDX_QUOTE,
+    AppInfo, AttestError, BINDING_TAG, OID_APP_ID, OID_APP_INFO, OID_ATTESTATION, OID_CERT_USAGE, OID_EVENT_LOG,
+    OID_TDX_QUOTE,
 };
 
 /// The attestation an RA-TLS certificate carries, with the checks that need
@@ -75,9 +75,7 @@ impl RaTls {
         // The app id is what RTMR3 measured, nothing less: a TD can have
         // any key quoted, so a certificate's own claim (the legacy
         // extension, the app info) names no app unless the log proves it.
-        let app_id = events
-            .iter()
-            .find(|e| e.imr == 3 && e.event_type == DSTACK_RUNTIME_EVENT && e.name == "app-id")
+        let app_id = runtime_event(&events, "app-id")
             .map(|e| e.payload.clone())
             .filter(|_| rtmr3_matches);
         if let (Some(measured), Some(claimed)) = (&app_id, extension(OID_APP_ID))
@@ -116,7 +114,7 @@ impl RaTls {
             true => self
                 .events
                 .iter()
-                .filter(|e| e.imr == 3 && e.event_type == DSTACK_RUNTIME_EVENT)
+                .filter(|e| e.is_runtime_event())
                 .map(|e| (e.name.clone(), e.payload.clone()))
                 .collect(),
             false => Vec::new(),
