@@ -203,7 +203,13 @@ impl Gateway {
             let local = socket.local_addr().map_err(bind_error)?;
             sockets.push((Arc::clone(&listener.name), local, socket));
         }
-        snapshot.start_health_checks();
+        // The admin address is weir's own before the admin server binds it:
+        // no probe or decision may reach it in between.
+        let mut own = Vec::new();
+        if let Some(admin) = snapshot.config.admin.as_ref().filter(|a| a.bind.port() != 0) {
+            own.push(crate::own::OwnAddress::register(admin.bind));
+        }
+        put_in_force(&snapshot);
         crate::relay::set_max_pipes(max_pipes(&snapshot.config.limits));
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut addrs = BTreeMap::new();
@@ -211,7 +217,6 @@ impl Gateway {
         let mut stats = BTreeMap::new();
         let all = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::sync::LazyLock::force(&DESCRIPTOR_LIMIT);
-        let mut own = Vec::new();
         let mut by_name = BTreeMap::new();
         for (name, local, socket) in sockets {
             let socket = Arc::new(socket);
@@ -290,7 +295,7 @@ impl Gateway {
                     .filter(|(name, plugin)| old.plugins().get(*name).is_none_or(|o| !Arc::ptr_eq(o, plugin)))
                     .map(|(name, _)| name.clone())
                     .collect();
-                new.start_health_checks();
+                put_in_force(&new);
                 let new = Arc::new(new);
                 self.snapshot.store(Arc::clone(&new));
                 self.apply_socket_options(&old, &new);
@@ -506,4 +511,19 @@ impl crate::acme::Renewing for Gateway {
     async fn reload(&self) {
         Gateway::reload(self, "acme").await;
     }
+}
+
+/// Makes `snapshot` the one whose process-wide bounds hold for what runs
+/// outside a routed connection — the descriptor reserve health probes leave
+/// free, the bytes parked before routing — and starts its health checks.
+fn put_in_force(snapshot: &Snapshot) {
+    let limits = &snapshot.config.limits;
+    crate::descriptors::RESERVE_IN_FORCE.store(limits.descriptor_reserve.unwrap_or(u64::MAX), Ordering::Relaxed);
+    crate::parked::MAX_PARKED_BYTES.store(
+        limits
+            .max_parked_bytes
+            .unwrap_or(crate::parked::DEFAULT_MAX_PARKED_BYTES),
+        Ordering::Relaxed,
+    );
+    snapshot.start_health_checks();
 }

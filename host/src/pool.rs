@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::addr::HostPort;
 use crate::clock::unix_now;
@@ -319,71 +318,125 @@ impl Pool {
     }
 
     /// Runs active health checks until the pool is gone (no snapshot holds
-    /// it any more).
-    pub fn spawn_health_checks(pool: &Arc<Pool>) {
+    /// it any more). Every probe goes through the door as the pool's
+    /// owner's: the operator's, or for a pool a tenant published, the
+    /// tenant's (its ranges, its sockets, its `health_probes_per_second`;
+    /// a probe past the rate is skipped and its server keeps its state).
+    /// Probes in flight are bounded over the whole process
+    /// ([`MAX_PROBES_IN_FLIGHT`]), and none takes a descriptor the reserve
+    /// keeps for connections.
+    pub fn spawn_health_checks(pool: &Arc<Pool>, owner: Option<Arc<crate::door::Reach>>) {
         let Some(health) = pool.config.health.clone() else {
             return;
         };
         let weak: Weak<Pool> = Arc::downgrade(pool);
-        let send = health.send.as_deref().map(unescape);
+        let send: Option<Arc<[u8]>> = health.send.as_deref().map(|s| unescape(s).into());
+        let expect: Option<Arc<[u8]>> = health.expect.as_deref().map(|s| unescape(s).into());
+        // The operator's pools name their servers themselves; a tenant's
+        // published ones are its word.
+        let vouch = match owner {
+            None => crate::door::Vouch::Operator,
+            Some(_) => crate::door::Vouch::Chosen,
+        };
         tokio::spawn(async move {
+            let mut refusals = crate::throttle::EverySecond::default();
             loop {
                 tokio::time::sleep(health.interval).await;
                 let Some(pool) = weak.upgrade() else { return };
-                let checks = pool.backends.iter().map(|backend| {
-                    let backend = Arc::clone(backend);
-                    let health = health.clone();
-                    let send = send.clone();
-                    async move {
-                        let ok =
-                            tokio::time::timeout(health.timeout, probe(&backend.addr, send, health.expect.clone()))
-                                .await
-                                .unwrap_or(false);
-                        backend.checked(ok, &health);
+                let mut round = tokio::task::JoinSet::new();
+                for backend in &pool.backends {
+                    if owner.as_ref().is_some_and(|reach| !reach.probes.take()) {
+                        continue;
                     }
-                });
-                futures_join_all(checks).await;
+                    // Waits for a place among the probes in flight.
+                    let Ok(place) = Arc::clone(&PROBES_IN_FLIGHT).acquire_owned().await else {
+                        return;
+                    };
+                    let backend = Arc::clone(backend);
+                    let (health, send, expect, owner) = (health.clone(), send.clone(), expect.clone(), owner.clone());
+                    round.spawn(async move {
+                        let scope = match owner.as_deref() {
+                            Some(reach) => crate::door::Scope::Tenant(reach),
+                            None => crate::door::Scope::Operator,
+                        };
+                        let checked = probe(scope, vouch, &backend.addr, send.as_deref(), expect.as_deref());
+                        let result = tokio::time::timeout(health.timeout, checked).await;
+                        drop(place);
+                        match result {
+                            Ok(Err(refused))
+                                if refused.is_refusal() || matches!(refused, crate::door::DoorError::Reserve) =>
+                            {
+                                Some((backend, refused))
+                            }
+                            Ok(result) => {
+                                backend.checked(result.is_ok_and(|ok| ok), &health);
+                                None
+                            }
+                            Err(_) => {
+                                backend.checked(false, &health);
+                                None
+                            }
+                        }
+                    });
+                }
+                drop(pool);
+                while let Some(done) = round.join_next().await {
+                    // A probe the door refused says nothing of the server:
+                    // its state stays, and the refusal is logged (at most
+                    // once a second).
+                    if let Ok(Some((backend, refused))) = done
+                        && let Some(count) = refusals.event()
+                    {
+                        tracing::warn!(server = %backend.addr, probes = count, "health probe refused: {refused}");
+                    }
+                }
             }
         });
     }
 }
 
-/// Runs futures concurrently to completion.
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
-    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
-    for task in tasks {
-        let _ = task.await;
-    }
-}
+/// Most health probes in flight over the whole process.
+pub const MAX_PROBES_IN_FLIGHT: usize = 256;
 
-/// One health check: connect, then send and expect if configured.
-async fn probe(addr: &HostPort, send: Option<Vec<u8>>, expect: Option<String>) -> bool {
-    let connected = match addr.socket_addr() {
-        Some(socket) => TcpStream::connect(socket).await,
-        None => TcpStream::connect(addr.to_string()).await,
+/// The places of the probes in flight.
+static PROBES_IN_FLIGHT: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_PROBES_IN_FLIGHT)));
+
+/// One health check through the door: connect, then send and expect if
+/// configured. `Ok(false)`: the server failed it.
+async fn probe(
+    scope: crate::door::Scope<'_>,
+    vouch: crate::door::Vouch,
+    addr: &HostPort,
+    send: Option<&[u8]>,
+    expect: Option<&[u8]>,
+) -> Result<bool, crate::door::DoorError> {
+    let connected = crate::door::connect_host(scope, addr, vouch, crate::door::Purpose::Probe).await;
+    let mut stream = match connected {
+        Ok(outbound) => outbound,
+        Err(e) if e.is_refusal() || matches!(e, crate::door::DoorError::Reserve) => return Err(e),
+        Err(_) => return Ok(false),
     };
-    let Ok(mut stream) = connected else { return false };
     if let Some(send) = send
-        && stream.write_all(&send).await.is_err()
+        && stream.stream.write_all(send).await.is_err()
     {
-        return false;
+        return Ok(false);
     }
-    let Some(expect) = expect else { return true };
-    let expect = unescape(&expect);
+    let Some(expect) = expect else { return Ok(true) };
     let mut seen = Vec::new();
     let mut chunk = [0u8; 1024];
     while seen.len() < 64 * 1024 {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return false,
+        match stream.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok(false),
             Ok(n) => {
                 seen.extend_from_slice(&chunk[..n]);
-                if seen.windows(expect.len().max(1)).any(|w| w == expect.as_slice()) {
-                    return true;
+                if seen.windows(expect.len().max(1)).any(|w| w == expect) {
+                    return Ok(true);
                 }
             }
         }
     }
-    false
+    Ok(false)
 }
 
 /// `\r`, `\n`, `\t` and `\\` escapes in health check strings.
@@ -436,6 +489,7 @@ mod tests {
             passive: PassiveConfig::default(),
             proxy_protocol: None,
             max_attempts: None,
+            published_by: None,
         };
         Pool::new("p", &config, None)
     }

@@ -123,7 +123,13 @@ pub struct Tenant {
     pub name: Arc<str>,
     chain: Vec<Arc<Plugin>>,
     pools: std::collections::BTreeSet<String>,
-    upstreams: Vec<ipnet::IpNet>,
+    /// What weir may connect to for it, and the sockets it holds.
+    pub reach: Arc<crate::door::Reach>,
+    /// Its plugins' DNS lookups a second; carried across reloads while the
+    /// rate is the same.
+    dns: Arc<crate::throttle::Rate>,
+    /// The metric series its plugins have; carried likewise.
+    series: Arc<crate::metrics::own::TenantSeries>,
     certificates: std::collections::BTreeSet<String>,
     cas: std::collections::BTreeSet<String>,
     max_connections: Option<usize>,
@@ -192,15 +198,7 @@ impl Known for TenantScope<'_> {
 
     fn check_address(&self, addr: &HostPort) -> Result<(), String> {
         match addr.socket_addr() {
-            Some(socket)
-                if self
-                    .tenant
-                    .upstreams
-                    .iter()
-                    .any(|net| net.contains(&socket.ip().to_canonical())) =>
-            {
-                Ok(())
-            }
+            Some(socket) if self.tenant.reach.contains(socket) => Ok(()),
             _ => Err(format!(
                 "address `{addr}` is outside tenant `{}`'s upstream ranges",
                 self.tenant.name
@@ -378,7 +376,15 @@ impl Snapshot {
     /// stops when no snapshot holds its pool any more. Needs a tokio runtime.
     pub fn start_health_checks(&self) {
         for pool in self.pools.values() {
-            Pool::spawn_health_checks(pool);
+            // A pool a tenant published is probed as the tenant's: its
+            // ranges, its sockets, its probes a second.
+            let owner = pool
+                .config
+                .published_by
+                .as_deref()
+                .and_then(|tenant| self.tenants.get(tenant))
+                .map(|tenant| Arc::clone(&tenant.reach));
+            Pool::spawn_health_checks(pool, owner);
         }
     }
 
@@ -426,11 +432,38 @@ fn build_tenants(
 ) -> (BTreeMap<String, Arc<Tenant>>, std::collections::HashMap<String, String>) {
     let mut tenants = BTreeMap::new();
     let mut domains = std::collections::HashMap::new();
+    // A plugin kept from the previous snapshot may have been a tenant's
+    // and be no one's now.
+    let owned = |name: &String| {
+        let live = config
+            .plugins
+            .get(name)
+            .and_then(|p| p.shadow_of.as_ref())
+            .unwrap_or(name);
+        config.tenants.values().any(|t| t.plugins.contains(live))
+    };
+    for (_, plugin) in plugins.iter().filter(|(name, _)| !owned(name)) {
+        plugin.set_budget(None);
+        plugin.set_dns_rate(None);
+        plugin.set_metric_series(None);
+    }
     for (name, tenant) in &config.tenants {
         // `Config::check` proved every name and reference.
-        let active = previous
-            .and_then(|p| p.tenants.get(name))
-            .map_or_else(Arc::default, |t| Arc::clone(&t.active));
+        let before = previous.and_then(|p| p.tenants.get(name));
+        let active = before.map_or_else(Arc::default, |t| Arc::clone(&t.active));
+        let reach = Arc::new(crate::door::Reach::new(
+            name.as_str().into(),
+            tenant,
+            before.map(|t| &*t.reach),
+        ));
+        let dns = before
+            .map(|t| Arc::clone(&t.dns))
+            .filter(|rate| rate.per_second() == tenant.dns_queries_per_second)
+            .unwrap_or_else(|| Arc::new(crate::throttle::Rate::new(tenant.dns_queries_per_second)));
+        let series = before
+            .map(|t| Arc::clone(&t.series))
+            .filter(|series| series.max() == tenant.max_metric_series)
+            .unwrap_or_else(|| Arc::new(crate::metrics::own::TenantSeries::new(name, tenant.max_metric_series)));
         let max_calls = tenant
             .max_plugin_calls
             .unwrap_or_else(crate::plugin::default_tenant_calls);
@@ -445,27 +478,29 @@ fn build_tenants(
             }
         }
         let chain: Vec<Arc<Plugin>> = tenant.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
-        for plugin in &chain {
-            // A tenant's plugins are its own (`Config::check`).
-            plugin.set_budget(Some(Arc::clone(&budget)));
-        }
-        // Its shadow plugins spend a budget of their own, with the same
-        // limits: a candidate cannot slow the live plugins down.
-        for (shadow, settings) in &config.plugins {
-            if settings
+        // A tenant's plugins are its own (`Config::check`), and so are the
+        // shadows of them (at most `max_shadows`): all spend the tenant's
+        // one budget of plugin time and DNS lookups, so that shadows cannot
+        // multiply what a tenant may spend.
+        let shadows = config.plugins.iter().filter_map(|(shadow, settings)| {
+            settings
                 .shadow_of
                 .as_ref()
-                .is_some_and(|live| tenant.plugins.contains(live))
-                && let Some(shadow) = plugins.get(shadow)
-            {
-                shadow.set_budget(Some(crate::plugin::Budget::new(tenant.plugin_cpu, max_calls)));
-            }
+                .filter(|live| tenant.plugins.contains(live))
+                .and_then(|_| plugins.get(shadow))
+        });
+        for plugin in chain.iter().chain(shadows) {
+            plugin.set_budget(Some(Arc::clone(&budget)));
+            plugin.set_dns_rate(Some(Arc::clone(&dns)));
+            plugin.set_metric_series(Some(Arc::clone(&series)));
         }
         let tenant = Tenant {
             name: name.as_str().into(),
             chain,
             pools: tenant.pools.iter().cloned().collect(),
-            upstreams: tenant.upstreams.clone(),
+            reach,
+            dns,
+            series,
             certificates: tenant.certificates.iter().cloned().collect(),
             cas: tenant.cas.iter().cloned().collect(),
             max_connections: tenant.max_connections,

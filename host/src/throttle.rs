@@ -1,7 +1,8 @@
-//! Two small rate limits the gateway uses wherever something may happen
+//! Small rate limits the gateway uses wherever something may happen
 //! faster than anyone should be told or allowed: [`EverySecond`] (report an
-//! event at most once a second, with how many there were) and [`Bucket`]
-//! (a token bucket: an allowance refilled continuously, up to a cap).
+//! event at most once a second, with how many there were), [`Bucket`]
+//! (a token bucket: an allowance refilled continuously, up to a cap) and
+//! [`Rate`] (so many events a second, a second's worth at once).
 
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,40 @@ impl Bucket {
     }
 }
 
+/// At most `per_second` events a second, up to a second's worth at once;
+/// shared by whoever spends it (a tenant's probes, its DNS lookups).
+#[derive(Debug)]
+pub struct Rate {
+    per_second: u32,
+    bucket: std::sync::Mutex<Bucket>,
+}
+
+impl Rate {
+    /// A full allowance of `per_second` events a second.
+    pub fn new(per_second: u32) -> Rate {
+        Rate {
+            per_second,
+            bucket: std::sync::Mutex::new(Bucket::full(f64::from(per_second))),
+        }
+    }
+
+    /// The events it allows a second.
+    pub fn per_second(&self) -> u32 {
+        self.per_second
+    }
+
+    /// Takes one event's allowance; `false` when there is none left.
+    pub fn take(&self) -> bool {
+        let rate = f64::from(self.per_second);
+        let mut bucket = crate::sync::lock(&self.bucket);
+        if bucket.refill(rate, rate) < 1.0 {
+            return false;
+        }
+        bucket.spend(1.0);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +123,14 @@ mod tests {
         assert!(bucket.refill(1.0, 10.0) < -14.9);
         bucket.at -= Duration::from_secs(100);
         assert_eq!(bucket.refill(1.0, 10.0), 10.0);
+    }
+
+    #[test]
+    fn a_rate_allows_a_seconds_worth_then_refills() {
+        let rate = Rate::new(5);
+        assert_eq!((0..20).filter(|_| rate.take()).count(), 5);
+        crate::sync::lock(&rate.bucket).at -= Duration::from_millis(400);
+        assert_eq!((0..20).filter(|_| rate.take()).count(), 2);
+        assert!(!Rate::new(0).take());
     }
 }

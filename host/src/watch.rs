@@ -1,6 +1,14 @@
 //! Watching the files a config depends on: a reload when what weir reads
 //! changed (by signature: resolved path, inode, length, mtime), after a
-//! burst of changes settles.
+//! burst of changes settles and every write in place has been closed.
+//!
+//! A file written in place is read only once its writer closes it
+//! (inotify's `IN_CLOSE_WRITE`): a writer that stalls mid-file (a slow
+//! pipe, a copy over the network) leaves a prefix that may itself be a
+//! valid config, missing its last routes or tenants. A file renamed into
+//! place is complete when it appears. A file still open for writing
+//! [`OPEN_WRITE_PATIENCE`] after its last change is read anyway, with a
+//! warning: a writer that never closes cannot hold reloads back for ever.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,12 +39,19 @@ impl Gateway {
         use notify::{RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Reading a file (as a reload does) is not a change.
-            if let Ok(event) = event
-                && !matches!(event.kind, notify::EventKind::Access(_))
-            {
-                let _ = tx.send(event.paths);
-            }
+            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+            let Ok(event) = event else { return };
+            let write = match event.kind {
+                // A write in place closed: the file is complete.
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => Write::Closed,
+                // Reading a file (as a reload does) is not a change.
+                EventKind::Access(_) => return,
+                // Opened (created) or written in place: not complete until closed.
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Write::Open,
+                // Renamed into place, removed, attributes: complete as it is.
+                _ => Write::Closed,
+            };
+            let _ = tx.send((event.paths, write));
         })
         .map_err(|e| format!("cannot watch files: {e}"))?;
         let gateway = Arc::downgrade(self);
@@ -54,26 +69,44 @@ impl Gateway {
             // did. That catches a symlink swapped above a file (Kubernetes
             // ConfigMaps swap `..data`) and ignores other files' churn (a
             // log written beside the config).
-            while rx.recv().await.is_some() {
+            // Watched files open for writing, by the path events name.
+            let mut open: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+            while let Some((paths, write)) = rx.recv().await {
+                note_writes(&mut open, &paths, write, &files);
                 let mut settled = signature(&files);
                 if settled == last {
                     continue;
                 }
                 // Let the burst settle: only changes to what weir reads
-                // extend the quiet period.
+                // extend the quiet period; a write left open extends it
+                // until it is closed, or for OPEN_WRITE_PATIENCE.
                 let mut quiet_until = tokio::time::Instant::now() + debounce;
+                let mut changed_at = tokio::time::Instant::now();
                 loop {
                     match tokio::time::timeout_at(quiet_until, rx.recv()).await {
-                        Ok(Some(_)) => {
+                        Ok(Some((paths, write))) => {
+                            note_writes(&mut open, &paths, write, &files);
                             let now = signature(&files);
                             if now != settled {
                                 settled = now;
-                                quiet_until = tokio::time::Instant::now() + debounce;
+                                changed_at = tokio::time::Instant::now();
+                                quiet_until = changed_at + debounce;
                             }
                         }
                         Ok(None) => return,
+                        Err(_) if !open.is_empty() && changed_at.elapsed() < OPEN_WRITE_PATIENCE => {
+                            quiet_until = tokio::time::Instant::now() + debounce;
+                        }
                         Err(_) => break,
                     }
+                }
+                if !open.is_empty() {
+                    let files: Vec<String> = open.iter().map(|p| p.display().to_string()).collect();
+                    tracing::warn!(
+                        files = %files.join(", "),
+                        "reloading although a watched file is still open for writing: nothing changed it for {OPEN_WRITE_PATIENCE:?}"
+                    );
+                    open.clear();
                 }
                 let Some(gateway) = gateway.upgrade() else { return };
                 gateway.reload("file").await;
@@ -100,6 +133,44 @@ impl Gateway {
                 watched = now;
             }
         }))
+    }
+}
+
+/// How a file event leaves the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Opened for writing or written, not yet closed.
+    Open,
+    /// Complete: a write closed, or renamed into place.
+    Closed,
+}
+
+/// How long a watched file may stay open for writing, unchanged, before a
+/// reload reads it anyway.
+pub const OPEN_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Notes which of the watched `files` an event leaves open for writing.
+/// Events name the path written (a symlink's target, where one is
+/// watched): both the path and what it resolves to are compared.
+fn note_writes(open: &mut std::collections::BTreeSet<PathBuf>, paths: &[PathBuf], write: Write, files: &[PathBuf]) {
+    for path in paths {
+        let watched = files.iter().any(|file| {
+            let absolute = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            let in_dir = match (absolute.parent(), absolute.file_name()) {
+                (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok().map(|dir| dir.join(name)),
+                _ => None,
+            };
+            absolute == *path
+                || in_dir.as_ref() == Some(path)
+                || std::fs::canonicalize(&absolute).is_ok_and(|resolved| resolved == *path)
+        });
+        if !watched {
+            continue;
+        }
+        match write {
+            Write::Open => open.insert(path.clone()),
+            Write::Closed => open.remove(path),
+        };
     }
 }
 

@@ -151,6 +151,56 @@ impl Config {
             if tenant.max_connections == Some(0) {
                 return Err(self.invalid(field("max_connections"), "must be at least 1"));
             }
+            if tenant.max_descriptors == Some(0) {
+                return Err(self.invalid(field("max_descriptors"), "must be at least 1"));
+            }
+            let shadows = self
+                .plugins
+                .values()
+                .filter(|p| p.shadow_of.as_ref().is_some_and(|live| tenant.plugins.contains(live)))
+                .count();
+            if shadows > tenant.max_shadows {
+                return Err(self.invalid(
+                    field("plugins"),
+                    format!(
+                        "{shadows} shadow plugins exceed tenant `{name}`'s max_shadows of {}",
+                        tenant.max_shadows
+                    ),
+                ));
+            }
+        }
+        self.check_published_pools()
+    }
+
+    /// A pool a tenant's fleet policy published names servers on the
+    /// tenant's word: each must be an address (no DNS name, which could
+    /// point anywhere later) inside the tenant's `upstreams`, port included.
+    fn check_published_pools(&self) -> Result<(), ConfigError> {
+        for (pool, settings) in &self.pools {
+            let Some(owner) = &settings.published_by else { continue };
+            let field = format!("pools.{pool}.servers");
+            let Some(tenant) = self.tenants.get(owner) else {
+                return Err(self.invalid(field, format!("published by tenant `{owner}`, which the config lacks")));
+            };
+            for server in &settings.servers {
+                let parsed = crate::addr::HostPort::parse(server.address())
+                    .map_err(|e| self.invalid(field.clone(), e.to_string()))?;
+                let Some(addr) = parsed.socket_addr() else {
+                    return Err(self.invalid(
+                        field,
+                        format!("`{parsed}`: a tenant's pool names addresses, not DNS names"),
+                    ));
+                };
+                if !tenant.upstreams.iter().any(|range| range.contains(addr)) {
+                    return Err(self.invalid(
+                        field,
+                        format!(
+                            "`{addr}` is outside tenant `{owner}`'s upstream ranges ({}; tenants.{owner}.upstreams)",
+                            crate::addr::ranges_text(&tenant.upstreams)
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -54,7 +54,7 @@ pub fn max_connections_per_client() -> u32 {
     512
 }
 pub fn client_prefix_v4() -> u8 {
-    32
+    24
 }
 pub fn client_prefix_v6() -> u8 {
     64
@@ -89,5 +89,17 @@ pub fn yes() -> bool {
 }
 
 pub fn cache_max_mib() -> u64 {
+    1024
+}
+pub fn tenant_probes_per_second() -> u32 {
+    50
+}
+pub fn tenant_dns_per_second() -> u32 {
+    200
+}
+pub fn tenant_max_shadows() -> usize {
+    2
+}
+pub fn tenant_max_metric_series() -> usize {
     1024
 }

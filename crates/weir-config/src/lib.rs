@@ -181,9 +181,13 @@ pub struct TenantConfig {
     /// Pools its decisions may name.
     #[serde(default)]
     pub pools: Vec<String>,
-    /// IP ranges its decisions may name as addresses (DNS names are refused).
+    /// Address ranges, optionally with ports, weir may connect to for the
+    /// tenant beyond its pools' own servers: the addresses its decisions
+    /// name (DNS names are refused), a `pool:port` target, the servers of
+    /// pools it publishes in fleet mode. `10.0.0.0/8`, `10.0.0.0/8:443`,
+    /// `127.0.0.1/32:8000-8099`, `[fd00::/8]:443`.
     #[serde(default)]
-    pub upstreams: Vec<ipnet::IpNet>,
+    pub upstreams: Vec<addr::UpstreamRange>,
     /// Certificates its terminations may present (also when chosen by SNI).
     #[serde(default)]
     pub certificates: Vec<String>,
@@ -214,6 +218,25 @@ pub struct TenantConfig {
     /// Largest `counter_keys` its plugins may have.
     #[serde(default = "grants::default_counter_keys")]
     pub max_counter_keys: usize,
+    /// Most sockets weir holds open towards upstreams for the tenant at
+    /// once: its connections' upstream sides and its pools' health probes.
+    /// Default: an eighth of the descriptor limit, at least 64.
+    pub max_descriptors: Option<usize>,
+    /// Health probes of the tenant's pools a second, over all of them: a
+    /// probe past it is skipped, and the server keeps its state.
+    #[serde(default = "defaults::tenant_probes_per_second")]
+    pub health_probes_per_second: u32,
+    /// DNS lookups its plugins (`dns` capability) may make a second, over
+    /// all of them; a lookup past it fails at once with `failed`.
+    #[serde(default = "defaults::tenant_dns_per_second")]
+    pub dns_queries_per_second: u32,
+    /// Most shadow plugins beside its live ones.
+    #[serde(default = "defaults::tenant_max_shadows")]
+    pub max_shadows: usize,
+    /// Most metric series (`metrics` capability) all its plugins and
+    /// shadows have together; each plugin has at most 256 as well.
+    #[serde(default = "defaults::tenant_max_metric_series")]
+    pub max_metric_series: usize,
 }
 
 /// Process-wide limits.
@@ -235,6 +258,10 @@ pub struct Limits {
     /// Default: 1/8 of the descriptor limit, between 16 and 16,384; 0: never
     /// splice.
     pub max_pipes: Option<usize>,
+    /// Most bytes all connections may hold before routing while their
+    /// first bytes arrive slowly (their buffers and a few KiB each); past
+    /// it, those parked longest are shed. Default 64 MiB.
+    pub max_parked_bytes: Option<usize>,
     /// Most instances of `reuse_instances = false` plugins alive at once
     /// (their calls in flight, over all of them): slots reserved at start,
     /// so read at start only. Default 1000.

@@ -80,7 +80,9 @@ pub struct ListenerConfig {
     /// single customer's network) is one client.
     #[serde(default = "defaults::max_connections_per_client")]
     pub max_connections_per_client: u32,
-    /// Bits of an IPv4 client address that name one client (1-32).
+    /// Bits of an IPv4 client address that name one client (1-32). The
+    /// default, 24, counts a /24 as one client: one holder of a /24 could
+    /// otherwise take `max_connections_per_client` 256 times over.
     #[serde(default = "defaults::client_prefix_v4")]
     pub client_prefix_v4: u8,
     /// Bits of an IPv6 client address that name one client (1-128).

@@ -29,6 +29,12 @@ pub struct PoolConfig {
     /// Most servers tried for one connection (all of them when absent),
     /// within the listener's connect_timeout.
     pub max_attempts: Option<usize>,
+    /// The tenant whose fleet policy published the pool, set by the node
+    /// that lays the policy over the operator's config; never read from a
+    /// file. Such a pool's servers are the tenant's word, not the
+    /// operator's: each must lie in the tenant's `upstreams`.
+    #[serde(skip)]
+    pub published_by: Option<String>,
 }
 
 /// One server of a pool.

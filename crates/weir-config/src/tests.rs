@@ -140,3 +140,84 @@ fn a_string_config_is_passed_verbatim() {
         "tcp:\n  routers: {}"
     );
 }
+
+/// A tenant's section: its ranges name ports, its shadows are counted, and
+/// the defaults of its budgets are the documented ones.
+#[test]
+fn a_tenants_ranges_ports_and_shadows_are_checked() {
+    let tenant = |extra: &str| {
+        format!(
+            "{MINIMAL}\n[plugins.acme-router]\nwasm = \"r.wasm\"\n[plugins.acme-next]\nwasm = \"r.wasm\"\nshadow_of = \"acme-router\"\n\
+             [tenants.acme]\ndomains = [\"acme.test\"]\nplugins = [\"acme-router\"]\n{extra}\n"
+        )
+    };
+    let config = parse(&tenant(
+        "upstreams = [\"10.0.0.0/8\", \"127.0.0.1/32:8000-8099\", \"[fd00::/8]:443\"]",
+    ))
+    .expect("valid");
+    let acme = &config.tenants["acme"];
+    assert_eq!(acme.upstreams.len(), 3);
+    assert!(acme.upstreams[1].contains("127.0.0.1:8050".parse().expect("addr")));
+    assert!(!acme.upstreams[1].contains("127.0.0.1:9000".parse().expect("addr")));
+    assert_eq!(acme.health_probes_per_second, 50);
+    assert_eq!(acme.dns_queries_per_second, 200);
+    assert_eq!(acme.max_shadows, 2);
+    assert_eq!(acme.max_descriptors, None);
+    assert_eq!(config.listeners["public"].client_prefix_v4, 24);
+
+    let error = parse(&tenant("upstreams = [\"10.0.0.0/8:99999\"]"))
+        .expect_err("bad port")
+        .to_string();
+    assert!(error.contains("a port is a number from 1 to 65535"), "{error}");
+    let error = parse(&tenant("max_shadows = 0"))
+        .expect_err("too many shadows")
+        .to_string();
+    assert!(
+        error.contains("tenants.acme.plugins: 1 shadow plugins exceed tenant `acme`'s max_shadows of 0"),
+        "{error}"
+    );
+    let error = parse(&tenant("max_descriptors = 0"))
+        .expect_err("no descriptors")
+        .to_string();
+    assert!(
+        error.contains("tenants.acme.max_descriptors: must be at least 1"),
+        "{error}"
+    );
+}
+
+/// A pool a tenant published is held to the tenant's ranges, ports
+/// included; an operator's pool is not.
+#[test]
+fn a_published_pool_lies_in_its_tenants_ranges() {
+    let text = format!(
+        "{MINIMAL}\n[plugins.acme-router]\nwasm = \"r.wasm\"\n[pools.acme-app]\nservers = [\"127.0.0.1:9001\"]\n\
+         [tenants.acme]\ndomains = [\"acme.test\"]\nplugins = [\"acme-router\"]\npools = [\"acme-app\"]\n\
+         upstreams = [\"10.0.0.0/8\", \"127.0.0.1/32:9001\"]\n"
+    );
+    let config = parse(&text).expect("an operator's pool names any server");
+    let publish = |servers: &[&str]| {
+        let mut config = config.clone();
+        let pool = config.pools.get_mut("acme-app").expect("pool");
+        pool.servers = servers.iter().map(|s| ServerConfig::Address((*s).to_owned())).collect();
+        pool.published_by = Some("acme".into());
+        config.check()
+    };
+    publish(&["127.0.0.1:9001", "10.1.2.3:443"]).expect("inside its ranges");
+    for (servers, reason) in [
+        (
+            ["127.0.0.1:9002"],
+            "pools.acme-app.servers: `127.0.0.1:9002` is outside tenant `acme`'s upstream ranges (10.0.0.0/8, 127.0.0.1/32:9001; tenants.acme.upstreams)",
+        ),
+        (
+            ["169.254.169.254:80"],
+            "`169.254.169.254:80` is outside tenant `acme`'s upstream ranges",
+        ),
+        (
+            ["backend.internal:443"],
+            "a tenant's pool names addresses, not DNS names",
+        ),
+    ] {
+        let error = publish(&servers).expect_err(reason).to_string();
+        assert!(error.contains(reason), "{error}");
+    }
+}

@@ -8,46 +8,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::conn::handle;
+pub(crate) use crate::descriptors::{DESCRIPTOR_LIMIT, in_descriptor_reserve};
 use crate::snapshot::Snapshot;
 
 /// Counter behind connection ids.
 pub(crate) static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Whether a connection was accepted with one of the last descriptors the
-/// reserve keeps free. The kernel hands out the lowest free descriptor, so
-/// a connection's number is a lower bound of the descriptors open.
-pub(crate) fn in_descriptor_reserve(stream: &TcpStream, reserve: Option<u64>) -> bool {
-    #[cfg(unix)]
-    {
-        let Some(limit) = *DESCRIPTOR_LIMIT else {
-            return false;
-        };
-        let reserve = reserve.unwrap_or_else(|| (limit / 16).clamp(16, 1024));
-        let fd = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(stream)).unwrap_or(0);
-        fd.saturating_add(reserve) >= limit
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (stream, reserve);
-        false
-    }
-}
-
-/// The soft descriptor limit in force when the first gateway started
-/// (`weir run` raises it to the hard limit first); `None`: unlimited.
-pub(crate) static DESCRIPTOR_LIMIT: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
-    #[cfg(target_os = "linux")]
-    {
-        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        None
-    }
-});
 
 /// The most splice pipes open at once (`limits.max_pipes`): by default an
 /// eighth of the descriptor limit (a quarter of the descriptors, two a

@@ -1,11 +1,14 @@
 //! Dialling upstreams: a pool's servers in the balancer's order with
-//! retries and health reporting, or an address; never one of weir's own.
+//! retries and health reporting, or an address; each through the door
+//! ([`crate::door`]) as the connection's tenant's, or the operator's.
 
 use std::io;
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::door::{DoorError, Purpose, Scope, Vouch};
 use weir_wire::postgres::{self};
 use weir_wire::proxy_protocol;
 
@@ -14,29 +17,34 @@ use crate::conn::accept::{ACCEPT_BACKOFF, out_of_descriptors};
 use crate::conn::outcome::{Outcome, Record};
 use crate::plugin::decision::{Target, Upstream};
 use crate::pool::BackendGuard;
-use crate::snapshot::{Listener, Snapshot};
+use crate::snapshot::{Listener, Snapshot, Tenant};
 
 /// Connects to the target and sends what precedes the client's own bytes:
 /// the PROXY header (version 2 also says what `tls`, a terminated
 /// connection's handshake with the client, was), and with `ssl_request` (a PostgreSQL upstream that is to speak TLS)
 /// an SSLRequest whose answer must be exactly `S`; all within the connect
 /// deadline.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn open_upstream(
     target: &Target,
     ssl_request: bool,
     local_addr: SocketAddr,
     tls: Option<&rustls::ServerConnection>,
     listener: &Listener,
+    tenant: Option<&Tenant>,
     snapshot: &Snapshot,
     record: &mut Record,
 ) -> Result<TcpStream, Outcome> {
     let config = &listener.config;
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
-    let (mut upstream, upstream_addr, backend) = connect(target, snapshot, deadline)
+    let scope = tenant.map_or(Scope::Operator, |t| Scope::Tenant(&t.reach));
+    let (mut upstream, upstream_addr, backend) = connect(target, scope, snapshot, deadline)
         .await
         .map_err(Outcome::ConnectFailed)?;
     record.upstream = Some(upstream_addr.to_string());
     record.backend = backend;
+    record.upstream_permit = upstream.permit.take();
+    let mut upstream = upstream.stream;
     let pool_proxy = match &target.upstream {
         Upstream::Pool(name) | Upstream::PoolOnPort(name, _) => {
             snapshot.pool(name).and_then(|p| p.config.proxy_protocol)
@@ -81,23 +89,6 @@ pub(crate) async fn open_upstream(
     Ok(upstream)
 }
 
-/// Connects to a server named by a DNS name: each address it resolves to
-/// in turn, skipping weir's own (a name may point at weir itself as well).
-pub(crate) async fn connect_by_name(server: &HostPort) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(server.to_string()).await? {
-        if let Err(reason) = crate::own::check(addr) {
-            last = Some(std::io::Error::other(reason));
-            continue;
-        }
-        match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("the name resolves to no address")))
-}
-
 /// Connects to the target: the one address, or the pool's servers in the
 /// order the pool gives (its policy's choice first, available servers
 /// before the others, at most `max_attempts`), all within one connect
@@ -105,65 +96,43 @@ pub(crate) async fn connect_by_name(server: &HostPort) -> std::io::Result<TcpStr
 /// that cannot be opened because weir is out of descriptors does not.
 pub(crate) async fn connect(
     target: &Target,
+    scope: Scope<'_>,
     snapshot: &Snapshot,
     deadline: tokio::time::Instant,
-) -> Result<(TcpStream, HostPort, Option<BackendGuard>), String> {
-    let (pool, port) = match &target.upstream {
-        Upstream::Address(_) => (None, None),
-        Upstream::Pool(name) => (Some(name), None),
-        Upstream::PoolOnPort(name, port) => (Some(name), Some(*port)),
-    };
-    let (candidates, passive) = match (&target.upstream, pool) {
-        (Upstream::Address(addr), _) => (vec![(addr.clone(), None)], None),
-        (_, Some(name)) => match snapshot.pool(name) {
-            Some(pool) => (
-                pool.candidates()
-                    .into_iter()
-                    .map(|b| {
-                        let mut addr = b.addr.clone();
-                        if let Some(port) = port {
-                            addr.port = port;
-                        }
-                        (addr, Some(b))
-                    })
-                    .collect(),
-                // A port the decision chose (`pool:port`, often the client's
-                // choice) that nothing serves says nothing of the server:
-                // such failures eject no one.
-                port.is_none().then(|| pool.config.passive.clone()),
-            ),
-            None => return Err(format!("pool `{name}` vanished")),
-        },
-        (_, None) => return Err("no upstream".into()),
-    };
+) -> Result<(crate::door::Outbound, HostPort, Option<BackendGuard>), String> {
+    let (candidates, passive) = candidates(target, snapshot)?;
     if candidates.is_empty() {
         return Err("every server of the pool is draining".into());
     }
     let mut failures = Vec::new();
-    for (server, backend) in candidates {
-        // Never weir itself: a loop, or the admin API for anyone.
+    for (server, backend, vouch) in candidates {
+        // Refused by the door (weir itself, outside the tenant): no
+        // attempt, and nothing said of the server's health.
         if let Some(addr) = server.socket_addr()
-            && let Err(reason) = crate::own::check(addr)
+            && let Err(refused) = crate::door::admit(scope, addr, vouch)
         {
-            failures.push(reason);
+            failures.push(refused.to_string());
             continue;
         }
         // Out of descriptors, no socket can be opened: that is weir's
         // shortage, not the server's. Wait for one to free up (as accept
         // does) within the same deadline, and blame no one.
         let mut short_of_descriptors = None;
+        let mut refused = None;
         let attempt = async {
             loop {
-                let result = match server.socket_addr() {
-                    Some(addr) => TcpStream::connect(addr).await,
-                    None => connect_by_name(&server).await,
-                };
-                match result {
-                    Err(e) if out_of_descriptors(&e) => {
+                match crate::door::connect_host(scope, &server, vouch, Purpose::Connection).await {
+                    Err(DoorError::Io(e)) if out_of_descriptors(&e) => {
                         short_of_descriptors = Some(e);
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
-                    other => return other,
+                    Err(e) if e.is_refusal() => {
+                        refused = Some(e.to_string());
+                        return Err(io::Error::other("refused"));
+                    }
+                    Err(DoorError::Io(e)) => return Err(e),
+                    Err(e) => return Err(io::Error::other(e.to_string())),
+                    Ok(outbound) => return Ok(outbound),
                 }
             }
         };
@@ -174,10 +143,14 @@ pub(crate) async fn connect(
             ));
             break;
         }
+        if let Some(refused) = refused {
+            failures.push(refused);
+            continue;
+        }
         match outcome {
             Ok(Ok(stream)) => {
                 // Latency matters more than segment count for proxied protocols.
-                let _ = stream.set_nodelay(true);
+                let _ = stream.stream.set_nodelay(true);
                 let guard = backend.map(|backend| {
                     backend.connected();
                     BackendGuard::new(backend)
@@ -200,4 +173,55 @@ pub(crate) async fn connect(
         }
     }
     Err(failures.join("; "))
+}
+
+/// A server to try, with its backend (for a pool) and whether the operator
+/// wrote it down.
+type Candidate = (HostPort, Option<std::sync::Arc<crate::pool::Backend>>, Vouch);
+
+/// The servers to try for `target`, in order, and the passive ejection
+/// settings their failures count towards (none for a port the decision
+/// chose).
+fn candidates(
+    target: &Target,
+    snapshot: &Snapshot,
+) -> Result<(Vec<Candidate>, Option<crate::config::PassiveConfig>), String> {
+    let (pool, port) = match &target.upstream {
+        Upstream::Address(_) => (None, None),
+        Upstream::Pool(name) => (Some(name), None),
+        Upstream::PoolOnPort(name, port) => (Some(name), Some(*port)),
+    };
+    // Whether the operator wrote each server down: those of an operator's
+    // pool, on their own port. A decision's address, another port the
+    // decision chose and a tenant's published pool are someone else's
+    // choice, which the door holds to the tenant's ranges.
+    Ok(match (&target.upstream, pool) {
+        (Upstream::Address(addr), _) => (vec![(addr.clone(), None, Vouch::Chosen)], None),
+        (_, Some(name)) => match snapshot.pool(name) {
+            Some(pool) => {
+                let operators = pool.config.published_by.is_none();
+                let candidates = pool
+                    .candidates()
+                    .into_iter()
+                    .map(|b| {
+                        let mut addr = b.addr.clone();
+                        if let Some(port) = port {
+                            addr.port = port;
+                        }
+                        let vouch = match operators && addr.port == b.addr.port {
+                            true => Vouch::Operator,
+                            false => Vouch::Chosen,
+                        };
+                        (addr, Some(b), vouch)
+                    })
+                    .collect();
+                // A port the decision chose (`pool:port`, often the client's
+                // choice) that nothing serves says nothing of the server:
+                // such failures eject no one.
+                (candidates, port.is_none().then(|| pool.config.passive.clone()))
+            }
+            None => return Err(format!("pool `{name}` vanished")),
+        },
+        (_, None) => return Err("no upstream".into()),
+    })
 }

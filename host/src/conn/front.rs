@@ -17,6 +17,7 @@ use weir_wire::sniff::{self, ClientHello, SniffError, Sniffed};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::conn::outcome::{Outcome, Record, SniffFailure};
 use crate::conn::terminate::close_tls;
+use crate::parked::Parked;
 use crate::rewind::Rewind;
 use crate::snapshot::Listener;
 use crate::wit;
@@ -137,11 +138,11 @@ pub(crate) async fn read_front(
     }
     let read = match config.protocol {
         ListenerProtocol::Plain => Ok((preread, wit::Protocol::Plain, None)),
-        ListenerProtocol::Tls => tokio::time::timeout_at(deadline, read_client_hello(&mut client, preread))
+        ListenerProtocol::Tls => tokio::time::timeout_at(deadline, read_client_hello(&mut client, preread, record.id))
             .await
             .map_err(|_| Outcome::SniffTimeout)?
             .map(|(bytes, hello)| (bytes, wit::Protocol::Tls, Some(hello))),
-        ListenerProtocol::Postgres => tokio::time::timeout_at(deadline, read_postgres(&mut client, preread))
+        ListenerProtocol::Postgres => tokio::time::timeout_at(deadline, read_postgres(&mut client, preread, record.id))
             .await
             .map_err(|_| Outcome::SniffTimeout)?,
     };
@@ -151,6 +152,10 @@ pub(crate) async fn read_front(
             return Err(Outcome::BadProxyHeader(format!(
                 "a PROXY header from {peer}, which accept_proxy_protocol_from does not trust"
             )));
+        }
+        Err(SniffFailure::Shed) => {
+            crate::metrics::METRICS.shed(&listener.name, "parked");
+            return Err(SniffFailure::Shed.into());
         }
         Err(failure) => return Err(failure.into()),
     };
@@ -228,21 +233,48 @@ pub(crate) async fn read_proxy_header(
 /// Reads until the ClientHello is complete and returns every byte read, to
 /// be replayed unchanged. The parser says how many bytes it needs, so a hello
 /// trickling in one byte per segment is not re-parsed for every byte.
+///
+/// A connection that must read more than once is parked
+/// ([`crate::parked`]): its bytes count towards
+/// `limits.max_parked_bytes`, and it is shed if it is the oldest when they
+/// are past it.
 pub(crate) async fn read_client_hello(
     client: &mut TcpStream,
     already: Vec<u8>,
+    id: u64,
 ) -> Result<(Vec<u8>, ClientHello), SniffFailure> {
     let mut buf = already;
     buf.reserve(1024);
     let mut chunk = [0u8; 2048];
     let mut needed = 1;
+    let mut reads = 0u32;
+    let mut parked: Option<(Parked, usize)> = None;
     loop {
         while buf.len() < needed {
             if buf.len() >= sniff::MAX_SNIFF_BYTES {
                 return Err(SniffFailure::Bad(SniffError::TooLarge(buf.len())));
             }
             let room = (sniff::MAX_SNIFF_BYTES - buf.len()).min(chunk.len());
-            let n = client.read(&mut chunk[..room]).await.map_err(SniffFailure::Io)?;
+            if reads > 0 {
+                let held = buf.capacity();
+                match &mut parked {
+                    None => parked = Some((Parked::park(id, held), held)),
+                    Some((place, was)) if *was != held => {
+                        place.holds(held);
+                        *was = held;
+                    }
+                    Some(_) => {}
+                }
+            }
+            reads += 1;
+            let n = match &parked {
+                None => client.read(&mut chunk[..room]).await,
+                Some((place, _)) => tokio::select! {
+                    read = client.read(&mut chunk[..room]) => read,
+                    () = place.shed() => return Err(SniffFailure::Shed),
+                },
+            }
+            .map_err(SniffFailure::Io)?;
             if n == 0 {
                 return Err(SniffFailure::Gone);
             }
@@ -263,6 +295,7 @@ pub(crate) async fn read_client_hello(
 pub(crate) async fn read_postgres(
     client: &mut TcpStream,
     already: Vec<u8>,
+    id: u64,
 ) -> Result<(Vec<u8>, wit::Protocol, Option<ClientHello>), SniffFailure> {
     let mut buf = already;
     let mut chunk = [0u8; 512];
@@ -276,12 +309,12 @@ pub(crate) async fn read_postgres(
                 buf.extend_from_slice(&chunk[..n]);
             }
             First::Tls => {
-                let (bytes, hello) = read_client_hello(client, buf).await?;
+                let (bytes, hello) = read_client_hello(client, buf, id).await?;
                 return Ok((bytes, wit::Protocol::Tls, Some(hello)));
             }
             First::SslRequest { trailing: 0 } => {
                 client.write_all(b"S").await.map_err(SniffFailure::Io)?;
-                let (bytes, hello) = read_client_hello(client, Vec::new()).await?;
+                let (bytes, hello) = read_client_hello(client, Vec::new(), id).await?;
                 return Ok((bytes, wit::Protocol::PostgresTls, Some(hello)));
             }
             First::SslRequest { trailing } => {

@@ -60,6 +60,7 @@ pub(crate) async fn handle(
         upstream: None,
         backend: None,
         tenant_slot: None,
+        upstream_permit: None,
         client_slot: None,
         transfer: Transfer::default(),
     };
@@ -236,7 +237,7 @@ async fn carry_out(
         }
         Action::Passthrough(target) => {
             record.mode = Some("passthrough");
-            passthrough(front, &target, listener, snapshot, record).await
+            passthrough(front, &target, listener, tenant, snapshot, record).await
         }
         // Boxed, so that the task's own allocation is sized for the
         // passthrough relay, not for a TLS handshake.

@@ -104,6 +104,7 @@ async fn open(
         front.local_addr,
         None,
         listener,
+        tenant,
         snapshot,
         record,
     )

@@ -18,6 +18,9 @@ use crate::snapshot::{ClientSlot, TenantSlot};
 pub(crate) enum Outcome {
     Relayed(RelayEnd),
     SniffTimeout,
+    /// Shed while its hello was incomplete: the bytes parked before routing
+    /// were past `limits.max_parked_bytes`, and it was the oldest.
+    SniffShed,
     ClientGone,
     BadHello(SniffError),
     BadStartup(PostgresError),
@@ -47,6 +50,7 @@ impl Outcome {
             Outcome::Relayed(RelayEnd::Idle) => "idle-timeout",
             Outcome::Relayed(RelayEnd::HalfCloseTimeout) => "half-close-timeout",
             Outcome::SniffTimeout => "sniff-timeout",
+            Outcome::SniffShed => "sniff-shed",
             Outcome::ClientGone => "client-closed",
             Outcome::BadHello(_) => "bad-hello",
             Outcome::BadStartup(_) => "bad-startup",
@@ -67,6 +71,7 @@ impl Outcome {
     pub(crate) fn sniff_failure(&self) -> Option<&'static str> {
         match self {
             Outcome::SniffTimeout
+            | Outcome::SniffShed
             | Outcome::ClientGone
             | Outcome::BadHello(_)
             | Outcome::BadStartup(_)
@@ -83,6 +88,9 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Relayed(_) => Ok(()),
             Outcome::SniffTimeout => f.write_str(": no complete ClientHello before the deadline"),
+            Outcome::SniffShed => f.write_str(
+                ": its hello was incomplete when the bytes parked before routing passed limits.max_parked_bytes, and it was parked longest",
+            ),
             Outcome::ClientGone => f.write_str(": before its first bytes were complete"),
             Outcome::BadProxyHeader(reason) => write!(f, ": {reason}"),
             Outcome::ClientLimit { client, prefix, held } => {
@@ -126,6 +134,9 @@ pub(crate) struct Record {
     /// The connection's place in its tenant's `max_connections`, held
     /// until the record is dropped.
     pub(crate) tenant_slot: Option<TenantSlot>,
+    /// Its upstream socket's place in its tenant's `max_descriptors`,
+    /// likewise.
+    pub(crate) upstream_permit: Option<crate::door::SocketPermit>,
     /// Its place in the listener's `max_connections_per_client`, likewise.
     pub(crate) client_slot: Option<ClientSlot>,
     pub(crate) transfer: Transfer,
@@ -135,6 +146,8 @@ pub(crate) struct Record {
 pub(crate) enum SniffFailure {
     /// The client closed before they were complete.
     Gone,
+    /// Shed while parked ([`crate::parked`]).
+    Shed,
     /// The bytes are not a hello weir accepts.
     Bad(SniffError),
     /// The bytes are not a PostgreSQL start weir accepts.
@@ -149,6 +162,7 @@ impl From<SniffFailure> for Outcome {
     fn from(failure: SniffFailure) -> Outcome {
         match failure {
             SniffFailure::Gone => Outcome::ClientGone,
+            SniffFailure::Shed => Outcome::SniffShed,
             SniffFailure::Bad(e) => Outcome::BadHello(e),
             SniffFailure::Postgres(e) => Outcome::BadStartup(e),
             SniffFailure::BadProxy(reason) => Outcome::BadProxyHeader(reason),

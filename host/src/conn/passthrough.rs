@@ -10,7 +10,7 @@ use crate::conn::dial::open_upstream;
 use crate::conn::front::{ALERT_INTERNAL_ERROR, Front};
 use crate::conn::outcome::{Outcome, Record};
 use crate::plugin::decision::Target;
-use crate::snapshot::{Listener, Snapshot};
+use crate::snapshot::{Listener, Snapshot, Tenant};
 use crate::wit;
 
 /// Passthrough: connect, introduce the client (PROXY header; for PostgreSQL
@@ -20,13 +20,23 @@ pub(crate) async fn passthrough(
     mut front: Front,
     target: &Target,
     listener: &Listener,
+    tenant: Option<&Tenant>,
     snapshot: &Snapshot,
     record: &mut Record,
 ) -> Proxied {
     let ssl_request = front.protocol == wit::Protocol::PostgresTls;
     // Boxed for the same reason as the sniffing: the connect attempts'
     // state would otherwise set the size of every connection's task.
-    let connecting = open_upstream(target, ssl_request, front.local_addr, None, listener, snapshot, record);
+    let connecting = open_upstream(
+        target,
+        ssl_request,
+        front.local_addr,
+        None,
+        listener,
+        tenant,
+        snapshot,
+        record,
+    );
     let mut upstream = match Box::pin(connecting).await {
         Ok(upstream) => upstream,
         Err(outcome) => {

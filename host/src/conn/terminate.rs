@@ -86,6 +86,7 @@ pub(crate) async fn terminate(
         local_addr,
         Some(tls.get_ref().1),
         listener,
+        tenant,
         snapshot,
         record,
     );

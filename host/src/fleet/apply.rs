@@ -48,15 +48,18 @@ fn blob_name<'a>(published: &'a Published, field: &str) -> Result<&'a String, St
 }
 
 impl Node {
-    /// The blob `sha256` from `blobs`, from the state directory or else
-    /// fetched (and checked against its name); its local path.
+    /// The blob `sha256` of `owner` (the operator, or a tenant) from
+    /// `blobs`, from the state directory (where each owner's are kept
+    /// apart) or else fetched (and checked against its name); its local
+    /// path.
     async fn blob(
         &self,
         client: Option<&mut etcd_client::Client>,
+        owner: Option<&str>,
         blobs: &Blobs,
         sha256: &str,
     ) -> Result<std::path::PathBuf, FleetError> {
-        if !self.store.has_blob(sha256) {
+        if !self.store.has_blob(owner, sha256) {
             let Some(client) = client else {
                 return Err(FleetError::BadValue {
                     key: blobs.meta(sha256),
@@ -64,9 +67,9 @@ impl Node {
                 });
             };
             let bytes = fetch_blob(client, blobs, sha256).await?;
-            self.store.put_blob(sha256, &bytes)?;
+            self.store.put_blob(owner, sha256, &bytes)?;
         }
-        Ok(self.store.blob_path(sha256))
+        self.store.blob_path(owner, sha256)
     }
 
     /// The operator's config of `state`, its files local, this node's own
@@ -93,7 +96,7 @@ impl Node {
                 continue;
             }
             let sha256 = blob_name(&state.published, &field).map_err(bad)?;
-            *path = self.blob(client.as_deref_mut(), &blobs, sha256).await?;
+            *path = self.blob(client.as_deref_mut(), None, &blobs, sha256).await?;
         }
         for (name, certificate) in &mut config.certificates {
             if let Some(acme) = &mut certificate.acme {
@@ -142,7 +145,7 @@ impl Node {
                 Ok(sha256) => sha256,
                 Err(reason) => return Ok(Err(format!("etcd key {key}: {reason}"))),
             };
-            match self.blob(client.as_deref_mut(), &blobs, sha256).await {
+            match self.blob(client.as_deref_mut(), Some(tenant), &blobs, sha256).await {
                 Ok(local) => *path = local,
                 Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
                 Err(other) => return Ok(Err(other.to_string())),

@@ -61,20 +61,38 @@ impl LocalStore {
         &self.dir
     }
 
-    /// Where the blob `sha256` is kept.
-    pub(crate) fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.dir.join("blobs").join(sha256)
+    /// Where the blob `sha256` of `owner` (the operator's: `None`; else a
+    /// tenant's) is kept. A tenant's blobs are kept apart: a tenant that
+    /// names the hash of a file the operator published (a CA bundle, a key)
+    /// gets only what its own prefix holds, never the operator's copy.
+    pub(crate) fn blob_path(&self, owner: Option<&str>, sha256: &str) -> Result<PathBuf, FleetError> {
+        let blobs = self.dir.join("blobs");
+        let Some(tenant) = owner else {
+            return Ok(blobs.join(sha256));
+        };
+        crate::config::check_pool_name(tenant).map_err(|reason| FleetError::Io {
+            path: blobs.clone(),
+            reason: format!("tenant name: {reason}"),
+        })?;
+        let dir = blobs.join("tenants").join(tenant);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        Ok(dir.join(sha256))
     }
 
     /// Whether the blob is here with the bytes its name says.
-    pub(crate) fn has_blob(&self, sha256: &str) -> bool {
-        fs::read(self.blob_path(sha256))
+    pub(crate) fn has_blob(&self, owner: Option<&str>, sha256: &str) -> bool {
+        self.blob_path(owner, sha256)
+            .and_then(|path| fs::read(&path).map_err(io(&path)))
             .is_ok_and(|bytes| weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes])) == sha256)
     }
 
     /// Keeps a blob (already checked against its name).
-    pub(crate) fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<PathBuf, FleetError> {
-        let path = self.blob_path(sha256);
+    pub(crate) fn put_blob(&self, owner: Option<&str>, sha256: &str, bytes: &[u8]) -> Result<PathBuf, FleetError> {
+        let path = self.blob_path(owner, sha256)?;
         self.write(&path, bytes)?;
         Ok(path)
     }

@@ -49,6 +49,22 @@ impl TenantPolicy {
                 ));
             }
         }
+        // What a policy can say of its pools without the operator's config
+        // (a tenant's etcd user cannot read it): servers are addresses. The
+        // ranges they must lie in are checked by every node.
+        for (name, pool) in &policy.pools {
+            for server in &pool.servers {
+                match crate::addr::HostPort::parse(server.address()) {
+                    Ok(addr) if addr.socket_addr().is_some() => {}
+                    Ok(addr) => {
+                        return Err(format!(
+                            "pools.{name}.servers: `{addr}`: a tenant's pool names addresses, not DNS names"
+                        ));
+                    }
+                    Err(e) => return Err(format!("pools.{name}.servers: {e}")),
+                }
+            }
+        }
         if let Some((name, live)) = policy.plugins.iter().find_map(|(name, p)| {
             p.shadow_of
                 .as_ref()
@@ -87,7 +103,10 @@ impl TenantPolicy {
             section.plugins = self.chain;
         }
         merged.plugins.extend(self.plugins);
-        merged.pools.extend(self.pools);
+        merged.pools.extend(self.pools.into_iter().map(|(name, mut pool)| {
+            pool.published_by = Some(tenant.to_owned());
+            (name, pool)
+        }));
         *config = merged.with_pools(&BTreeMap::new()).map_err(|e| e.to_string())?;
         Ok(())
     }

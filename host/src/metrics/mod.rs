@@ -122,6 +122,8 @@ pub struct Metrics {
     splice_pipes_open: Gauge,
     /// Splice pipes carrying a burst (set at scrape time).
     splice_pipes_in_use: Gauge,
+    /// Bytes held by connections parked before routing (set at scrape time).
+    parked_bytes: Gauge,
     /// Route names with a series, for [`MAX_ROUTE_LABELS`].
     route_labels: RouteLabels,
 }
@@ -192,6 +194,7 @@ impl Metrics {
             acme_last_order: Family::<AcmeOrderLabels, Gauge>::default(),
             splice_pipes_open: Gauge::default(),
             splice_pipes_in_use: Gauge::default(),
+            parked_bytes: Gauge::default(),
             route_labels: RouteLabels::default(),
         };
         let mut registry = Registry::with_prefix("weir");
@@ -257,6 +260,11 @@ impl Metrics {
             "splice_pipes_open",
             "Pipes open for splice(2) relaying, carrying a burst or pooled ([limits] max_pipes bounds them)",
             self.splice_pipes_open.clone(),
+        );
+        registry.register(
+            "parked_bytes",
+            "Bytes held by connections whose first bytes are still arriving ([limits] max_parked_bytes bounds them)",
+            self.parked_bytes.clone(),
         );
         registry.register(
             "splice_pipes_in_use",
@@ -576,6 +584,7 @@ impl Metrics {
         let (open, in_use) = crate::relay::pipes();
         self.splice_pipes_open.set(gauge(open));
         self.splice_pipes_in_use.set(gauge(in_use));
+        self.parked_bytes.set(gauge(crate::parked::parked_bytes()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

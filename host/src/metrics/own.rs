@@ -4,7 +4,7 @@
 //! ([`MAX_SERIES`]) and go when the plugin does.
 
 use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -71,10 +71,43 @@ pub fn counter_evictions(plugin: &LabelValue, keys: u64) {
     FAMILIES.evictions.get_or_create(&labels).inc_by(keys);
 }
 
-/// One plugin's metrics: the series it has, within [`MAX_SERIES`].
+/// One plugin's metrics: the series it has, within [`MAX_SERIES`], and
+/// for a tenant's plugin (or shadow) within its tenant's
+/// `max_metric_series` too.
 pub struct OwnMetrics {
     plugin: LabelValue,
     series: Mutex<HashSet<(bool, OwnLabels)>>,
+    tenant: arc_swap::ArcSwapOption<TenantSeries>,
+}
+
+/// The series all of one tenant's plugins have, and how many they may
+/// have; carried across reloads while the limit is the same.
+#[derive(Debug)]
+pub struct TenantSeries {
+    tenant: Box<str>,
+    max: usize,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl TenantSeries {
+    /// No series yet, at most `max`.
+    pub fn new(tenant: &str, max: usize) -> TenantSeries {
+        TenantSeries {
+            tenant: tenant.into(),
+            max,
+            held: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Its limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The series its plugins have now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl OwnMetrics {
@@ -83,6 +116,24 @@ impl OwnMetrics {
         OwnMetrics {
             plugin: plugin.into(),
             series: Mutex::new(HashSet::new()),
+            tenant: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// Counts the plugin's series towards `tenant`'s (or no one's): those
+    /// it has move from the count it was under before.
+    pub fn set_tenant(&self, tenant: Option<Arc<TenantSeries>>) {
+        use std::sync::atomic::Ordering;
+        let series = crate::sync::lock(&self.series);
+        let before = self.tenant.swap(tenant.clone());
+        if before.as_ref().map(Arc::as_ptr) == tenant.as_ref().map(Arc::as_ptr) {
+            return;
+        }
+        if let Some(before) = before {
+            before.held.fetch_sub(series.len(), Ordering::AcqRel);
+        }
+        if let Some(tenant) = tenant {
+            tenant.held.fetch_add(series.len(), Ordering::AcqRel);
         }
     }
 
@@ -122,6 +173,16 @@ impl OwnMetrics {
                     "the plugin has {MAX_SERIES} series already (names and labels); no more are made"
                 ));
             }
+            if let Some(tenant) = self.tenant.load().as_deref() {
+                use std::sync::atomic::Ordering;
+                if tenant.held.fetch_add(1, Ordering::AcqRel) >= tenant.max {
+                    tenant.held.fetch_sub(1, Ordering::AcqRel);
+                    return Err(format!(
+                        "tenant `{}`'s plugins have {} series already (max_metric_series); no more are made",
+                        tenant.tenant, tenant.max
+                    ));
+                }
+            }
             series.insert(key.clone());
         }
         Ok(key.1)
@@ -132,6 +193,10 @@ impl Drop for OwnMetrics {
     /// The plugin is gone (removed, or reloaded under other settings): its
     /// series leave `/metrics` with it.
     fn drop(&mut self) {
+        let series = crate::sync::lock(&self.series).len();
+        if let Some(tenant) = self.tenant.load().as_deref() {
+            tenant.held.fetch_sub(series, std::sync::atomic::Ordering::AcqRel);
+        }
         for (histogram, labels) in crate::sync::lock(&self.series).drain() {
             if histogram {
                 FAMILIES.histograms.remove(&labels);
@@ -210,5 +275,41 @@ mod tests {
             !crate::metrics::METRICS.encode().contains("own-test-2"),
             "series go with the plugin"
         );
+    }
+
+    /// Ten plugins of one tenant (its shadows, say) share its series: the
+    /// tenant's cap holds over all of them, and a plugin that goes gives
+    /// its series back.
+    #[test]
+    fn a_tenants_plugins_share_its_series() {
+        let tenant = Arc::new(TenantSeries::new("acme", 300));
+        let plugins: Vec<OwnMetrics> = (0..10)
+            .map(|n| OwnMetrics::new(&format!("tenant-series-{n}")))
+            .collect();
+        for plugin in &plugins {
+            plugin.set_tenant(Some(Arc::clone(&tenant)));
+        }
+        let mut made = 0;
+        for plugin in &plugins {
+            for i in 0..MAX_SERIES {
+                if plugin.count("series", &i.to_string(), 1).is_ok() {
+                    made += 1;
+                }
+            }
+        }
+        assert_eq!(made, 300);
+        assert_eq!(tenant.held(), 300);
+        let refused = plugins[9].count("series", "more", 1).expect_err("refused");
+        assert!(
+            refused.contains("tenant `acme`'s plugins have 300 series already"),
+            "{refused}"
+        );
+        let mut plugins = plugins;
+        drop(plugins.remove(0));
+        assert_eq!(tenant.held(), 300 - MAX_SERIES);
+        plugins[8].count("series", "room again", 1).expect("room");
+        // Moved to no tenant: its series (300 - 256) leave the tenant's count.
+        plugins[0].set_tenant(None);
+        assert_eq!(tenant.held(), 1);
     }
 }

@@ -24,6 +24,9 @@ pub(crate) struct Capabilities {
     pub(crate) dns: Option<Arc<Dns>>,
     /// The pools it may name, set by each snapshot that holds the plugin.
     pub(crate) pools: arc_swap::ArcSwap<PoolView>,
+    /// Its tenant's DNS lookups a second, shared by all the tenant's
+    /// plugins and shadows; set by each snapshot that holds the plugin.
+    pub(crate) dns_rate: arc_swap::ArcSwapOption<crate::throttle::Rate>,
 }
 
 /// Pools by name, as a plugin may see them.
@@ -202,6 +205,14 @@ impl State {
             return Err(wit::dns::LookupError::Failed(
                 "DNS lookups are made in route and admit, not in configure".into(),
             ));
+        }
+        if let Some(rate) = self.caps.dns_rate.load().as_deref()
+            && !rate.take()
+        {
+            return Err(wit::dns::LookupError::Failed(format!(
+                "its tenant has made its {} DNS lookups this second (dns_queries_per_second)",
+                rate.per_second()
+            )));
         }
         let left = self.deadline.saturating_duration_since(Instant::now());
         Ok((Arc::clone(&dns), dns.timeout.min(left)))

@@ -305,9 +305,22 @@ impl Plugin {
         self.caps.pools.store(Arc::new(pools));
     }
 
+    /// Holds the plugin's DNS lookups to its tenant's rate (or none).
+    pub fn set_dns_rate(&self, rate: Option<Arc<crate::throttle::Rate>>) {
+        self.caps.dns_rate.store(rate);
+    }
+
     /// Puts the plugin under a tenant's budget (or none).
     pub fn set_budget(&self, budget: Option<Arc<Budget>>) {
         self.budget.store(budget);
+    }
+
+    /// Counts the series its `metrics` capability makes towards its
+    /// tenant's `max_metric_series` (or no one's).
+    pub fn set_metric_series(&self, series: Option<Arc<crate::metrics::own::TenantSeries>>) {
+        if let Some(metrics) = &self.caps.metrics {
+            metrics.set_tenant(series);
+        }
     }
 
     /// Asks the plugin to route a connection.

@@ -671,6 +671,10 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         wasm = "{{static_router}}"
         config.routes."app.bravo.test" = {{ pool = "bravo-app" }}
 
+        [plugins.operator-secret]
+        wasm = "{{static_router}}"
+        config_file = "operator-secret.json"
+
         [pools.acme-app]
         servers = ["127.0.0.1:9"]
         [pools.bravo-app]
@@ -680,13 +684,17 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         domains = ["acme.test"]
         plugins = ["acme-default"]
         pools = ["acme-app"]
+        upstreams = ["127.0.0.1/32:{acme_port}"]
         [tenants.bravo]
         domains = ["bravo.test"]
         plugins = ["bravo-default"]
         pools = ["bravo-app"]
         "#,
-        bravo = bravo.addr
+        bravo = bravo.addr,
+        acme_port = acme.addr.port(),
     ));
+    let secret = r#"{"default": {"reject": "the operator's secret"}}"#;
+    write(dir.path(), "operator-secret.json", secret);
     let operator = write(dir.path(), "weir.toml", &operator);
     let root = credentials(dir.path(), "root", &etcd.endpoints());
     let published = publish_as(&operator, &root);
@@ -749,6 +757,37 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         text(&refused)
     );
 
+    // Servers outside acme's ranges: bravo's upstream, a metadata address.
+    // Refused by the node with the range named; acme keeps its policy, and
+    // bravo's upstream hears nothing from acme's clients.
+    let bravo_heard = bravo.accepted();
+    for server in [bravo.addr.to_string(), "169.254.169.254:80".to_owned()] {
+        let outside = policy.replace(&acme.addr.to_string(), &server);
+        let refused = publish_policy(dir.path(), "acme", &outside, &etcd.endpoints(), true);
+        let said = text(&refused);
+        assert!(!refused.status.success(), "{said}");
+        assert!(
+            said.contains("weir-node: refused:")
+                && said.contains(&format!(
+                    "`{server}` is outside tenant `acme`'s upstream ranges (127.0.0.1/32:{})",
+                    acme.addr.port()
+                )),
+            "{said}"
+        );
+        assert_eq!(ask("app.acme.test").await, "upstream heard: hi (acme)\n");
+    }
+    assert_eq!(bravo.accepted(), bravo_heard, "acme's clients reached bravo's upstream");
+    // A DNS name is refused by `weir publish` itself, before etcd.
+    let named = policy.replace(&acme.addr.to_string(), "localhost:443");
+    let refused = publish_policy(dir.path(), "acme", &named, &etcd.endpoints(), true);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused)
+            .contains("pools.acme-app.servers: `localhost:443`: a tenant's pool names addresses, not DNS names"),
+        "{}",
+        text(&refused)
+    );
+
     // A policy that claims a pool its section does not list: refused by the
     // node, named; acme keeps the policy it had, bravo's new one applies.
     let greedy = policy.replace(
@@ -772,6 +811,37 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
     assert!(published.status.success(), "{}", text(&published));
     assert_eq!(ask("new.bravo.test").await, "upstream heard: hi (bravo)\n");
     assert_eq!(ask("app.acme.test").await, "upstream heard: hi (acme)\n");
+
+    // A policy naming, by hand, the hash of a file only the operator
+    // published (every node has it in its state directory): the node looks
+    // for it under acme's own prefix only, and refuses the policy; acme's
+    // plugin never sees the operator's file.
+    let hash = |bytes: &[u8]| weir_plugin_sdk::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    let router = std::fs::read(weir_tests::plugin("static-router")).expect("static_router.wasm");
+    let leak = serde_json::json!({
+        "format": 1,
+        "toml": "chain = [\"acme-leak\"]\n[plugins.acme-leak]\nwasm = \"x.wasm\"\nconfig_file = \"y.json\"\n",
+        "files": {
+            "plugins.acme-leak.wasm": hash(&router),
+            "plugins.acme-leak.config_file": hash(secret.as_bytes()),
+        },
+        "published_at": 0,
+        "source": "by hand",
+    });
+    let put = etcd.etcdctl_as(Some("acme:acmepw"), &["put", "/weir/policies/acme", &leak.to_string()]);
+    assert!(put.status.success(), "{}", text(&put));
+    let status = || text(&weir(&["fleet", "status", "--fleet", root.to_str().expect("utf-8")]));
+    let missing = format!("tenants/acme/blobs/{}/meta", hash(secret.as_bytes()));
+    eventually(
+        "the node refuses acme's policy naming the operator's file",
+        async || status().contains(&missing),
+    )
+    .await;
+    assert_eq!(
+        ask("app.acme.test").await,
+        "upstream heard: hi (acme)\n",
+        "acme's previous policy serves"
+    );
 
     // A policy that passes every check but does not build on the node (its
     // plugin refuses its config), written by acme's user by hand: acme's
@@ -810,7 +880,6 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         "source": "by hand",
     });
     put_stdin("/weir/policies/acme".into(), broken.to_string().as_bytes());
-    let status = || text(&weir(&["fleet", "status", "--fleet", root.to_str().expect("utf-8")]));
     eventually("the node reports acme's broken policy", async || {
         status().contains("refused: did not build") && status().contains("configure refused")
     })

@@ -68,7 +68,8 @@ async fn one_client_cannot_take_a_listener_for_itself() {
         closed_unserved(connect_from([127, 0, 0, 1], direct).await, b"three?\n").await,
         "a third connection from 127.0.0.1 was served"
     );
-    let mut other = connect_from([127, 0, 0, 2], direct).await;
+    // A client is a /24 by default: 127.0.1.2 is another.
+    let mut other = connect_from([127, 0, 1, 2], direct).await;
     assert!(echoes(&mut other, b"another client\n").await);
     drop(second);
     let started = std::time::Instant::now();
@@ -96,7 +97,7 @@ async fn one_client_cannot_take_a_listener_for_itself() {
         closed_unserved(via_balancer("203.0.113.7").await, b"a3?\n").await,
         "a third connection from 203.0.113.7 was served"
     );
-    let mut b1 = via_balancer("203.0.113.8").await;
+    let mut b1 = via_balancer("198.51.100.8").await;
     assert!(echoes(&mut b1, b"b1\n").await);
     assert!(echoes(&mut first, b"still one\n").await && echoes(&mut a1, b"still a1\n").await);
 
@@ -491,42 +492,50 @@ async fn the_default_descriptor_reserve_sheds_before_running_out() {
 }
 
 /// Without any setting, one client holds at most 512 connections on a
-/// listener; a client is an address cut to a prefix, so neighbours in one
-/// network share a count (here /24: 127.0.0.1 and 127.0.0.2).
+/// listener; a client is an address cut to a prefix, /24 by default, so
+/// neighbours in one network share a count (127.0.0.1 and 127.0.0.2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_or_network_cannot_take_a_listener() {
     let upstream = Upstream::tcp(echo).await;
     let gateway = start_gateway(&weir_tests::plain_route_config(upstream.addr, "")).await;
     let addr = gateway.local_addr("public").expect("listener");
     let mut held = Vec::new();
-    for n in 0..512 {
+    for n in 0..256 {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         assert!(echoes(&mut stream, b"hold\n").await, "connection {n} was not served");
         held.push(stream);
     }
-    assert!(shed(addr).await, "a 513th connection from one address was served");
-    // Another address is another client.
-    let mut other = connect_from([127, 0, 0, 2], addr).await;
+    for n in 256..512 {
+        let mut stream = connect_from([127, 0, 0, 2], addr).await;
+        assert!(echoes(&mut stream, b"hold\n").await, "connection {n} was not served");
+        held.push(stream);
+    }
+    assert!(shed(addr).await, "a 513th connection from 127.0.0.0/24 was served");
+    assert!(
+        closed_unserved(connect_from([127, 0, 0, 3], addr).await, b"c\n").await,
+        "a neighbour in 127.0.0.0/24 was served past the network's 512"
+    );
+    // Another /24 is another client.
+    let mut other = connect_from([127, 0, 1, 1], addr).await;
     assert!(echoes(&mut other, b"other\n").await);
     drop((held, other));
 
-    // With /24, 127.0.0.1 and 127.0.0.2 are one client.
+    // With /32, 127.0.0.1 and 127.0.0.2 are two clients.
     let gateway = start_gateway(&weir_tests::plain_route_config(upstream.addr, "").replace(
         "[listeners.public]",
-        "[listeners.public]\nmax_connections_per_client = 2\nclient_prefix_v4 = 24",
+        "[listeners.public]\nmax_connections_per_client = 2\nclient_prefix_v4 = 32",
     ))
     .await;
     let addr = gateway.local_addr("public").expect("listener");
     let mut a = connect_from([127, 0, 0, 1], addr).await;
-    let mut b = connect_from([127, 0, 0, 2], addr).await;
-    assert!(echoes(&mut a, b"a\n").await && echoes(&mut b, b"b\n").await);
-    let c = connect_from([127, 0, 0, 3], addr).await;
+    let mut a2 = connect_from([127, 0, 0, 1], addr).await;
+    assert!(echoes(&mut a, b"a\n").await && echoes(&mut a2, b"a2\n").await);
     assert!(
-        closed_unserved(c, b"c\n").await,
-        "a third connection from 127.0.0.0/24 was served"
+        closed_unserved(connect_from([127, 0, 0, 1], addr).await, b"a3\n").await,
+        "a third connection from 127.0.0.1 was served"
     );
-    let mut d = connect_from([127, 0, 1, 1], addr).await;
-    assert!(echoes(&mut d, b"d\n").await, "127.0.1.0/24 is another client");
+    let mut b = connect_from([127, 0, 0, 2], addr).await;
+    assert!(echoes(&mut b, b"b\n").await, "127.0.0.2 is another client under /32");
 }
 
 /// A splicing listener out of descriptors: no burst can get a pipe, so every
@@ -597,5 +606,77 @@ async fn out_of_descriptors_a_splicing_relay_copies_every_byte() {
         refusals >= (2 * connections) as f64,
         "{refusals} bursts copied for want of a pipe, over {connections} connections"
     );
+    weir.child.kill().await.expect("stop");
+}
+
+/// Clients that park mid-hello (the first 100 bytes of a real hello, then
+/// nothing) hold at most `limits.max_parked_bytes` over all of them: past
+/// it the connections parked longest are closed first, counted, and a
+/// client whose hello arrives whole is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_parked_mid_way_hold_a_bounded_total() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::tcp(echo).await;
+    let config = weir_tests::write_config(
+        dir.path(),
+        &format!(
+            r#"
+            [listeners.public]
+            bind = "127.0.0.1:0"
+            plugins = ["router"]
+            sniff_timeout = "60s"
+
+            [plugins.router]
+            wasm = "{{static_router}}"
+            config.routes."a.example.com" = {{ address = "{}" }}
+
+            [limits]
+            max_parked_bytes = 65536
+
+            [admin]
+            bind = "127.0.0.1:0"
+            "#,
+            upstream.addr
+        ),
+    );
+    let mut weir = weir_tests::WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    let admin = weir.admin_addr().await;
+    let hello = weir_tests::testdata("clienthello/openssl-tls13-sni.bin");
+    // Each parked connection counts at least 7 KiB (1 KiB of buffer, 6 of
+    // task and socket): 20 are more than 64 KiB.
+    let mut parked = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&hello[..100]).await.expect("part of a hello");
+        parked.push(stream);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut closed = Vec::new();
+    for (n, stream) in parked.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await {
+            closed.push(n);
+        }
+    }
+    assert!(closed.len() >= 10, "only {closed:?} of 20 were shed");
+    assert!(
+        closed.iter().enumerate().all(|(i, n)| i == *n),
+        "the oldest go first: {closed:?}"
+    );
+    assert!(!closed.contains(&19), "the newest was shed: {closed:?}");
+    let line = weir.line_containing("sniff-shed").await;
+    assert!(line.contains("limits.max_parked_bytes"), "{line}");
+    let shed = weir_tests::metric(&admin, r#"weir_shed_total{listener="public",limit="parked"}"#).await;
+    assert_eq!(shed, Some(closed.len() as f64));
+    // A whole hello is served beside them.
+    let mut whole = TcpStream::connect(addr).await.expect("connect");
+    whole.write_all(&hello).await.expect("hello");
+    assert_eq!(echoed(&mut whole, &hello, STEP).await, Some(true));
+    // A parked one that completes its hello is served too.
+    let last = parked.last_mut().expect("the newest");
+    last.write_all(&hello[100..]).await.expect("the rest");
+    assert_eq!(echoed(last, &hello, STEP).await, Some(true));
     weir.child.kill().await.expect("stop");
 }

@@ -14,6 +14,7 @@ mod cli;
 mod contract;
 mod dashboard;
 mod dns01;
+mod door;
 mod dstack;
 mod egress;
 mod example_plugins;

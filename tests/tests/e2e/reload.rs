@@ -487,3 +487,37 @@ async fn echoed<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream:
         .expect("echoed");
     assert_eq!(back, line);
 }
+
+/// A config written in place by a writer that pauses mid-file: the prefix
+/// written so far is itself a valid config (it routes to blue, lacking the
+/// sections after it), and is not applied while the writer holds the file
+/// open; once the writer closes it, the whole file is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_still_being_written_is_not_read() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (green, blue) = (tagged("green").await, tagged("blue").await);
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, plain_to(green.addr)).expect("write");
+    let weir = WeirProcess::spawn(&config).await;
+    let addr = weir.addr("public");
+    assert_eq!(answered_by(addr).await.as_deref(), Some("green"));
+
+    let mut file = std::fs::File::create(&config).expect("open in place");
+    file.write_all(plain_to(blue.addr).as_bytes()).expect("the first part");
+    file.flush().expect("flush");
+    // Many debounce periods (20 ms) pass with the valid prefix on disk.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        answered_by(addr).await.as_deref(),
+        Some("green"),
+        "a half-written config was applied"
+    );
+    file.write_all(b"\n[limits]\nmax_connections = 1000\n")
+        .expect("the rest");
+    drop(file);
+    assert!(
+        follows(addr, "blue", STEP).await,
+        "the completed config was not applied"
+    );
+}
