@@ -248,6 +248,7 @@ async fn health_probes_cannot_exhaust_descriptors() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    eprintln!("health probes: at most {most} descriptors open at once, {} connections held", held.len());
     // 256 probes in flight at most, beside the held connections (two each)
     // and weir's own descriptors.
     assert!(most < 256 + 2 * 100 + 64, "{most} descriptors open at once");
@@ -335,6 +336,7 @@ async fn a_tenants_dns_lookups_are_held_to_its_rate() {
     let asked: usize = (0..12)
         .map(|n| bind.queries(&format!("_dstack-app-address.x{n}.noisy.custom.test"), "TXT"))
         .sum();
+    eprintln!("dns: {asked} lookups sent, {limited} refused, in {elapsed:.2} s");
     // A second's worth at once (3), then 3 a second.
     let allowed = 3 + (elapsed * 3.0).ceil() as usize;
     assert!(asked <= allowed, "{asked} lookups left the node in {elapsed:.1} s");

@@ -769,7 +769,7 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         assert!(
             said.contains("weir-node: refused:")
                 && said.contains(&format!(
-                    "`{server}` is outside tenant `acme`'s upstream ranges (127.0.0.1/32:{})",
+                    "`{server}` is outside tenant `acme`'s upstream ranges (127.0.0.1/32:{}; tenants.acme.upstreams)",
                     acme.addr.port()
                 )),
             "{said}"
