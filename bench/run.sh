@@ -18,10 +18,12 @@
 #                                     mixed traffic with a reload every second
 #                                     (default 10 minutes; a new component
 #                                     every 30th reload)
-#   bench/run.sh isolation [--rate N] [--seconds N]
+#   bench/run.sh isolation [--rate N] [--seconds N] [--attacks a,b]
 #                                     a bystander tenant's handshakes while
-#                                     another tenant's plugin loops (default
-#                                     200 connections a second)
+#                                     another tenant attacks: a looping
+#                                     plugin, looping shadows, DNS lookups,
+#                                     a health-probe storm (default 200
+#                                     connections a second)
 #   bench/run.sh reload-memory        weir's RSS over failed reloads of the
 #                                     18 MB Python example plugin
 #   bench/run.sh coldstart            `weir route` and `weir run` start times

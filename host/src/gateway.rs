@@ -279,9 +279,8 @@ impl Gateway {
             Ok(config) => {
                 let runtime = Arc::clone(&self.runtime);
                 let previous = Arc::clone(&old);
-                tokio::task::spawn_blocking(move || Snapshot::rebuild(config, &runtime, Some(&previous)))
+                build_aside(move || Snapshot::rebuild(config, &runtime, Some(&previous)))
                     .await
-                    .map_err(|e| format!("the build task failed: {e}"))
                     .and_then(|built| built.map_err(|e| e.to_string()))
             }
         };
@@ -526,4 +525,47 @@ fn put_in_force(snapshot: &Snapshot) {
         Ordering::Relaxed,
     );
     snapshot.start_health_checks();
+}
+
+/// Runs a build (compiling, configuring, checking a new snapshot) on a
+/// thread of its own at the lowest CPU priority, as the slow lane's and the
+/// compiler's threads run: a reload — a tenant republishing components
+/// again and again — takes only the CPU the connections leave.
+async fn build_aside<T: Send + 'static>(build: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    let (done, built) = tokio::sync::oneshot::channel();
+    // What the build starts on the runtime (resolvers, timers) needs its handle.
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("weir-build".into())
+        .spawn(move || {
+            let _inside = runtime.enter();
+            crate::plugin::lower_priority();
+            let _ = done.send(build());
+        })
+        .map_err(|e| format!("cannot start the build thread: {e}"))?;
+    built.await.map_err(|_| "the build thread ended without a result (it panicked)".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Builds run at the lowest priority, on a thread of their own (the
+    /// caller's stays as it was), with the runtime at hand.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn builds_run_aside_at_the_lowest_priority() {
+        let before = rustix::process::getpriority_process(None).expect("nice");
+        let (nice, handle) = super::build_aside(|| {
+            (
+                rustix::process::getpriority_process(None).expect("nice"),
+                tokio::runtime::Handle::try_current().is_ok(),
+            )
+        })
+        .await
+        .expect("built");
+        assert_eq!(nice, 19);
+        assert!(handle, "the build sees the runtime");
+        assert_eq!(rustix::process::getpriority_process(None).expect("nice"), before);
+        let panicked = super::build_aside(|| -> u8 { panic!("a build that panics") }).await;
+        assert!(panicked.expect_err("no result").contains("panicked"));
+    }
 }

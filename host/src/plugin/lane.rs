@@ -160,7 +160,7 @@ fn lane() -> Option<&'static tokio::runtime::Handle> {
 /// Gives the calling thread the lowest CPU priority. On Linux the nice
 /// value is a thread's own; a thread cannot raise it again without
 /// privileges, so neither can a plugin running on it.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     if let Err(error) = rustix::process::setpriority_process(None, SLOW_LANE_NICE) {
         tracing::warn!(%error, "cannot lower the slow lane's CPU priority");
