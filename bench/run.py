@@ -58,6 +58,9 @@ SERIAL_SECONDS = 1 if QUICK else 3
 # bytes (TCP_DEFER_ACCEPT): weir `defer_accept`, HAProxy `defer-accept`,
 # nginx `deferred` (from nginx 1.25.5 on).
 DEFER = "--defer" in sys.argv
+# Another weir binary (an earlier commit's release build) measured in the
+# same run as `weir-base`, so a change's before and after share the hour.
+BASELINE = sys.argv[sys.argv.index("--baseline") + 1] if "--baseline" in sys.argv else None
 WORKERS = int(sys.argv[sys.argv.index("--workers") + 1]) if "--workers" in sys.argv else 1
 PROXY_CPUS = "0" if WORKERS == 1 else f"0-{WORKERS - 1}"
 # A proxy holds two descriptors per connection: where the descriptor limit
@@ -326,6 +329,7 @@ def write_configs():
     upstream = f"{UPSTREAM[0]}:{UPSTREAM[1]}"
     (WORK / "weir.toml").write_text(weir_passthrough("127.0.0.1:10444", upstream))
     (WORK / "weir-auto.toml").write_text(weir_passthrough("127.0.0.1:10447", upstream, relay="auto"))
+    (WORK / "weir-base.toml").write_text(weir_passthrough("127.0.0.1:10454", upstream))
     (WORK / "haproxy.cfg").write_text(haproxy_passthrough("127.0.0.1:10445", upstream))
     (WORK / "nginx.conf").write_text(nginx_passthrough("127.0.0.1:10446", upstream))
 
@@ -520,6 +524,7 @@ def report(results, targets, facts):
         + (" --quick" if QUICK else "")
         + (f" --workers {WORKERS}" if WORKERS != 1 else "")
         + (" --defer" if DEFER else "")
+        + (f" --baseline {BASELINE}" if BASELINE else "")
     )
     threads = (
         "on CPU 0 with one thread (weir: one tokio worker"
@@ -577,6 +582,12 @@ def report(results, targets, facts):
             "",
         ]
         pairs = (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy"))
+        if BASELINE:
+            lines += [
+                f"`weir-base` is another build (`{BASELINE}`) with `weir`'s config, measured in the same runs.",
+                "",
+            ]
+            pairs += (("weir", "weir-base"),)
     if DEFER:
         lines += [
             "Every proxy's listener has the kernel hold a new connection until its first bytes "
@@ -633,6 +644,9 @@ def main():
         ]
         if not TERMINATE:
             targets.insert(2, Target("weir-auto", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-auto.toml")]))
+        if BASELINE and not TERMINATE:
+            base = [BASELINE, "run", "--config", str(WORK / "weir-base.toml")]
+            targets.insert(2, Target("weir-base", 10454, base, version([BASELINE, "--version"])))
         results = measure(targets)
     finally:
         stop(upstream)

@@ -4,14 +4,17 @@
 # mode and writes a Markdown report under bench/results/. Needs root
 # (packages, sysctls, ulimit).
 #
-#   bench/run.sh [--terminate | --reencrypt] [--quick] [--defer]
+#   bench/run.sh [--terminate | --reencrypt] [--quick] [--defer] [--baseline BIN]
 #                                     weir beside HAProxy, nginx stream and a
 #                                     direct connection, passing TLS through,
 #                                     terminating it, or terminating and
 #                                     re-encrypting it to the upstream
 #                                     (--quick: fewer repeats, smaller figures;
 #                                     --defer: every listener defers accept
-#                                     until the client's first bytes)
+#                                     until the client's first bytes;
+#                                     --baseline: another weir binary, an
+#                                     earlier commit's, measured in the same
+#                                     runs as weir-base)
 #   bench/run.sh connections          10,000 concurrent passthrough
 #                                     connections through one weir
 #   bench/run.sh soak [--minutes N] [--compile-every N]

@@ -11,11 +11,13 @@
 //!
 //! No other module opens a socket towards anyone: `door_owns_every_connect`
 //! (below) reads the crate's sources and fails on a `TcpStream::connect`,
-//! `TcpSocket` or `UdpSocket` anywhere else. What weir's libraries open for
-//! it is named there too: the resolver behind the `dns` capability
-//! (hickory, to the operator's `[resolver]` servers, rate-limited per
-//! tenant), the ACME client (the operator's directory) and etcd (the
-//! operator's endpoints) — operator addresses, each from the config.
+//! `TcpSocket` or `UdpSocket` anywhere else. DNS — the resolver behind the
+//! `dns` capability, the RFC 2136 updates of DNS-01 — runs on [`DoorRuntime`],
+//! which asks the door for every server the DNS library would reach (as the
+//! operator's: its servers come from `[resolver]` and `[dns.NAME]`; a
+//! tenant's lookups are rate-limited per tenant before they get here). What
+//! the ACME client (the operator's directory) and etcd (the operator's
+//! endpoints) open, their libraries open, to addresses the config names.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -263,6 +265,44 @@ pub async fn connect_host(
     Err(last.unwrap_or_else(|| DoorError::Unresolved(server.clone())))
 }
 
+/// The tokio runtime of the DNS library (hickory), every server it would
+/// reach first asked of the door as the operator's: a resolver or update
+/// server set to one of weir's own addresses is refused like any target.
+#[derive(Clone, Default)]
+pub struct DoorRuntime(hickory_net::runtime::TokioRuntimeProvider);
+
+type BoxedIo<T> = std::pin::Pin<Box<dyn Send + std::future::Future<Output = std::io::Result<T>>>>;
+
+impl hickory_net::runtime::RuntimeProvider for DoorRuntime {
+    type Handle = <hickory_net::runtime::TokioRuntimeProvider as hickory_net::runtime::RuntimeProvider>::Handle;
+    type Timer = <hickory_net::runtime::TokioRuntimeProvider as hickory_net::runtime::RuntimeProvider>::Timer;
+    type Udp = <hickory_net::runtime::TokioRuntimeProvider as hickory_net::runtime::RuntimeProvider>::Udp;
+    type Tcp = <hickory_net::runtime::TokioRuntimeProvider as hickory_net::runtime::RuntimeProvider>::Tcp;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.0.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server: SocketAddr,
+        bind: Option<SocketAddr>,
+        timeout: Option<std::time::Duration>,
+    ) -> BoxedIo<Self::Tcp> {
+        match admit(Scope::Operator, server, Vouch::Operator) {
+            Ok(()) => self.0.connect_tcp(server, bind, timeout),
+            Err(refused) => Box::pin(std::future::ready(Err(std::io::Error::other(refused.to_string())))),
+        }
+    }
+
+    fn bind_udp(&self, local: SocketAddr, server: SocketAddr) -> BoxedIo<Self::Udp> {
+        match admit(Scope::Operator, server, Vouch::Operator) {
+            Ok(()) => self.0.bind_udp(local, server),
+            Err(refused) => Box::pin(std::future::ready(Err(std::io::Error::other(refused.to_string())))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +392,24 @@ mod tests {
             .expect("room again");
         drop((two, again));
         assert_eq!(a.sockets(), 0);
+    }
+
+    /// The DNS library's sockets pass the door: a server that is weir's
+    /// own address is refused before any datagram is sent.
+    #[tokio::test]
+    async fn dns_servers_are_asked_of_the_door() {
+        use hickory_net::runtime::RuntimeProvider;
+        let own = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = own.local_addr().expect("addr");
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        assert!(DoorRuntime::default().bind_udp(any, addr).await.is_ok(), "not weir's yet");
+        let _own = crate::own::OwnAddress::register(addr);
+        let refused = DoorRuntime::default().bind_udp(any, addr).await.expect_err("weir's own");
+        assert!(refused.to_string().contains("weir's own listening address"), "{refused}");
+        let Err(refused) = DoorRuntime::default().connect_tcp(addr, None, None).await else {
+            panic!("connected to weir's own address");
+        };
+        assert!(refused.to_string().contains("weir's own listening address"), "{refused}");
     }
 
     /// One door: no module but this one opens a socket towards anyone.

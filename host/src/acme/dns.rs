@@ -12,7 +12,7 @@ use hickory_net::client::{Client, ClientHandle as _};
 use hickory_net::proto::op::ResponseCode;
 use hickory_net::proto::rr::rdata::TXT;
 use hickory_net::proto::rr::{DNSClass, Name, RData, Record, RecordType, TSigner};
-use hickory_net::runtime::TokioRuntimeProvider;
+use crate::door::DoorRuntime;
 use hickory_net::udp::UdpClientStream;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
@@ -120,8 +120,8 @@ async fn update(dns: &DnsConfig, config: &Config, action: Action, txt: &Txt) -> 
 }
 
 /// A DNS client of `server` over UDP, its requests signed by `signer`.
-fn client(server: SocketAddr, signer: Option<TSigner>) -> Client<TokioRuntimeProvider> {
-    let stream = UdpClientStream::builder(server, TokioRuntimeProvider::default())
+fn client(server: SocketAddr, signer: Option<TSigner>) -> Client<DoorRuntime> {
+    let stream = UdpClientStream::builder(server, DoorRuntime::default())
         .with_timeout(Some(REQUEST_TIMEOUT))
         .with_signer(signer)
         .build();

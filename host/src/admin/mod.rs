@@ -9,7 +9,7 @@
 //! | `GET /api/plugins` | each plugin: wasm path, SHA-256, load time, on_error |
 //! | `GET /api/routes` | listeners with their chains, pools, certificates, CAs |
 //! | `GET /api/certificates` | each certificate: notAfter, whether an OCSP response is stapled now, its nextUpdate; ACME certificates not issued yet |
-//! | `GET /api/tenants` | each tenant: domains, plugins, pools, active connections and limit |
+//! | `GET /api/tenants` | each tenant: domains, plugins, pools, upstream ranges, active connections and limit, upstream sockets held and `max_descriptors` |
 //! | `GET /api/pools`, `GET /api/pools/{name}` | policy, backends with health, ejection, active connections, connections, failures, bytes |
 //! | `POST /api/pools` | creates or replaces a pool: `{"name": ..., "servers": [...], ...}` as in the config |
 //! | `DELETE /api/pools/{name}` | removes a pool (refused while the config names it) |
@@ -555,15 +555,20 @@ fn tenants_reply(gateway: &Gateway) -> Response<Full<Bytes>> {
         .tenants
         .iter()
         .map(|(name, tenant)| {
-            let active = snapshot.tenants().get(name).map_or(0, |t| t.active());
+            let live = snapshot.tenants().get(name);
+            let active = live.map_or(0, |t| t.active());
+            let sockets = live.map_or(0, |t| t.reach.sockets());
             (
                 name.clone(),
                 json!({
                     "domains": tenant.domains,
                     "plugins": tenant.plugins,
                     "pools": tenant.pools,
+                    "upstreams": tenant.upstreams,
                     "active": active,
                     "max_connections": tenant.max_connections,
+                    "upstream_sockets": sockets,
+                    "max_descriptors": tenant.max_descriptors.unwrap_or_else(crate::door::default_max_sockets),
                 }),
             )
         })

@@ -126,7 +126,7 @@ pub(crate) fn ungranted_import(
 
 /// A plugin's resolver: its own cache, bounded, and the lookup deadline.
 pub(crate) struct Dns {
-    resolver: hickory_resolver::TokioResolver,
+    resolver: hickory_resolver::Resolver<crate::door::DoorRuntime>,
     timeout: Duration,
     /// The settings it was made from.
     pub(crate) config: ResolverConfig,
@@ -136,7 +136,6 @@ impl Dns {
     /// A resolver asking `config.servers` (the system's when empty).
     pub(crate) fn new(config: &ResolverConfig) -> Result<Dns, String> {
         use hickory_resolver::config::{NameServerConfig, ResolverConfig as Servers, ResolverOpts};
-        use hickory_resolver::net::runtime::TokioRuntimeProvider;
         let (servers, mut options) = if config.servers.is_empty() {
             hickory_resolver::system_conf::read_system_conf()
                 .map_err(|e| format!("cannot read the system's resolver config: {e}"))?
@@ -155,7 +154,7 @@ impl Dns {
         options.timeout = config.timeout;
         options.attempts = 1;
         options.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
-        let resolver = hickory_resolver::Resolver::builder_with_config(servers, TokioRuntimeProvider::default())
+        let resolver = hickory_resolver::Resolver::builder_with_config(servers, crate::door::DoorRuntime::default())
             .with_options(options)
             .build()
             .map_err(|e| format!("cannot set up the resolver: {e}"))?;

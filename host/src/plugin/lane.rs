@@ -167,6 +167,24 @@ pub(crate) fn lower_priority() {
     }
 }
 
+/// wasmtime compiles a component's functions in parallel on rayon's global
+/// pool: its threads are made here, at the lowest CPU priority (as the slow
+/// lane's), so that compiling a component — a tenant's republished plugin,
+/// say — takes only the CPU the connections leave. Once per process; a pool
+/// someone else built first is kept as it is.
+pub(crate) fn compile_at_low_priority() {
+    static POOL: std::sync::Once = std::sync::Once::new();
+    POOL.call_once(|| {
+        let built = rayon::ThreadPoolBuilder::new()
+            .thread_name(|n| format!("weir-compile-{n}"))
+            .start_handler(|_| lower_priority())
+            .build_global();
+        if let Err(error) = built {
+            tracing::debug!(%error, "compiling on a thread pool built before weir's");
+        }
+    });
+}
+
 /// How a call's CPU time is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Meter {

@@ -232,24 +232,6 @@ fn worker_threads() -> usize {
         .clamp(1, MAX_IDLE_INSTANCES)
 }
 
-/// wasmtime compiles a component's functions in parallel on rayon's global
-/// pool: its threads are made here, at the lowest CPU priority (as the slow
-/// lane's), so that compiling a component — a tenant's republished plugin,
-/// say — takes only the CPU the connections leave. Once per process; a pool
-/// someone else built first is kept as it is.
-fn compile_at_low_priority() {
-    static POOL: std::sync::Once = std::sync::Once::new();
-    POOL.call_once(|| {
-        let built = rayon::ThreadPoolBuilder::new()
-            .thread_name(|n| format!("weir-compile-{n}"))
-            .start_handler(|_| lane::lower_priority())
-            .build_global();
-        if let Err(error) = built {
-            tracing::debug!(%error, "compiling on a thread pool built before weir's");
-        }
-    });
-}
-
 impl Runtime {
     /// Sets up the engines, the host imports and the epoch ticker thread,
     /// with [`DEFAULT_ISOLATED_INSTANCES`] isolated slots.
@@ -261,7 +243,7 @@ impl Runtime {
     /// false` plugins alive at once.
     pub fn with_isolated_slots(slots: u32) -> Result<Runtime, PluginError> {
         let slots = slots.clamp(1, MAX_ISOLATED_INSTANCES);
-        compile_at_low_priority();
+        lane::compile_at_low_priority();
         let reused = Host::new(&engine_config())?;
         let mut pooled = engine_config();
         pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(isolated_pool(slots)));

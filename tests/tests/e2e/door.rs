@@ -62,6 +62,10 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
             domains = ["b.test"]
             plugins = ["b-router"]
             upstreams = ["127.0.0.1/32:{pb}"]
+            max_descriptors = 1
+
+            [admin]
+            bind = "127.0.0.1:0"
             "#,
             pa = a.addr.port(),
             pa2 = a_extra.addr.port(),
@@ -111,6 +115,40 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
     assert_eq!(service.accepted(), service_before, "tenant a reached the service");
 
     // The bystander is served throughout.
+    assert_eq!(ask("app.b.test").await, "upstream heard: hi (b)\n");
+    weir.connection_line().await;
+
+    // b's upstream socket is counted while its connection lasts: at its
+    // max_descriptors of 1, a second connection is refused at the door.
+    let admin = weir.admin_addr().await;
+    let sockets = |admin: String| async move {
+        let (_, body) = weir_tests::admin_request(&admin, "GET", "/api/tenants", None, "").await;
+        let tenants: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        tenants["tenants"]["b"]["upstream_sockets"].as_u64().expect("a count")
+    };
+    let none_held = |admin: String| async move {
+        let until = std::time::Instant::now() + weir_tests::STEP;
+        while sockets(admin.clone()).await != 0 {
+            assert!(std::time::Instant::now() < until, "b's sockets were not given back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    none_held(admin.clone()).await;
+    let mut held = weir_tests::tls_connect(addr, "app.b.test", Arc::clone(&client)).await.expect("held");
+    tokio::io::AsyncWriteExt::write_all(&mut held, b"hold\n").await.expect("write");
+    tokio::io::AsyncWriteExt::flush(&mut held).await.expect("flush");
+    let mut line = [0u8; 1];
+    tokio::time::timeout(weir_tests::STEP, tokio::io::AsyncReadExt::read(&mut held, &mut line))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert_eq!(sockets(admin.clone()).await, 1);
+    assert_eq!(ask("app.b.test").await, "", "past max_descriptors");
+    let line = weir.connection_line().await;
+    assert!(line.contains("tenant `b` holds its 1 upstream sockets (max_descriptors)"), "{line}");
+    drop(held);
+    weir.connection_line().await;
+    none_held(admin.clone()).await;
     assert_eq!(ask("app.b.test").await, "upstream heard: hi (b)\n");
     weir.child.kill().await.expect("stop");
 }
