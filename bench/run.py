@@ -272,13 +272,20 @@ events {{
 """
 
 
+# The load generator spreads its sockets over 32 loopback sources (for
+# ephemeral ports): each is a client of its own, as HAProxy and nginx,
+# which have no per-client limit, see them. weir's default would count the
+# whole 127.0.0.0/24 as one client of at most 512 connections.
+WEIR_CLIENTS = "\nclient_prefix_v4 = 32"
+
+
 def weir_passthrough(bind, upstream, relay="copy"):
     """weir passing `SNI` through to `upstream` (host:port), refusing other names."""
     return f"""
 [listeners.bench]
 bind = "{bind}"
 relay = "{relay}"
-plugins = ["router"]{WEIR_DEFER}
+plugins = ["router"]{WEIR_DEFER}{WEIR_CLIENTS}
 
 [plugins.router]
 wasm = "{PLUGIN}"
@@ -352,7 +359,7 @@ def write_terminate_configs():
     (WORK / "weir.toml").write_text(f"""
 [listeners.bench]
 bind = "127.0.0.1:10444"
-plugins = ["router"]{WEIR_DEFER}
+plugins = ["router"]{WEIR_DEFER}{WEIR_CLIENTS}
 
 [plugins.router]
 wasm = "{PLUGIN}"

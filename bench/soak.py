@@ -74,7 +74,7 @@ def config(generation):
 [listeners.bench]
 bind = "127.0.0.1:10444"
 plugins = ["router"]
-idle_timeout = "1h"
+idle_timeout = "1h"{bench.WEIR_CLIENTS}
 
 [plugins.router]
 wasm = "{wasm}"

@@ -113,23 +113,20 @@ pub enum DoorError {
 }
 
 impl DoorError {
-    /// Whether weir refused the address itself (scope, own address), as
-    /// against the network failing: such a refusal says nothing of the
-    /// server's health.
+    /// Whether weir refused the socket itself (scope, own address, a
+    /// budget, the reserve), as against the network failing: such a
+    /// refusal says nothing of the server's health.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            DoorError::Own(_) | DoorError::Outside { .. } | DoorError::Name(_) | DoorError::Descriptors { .. }
+            DoorError::Own(_)
+                | DoorError::Outside { .. }
+                | DoorError::Name(_)
+                | DoorError::Descriptors { .. }
+                | DoorError::Reserve
         )
     }
 
-    /// The io error, if the socket or the connect failed.
-    pub fn io(&self) -> Option<&std::io::Error> {
-        match self {
-            DoorError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
 }
 
 /// A tenant's place among its `max_descriptors`: held as long as the socket.

@@ -363,11 +363,7 @@ impl Pool {
                         let result = tokio::time::timeout(health.timeout, checked).await;
                         drop(place);
                         match result {
-                            Ok(Err(refused))
-                                if refused.is_refusal() || matches!(refused, crate::door::DoorError::Reserve) =>
-                            {
-                                Some((backend, refused))
-                            }
+                            Ok(Err(refused)) => Some((backend, refused)),
                             Ok(result) => {
                                 backend.checked(result.is_ok_and(|ok| ok), &health);
                                 None
@@ -414,7 +410,7 @@ async fn probe(
     let connected = crate::door::connect_host(scope, addr, vouch, crate::door::Purpose::Probe).await;
     let mut stream = match connected {
         Ok(outbound) => outbound,
-        Err(e) if e.is_refusal() || matches!(e, crate::door::DoorError::Reserve) => return Err(e),
+        Err(e) if e.is_refusal() => return Err(e),
         Err(_) => return Ok(false),
     };
     if let Some(send) = send

@@ -106,14 +106,6 @@ pub(crate) async fn connect(
     }
     let mut failures = Vec::new();
     for (server, backend, vouch) in candidates {
-        // Refused by the door (weir itself, outside the tenant): no
-        // attempt, and nothing said of the server's health.
-        if let Some(addr) = server.socket_addr()
-            && let Err(refused) = crate::door::admit(scope, addr, vouch)
-        {
-            failures.push(refused.to_string());
-            continue;
-        }
         // Out of descriptors, no socket can be opened: that is weir's
         // shortage, not the server's. Wait for one to free up (as accept
         // does) within the same deadline, and blame no one.
@@ -143,6 +135,8 @@ pub(crate) async fn connect(
             ));
             break;
         }
+        // Refused by the door (weir itself, outside the tenant, past its
+        // sockets): nothing is said of the server's health.
         if let Some(refused) = refused {
             failures.push(refused);
             continue;
