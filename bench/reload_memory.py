@@ -28,6 +28,9 @@ CONFIG = bench.WORK / "reload-memory.toml"
 PYTHON_PLUGIN = bench.ROOT / "target" / "wasm32-wasip2" / "release" / "alpn_router_py.wasm"
 ATTEMPTS = 5
 GROWTH_BOUND_MIB = 32
+# Another weir binary to measure the same way (an earlier commit's build).
+if "--weir" in sys.argv:
+    bench.WEIR = bench.Path(sys.argv[sys.argv.index("--weir") + 1])
 
 
 def write(with_python):
@@ -89,6 +92,8 @@ def main():
     growth = rows[-1][2] - rows[3][2]
     met = growth <= GROWTH_BOUND_MIB
     commit = bench.commit()
+    if "--weir" in sys.argv:
+        commit += f"-with-{os.path.basename(bench.WEIR)}"
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"# Memory after failed reloads, {now:%Y-%m-%d %H:%M} UTC, commit {commit}",
