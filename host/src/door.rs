@@ -126,7 +126,6 @@ impl DoorError {
                 | DoorError::Reserve
         )
     }
-
 }
 
 /// A tenant's place among its `max_descriptors`: held as long as the socket.
@@ -399,14 +398,26 @@ mod tests {
         let own = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = own.local_addr().expect("addr");
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        assert!(DoorRuntime::default().bind_udp(any, addr).await.is_ok(), "not weir's yet");
+        assert!(
+            DoorRuntime::default().bind_udp(any, addr).await.is_ok(),
+            "not weir's yet"
+        );
         let _own = crate::own::OwnAddress::register(addr);
-        let refused = DoorRuntime::default().bind_udp(any, addr).await.expect_err("weir's own");
-        assert!(refused.to_string().contains("weir's own listening address"), "{refused}");
+        let refused = DoorRuntime::default()
+            .bind_udp(any, addr)
+            .await
+            .expect_err("weir's own");
+        assert!(
+            refused.to_string().contains("weir's own listening address"),
+            "{refused}"
+        );
         let Err(refused) = DoorRuntime::default().connect_tcp(addr, None, None).await else {
             panic!("connected to weir's own address");
         };
-        assert!(refused.to_string().contains("weir's own listening address"), "{refused}");
+        assert!(
+            refused.to_string().contains("weir's own listening address"),
+            "{refused}"
+        );
     }
 
     /// One door: no module but this one opens a socket towards anyone.

@@ -543,7 +543,9 @@ async fn build_aside<T: Send + 'static>(build: impl FnOnce() -> T + Send + 'stat
             let _ = done.send(build());
         })
         .map_err(|e| format!("cannot start the build thread: {e}"))?;
-    built.await.map_err(|_| "the build thread ended without a result (it panicked)".to_owned())
+    built
+        .await
+        .map_err(|_| "the build thread ended without a result (it panicked)".to_owned())
 }
 
 #[cfg(test)]

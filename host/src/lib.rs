@@ -7,7 +7,9 @@
 //! the ClientHello — parsed by the `weir-wire` crate), the listener's or
 //! tenant's plugin chain in the current [`snapshot`] asked ([`plugin::chain`],
 //! plugins run by [`plugin`], decisions validated by [`plugin::decision`]),
-//! then the bytes [`relay`]ed untouched, or TLS terminated (and re-encrypted)
+//! then the upstream dialled through the one [`door`] every outbound
+//! connection passes (held to the scope of whoever it is for), and the
+//! bytes [`relay`]ed untouched, or TLS terminated (and re-encrypted)
 //! with the certificates and trust anchors of [`tls`] (attestations and OCSP
 //! responses checked by the `weir-attest` crate; certificates ordered by
 //! [`acme`]). [`gateway`] starts all this and changes it only through its one

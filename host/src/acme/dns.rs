@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::door::DoorRuntime;
 use hickory_net::client::{Client, ClientHandle as _};
 use hickory_net::proto::op::ResponseCode;
 use hickory_net::proto::rr::rdata::TXT;
 use hickory_net::proto::rr::{DNSClass, Name, RData, Record, RecordType, TSigner};
-use crate::door::DoorRuntime;
 use hickory_net::udp::UdpClientStream;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 

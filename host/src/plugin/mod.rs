@@ -54,8 +54,8 @@ mod shared;
 mod state;
 
 pub use budget::Budget;
-pub(crate) use lane::lower_priority;
 pub use instance::{Plugin, live_instances, live_plugins};
+pub(crate) use lane::lower_priority;
 
 /// How often the engine's epoch advances: the resolution of plugin deadlines,
 /// and the longest a running call holds its worker thread before it yields.

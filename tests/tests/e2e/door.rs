@@ -75,6 +75,7 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
     );
     let mut weir = WeirProcess::spawn(&config).await;
     let addr = weir.addr("public");
+    let admin = weir.admin_addr().await;
     let client = pki.client_config();
     let ask = |sni: &'static str| {
         let client = Arc::clone(&client);
@@ -120,7 +121,6 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
 
     // b's upstream socket is counted while its connection lasts: at its
     // max_descriptors of 1, a second connection is refused at the door.
-    let admin = weir.admin_addr().await;
     let sockets = |admin: String| async move {
         let (_, body) = weir_tests::admin_request(&admin, "GET", "/api/tenants", None, "").await;
         let tenants: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -134,8 +134,12 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
         }
     };
     none_held(admin.clone()).await;
-    let mut held = weir_tests::tls_connect(addr, "app.b.test", Arc::clone(&client)).await.expect("held");
-    tokio::io::AsyncWriteExt::write_all(&mut held, b"hold\n").await.expect("write");
+    let mut held = weir_tests::tls_connect(addr, "app.b.test", Arc::clone(&client))
+        .await
+        .expect("held");
+    tokio::io::AsyncWriteExt::write_all(&mut held, b"hold\n")
+        .await
+        .expect("write");
     tokio::io::AsyncWriteExt::flush(&mut held).await.expect("flush");
     let mut line = [0u8; 1];
     tokio::time::timeout(weir_tests::STEP, tokio::io::AsyncReadExt::read(&mut held, &mut line))
@@ -145,7 +149,10 @@ async fn pool_port_is_held_to_the_tenants_ranges() {
     assert_eq!(sockets(admin.clone()).await, 1);
     assert_eq!(ask("app.b.test").await, "", "past max_descriptors");
     let line = weir.connection_line().await;
-    assert!(line.contains("tenant `b` holds its 1 upstream sockets (max_descriptors)"), "{line}");
+    assert!(
+        line.contains("tenant `b` holds its 1 upstream sockets (max_descriptors)"),
+        "{line}"
+    );
     drop(held);
     weir.connection_line().await;
     none_held(admin.clone()).await;
@@ -286,7 +293,10 @@ async fn health_probes_cannot_exhaust_descriptors() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("health probes: at most {most} descriptors open at once, {} connections held", held.len());
+    eprintln!(
+        "health probes: at most {most} descriptors open at once, {} connections held",
+        held.len()
+    );
     // 256 probes in flight at most, beside the held connections (two each)
     // and weir's own descriptors.
     assert!(most < 256 + 2 * 100 + 64, "{most} descriptors open at once");
