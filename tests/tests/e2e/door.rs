@@ -324,7 +324,7 @@ async fn a_tenants_dns_lookups_are_held_to_its_rate() {
             [plugins.{name}-dstack]
             wasm = "{{dstack_router}}"
             grants = ["dns"]
-            timeout = "50ms"
+            timeout = "500ms"
             config.dns_custom_domains = true
             config.apps.{app}.instances = {{ instance1 = "127.0.0.1" }}
             "#
@@ -349,6 +349,7 @@ async fn a_tenants_dns_lookups_are_held_to_its_rate() {
             plugins = ["noisy-dstack"]
             upstreams = ["127.0.0.1/32"]
             grants = ["dns"]
+            max_plugin_timeout = "500ms"
             dns_queries_per_second = 3
 
             [tenants.quiet]
@@ -356,6 +357,7 @@ async fn a_tenants_dns_lookups_are_held_to_its_rate() {
             plugins = ["quiet-dstack"]
             upstreams = ["127.0.0.1/32"]
             grants = ["dns"]
+            max_plugin_timeout = "500ms"
 
             [resolver]
             servers = ["{dns}"]
