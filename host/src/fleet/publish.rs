@@ -87,6 +87,12 @@ pub async fn publish_tenant(
         path: path.to_owned(),
         reason,
     })?;
+    check_against_published(client, keys, tenant, &policy)
+        .await
+        .map_err(|reason| FleetError::Io {
+            path: path.to_owned(),
+            reason,
+        })?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let named = policy
         .files_mut()
@@ -102,6 +108,38 @@ pub async fn publish_tenant(
         path,
     )
     .await
+}
+
+/// Lays `policy` over the operator's published config, when this user may
+/// read it, and checks the whole as every node will: a pool server outside
+/// the tenant's ranges, a pool its section does not list, a timeout above
+/// its limit are refused before anything is written. A tenant's own etcd
+/// user may not read the operator's config: then the nodes alone check
+/// (and `--wait` prints what they said).
+async fn check_against_published(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    tenant: &str,
+    policy: &TenantPolicy,
+) -> Result<(), String> {
+    let Ok(response) = client.get(keys.config(), None).await else {
+        return Ok(());
+    };
+    let Some(kv) = response.kvs().first() else {
+        return Ok(());
+    };
+    let Ok(published) = serde_json::from_slice::<Published>(kv.value()) else {
+        return Ok(());
+    };
+    let Ok(mut config) = Config::parse(&published.toml, Path::new("fleet.toml")) else {
+        return Ok(());
+    };
+    policy.clone().apply(tenant, &mut config).map_err(|reason| {
+        format!(
+            "against the published config (revision {}): {reason}",
+            kv.mod_revision()
+        )
+    })
 }
 
 /// Uploads the `named` files that `blobs` lacks, then puts `text` with

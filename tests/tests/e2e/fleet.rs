@@ -788,6 +788,31 @@ async fn tenants_publish_their_own_policy_and_fail_alone() {
         text(&refused)
     );
 
+    // Published by a user that may read the operator's config (here root),
+    // the same policy is refused by `weir publish` itself, before etcd.
+    let outside = write(
+        dir.path(),
+        "acme-outside.toml",
+        &expand(&policy.replace(&acme.addr.to_string(), &bravo.addr.to_string())),
+    );
+    let refused = weir(&[
+        "publish",
+        "--tenant",
+        "acme",
+        "--config",
+        outside.to_str().expect("utf-8"),
+        "--fleet",
+        root.to_str().expect("utf-8"),
+    ]);
+    let said = text(&refused);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("against the published config (revision ")
+            && said.contains(&format!("`{}` is outside tenant `acme`'s upstream ranges", bravo.addr))
+            && !said.contains("weir-node"),
+        "{said}"
+    );
+
     // A policy that claims a pool its section does not list: refused by the
     // node, named; acme keeps the policy it had, bravo's new one applies.
     let greedy = policy.replace(
