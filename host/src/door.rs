@@ -105,7 +105,7 @@ pub enum DoorError {
     #[error("weir keeps its last descriptors for connections (limits.descriptor_reserve); the probe waits")]
     Reserve,
     /// The name resolved to nothing.
-    #[error("{0}: the name resolves to no address")]
+    #[error("the name resolves to no address")]
     Unresolved(HostPort),
     /// The socket or the connect failed.
     #[error(transparent)]

@@ -110,7 +110,6 @@ pub(crate) async fn connect(
         // shortage, not the server's. Wait for one to free up (as accept
         // does) within the same deadline, and blame no one.
         let mut short_of_descriptors = None;
-        let mut refused = None;
         let attempt = async {
             loop {
                 match crate::door::connect_host(scope, &server, vouch, Purpose::Connection).await {
@@ -118,13 +117,7 @@ pub(crate) async fn connect(
                         short_of_descriptors = Some(e);
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
-                    Err(e) if e.is_refusal() => {
-                        refused = Some(e.to_string());
-                        return Err(io::Error::other("refused"));
-                    }
-                    Err(DoorError::Io(e)) => return Err(e),
-                    Err(e) => return Err(io::Error::other(e.to_string())),
-                    Ok(outbound) => return Ok(outbound),
+                    other => return other,
                 }
             }
         };
@@ -134,12 +127,6 @@ pub(crate) async fn connect(
                 "{server}: no socket before the connect deadline, weir is out of file descriptors ({e})"
             ));
             break;
-        }
-        // Refused by the door (weir itself, outside the tenant, past its
-        // sockets): nothing is said of the server's health.
-        if let Some(refused) = refused {
-            failures.push(refused);
-            continue;
         }
         match outcome {
             Ok(Ok(stream)) => {
@@ -151,6 +138,9 @@ pub(crate) async fn connect(
                 });
                 return Ok((stream, server, guard));
             }
+            // Refused by the door (weir itself, outside the tenant, past its
+            // sockets): nothing is said of the server's health.
+            Ok(Err(refused)) if refused.is_refusal() => failures.push(refused.to_string()),
             Ok(Err(e)) => {
                 if let (Some(backend), Some(passive)) = (&backend, &passive) {
                     backend.failed(passive);
