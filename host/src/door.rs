@@ -15,9 +15,10 @@
 //! `dns` capability, the RFC 2136 updates of DNS-01 — runs on [`DoorRuntime`],
 //! which asks the door for every server the DNS library would reach (as the
 //! operator's: its servers come from `[resolver]` and `[dns.NAME]`; a
-//! tenant's lookups are rate-limited per tenant before they get here). What
-//! the ACME client (the operator's directory) and etcd (the operator's
-//! endpoints) open, their libraries open, to addresses the config names.
+//! tenant's lookups are rate-limited per tenant before they get here). The
+//! ACME client's HTTP connections are opened by [`DoorConnector`], as the
+//! operator's. What etcd's client opens (the operator's `[fleet]`
+//! endpoints, over gRPC) its library opens, to addresses the config names.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,6 +108,9 @@ pub enum DoorError {
     /// The name resolved to nothing.
     #[error("the name resolves to no address")]
     Unresolved(HostPort),
+    /// A URL that names no server (escaped and cut to 256 bytes).
+    #[error("{0}: the URL names no server to connect to")]
+    Uri(String),
     /// The socket or the connect failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -299,6 +303,46 @@ impl hickory_net::runtime::RuntimeProvider for DoorRuntime {
     }
 }
 
+/// The connector of weir's HTTP clients (the ACME directory's): every
+/// connection hyper would open is the operator's, opened by
+/// [`connect_host`] — a directory whose name or address is one of weir's
+/// own listeners or its admin address is refused like any target.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DoorConnector;
+
+impl tower_service::Service<hyper::Uri> for DoorConnector {
+    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Error = DoorError;
+    type Future = std::pin::Pin<Box<dyn Send + std::future::Future<Output = Result<Self::Response, DoorError>>>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), DoorError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        Box::pin(async move {
+            let server = uri_server(&uri)?;
+            let outbound = connect_host(Scope::Operator, &server, Vouch::Operator, Purpose::Connection).await?;
+            Ok(hyper_util::rt::TokioIo::new(outbound.stream))
+        })
+    }
+}
+
+/// The `host:port` an HTTP client's `uri` names (the scheme's port when it
+/// names none).
+fn uri_server(uri: &hyper::Uri) -> Result<HostPort, DoorError> {
+    let unusable = || {
+        let mut text = String::new();
+        let _ = crate::logfmt::escape(&mut text, &uri.to_string(), 256);
+        DoorError::Uri(text)
+    };
+    let host = uri.host().ok_or_else(unusable)?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
+    HostPort::parse(&format!("{host}:{port}")).map_err(|_| unusable())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,6 +464,30 @@ mod tests {
         );
     }
 
+    /// The ACME client's connections pass the door: a directory at one of
+    /// weir's own addresses is refused, any other is reached.
+    #[tokio::test]
+    async fn http_clients_connect_through_the_door() {
+        use tower_service::Service;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let uri: hyper::Uri = format!("https://{addr}/directory").parse().expect("uri");
+        DoorConnector.call(uri.clone()).await.expect("not weir's yet");
+        let _own = crate::own::OwnAddress::register(addr);
+        let refused = DoorConnector.call(uri).await.expect_err("weir's own");
+        assert!(
+            refused.to_string().contains("weir's own listening address"),
+            "{refused}"
+        );
+        let hostless: hyper::Uri = "/directory".parse().expect("uri");
+        let refused = DoorConnector.call(hostless).await.expect_err("no host");
+        assert!(matches!(refused, DoorError::Uri(_)), "{refused}");
+        let v6: hyper::Uri = "https://[::1]:1/".parse().expect("uri");
+        assert_eq!(uri_server(&v6).expect("v6").to_string(), "[::1]:1");
+        let plain: hyper::Uri = "http://localhost/".parse().expect("uri");
+        assert_eq!(uri_server(&plain).expect("name").to_string(), "localhost:80");
+    }
+
     /// One door: no module but this one opens a socket towards anyone.
     /// Reads every source file of the crate: a `TcpStream::connect`,
     /// `TcpSocket` or `UdpSocket` outside this file (and outside tests) is
@@ -452,6 +520,11 @@ mod tests {
                     "TcpSocket",
                     "UdpSocket::bind",
                     "std::net::TcpStream",
+                    // A library's own HTTP connector (instant-acme's default
+                    // client, hyper's) opens sockets the door never sees.
+                    "Account::builder()",
+                    "builder_with_root",
+                    "HttpConnector::new",
                 ] {
                     if line.contains(door) {
                         doors.push(format!("{}:{}: {line}", path.display(), n + 1));

@@ -44,12 +44,41 @@ pub(crate) fn challenge_certificate(name: &str, digest: &[u8]) -> Result<Certifi
     Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
 }
 
-/// The client of `acme`'s CA, trusting `directory_ca` (or the system's roots).
+/// The client of `acme`'s CA, trusting `directory_ca` (every certificate
+/// in the file) or the system's verifier; its connections are the
+/// operator's, opened by the door (a directory at one of weir's own
+/// addresses is refused).
 pub(super) fn builder(acme: &AcmeConfig, config: &Config) -> Result<instant_acme::AccountBuilder, instant_acme::Error> {
-    match &acme.directory_ca {
-        Some(roots) => Account::builder_with_root(config.resolve(roots)),
-        None => Account::builder(),
-    }
+    use hyper_rustls::HttpsConnectorBuilder;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let other = |e: Box<dyn std::error::Error + Send + Sync>| instant_acme::Error::Other(e);
+    let tls = match &acme.directory_ca {
+        Some(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(config.resolve(file)).map_err(|e| other(e.into()))? {
+                roots.add(cert.map_err(|e| other(e.into()))?).map_err(|e| other(e.into()))?;
+            }
+            HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| other(e.into()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+        None => HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| other(e.into()))?,
+    };
+    let connector = tls
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(crate::door::DoorConnector);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, instant_acme::BodyWrapper<hyper::body::Bytes>>(connector);
+    Ok(Account::builder_with_http(Box::new(client)))
 }
 
 /// The account for `acme`: the fleet's (written to its credentials file),
