@@ -18,7 +18,12 @@ handshake done). The attacks, each against `loop.test` or the node:
   record for every connection, the resolver a port that refuses;
 - `probes`: three pools of 10,000 servers each, probed every 100 ms with a
   1 s timeout, at a listener that never accepts (every connect hangs), no
-  attacking connections.
+  attacking connections;
+- `republish`: its plugin's component is replaced by a new one (the same
+  plugin with a custom section of its own, so each is compiled) and the node
+  reloaded (`POST /api/reload`), again as soon as each reload returns, no
+  attacking connections. What a tenant republishing in a loop costs the
+  node's CPU (in fleet mode `compile_per_minute` then refuses the rest).
 
 Each with weir at 1 worker thread and at the default (one per CPU), beside
 a quiet row. Reported: the calm tenant's handshake p50 / p99 / max and
@@ -63,7 +68,33 @@ DSTACK = bench.ROOT / "target" / "wasm32-wasip2" / "release" / "dstack_router.wa
 # hole the probe storm aims at.
 DNS_PORT = 10453
 HOLE_PORT = 10452
-ATTACKS = ("refuses", "loops", "shadows", "dns", "probes")
+REPUBLISHED = bench.WORK / "isolation-republished.wasm"
+ATTACKS = ("refuses", "loops", "shadows", "dns", "probes", "republish")
+
+
+def marked_component(wasm, mark):
+    """`wasm` with a custom section carrying `mark`: new bytes, one more compile."""
+    name, payload = b"weir-bench", mark.encode()
+    body = bytes([len(name)]) + name + payload
+    assert len(body) < 128
+    return wasm.read_bytes() + bytes([0, len(body)]) + body
+
+
+def republisher(stop, sent):
+    """A new component for tenant `loop` and a reload, as fast as they go."""
+    while not stop.is_set():
+        # Marked with the time too: a compiled-code cache filled by a run
+        # before would otherwise be hit.
+        REPUBLISHED.write_bytes(marked_component(MISBEHAVE, f"{time.time_ns()}-{sent[0]}"))
+        request = urllib.request.Request(
+            f"http://{ADMIN}/api/reload", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=120).read()
+        except OSError:
+            pass
+        sent[0] += 1
 
 
 def write_config(attack):
@@ -82,6 +113,9 @@ def write_config(attack):
         looper = f'wasm = "{DSTACK}"\ngrants = ["dns"]\ntimeout = "10ms"\nconfig.dns_custom_domains = true'
         grants = 'grants = ["dns"]'
         extra += f'\n[resolver]\nservers = ["127.0.0.1:{DNS_PORT}"]\n'
+    elif attack == "republish":
+        REPUBLISHED.write_bytes(marked_component(MISBEHAVE, f"{time.time_ns()}-start"))
+        looper = f'wasm = "{REPUBLISHED}"\nconfig = {{ mode = "loop" }}\ntimeout = "10ms"'
     else:
         looper = refuse
     if attack == "probes":
@@ -241,6 +275,8 @@ def run_once(workers, rate, attack):
                 time.sleep(0.05)
 
         threads.append(threading.Thread(target=watch_descriptors))
+        if attack == "republish":
+            threads.append(threading.Thread(target=republisher, args=(stop, sent)))
         attack_process = None
         if rate:
             attack_process = subprocess.Popen(
@@ -296,7 +332,7 @@ def main():
     only = option("--attacks", ",".join(ATTACKS)).split(",")
     for workers in (1, None):
         for attack in ("quiet", *[a for a in ATTACKS if a in only]):
-            rate = 0 if attack in ("quiet", "probes") else RATE
+            rate = 0 if attack in ("quiet", "probes", "republish") else RATE
             row = run_once(workers, rate, attack)
             print(row, flush=True)
             rows.append(row)
@@ -309,7 +345,9 @@ def main():
         "Attacks: `loops`, tenant `loop`'s plugin spins to its 10 ms deadline on every call; `refuses`, the same "
         "connections to a plugin that refuses at once (the control); `shadows`, its live plugin refuses and its two "
         "shadows spin; `dns`, dstack-router looks up a TXT record for every connection (the resolver refuses); "
-        "`probes`, three pools of 10,000 servers probed every 100 ms (1 s timeout) at a listener that never accepts. "
+        "`probes`, three pools of 10,000 servers probed every 100 ms (1 s timeout) at a listener that never accepts; "
+        "`republish`, tenant `loop`'s component replaced by a new one and the node reloaded as soon as each reload returns "
+        "(attack connections: the reloads). "
         "Default budgets (`plugin_cpu = \"100ms\"`, `max_plugin_calls` 4 or one per worker, shadows included; "
         "`dns_queries_per_second` 200; 256 probes in flight). Tenant `calm` passes through to the benchmark "
         f"upstream. The calm client handshakes serially through weir (pausing {CALM_PAUSE * 1e3:g} ms between); "

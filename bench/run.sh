@@ -25,7 +25,7 @@
 #                                     a bystander tenant's handshakes while
 #                                     another tenant attacks: a looping
 #                                     plugin, looping shadows, DNS lookups,
-#                                     a health-probe storm (default 200
+#                                     a health-probe storm, a republish loop (default 200
 #                                     connections a second)
 #   bench/run.sh reload-memory [--weir BIN]  weir's RSS over failed reloads of the
 #                                     18 MB Python example plugin

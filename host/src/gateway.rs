@@ -378,6 +378,12 @@ impl Gateway {
         }
     }
 
+    /// The earliest a tenant's component refused since the last call (its
+    /// compile allowance spent) may be compiled, taken.
+    pub fn compile_retry_at(&self) -> Option<Instant> {
+        self.runtime.compile_budgets().take_retry_at()
+    }
+
     /// Changes a pool at runtime: the current config with the change,
     /// checked and built whole like a reload; nothing changes when anything
     /// fails. The pool is read, changed and stored under the reload lock, so

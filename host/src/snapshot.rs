@@ -266,12 +266,29 @@ impl Snapshot {
             }
         }
         runtime.set_resolver(&config.resolver);
+        runtime
+            .compile_budgets()
+            .retain(&|tenant| config.tenants.contains_key(tenant));
         let mut plugins = BTreeMap::new();
         for (name, plugin) in &config.plugins {
             let path = config.resolve(&plugin.wasm);
             let old = previous.and_then(|p| p.plugins.get(name));
+            let scope = match config.plugin_tenant(name) {
+                None => crate::plugin::CompileScope::Operator,
+                Some(tenant) => crate::plugin::CompileScope::Tenant {
+                    tenant,
+                    // What the tenant published is charged to it; the first
+                    // build (a start) compiles everything it is given.
+                    charged: plugin
+                        .published_by
+                        .as_ref()
+                        .filter(|_| previous.is_some())
+                        .and_then(|t| config.tenants.get(t))
+                        .map(|t| t.compile_per_minute),
+                },
+            };
             let loaded = runtime
-                .load_reusing(name, &path, plugin, old)
+                .load_reusing(name, &path, plugin, old, scope)
                 .map_err(|error| SnapshotError::Plugin {
                     config: config.path.clone(),
                     name: name.clone(),
@@ -434,14 +451,7 @@ fn build_tenants(
     let mut domains = std::collections::HashMap::new();
     // A plugin kept from the previous snapshot may have been a tenant's
     // and be no one's now.
-    let owned = |name: &String| {
-        let live = config
-            .plugins
-            .get(name)
-            .and_then(|p| p.shadow_of.as_ref())
-            .unwrap_or(name);
-        config.tenants.values().any(|t| t.plugins.contains(live))
-    };
+    let owned = |name: &String| config.plugin_tenant(name).is_some();
     for (_, plugin) in plugins.iter().filter(|(name, _)| !owned(name)) {
         plugin.set_budget(None);
         plugin.set_dns_rate(None);

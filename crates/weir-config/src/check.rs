@@ -70,6 +70,11 @@ impl Config {
             {
                 return Err(self.invalid(field("max_plugin_timeout"), "must be between 1ms and 1s"));
             }
+            if tenant.compile_per_minute < Duration::from_millis(100)
+                || tenant.compile_per_minute > Duration::from_secs(600)
+            {
+                return Err(self.invalid(field("compile_per_minute"), "must be between 100ms and 10m"));
+            }
             if tenant.plugin_cpu < Duration::from_millis(1) || tenant.plugin_cpu > Duration::from_secs(64) {
                 return Err(self.invalid(field("plugin_cpu"), "must be between 1ms and 64s (of CPU a second)"));
             }

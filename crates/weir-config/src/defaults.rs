@@ -100,6 +100,9 @@ pub fn tenant_dns_per_second() -> u32 {
 pub fn tenant_max_shadows() -> usize {
     2
 }
+pub fn tenant_compile_per_minute() -> Duration {
+    Duration::from_secs(10)
+}
 pub fn tenant_max_metric_series() -> usize {
     1024
 }

@@ -237,6 +237,12 @@ pub struct TenantConfig {
     /// shadows have together; each plugin has at most 256 as well.
     #[serde(default = "defaults::tenant_max_metric_series")]
     pub max_metric_series: usize,
+    /// Compile time a minute the components it publishes in fleet mode may
+    /// take, over all of them. Its plugins compile one at a time on one
+    /// low-priority thread; a new component found with the allowance spent
+    /// is refused until it returns, and the node tries again then.
+    #[serde(default = "defaults::tenant_compile_per_minute", with = "humantime_serde")]
+    pub compile_per_minute: Duration,
 }
 
 /// Process-wide limits.
@@ -461,6 +467,11 @@ pub struct PluginConfig {
     /// every connection the live one does, off the connection's path, and
     /// only its agreement is counted. A shadow is in no chain.
     pub shadow_of: Option<String>,
+    /// The tenant whose fleet policy published it: set by the node that
+    /// lays the policy over the operator's config, never read from a file.
+    /// Its compile time is the tenant's (`compile_per_minute`).
+    #[serde(skip)]
+    pub published_by: Option<String>,
 }
 
 impl PluginConfig {
@@ -479,6 +490,20 @@ impl PluginConfig {
 }
 
 impl Config {
+    /// The tenant plugin `name` belongs to: the tenant whose chain names it,
+    /// or names the live plugin it shadows.
+    pub fn plugin_tenant(&self, name: &str) -> Option<&str> {
+        let live = self
+            .plugins
+            .get(name)
+            .and_then(|p| p.shadow_of.as_deref())
+            .unwrap_or(name);
+        self.tenants
+            .iter()
+            .find(|(_, t)| t.plugins.iter().any(|p| p == live))
+            .map(|(tenant, _)| tenant.as_str())
+    }
+
     /// Reads, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {

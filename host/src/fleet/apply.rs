@@ -281,6 +281,9 @@ impl Node {
             current.errors.entry(tenant).or_insert(refusal);
         }
         self.accept(state, current);
+        if let Some(at) = gateway.compile_retry_at() {
+            *crate::sync::lock(&self.retry_at) = Some(at);
+        }
         Ok(())
     }
 

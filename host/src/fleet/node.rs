@@ -81,6 +81,9 @@ pub struct Node {
     pub(super) syncing: tokio::sync::Mutex<()>,
     pub(super) gateway: OnceLock<Weak<Gateway>>,
     pub(super) lease: Mutex<Option<i64>>,
+    /// When a tenant's component refused for its spent compile allowance
+    /// may be compiled: the node reads and applies the state again then.
+    pub(super) retry_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The configuration a fleet node builds: the state it read last.
@@ -139,6 +142,7 @@ impl Node {
             syncing: tokio::sync::Mutex::new(()),
             gateway: OnceLock::new(),
             lease: Mutex::new(None),
+            retry_at: Mutex::new(None),
         });
         let kept = node.store.load_state().unwrap_or_default();
         let fallback = kept.as_ref().map(super::apply::candidates).unwrap_or_default();
@@ -353,7 +357,20 @@ impl Node {
         let config_key = self.keys.config();
         let pools = self.keys.pools();
         let policies = self.keys.policies();
-        while let Some(response) = stream.message().await? {
+        loop {
+            let retry_at = *crate::sync::lock(&self.retry_at);
+            let message = match retry_at {
+                None => stream.message().await?,
+                Some(at) => tokio::select! {
+                    message = stream.message() => message?,
+                    () = tokio::time::sleep_until(at.into()) => {
+                        *crate::sync::lock(&self.retry_at) = None;
+                        self.sync().await?;
+                        continue;
+                    }
+                },
+            };
+            let Some(response) = message else { break };
             if response.canceled() {
                 if response.compact_revision() > 0 {
                     tracing::info!(

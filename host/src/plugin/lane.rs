@@ -216,14 +216,14 @@ impl Meter {
 
 /// The calling thread's CPU time so far.
 #[cfg(unix)]
-fn thread_cpu() -> Duration {
+pub(crate) fn thread_cpu() -> Duration {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// Where threads have no CPU clock of their own: the wall clock.
 #[cfg(not(unix))]
-fn thread_cpu() -> Duration {
+pub(crate) fn thread_cpu() -> Duration {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed()
 }

@@ -41,7 +41,9 @@ mod budget;
 pub mod cache;
 pub mod caps;
 pub mod chain;
+pub mod compile;
 mod contract;
+pub use compile::CompileScope;
 mod counters;
 pub mod decision;
 mod image;
@@ -89,6 +91,19 @@ pub enum PluginError {
         path: PathBuf,
         /// What wasmtime said.
         reason: String,
+    },
+    /// A tenant's new component, found with its compile allowance spent.
+    #[error(
+        "tenant `{tenant}` has spent its compile time (compile_per_minute = {per_minute:?}): its new component is compiled in {} s at the earliest",
+        wait.as_secs().max(1)
+    )]
+    CompileBudget {
+        /// The tenant.
+        tenant: String,
+        /// Its allowance.
+        per_minute: Duration,
+        /// How long until it may compile again.
+        wait: Duration,
     },
     /// The component does not implement a `weir:plugin` world this host
     /// runs (0.1.x or 0.2.x), or imports what it cannot be given.
@@ -160,6 +175,8 @@ pub struct Runtime {
     warm_instances: usize,
     /// What plugins' capabilities keep across reloads, by plugin name.
     shared: shared::Shared,
+    /// Each tenant's compile allowance.
+    compile_budgets: compile::CompileBudgets,
 }
 
 /// The engine settings both engines share: compiled code is the same for
@@ -266,6 +283,7 @@ impl Runtime {
             disk: None,
             warm_instances: worker_threads(),
             shared: shared::Shared::default(),
+            compile_budgets: compile::CompileBudgets::default(),
         })
     }
 
@@ -322,8 +340,7 @@ impl Runtime {
     /// Compiles, links and configures a plugin: everything that can fail
     /// happens here, before any connection depends on it.
     pub fn load(&self, name: &str, path: &Path, config: &PluginConfig) -> Result<Plugin, PluginError> {
-        let (bytes, sha256, config_text) = read(path, config)?;
-        self.instantiate(name, path, config, &bytes, sha256, config_text)
+        self.instantiate(name, path, config, read(path, config)?, CompileScope::Operator)
     }
 
     /// Like [`load`](Runtime::load), but returns `previous` itself when it was
@@ -335,52 +352,19 @@ impl Runtime {
         path: &Path,
         config: &PluginConfig,
         previous: Option<&Arc<Plugin>>,
+        scope: CompileScope<'_>,
     ) -> Result<Arc<Plugin>, PluginError> {
-        let (bytes, sha256, config_text) = read(path, config)?;
+        let read = read(path, config)?;
         if let Some(previous) = previous
-            && previous.sha256 == sha256
+            && previous.sha256 == read.sha256
             && previous.settings == *config
-            && previous.config == config_text
+            && previous.config == read.config_text
             && !self.resolver_changed(previous)
         {
             return Ok(Arc::clone(previous));
         }
-        self.instantiate(name, path, config, &bytes, sha256, config_text)
+        self.instantiate(name, path, config, read, scope)
             .map(Arc::new)
-    }
-
-    /// The compiled component kept under `key` for `host`: from memory,
-    /// from the disk cache, or compiled by `compile` (and kept in both).
-    fn compiled(
-        &self,
-        host: &Host,
-        key: [u8; 32],
-        isolated: bool,
-        compile: impl FnOnce() -> Result<Component, PluginError>,
-    ) -> Result<Component, PluginError> {
-        if let Some(component) = crate::sync::lock(&self.compiled).get(&(key, isolated)).cloned() {
-            return Ok(component);
-        }
-        let component = self.disk_compiled(host, key, compile)?;
-        crate::sync::lock(&self.compiled).insert((key, isolated), component.clone());
-        Ok(component)
-    }
-
-    /// Like [`compiled`](Runtime::compiled), without keeping it in memory.
-    fn disk_compiled(
-        &self,
-        host: &Host,
-        key: [u8; 32],
-        compile: impl FnOnce() -> Result<Component, PluginError>,
-    ) -> Result<Component, PluginError> {
-        if let Some(component) = self.disk.as_ref().and_then(|disk| disk.load(&host.engine, &key)) {
-            return Ok(component);
-        }
-        let component = compile()?;
-        if let Some(disk) = &self.disk {
-            disk.store(&key, &component);
-        }
-        Ok(component)
     }
 
     /// Links `component` for plugin `name`: its contract version, the
@@ -416,16 +400,23 @@ impl Runtime {
         name: &str,
         path: &Path,
         config: &PluginConfig,
-        bytes: &[u8],
-        sha256: [u8; 32],
-        config_text: String,
+        read: Read,
+        scope: CompileScope<'_>,
     ) -> Result<Plugin, PluginError> {
+        let Read {
+            bytes,
+            sha256,
+            config_text,
+        } = read;
+        let bytes = &bytes[..];
         let isolated = !config.reuse_instances;
         let host = if isolated { &self.isolated } else { &self.reused };
         let component = self.compiled(host, sha256, isolated, || {
-            Component::new(&host.engine, bytes).map_err(|e| PluginError::Compile {
-                path: path.to_owned(),
-                reason: format!("{e:#}"),
+            self.compile_for(scope, || {
+                Component::new(&host.engine, bytes).map_err(|e| PluginError::Compile {
+                    path: path.to_owned(),
+                    reason: format!("{e:#}"),
+                })
             })
         })?;
         let (linker, pre, version) = self.link(host, name, path, config, &component)?;
@@ -465,7 +456,7 @@ impl Runtime {
         };
         LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
         if isolated && config.snapshot {
-            self.start_from_image(&mut plugin, host, &linker, bytes)?;
+            self.start_from_image(&mut plugin, host, &linker, bytes, scope)?;
         }
         // Configure the instances now, one per worker thread, so that no
         // connection waits for an instantiation and a `configure` (which may
@@ -487,9 +478,10 @@ impl Runtime {
         host: &Host,
         linker: &Linker<State>,
         bytes: &[u8],
+        scope: CompileScope<'_>,
     ) -> Result<(), PluginError> {
         let key = image::key(&plugin.sha256, &plugin.config);
-        match self.image_pre(plugin, host, linker, bytes, key)? {
+        match self.image_pre(plugin, host, linker, bytes, key, scope)? {
             Ok(pre) => {
                 plugin.pre = pre;
                 plugin.image = Some(key);
@@ -511,6 +503,7 @@ impl Runtime {
         linker: &Linker<State>,
         bytes: &[u8],
         key: [u8; 32],
+        scope: CompileScope<'_>,
     ) -> Result<Result<Pre, String>, PluginError> {
         let mut unsupported = None;
         let mut take = || {
@@ -518,12 +511,15 @@ impl Runtime {
                 let key = image::instrumented_key(&plugin.sha256);
                 // Only on disk: it is needed again only for another config.
                 self.disk_compiled(host, key, || {
-                    Component::new(&host.engine, wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))
+                    self.compile_charged(scope, || {
+                        Component::new(&host.engine, wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))
+                    })
                 })
                 .map_err(|e| e.to_string())
             };
             let compiled = match image::take_now(plugin, linker, bytes, instrumented) {
-                Ok(image) => Component::new(&host.engine, &image)
+                Ok(image) => self
+                    .compile_charged(scope, || Component::new(&host.engine, &image))
                     .map_err(|e| image::Refused::Unsupported(format!("its image does not compile: {e:#}"))),
                 Err(refused) => Err(refused),
             };
@@ -556,7 +552,14 @@ impl Runtime {
 }
 
 /// A plugin's component bytes, their SHA-256 and its config text.
-fn read(path: &Path, config: &PluginConfig) -> Result<(Vec<u8>, [u8; 32], String), PluginError> {
+struct Read {
+    bytes: Vec<u8>,
+    sha256: [u8; 32],
+    config_text: String,
+}
+
+/// Reads a plugin's component and its config text.
+fn read(path: &Path, config: &PluginConfig) -> Result<Read, PluginError> {
     let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -566,7 +569,11 @@ fn read(path: &Path, config: &PluginConfig) -> Result<(Vec<u8>, [u8; 32], String
         reason: e.to_string(),
     })?;
     let sha256 = cache::sha256(&[&bytes]);
-    Ok((bytes, sha256, config_text))
+    Ok(Read {
+        bytes,
+        sha256,
+        config_text,
+    })
 }
 
 impl Drop for Runtime {

@@ -966,3 +966,137 @@ async fn nodes_reach_etcd_over_tls_with_a_client_certificate() {
     let status = weir(&["fleet", "status", "--fleet", node_toml.to_str().expect("utf-8")]);
     assert!(text(&status).contains("lets others read it"), "{}", text(&status));
 }
+
+/// A component that is `wasm` with a custom section carrying `mark`: the
+/// same plugin, but bytes (and so a compile) of its own.
+fn marked_component(wasm: &Path, mark: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(wasm).expect("read component");
+    let name = b"weir-test";
+    let payload_len = 1 + name.len() + mark.len();
+    assert!(payload_len < 128, "one-byte LEB128 sizes: {mark}");
+    bytes.push(0);
+    bytes.push(u8::try_from(payload_len).expect("small"));
+    bytes.push(u8::try_from(name.len()).expect("small"));
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(mark.as_bytes());
+    bytes
+}
+
+/// A tenant that republishes new components in a loop compiles them one at
+/// a time within its `compile_per_minute`: once that is spent its next
+/// component is refused (it keeps serving the one before, and the other
+/// tenant is served throughout), and the node compiles it by itself once
+/// the allowance is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_republished_components_are_held_to_its_compile_time() {
+    let etcd = Etcd::start();
+    set_up_roles(&etcd);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = weir_tests::Pki::new("fleet compile CA");
+    let identity = pki.server(&["*.acme.test", "*.bravo.test"]);
+    let acme = Upstream::tls(&identity, |s| weir_tests::answer_with(s, " (acme)".into())).await;
+    let bravo = Upstream::tls(&identity, |s| weir_tests::answer_with(s, " (bravo)".into())).await;
+    let operator = expand(&format!(
+        r#"
+        [listeners.public]
+        bind = "127.0.0.1:0"
+        plugins = ["edge"]
+
+        [plugins.edge]
+        wasm = "{{static_router}}"
+        config.default = {{ reject = "no tenant owns this name" }}
+        [plugins.acme-default]
+        wasm = "{{static_router}}"
+        config.default = {{ reject = "acme has published nothing" }}
+        [plugins.bravo-default]
+        wasm = "{{static_router}}"
+        config.routes."app.bravo.test" = {{ pool = "bravo-app" }}
+
+        [pools.acme-app]
+        servers = ["{acme}"]
+        [pools.bravo-app]
+        servers = ["{bravo}"]
+
+        [tenants.acme]
+        domains = ["acme.test"]
+        plugins = ["acme-default"]
+        pools = ["acme-app"]
+        compile_per_minute = "1s"
+        [tenants.bravo]
+        domains = ["bravo.test"]
+        plugins = ["bravo-default"]
+        pools = ["bravo-app"]
+        "#,
+        acme = acme.addr,
+        bravo = bravo.addr,
+    ));
+    let operator = write(dir.path(), "weir.toml", &operator);
+    let root = credentials(dir.path(), "root", &etcd.endpoints());
+    let published = publish_as(&operator, &root);
+    assert!(published.status.success(), "{}", text(&published));
+    let node = WeirProcess::spawn_node(&credentials(dir.path(), "weir-node", &etcd.endpoints()), 1).await;
+    let addr = node.addr("public");
+    let client = pki.client_config();
+    let ask = |sni: String| {
+        let client = std::sync::Arc::clone(&client);
+        async move {
+            weir_tests::tls_exchange(addr, &sni, client, "hi")
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let router = weir_tests::plugin("static-router");
+    let mut refused = None;
+    for version in 0..100 {
+        let wasm = dir.path().join(format!("acme-router-{version}.wasm"));
+        // Marked with the run's directory too: a compiled-code cache a run
+        // before filled would otherwise be hit (and rightly not charged).
+        let mark = format!("{version}-{}", dir.path().display());
+        std::fs::write(&wasm, marked_component(&router, &mark)).expect("write component");
+        let policy = format!(
+            r#"
+            chain = ["acme-router"]
+            [plugins.acme-router]
+            wasm = "{}"
+            config.routes."v{version}.acme.test" = {{ pool = "acme-app" }}
+            "#,
+            wasm.display()
+        );
+        let published = publish_policy(dir.path(), "acme", &policy, &etcd.endpoints(), true);
+        let said = text(&published);
+        if said.contains("weir-node: applied") {
+            assert_eq!(ask(format!("v{version}.acme.test")).await, "upstream heard: hi (acme)\n");
+            continue;
+        }
+        assert!(
+            said.contains("weir-node: refused:")
+                && said.contains("tenant `acme` has spent its compile time (compile_per_minute = 1s)"),
+            "{said}"
+        );
+        refused = Some((version, said));
+        break;
+    }
+    let (version, said) = refused.expect("100 new components in a row were all compiled");
+    assert!(version > 0, "the first compile is always admitted: {said}");
+    // acme keeps the component it had, bravo is served as ever.
+    assert_eq!(ask(format!("v{}.acme.test", version - 1)).await, "upstream heard: hi (acme)\n");
+    assert_eq!(ask(format!("v{version}.acme.test")).await, "");
+    assert_eq!(ask("app.bravo.test".into()).await, "upstream heard: hi (bravo)\n");
+    // The refusal says when; the node compiles it then, unasked.
+    let wait: u64 = said
+        .split("is compiled in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no wait in: {said}"));
+    assert!(wait <= 60 * 12, "{said}");
+    let started = Instant::now();
+    while ask(format!("v{version}.acme.test")).await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(wait + 30),
+            "the refused component was never compiled: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ask("app.bravo.test".into()).await, "upstream heard: hi (bravo)\n");
+}
