@@ -134,11 +134,35 @@ impl DoorError {
 
 /// A tenant's place among its `max_descriptors`: held as long as the socket.
 #[derive(Debug)]
-pub struct SocketPermit(Arc<AtomicUsize>);
+pub struct SocketPermit {
+    held: Arc<AtomicUsize>,
+    max: usize,
+}
 
 impl Drop for SocketPermit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl SocketPermit {
+    /// Two more of the tenant's descriptors, for a splice pipe held while a
+    /// burst moves; `None` when the tenant holds its `max_descriptors` (the
+    /// burst is copied instead).
+    pub fn pipe(&self) -> Option<PipePermit<'_>> {
+        let held = self.held.fetch_add(2, Ordering::AcqRel);
+        let permit = PipePermit(&self.held);
+        (held + 2 <= self.max).then_some(permit)
+    }
+}
+
+/// A splice pipe's two descriptors in its tenant's count.
+#[derive(Debug)]
+pub struct PipePermit<'a>(&'a AtomicUsize);
+
+impl Drop for PipePermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(2, Ordering::AcqRel);
     }
 }
 
@@ -188,7 +212,10 @@ impl Reach {
 
     fn take_socket(&self) -> Result<SocketPermit, DoorError> {
         let held = self.sockets.fetch_add(1, Ordering::AcqRel);
-        let permit = SocketPermit(Arc::clone(&self.sockets));
+        let permit = SocketPermit {
+            held: Arc::clone(&self.sockets),
+            max: self.max_sockets,
+        };
         if held >= self.max_sockets {
             return Err(DoorError::Descriptors {
                 tenant: Arc::clone(&self.tenant),
@@ -430,8 +457,26 @@ mod tests {
         let again = connect(scope, addr, Vouch::Chosen, Purpose::Connection)
             .await
             .expect("room again");
-        drop((two, again));
+        // A splice pipe is two more descriptors of the tenant's, for as
+        // long as its burst: none while the tenant holds its max.
+        assert!(
+            two.permit.as_ref().expect("permit").pipe().is_none(),
+            "2 sockets of 2: no room for a pipe"
+        );
+        assert_eq!(a.sockets(), 2, "a refused pipe is not counted");
+        drop(again);
+        let b = reach(&["127.0.0.0/8"], 4);
+        let held = connect(Scope::Tenant(&b), addr, Vouch::Chosen, Purpose::Connection)
+            .await
+            .expect("b");
+        let pipe = held.permit.as_ref().expect("a tenant's permit").pipe().expect("3 of 4");
+        assert_eq!(b.sockets(), 3);
+        assert!(held.permit.as_ref().expect("permit").pipe().is_none(), "5 of 4");
+        drop(pipe);
+        assert_eq!(b.sockets(), 1);
+        drop((two, held));
         assert_eq!(a.sockets(), 0);
+        assert_eq!(b.sockets(), 0);
     }
 
     /// The DNS library's sockets pass the door: a server that is weir's

@@ -28,6 +28,8 @@ pub use splice::{PIPE_REFUSALS, pipes, set_max_pipes};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
+use crate::door::SocketPermit;
+
 /// Bytes per read in the copy loop.
 const BUFFER_SIZE: usize = 16 * 1024;
 
@@ -105,6 +107,7 @@ pub async fn relay(
     mode: RelayMode,
     timeouts: Timeouts,
     transfer: &Transfer,
+    tenant: Option<&SocketPermit>,
 ) -> io::Result<RelayEnd> {
     let activity = Activity::new();
     let (mut client_read, mut client_write) = client.into_split();
@@ -121,6 +124,7 @@ pub async fn relay(
             &transfer.client_to_upstream,
             transfer,
             &activity,
+            tenant,
         ));
         let down = pin!(pump(
             &mut upstream_read,
@@ -129,6 +133,7 @@ pub async fn relay(
             &transfer.upstream_to_client,
             transfer,
             &activity,
+            tenant,
         ));
         both_ways(up, down, &activity, timeouts).await
     };
@@ -242,6 +247,7 @@ async fn pump(
     count: &AtomicU64,
     transfer: &Transfer,
     activity: &Activity,
+    tenant: Option<&SocketPermit>,
 ) -> io::Result<()> {
     let copy_limit = match mode {
         RelayMode::Copy => None,
@@ -257,7 +263,7 @@ async fn pump(
     )
     .await?;
     if !eof {
-        splice::pump(reader, writer, count, &transfer.spliced, activity).await?;
+        splice::pump(reader, writer, count, &transfer.spliced, activity, tenant).await?;
     }
     // When the other direction has ended already, the relay is over and
     // closing the sockets sends this FIN: shutting down first would cost a
@@ -344,7 +350,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-    use super::Activity;
+    use super::{Activity, SocketPermit};
 
     /// Splice is built in on Linux.
     pub const AVAILABLE: bool = true;
@@ -443,11 +449,19 @@ mod splice {
         count: &AtomicU64,
         spliced: &AtomicU64,
         activity: &Activity,
+        tenant: Option<&SocketPermit>,
     ) -> io::Result<()> {
         let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
         loop {
             reader.readable().await?;
-            let Some(pipe) = take_pipe() else {
+            // A tenant's pipe is two of its descriptors while the burst
+            // lasts (dropped with the pipe, at the end of this iteration).
+            let charged = tenant.map(SocketPermit::pipe);
+            let pipe = match charged {
+                Some(None) => None,
+                _ => take_pipe(),
+            };
+            let Some(pipe) = pipe else {
                 if super::copy_burst(reader, writer, None, count, activity).await? {
                     return Ok(());
                 }
@@ -522,6 +536,7 @@ mod splice {
         _: &AtomicU64,
         _: &AtomicU64,
         _: &Activity,
+        _: Option<&super::SocketPermit>,
     ) -> io::Result<()> {
         Ok(())
     }
@@ -577,7 +592,7 @@ mod tests {
             idle: Duration::from_secs(1),
             half_close: Duration::from_secs(1),
         };
-        let future = relay(client, upstream, RelayMode::Auto, timeouts, &transfer);
+        let future = relay(client, upstream, RelayMode::Auto, timeouts, &transfer, None);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1600, "a relay future takes {size} bytes");
     }

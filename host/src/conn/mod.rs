@@ -85,7 +85,15 @@ pub(crate) async fn handle(
     }
     let ended = match proxied {
         Proxied::Ended(outcome) => Err(outcome),
-        Proxied::Relay(client, upstream) => Ok(relay(client, upstream, mode, timeouts, &record.transfer).await),
+        Proxied::Relay(client, upstream) => Ok(relay(
+            client,
+            upstream,
+            mode,
+            timeouts,
+            &record.transfer,
+            record.upstream_permit.as_ref(),
+        )
+        .await),
         // Boxed: the TLS relay's state does not size every connection's task.
         Proxied::Terminated(streams) => Ok(Box::pin(streams.relay(timeouts, &record.transfer)).await),
     };
