@@ -28,6 +28,10 @@ CONFIG = bench.WORK / "reload-memory.toml"
 PYTHON_PLUGIN = bench.ROOT / "target" / "wasm32-wasip2" / "release" / "alpn_router_py.wasm"
 ATTEMPTS = 5
 GROWTH_BOUND_MIB = 32
+# Without the compiled-code cache every attempt compiles the component anew
+# (with it, attempts after the first load it from disk).
+NO_CACHE = "--no-cache" in sys.argv
+CACHE_OFF = "[cache]\nenabled = false\n"
 # Another weir binary to measure the same way (an earlier commit's build).
 if "--weir" in sys.argv:
     bench.WEIR = bench.Path(sys.argv[sys.argv.index("--weir") + 1])
@@ -58,6 +62,7 @@ bind = "{ADMIN}"
 
 [reload]
 watch = false
+{CACHE_OFF if NO_CACHE else ""}
 """)
 
 
@@ -94,13 +99,16 @@ def main():
     commit = bench.commit()
     if "--weir" in sys.argv:
         commit += f"-with-{os.path.basename(bench.WEIR)}"
+    if NO_CACHE:
+        commit += "-no-cache"
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"# Memory after failed reloads, {now:%Y-%m-%d %H:%M} UTC, commit {commit}",
         "",
         f"`bench/run.sh reload-memory`: weir (release build) on static-router, then {ATTEMPTS} reloads that add the "
         f"{PYTHON_PLUGIN.stat().st_size / 1e6:.1f} MB Python example plugin with a config its `configure` refuses "
-        "(each compiles the component, then fails).",
+        "(each compiles the component, then fails)"
+        + (", the compiled-code cache off (`--no-cache`: every attempt compiles anew)." if NO_CACHE else "."),
         "",
         "| step | seconds | weir RSS MiB |",
         "| --- | --- | --- |",

@@ -27,7 +27,7 @@
 #                                     plugin, looping shadows, DNS lookups,
 #                                     a health-probe storm, a republish loop (default 200
 #                                     connections a second)
-#   bench/run.sh reload-memory [--weir BIN]  weir's RSS over failed reloads of the
+#   bench/run.sh reload-memory [--weir BIN] [--no-cache]  weir's RSS over failed reloads of the
 #                                     18 MB Python example plugin
 #   bench/run.sh coldstart            `weir route` and `weir run` start times
 #                                     with and without the compiled-code cache
