@@ -1,7 +1,7 @@
 //! Whose compile it is. wasmtime compiles a component's functions in
 //! parallel on rayon's pool, one thread per CPU: the operator's components
 //! do so (at the lowest CPU priority, [`super::lane::compile_at_low_priority`]).
-//! A tenant's compile on one thread of its own, at that priority too, so a
+//! A tenant's compiles run on one thread of their own, at that priority too, so a
 //! tenant that republishes often takes at most one core the connections
 //! leave; and a component a tenant *published* (fleet mode) is charged to
 //! its `compile_per_minute`: once that is spent, its next new component is
