@@ -287,13 +287,14 @@ impl Snapshot {
                         .map(|t| t.compile_per_minute),
                 },
             };
-            let loaded = runtime
-                .load_reusing(name, &path, plugin, old, scope)
-                .map_err(|error| SnapshotError::Plugin {
-                    config: config.path.clone(),
-                    name: name.clone(),
-                    error,
-                })?;
+            let loaded =
+                runtime
+                    .load_reusing(name, &path, plugin, old, scope)
+                    .map_err(|error| SnapshotError::Plugin {
+                        config: config.path.clone(),
+                        name: name.clone(),
+                        error,
+                    })?;
             plugins.insert(name.clone(), loaded);
         }
         let listeners = config

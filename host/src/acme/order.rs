@@ -57,7 +57,9 @@ pub(super) fn builder(acme: &AcmeConfig, config: &Config) -> Result<instant_acme
         Some(file) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(config.resolve(file)).map_err(|e| other(e.into()))? {
-                roots.add(cert.map_err(|e| other(e.into()))?).map_err(|e| other(e.into()))?;
+                roots
+                    .add(cert.map_err(|e| other(e.into()))?)
+                    .map_err(|e| other(e.into()))?;
             }
             HttpsConnectorBuilder::new().with_tls_config(
                 rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

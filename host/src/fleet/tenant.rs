@@ -102,10 +102,12 @@ impl TenantPolicy {
         if let Some(section) = merged.tenants.get_mut(tenant) {
             section.plugins = self.chain;
         }
-        merged.plugins.extend(self.plugins.into_iter().map(|(name, mut plugin)| {
-            plugin.published_by = Some(tenant.to_owned());
-            (name, plugin)
-        }));
+        merged
+            .plugins
+            .extend(self.plugins.into_iter().map(|(name, mut plugin)| {
+                plugin.published_by = Some(tenant.to_owned());
+                (name, plugin)
+            }));
         merged.pools.extend(self.pools.into_iter().map(|(name, mut pool)| {
             pool.published_by = Some(tenant.to_owned());
             (name, pool)

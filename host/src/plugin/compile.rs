@@ -66,8 +66,8 @@ impl CompileBudgets {
             return Ok(());
         }
         // Back above zero after -left seconds of refill at per_minute / 60 s.
-        let wait = Duration::from_secs_f64((-left * 60.0 / per_minute.as_secs_f64()).min(3600.0))
-            + Duration::from_millis(100);
+        let wait =
+            Duration::from_secs_f64((-left * 60.0 / per_minute.as_secs_f64()).min(3600.0)) + Duration::from_millis(100);
         let mut retry = crate::sync::lock(&self.retry_at);
         let at = now + wait;
         *retry = Some(retry.map_or(at, |r| r.min(at)));

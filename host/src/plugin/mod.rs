@@ -363,8 +363,7 @@ impl Runtime {
         {
             return Ok(Arc::clone(previous));
         }
-        self.instantiate(name, path, config, read, scope)
-            .map(Arc::new)
+        self.instantiate(name, path, config, read, scope).map(Arc::new)
     }
 
     /// Links `component` for plugin `name`: its contract version, the

@@ -1065,7 +1065,10 @@ async fn a_tenants_republished_components_are_held_to_its_compile_time() {
         let published = publish_policy(dir.path(), "acme", &policy, &etcd.endpoints(), true);
         let said = text(&published);
         if said.contains("weir-node: applied") {
-            assert_eq!(ask(format!("v{version}.acme.test")).await, "upstream heard: hi (acme)\n");
+            assert_eq!(
+                ask(format!("v{version}.acme.test")).await,
+                "upstream heard: hi (acme)\n"
+            );
             continue;
         }
         assert!(
@@ -1079,7 +1082,10 @@ async fn a_tenants_republished_components_are_held_to_its_compile_time() {
     let (version, said) = refused.expect("100 new components in a row were all compiled");
     assert!(version > 0, "the first compile is always admitted: {said}");
     // acme keeps the component it had, bravo is served as ever.
-    assert_eq!(ask(format!("v{}.acme.test", version - 1)).await, "upstream heard: hi (acme)\n");
+    assert_eq!(
+        ask(format!("v{}.acme.test", version - 1)).await,
+        "upstream heard: hi (acme)\n"
+    );
     assert_eq!(ask(format!("v{version}.acme.test")).await, "");
     assert_eq!(ask("app.bravo.test".into()).await, "upstream heard: hi (bravo)\n");
     // The refusal says when; the node compiles it then, unasked.
