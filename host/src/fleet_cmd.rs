@@ -76,6 +76,17 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// `error`, with the endpoints named when it is etcd that failed.
+fn at_endpoints(settings: &FleetSettings, error: anyhow::Error) -> anyhow::Error {
+    match error.downcast::<weir::fleet::FleetError>() {
+        Ok(weir::fleet::FleetError::Etcd(reason)) => {
+            anyhow::anyhow!("etcd at {}: {reason}", settings.endpoints.join(", "))
+        }
+        Ok(other) => other.into(),
+        Err(error) => error,
+    }
+}
+
 fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
@@ -84,7 +95,10 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 /// gateway started on it.
 pub async fn start_node(path: &Path, no_cache: bool) -> anyhow::Result<(Arc<Gateway>, Arc<Node>)> {
     let file = NodeFile::load(path)?;
-    let (node, mut config) = Node::start(file).await?;
+    let settings = file.fleet.clone();
+    let (node, mut config) = Node::start(file)
+        .await
+        .map_err(|e| at_endpoints(&settings, e.into()))?;
     if no_cache {
         config.cache.enabled = false;
     }
@@ -118,12 +132,15 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
     let settings = args.etcd.settings()?;
     let keys = settings.keys();
     let tenant = args.tenant.as_deref();
-    current_thread()?.block_on(async {
+    let published = current_thread()?.block_on(async {
         let mut client = weir::fleet::connect(&settings).await?;
         let outcome = match tenant {
             None => weir::fleet::publish::publish(&mut client, &keys, &args.config).await?,
             Some(tenant) => weir::fleet::publish::publish_tenant(&mut client, &keys, tenant, &args.config).await?,
         };
+        for (field, sha256, reason) in &outcome.repaired {
+            println!("repaired {field} (sha256 {sha256}): {reason}");
+        }
         for (field, sha256, bytes) in &outcome.uploaded {
             println!("uploaded {field}: {bytes} bytes, sha256 {sha256}");
         }
@@ -166,7 +183,8 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
             );
         }
         Ok(())
-    })
+    });
+    published.map_err(|e| at_endpoints(&settings, e))
 }
 
 /// `weir check` on a node's file: its settings (the config itself comes
@@ -214,13 +232,15 @@ fn check_policy(path: &Path, tenant: &str) -> anyhow::Result<()> {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let settings = args.etcd.settings()?;
     let keys = settings.keys();
-    current_thread()?.block_on(async {
+    let status = current_thread()?.block_on(async {
         let mut client = weir::fleet::connect(&settings).await?;
+        let now = weir::fleet::current_revisions(&mut client, &keys).await?;
         let nodes = weir::fleet::node::list_nodes(&mut client, &keys).await?;
         if args.json {
-            println!("{}", serde_json::json!({ "prefix": keys.prefix(), "nodes": nodes }));
+            println!("{}", weir::fleet::node::status_json(&keys, &now, &nodes));
             return Ok(());
         }
+        println!("fleet at revision {} under {}", now.state, keys.prefix());
         if nodes.is_empty() {
             println!("no node is live under {}", keys.prefix());
         }
@@ -230,9 +250,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 _ => "ok".into(),
             };
             println!(
-                "{}  revision {}  serving from {}  admin {}  {}",
+                "{}  revision {}  {}  serving from {}  admin {}  {}",
                 report.node,
                 report.revision,
+                if report.is_current(&now) { "current" } else { "behind" },
                 report.serving,
                 report.admin.as_deref().unwrap_or("-"),
                 state
@@ -246,5 +267,6 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             }
         }
         Ok(())
-    })
+    });
+    status.map_err(|e| at_endpoints(&settings, e))
 }

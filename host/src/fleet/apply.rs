@@ -231,7 +231,7 @@ impl Node {
             Ok(built) => built,
             Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
             Err(other) => {
-                self.failed(state.revision, other.to_string());
+                self.failed(state.content_revision(), other.to_string());
                 return Ok(());
             }
         };
@@ -250,13 +250,13 @@ impl Node {
             .into_iter()
             .collect();
         if changed.is_empty() {
-            self.failed(state.revision, error);
+            self.failed(state.content_revision(), error);
             return Ok(());
         }
         let mut current = match self.materialize(Some(client), &state, &good, &good).await {
             Ok(base) if self.reload(&gateway, base.config.clone()).await.is_none() => base,
             Ok(_) | Err(_) => {
-                self.failed(state.revision, error);
+                self.failed(state.content_revision(), error);
                 return Ok(());
             }
         };

@@ -58,8 +58,13 @@ pub const MAX_TENANT_BLOB_BYTES: u64 = 32 << 20;
 /// Largest published config text (etcd refuses requests over 1.5 MiB).
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
+/// Largest value of one pool under `pools/` (a pool of a thousand servers
+/// is a tenth of it): the admin API writes no larger one, and a node
+/// refuses a larger one written by hand.
+pub const MAX_POOL_BYTES: usize = 256 << 10;
+
 /// Largest answer to a node's read of the config and pools.
-const MAX_STATE_BYTES: usize = 64 << 20;
+pub(crate) const MAX_STATE_BYTES: usize = 64 << 20;
 
 /// The version of the [`Published`] format.
 pub const FORMAT: u32 = 1;
@@ -79,12 +84,14 @@ pub enum FleetError {
         /// What is wrong with its value.
         reason: String,
     },
-    /// A value of the fleet's state, as etcd had it at `revision`, is not
-    /// what weir writes there.
+    /// A value of the fleet's state is not what weir writes there.
     #[error("etcd key {key}: {reason}")]
     BadState {
-        /// The revision the state was read at.
+        /// The state's revision ([`State::content_revision`]: the latest
+        /// write to the config or the pools).
         revision: i64,
+        /// The etcd revision it was read at.
+        read_at: i64,
         /// The key.
         key: String,
         /// What is wrong with its value.
@@ -115,8 +122,57 @@ pub enum FleetError {
 
 impl From<etcd_client::Error> for FleetError {
     fn from(error: etcd_client::Error) -> FleetError {
-        FleetError::Etcd(error.to_string())
+        FleetError::Etcd(etcd_reason(&error))
     }
+}
+
+/// What a refused TLS handshake with etcd comes with.
+const TLS_HINT: &str = "check fleet.tls: `ca` must sign etcd's certificate, `server_name` must be a name in it, and etcd may require `cert` and `key`";
+
+impl FleetError {
+    /// Whether etcd (or this node) refused the TLS handshake: settings to
+    /// fix, not an outage to wait out.
+    pub fn is_tls_refused(&self) -> bool {
+        matches!(self, FleetError::Etcd(reason) if reason.contains(TLS_HINT))
+    }
+}
+
+/// What went wrong with a request to etcd, in one line: what etcd (or the
+/// transport) said, the cause under it, and what to check when it is the
+/// way to etcd that failed rather than the request.
+fn etcd_reason(error: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (said, transport, mut source) = match error {
+        etcd_client::Error::GRpcStatus(status) => (
+            status.message().to_owned(),
+            // gRPC's UNKNOWN (2), DEADLINE_EXCEEDED (4), UNAVAILABLE (14):
+            // no answer from etcd itself.
+            matches!(i32::from(status.code()), 2 | 4 | 14),
+            status.source(),
+        ),
+        etcd_client::Error::TransportError(e) => ("transport error".to_owned(), true, e.source()),
+        other => return other.to_string(),
+    };
+    // The innermost cause: an OS error, a TLS alert, a certificate refused.
+    let mut cause = None;
+    while let Some(inner) = source {
+        cause = Some(inner.to_string());
+        source = inner.source();
+    }
+    let mut reason = match cause {
+        Some(cause) if !said.contains(&cause) => format!("{said}: {cause}"),
+        _ => said,
+    };
+    if transport {
+        let lower = reason.to_ascii_lowercase();
+        let hint = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            TLS_HINT
+        } else {
+            "check that etcd runs at fleet.endpoints (or --etcd) and that this host may reach it"
+        };
+        reason = format!("{reason} ({hint})");
+    }
+    reason
 }
 
 /// Where each thing lives under the prefix.
@@ -266,6 +322,16 @@ pub struct State {
 }
 
 impl State {
+    /// The state's revision, as `weir publish`, the node reports and `weir
+    /// fleet status` all give it: that of the latest write to the config or
+    /// the pools (each tenant's policy has its own, in the tenant's report).
+    pub fn content_revision(&self) -> i64 {
+        self.pool_revisions
+            .values()
+            .copied()
+            .fold(self.config_revision, i64::max)
+    }
+
     /// Whether `other` holds the same config and pools (whatever revision it
     /// was read at).
     pub fn same_content(&self, other: &State) -> bool {
@@ -309,10 +375,21 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     let (Some(config), Some(pools), Some(policies)) = (gets.next(), gets.next(), gets.next()) else {
         return Err(FleetError::Etcd("a transaction answered without its reads".into()));
     };
+    let content = config
+        .kvs()
+        .iter()
+        .chain(pools.kvs())
+        .map(etcd_client::KeyValue::mod_revision)
+        .fold(0, i64::max);
     read_state(client, keys, revision, [config, pools, policies])
         .await
         .map_err(|error| match error {
-            FleetError::BadValue { key, reason } => FleetError::BadState { revision, key, reason },
+            FleetError::BadValue { key, reason } => FleetError::BadState {
+                revision: content,
+                read_at: revision,
+                key,
+                reason,
+            },
             other => other,
         })
 }
@@ -351,6 +428,15 @@ async fn read_state(
             key: key.clone(),
             reason,
         })?;
+        if kv.value().len() > MAX_POOL_BYTES {
+            return Err(FleetError::BadValue {
+                key,
+                reason: format!(
+                    "{} bytes, more than a pool may have ({MAX_POOL_BYTES})",
+                    kv.value().len()
+                ),
+            });
+        }
         let pool: Option<PoolConfig> = decode(&key, kv.value())?;
         state.pool_revisions.insert(name.clone(), kv.mod_revision());
         state.pools.insert(name, pool);
@@ -380,6 +466,42 @@ async fn read_state(
         state.tenants.insert(tenant, published);
     }
     Ok(state)
+}
+
+/// The revision of the latest write to what every node serves of the
+/// operator's (the config, the pools), and of each tenant's policy: what a
+/// node must report to be current.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Revisions {
+    /// Of the config and the pools ([`State::content_revision`]).
+    pub state: i64,
+    /// Of each tenant's policy.
+    pub tenants: BTreeMap<String, i64>,
+}
+
+/// The [`Revisions`] etcd holds now (keys only: one small read).
+pub async fn current_revisions(client: &mut etcd_client::Client, keys: &Keys) -> Result<Revisions, FleetError> {
+    use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
+    let keys_only = || Some(GetOptions::new().with_prefix().with_keys_only());
+    let txn = Txn::new().and_then(vec![
+        TxnOp::get(keys.config(), Some(GetOptions::new().with_keys_only())),
+        TxnOp::get(keys.pools(), keys_only()),
+        TxnOp::get(keys.policies(), keys_only()),
+    ]);
+    let response = client.txn(txn).await?;
+    let mut revisions = Revisions::default();
+    let policies = keys.policies();
+    for (i, answer) in response.op_responses().into_iter().enumerate() {
+        let TxnOpResponse::Get(get) = answer else { continue };
+        for kv in get.kvs() {
+            if i < 2 {
+                revisions.state = revisions.state.max(kv.mod_revision());
+            } else if let Some(tenant) = kv.key_str().ok().and_then(|k| k.strip_prefix(&policies)) {
+                revisions.tenants.insert(tenant.to_owned(), kv.mod_revision());
+            }
+        }
+    }
+    Ok(revisions)
 }
 
 /// A [`Published`] value, bounded and of a format this weir reads.

@@ -21,6 +21,16 @@ use crate::source::{ConfigSource, SetPoolError, SharedPools};
 /// it kept on disk.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest wait between two attempts to reach etcd while it is away: a
+/// node sees the first publish after etcd returns within about this.
+const RETRY_CAP: Duration = Duration::from_millis(500);
+
+/// Largest watch message a node takes: the largest state it reads, so that
+/// history etcd holds (several large values in one revision) never stops
+/// the watch. etcd's own limit on one write (`--max-request-bytes`) is far
+/// below it.
+const MAX_WATCH_BYTES: usize = super::MAX_STATE_BYTES;
+
 /// What a node says of itself at `<prefix>nodes/<node>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -48,6 +58,20 @@ pub struct Report {
     /// refused the latest one, if it did.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantReport>,
+}
+
+impl Report {
+    /// Whether the node serves what etcd holds now: the latest config and
+    /// pools, and each tenant's latest policy (or has refused it, and says
+    /// why).
+    pub fn is_current(&self, now: &crate::fleet::Revisions) -> bool {
+        self.revision >= now.state
+            && now.tenants.iter().all(|(tenant, latest)| {
+                self.tenants
+                    .get(tenant)
+                    .is_some_and(|t| t.revision >= *latest || t.failed_revision.is_some_and(|f| f >= *latest))
+            })
+    }
 }
 
 /// What a node says of a tenant's policy.
@@ -159,7 +183,9 @@ impl Node {
         let (state, built) = match online {
             Ok(read) => read,
             Err(error) => {
-                let Some(state) = kept else {
+                // Settings that cannot reach etcd (a CA that does not sign its
+                // certificate) are refused at start, not waited out.
+                let Some(state) = kept.filter(|_| !error.is_tls_refused()) else {
                     return Err(error);
                 };
                 let built = node.materialize(None, &state, &fallback, &fallback).await?;
@@ -261,7 +287,7 @@ impl Node {
 
     pub(super) fn applied_state(&self, state: State) {
         let mut report = crate::sync::lock(&self.report);
-        report.revision = state.revision;
+        report.revision = state.content_revision();
         report.config_revision = state.config_revision;
         report.applied_at = now();
         report.error = None;
@@ -272,9 +298,15 @@ impl Node {
         self.report_changed.notify_one();
     }
 
+    /// Reports that the state at `revision` was refused; the report is
+    /// written again only if that is news (a state read again and again is
+    /// not a write each time).
     pub(super) fn failed(&self, revision: i64, error: String) {
-        tracing::error!(revision, %error, "fleet revision not applied; the previous one stays in use");
         let mut report = crate::sync::lock(&self.report);
+        if report.failed_revision == Some(revision) && report.error.as_deref() == Some(error.as_str()) {
+            return;
+        }
+        tracing::error!(revision, %error, "fleet revision not applied; the previous one stays in use");
         report.error = Some(error);
         report.failed_revision = Some(revision);
         drop(report);
@@ -290,12 +322,14 @@ impl Node {
         let state = match fetch_state(&mut client, &self.keys).await {
             Ok(state) => state,
             Err(FleetError::Etcd(e)) => return Err(FleetError::Etcd(e)),
-            Err(error @ FleetError::BadState { revision, .. }) => {
+            Err(error @ FleetError::BadState { revision, read_at, .. }) => {
+                // Read: the watch goes on from here, not back over it.
+                *crate::sync::lock(&self.last_read) = read_at;
                 self.failed(revision, error.to_string());
                 return Ok(());
             }
             Err(other) => {
-                let revision = *crate::sync::lock(&self.last_read);
+                let revision = crate::sync::lock(&self.report).revision;
                 self.failed(revision, other.to_string());
                 return Ok(());
             }
@@ -317,46 +351,81 @@ impl Node {
         self.apply(&mut client, state).await
     }
 
-    /// Applies every change under the prefix until the gateway is gone:
+    /// Applies every change to the fleet's state until the gateway is gone:
     /// a read of the whole state, then a watch from the revision after it;
     /// when the watch ends (etcd away, history compacted past it) the node
-    /// reads the whole state again.
+    /// reads the whole state again. While etcd cannot be reached it tries
+    /// again every [`RETRY_CAP`] at most, each node at its own offset; a
+    /// watch that keeps failing at once is retried at most every 5 s.
     async fn follow(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(200);
         let mut unreachable = false;
+        let mut attempts = 0u32;
+        let mut watch_failures = 0u32;
         while self.gateway.get().and_then(Weak::upgrade).is_some() {
             if let Err(error) = self.sync().await {
                 if !unreachable {
                     tracing::warn!(%error, "etcd cannot be read; serving the current revision until it can");
                     unreachable = true;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                attempts = attempts.saturating_add(1);
+                tokio::time::sleep(self.retry_delay(attempts, RETRY_CAP)).await;
                 continue;
             }
             if unreachable {
                 tracing::info!("etcd can be read again");
                 unreachable = false;
             }
-            backoff = Duration::from_millis(200);
+            attempts = 0;
             let start = *crate::sync::lock(&self.last_read) + 1;
-            if let Err(error) = self.watch_from(start).await {
-                tracing::warn!(%error, "etcd watch ended; reading the whole state again");
+            let began = std::time::Instant::now();
+            match self.watch_from(start).await {
+                Ok(()) => watch_failures = 0,
+                Err(error) => {
+                    // A watch that ends at once, again and again (a value
+                    // etcd holds that this node cannot take) must not turn
+                    // into a loop of reads.
+                    watch_failures = if began.elapsed() < Duration::from_secs(5) {
+                        watch_failures.saturating_add(1)
+                    } else {
+                        1
+                    };
+                    let wait = self.retry_delay(watch_failures, Duration::from_secs(5));
+                    tracing::warn!(%error, retry_in = ?wait, "etcd watch ended; reading the whole state again");
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
     }
 
-    /// Watches the prefix from `start`, applying each change to the config
-    /// or the pools, until the watch ends.
+    /// How long to wait before attempt `n` (from 1): 100 ms doubling up to
+    /// `cap`, plus up to a tenth of it that is this node's own (so that a
+    /// fleet does not retry in step).
+    fn retry_delay(&self, n: u32, cap: Duration) -> Duration {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let base = Duration::from_millis(100)
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(cap);
+        let spread = BuildHasherDefault::<DefaultHasher>::default().hash_one(&self.name) % 1000;
+        base + cap / 10 * u32::try_from(spread).unwrap_or(0) / 1000
+    }
+
+    /// Watches what the node serves (the config, the pools, the tenants'
+    /// policies: three watches on one stream, not the whole prefix with
+    /// every node's report in it) from `start`, reading the state again on
+    /// each change, until the watch ends.
     async fn watch_from(&self, start: i64) -> Result<(), FleetError> {
-        let mut client = self.client().await?;
-        let options = etcd_client::WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(start);
-        let mut stream = client.watch(self.keys.prefix(), Some(options)).await?;
-        let config_key = self.keys.config();
-        let pools = self.keys.pools();
-        let policies = self.keys.policies();
+        let client = self.client().await?;
+        let options = || {
+            etcd_client::WatchOptions::new()
+                .with_start_revision(start)
+                .with_fragment()
+        };
+        let mut watches = client.watch_client().max_decoding_message_size(MAX_WATCH_BYTES);
+        let mut stream = watches.watch(self.keys.config(), Some(options())).await?;
+        stream.watch(self.keys.pools(), Some(options().with_prefix())).await?;
+        stream
+            .watch(self.keys.policies(), Some(options().with_prefix()))
+            .await?;
         loop {
             let retry_at = *crate::sync::lock(&self.retry_at);
             let message = match retry_at {
@@ -377,16 +446,20 @@ impl Node {
                         compacted = response.compact_revision(),
                         "etcd's history was compacted past this node's revision"
                     );
+                } else {
+                    tracing::warn!(reason = response.cancel_reason(), "etcd cancelled the node's watch");
                 }
                 return Ok(());
             }
-            let relevant = response.events().iter().filter_map(|e| e.kv()).any(|kv| {
-                let key = kv.key();
-                key == config_key.as_bytes()
-                    || key.starts_with(pools.as_bytes())
-                    || key.starts_with(policies.as_bytes())
-            });
-            if relevant {
+            // Events the last read already took in (the fragments of one
+            // revision, a burst of writes) need no read of their own.
+            let read = *crate::sync::lock(&self.last_read);
+            let newer = response
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .any(|kv| kv.mod_revision() > read);
+            if newer {
                 self.sync().await?;
             }
         }
@@ -476,6 +549,21 @@ pub async fn list_nodes(client: &mut etcd_client::Client, keys: &Keys) -> Result
     Ok(nodes)
 }
 
+/// The fleet's status as `weir fleet status --json` and the admin API give
+/// it: the revisions etcd holds now, and each node's report with whether it
+/// is current.
+pub fn status_json(keys: &Keys, now: &crate::fleet::Revisions, nodes: &BTreeMap<String, Report>) -> serde_json::Value {
+    let nodes: serde_json::Map<String, serde_json::Value> = nodes
+        .iter()
+        .map(|(name, report)| {
+            let mut value = serde_json::json!(report);
+            value["current"] = serde_json::json!(report.is_current(now));
+            (name.clone(), value)
+        })
+        .collect();
+    serde_json::json!({ "prefix": keys.prefix(), "revision": now.state, "tenant_revisions": now.tenants, "nodes": nodes })
+}
+
 /// What every live node says of `tenant`'s policy, by node (read from the
 /// tenant's own prefix).
 pub async fn list_tenant_nodes(
@@ -510,6 +598,13 @@ impl SharedPools for Node {
                 .unwrap_or(0);
             let key = self.keys.pool(name);
             let value = serde_json::to_vec(&pool).map_err(|e| SetPoolError::Failed(e.to_string()))?;
+            if value.len() > crate::fleet::MAX_POOL_BYTES {
+                return Err(SetPoolError::Failed(format!(
+                    "the pool is {} bytes as JSON; a fleet's pool may have {} at most",
+                    value.len(),
+                    crate::fleet::MAX_POOL_BYTES
+                )));
+            }
             let txn = Txn::new()
                 .when(vec![Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
                 .and_then(vec![TxnOp::put(key, value, None)]);
@@ -532,8 +627,17 @@ impl SharedPools for Node {
     fn fleet_status(&self) -> Boxed<'_, serde_json::Value> {
         Box::pin(async move {
             let this = self.report();
-            match self.nodes().await {
-                Ok(nodes) => serde_json::json!({ "node": this, "prefix": self.keys.prefix(), "nodes": nodes }),
+            let read = async {
+                let mut client = self.client().await?;
+                let now = crate::fleet::current_revisions(&mut client, &self.keys).await?;
+                let nodes = list_nodes(&mut client, &self.keys).await?;
+                Ok::<_, FleetError>(status_json(&self.keys, &now, &nodes))
+            };
+            match read.await {
+                Ok(mut status) => {
+                    status["node"] = serde_json::json!(this);
+                    status
+                }
                 Err(e) => serde_json::json!({ "node": this, "prefix": self.keys.prefix(), "error": e.to_string() }),
             }
         })

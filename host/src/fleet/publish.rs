@@ -1,6 +1,7 @@
 //! `weir publish`: a config (checked beforehand as `weir check` does) and
-//! the files it names go to etcd — the files etcd does not hold yet first,
-//! chunk by chunk, then the config in one transaction — and, with
+//! the files it names go to etcd — the files etcd does not hold yet (or
+//! holds other bytes of) first, chunk by chunk, then the config in one
+//! transaction — and, with
 //! `--wait`, the nodes' reports are followed until each applied it or
 //! said why not.
 
@@ -21,8 +22,11 @@ pub struct Outcome {
     pub revision: i64,
     /// Files uploaded now: field, SHA-256, bytes.
     pub uploaded: Vec<(String, String, u64)>,
-    /// Files etcd already held.
+    /// Files etcd already held, every byte checked.
     pub reused: usize,
+    /// Files etcd held other bytes under (written again, so also in
+    /// `uploaded`): field, SHA-256, what was wrong.
+    pub repaired: Vec<(String, String, String)>,
 }
 
 /// Where the nodes stand on a revision.
@@ -142,7 +146,7 @@ async fn check_against_published(
     })
 }
 
-/// Uploads the `named` files that `blobs` lacks, then puts `text` with
+/// Uploads the `named` files that `blobs` lacks or holds damaged, then puts `text` with
 /// their hashes at `key` in one transaction.
 async fn put_published(
     client: &mut etcd_client::Client,
@@ -166,15 +170,17 @@ async fn put_published(
         revision: 0,
         uploaded: Vec::new(),
         reused: 0,
+        repaired: Vec::new(),
     };
     for (sha256, bytes) in &contents {
-        let meta_key = blobs.meta(sha256);
-        let held = client
-            .get(meta_key.clone(), Some(etcd_client::GetOptions::new().with_count_only()))
-            .await?;
-        if held.count() > 0 {
-            outcome.reused += 1;
-            continue;
+        let field = fields[sha256].clone();
+        match held_as(client, blobs, sha256, bytes).await? {
+            Held::Intact => {
+                outcome.reused += 1;
+                continue;
+            }
+            Held::Damaged(reason) => outcome.repaired.push((field.clone(), sha256.clone(), reason)),
+            Held::Missing => {}
         }
         for (n, chunk) in bytes.chunks(CHUNK).enumerate() {
             client.put(blobs.chunk(sha256, n), chunk, None).await?;
@@ -184,11 +190,9 @@ async fn put_published(
             chunks: bytes.len().div_ceil(CHUNK),
         };
         client
-            .put(meta_key, serde_json::to_vec(&meta).unwrap_or_default(), None)
+            .put(blobs.meta(sha256), serde_json::to_vec(&meta).unwrap_or_default(), None)
             .await?;
-        outcome
-            .uploaded
-            .push((fields[sha256].clone(), sha256.clone(), bytes.len() as u64));
+        outcome.uploaded.push((field, sha256.clone(), bytes.len() as u64));
     }
     let published = Published {
         format: FORMAT,
@@ -202,6 +206,48 @@ async fn put_published(
     let answer = client.txn(txn).await?;
     outcome.revision = answer.header().map_or(0, |h| h.revision());
     Ok(outcome)
+}
+
+/// What etcd holds of a blob.
+enum Held {
+    /// Nothing: it is uploaded.
+    Missing,
+    /// Every byte as the publisher has it.
+    Intact,
+    /// Something else under its name (why): it is written again.
+    Damaged(String),
+}
+
+/// Compares what etcd holds under `sha256` with `bytes`, chunk by chunk (a
+/// chunk at a time in memory), so that a publish repairs a blob changed or
+/// cut short in etcd instead of trusting its name.
+async fn held_as(
+    client: &mut etcd_client::Client,
+    blobs: &Blobs,
+    sha256: &str,
+    bytes: &[u8],
+) -> Result<Held, FleetError> {
+    let meta_key = blobs.meta(sha256);
+    let answer = client.get(meta_key.clone(), None).await?;
+    let Some(kv) = answer.kvs().first() else {
+        return Ok(Held::Missing);
+    };
+    let expected = BlobMeta {
+        size: bytes.len() as u64,
+        chunks: bytes.len().div_ceil(CHUNK),
+    };
+    match serde_json::from_slice::<BlobMeta>(kv.value()) {
+        Ok(meta) if meta == expected => {}
+        _ => return Ok(Held::Damaged(format!("{meta_key} does not describe these bytes"))),
+    }
+    for (n, chunk) in bytes.chunks(CHUNK).enumerate() {
+        let key = blobs.chunk(sha256, n);
+        let answer = client.get(key.clone(), None).await?;
+        if answer.kvs().first().is_none_or(|kv| kv.value() != chunk) {
+            return Ok(Held::Damaged(format!("{key} is not these bytes")));
+        }
+    }
+    Ok(Held::Intact)
 }
 
 /// Where the live nodes stand on `revision` now: of the config, or of
