@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use weir::Gateway;
-use weir::fleet::{FleetSettings, Node, NodeFile};
+use weir::fleet::{FleetError, FleetSettings, Node, NodeFile};
 
 /// Where the fleet's etcd is.
 #[derive(clap::Args)]
@@ -87,6 +87,30 @@ fn at_endpoints(settings: &FleetSettings, error: anyhow::Error) -> anyhow::Error
     }
 }
 
+/// Runs `operation` on a client to the members that answer, again on a
+/// new client (up to 4 times in about 4 s) while etcd does not answer it
+/// (a leader election, a member going away); returns the client and what
+/// the operation gave.
+async fn retrying<T>(
+    settings: &FleetSettings,
+    mut operation: impl AsyncFnMut(&mut etcd_client::Client) -> Result<T, FleetError>,
+) -> Result<(etcd_client::Client, T), FleetError> {
+    let mut delay = Duration::from_millis(250);
+    for attempt in 1.. {
+        let mut client = weir::fleet::connect(settings).await?;
+        match operation(&mut client).await {
+            Ok(value) => return Ok((client, value)),
+            Err(error) if attempt < 4 && error.is_transient() => {
+                tracing::debug!(%error, attempt, "etcd did not answer; again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
@@ -133,11 +157,14 @@ pub fn publish(args: PublishArgs, check: impl FnOnce(&Path) -> anyhow::Result<()
     let keys = settings.keys();
     let tenant = args.tenant.as_deref();
     let published = current_thread()?.block_on(async {
-        let mut client = weir::fleet::connect(&settings).await?;
-        let outcome = match tenant {
-            None => weir::fleet::publish::publish(&mut client, &keys, &args.config).await?,
-            Some(tenant) => weir::fleet::publish::publish_tenant(&mut client, &keys, tenant, &args.config).await?,
-        };
+        // Uploads and the config's put may be repeated: a blob is written
+        // again only when etcd lacks it, and the same config twice is served
+        // the same.
+        let (mut client, outcome) = retrying(&settings, async |client| match tenant {
+            None => weir::fleet::publish::publish(client, &keys, &args.config).await,
+            Some(tenant) => weir::fleet::publish::publish_tenant(client, &keys, tenant, &args.config).await,
+        })
+        .await?;
         for (field, sha256, reason) in &outcome.repaired {
             println!("repaired {field} (sha256 {sha256}): {reason}");
         }
@@ -233,9 +260,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let settings = args.etcd.settings()?;
     let keys = settings.keys();
     let status = current_thread()?.block_on(async {
-        let mut client = weir::fleet::connect(&settings).await?;
-        let now = weir::fleet::current_revisions(&mut client, &keys).await?;
-        let nodes = weir::fleet::node::list_nodes(&mut client, &keys).await?;
+        let (_, (now, nodes)) = retrying(&settings, async |client| {
+            let now = weir::fleet::current_revisions(client, &keys).await?;
+            Ok((now, weir::fleet::node::list_nodes(client, &keys).await?))
+        })
+        .await?;
         if args.json {
             println!("{}", weir::fleet::node::status_json(&keys, &now, &nodes));
             return Ok(());

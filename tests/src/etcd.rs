@@ -266,6 +266,54 @@ impl Etcd {
         command.args(args).output().expect("etcdctl runs")
     }
 
+    /// A counter or gauge from member `i`'s `/metrics` (0 when absent).
+    pub fn metric(&self, i: usize, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        assert_eq!(self.scheme, "http", "metrics are read over plain HTTP");
+        let mut stream = std::net::TcpStream::connect(self.client_addr(i)).expect("etcd's metrics");
+        stream.set_read_timeout(Some(STEP)).expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: etcd\r\n\r\n")
+            .expect("ask");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("metrics");
+        text.lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Takes member `i` out of the cluster for good: removed from the
+    /// membership, stopped, its data gone.
+    pub fn remove(&mut self, i: usize) {
+        let list = self.etcdctl(&["member", "list", "-w", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("etcdctl's JSON");
+        let id = list["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .find(|m| m["name"] == self.members[i].name.as_str())
+            .and_then(|m| m["ID"].as_u64())
+            .expect("the member is listed");
+        // etcd refuses to remove a member until the others have been
+        // connected for its health interval (5 s).
+        let started = Instant::now();
+        loop {
+            let removed = self.etcdctl_as(None, &["member", "remove", &format!("{id:x}")]);
+            if removed.status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < STEP,
+                "member remove: {}",
+                String::from_utf8_lossy(&removed.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        self.stop(i);
+        let _ = std::fs::remove_dir_all(self.dir.path().join(&self.members[i].name));
+    }
+
     /// The temporary directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -293,7 +341,12 @@ pub struct Link {
 impl Link {
     /// A link to `target`.
     pub async fn to(target: SocketAddr) -> Link {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Link::at(std::net::Ipv4Addr::LOCALHOST.into(), target).await
+    }
+
+    /// A link to `target` that listens on `ip`.
+    pub async fn at(ip: std::net::IpAddr, target: SocketAddr) -> Link {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = tokio::sync::watch::channel(0u64);

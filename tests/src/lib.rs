@@ -110,6 +110,7 @@ pub use weir_testdata::read as testdata;
 pub mod browser;
 pub mod dns;
 pub mod etcd;
+pub mod netns;
 pub mod pebble;
 
 /// Logs from the gateway go to the test's output (shown on failure).
@@ -585,6 +586,12 @@ impl WeirProcess {
     /// its `listeners` listeners (those of the published config) listen.
     pub async fn spawn_node(node_file: &Path, listeners: usize) -> WeirProcess {
         WeirProcess::spawn_with(node_file, &[], listeners).await
+    }
+
+    /// Like [`WeirProcess::spawn_node`], run by `wrapper` (such as `ip
+    /// netns exec NAME`).
+    pub async fn spawn_under_node(node_file: &Path, wrapper: &[&str], listeners: usize) -> WeirProcess {
+        WeirProcess::spawn_with(node_file, wrapper, listeners).await
     }
 
     async fn spawn_with(config: &Path, wrapper: &[&str], listeners: usize) -> WeirProcess {

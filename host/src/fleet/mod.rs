@@ -129,7 +129,16 @@ impl From<etcd_client::Error> for FleetError {
 /// What a refused TLS handshake with etcd comes with.
 const TLS_HINT: &str = "check fleet.tls: `ca` must sign etcd's certificate, `server_name` must be a name in it, and etcd may require `cert` and `key`";
 
+/// What a request etcd did not answer comes with.
+const UNREACHABLE_HINT: &str = "check that etcd runs at fleet.endpoints (or --etcd) and that this host may reach it";
+
 impl FleetError {
+    /// Whether etcd did not answer (down, unreachable, electing a leader):
+    /// worth another try, where a refusal is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FleetError::Etcd(reason) if reason.contains(UNREACHABLE_HINT))
+    }
+
     /// Whether etcd (or this node) refused the TLS handshake: settings to
     /// fix, not an outage to wait out.
     pub fn is_tls_refused(&self) -> bool {
@@ -168,7 +177,7 @@ fn etcd_reason(error: &etcd_client::Error) -> String {
         let hint = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
             TLS_HINT
         } else {
-            "check that etcd runs at fleet.endpoints (or --etcd) and that this host may reach it"
+            UNREACHABLE_HINT
         };
         reason = format!("{reason} ({hint})");
     }

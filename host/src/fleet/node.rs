@@ -54,6 +54,11 @@ pub struct Report {
     pub error: Option<String>,
     /// The revision of that state.
     pub failed_revision: Option<i64>,
+    /// Why etcd cannot be read now, and since when (seconds since the Unix
+    /// epoch): the node serves what it has meanwhile. Seen in its admin API
+    /// (the copy in etcd is the one written before it was cut off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<(String, u64)>,
     /// Each tenant's own policy: what the node serves of it, and why it
     /// refused the latest one, if it did.
     #[serde(default)]
@@ -285,6 +290,12 @@ impl Node {
         Ok(client)
     }
 
+    /// Drops the client after a failed request: the next one is opened on
+    /// the members that answer then.
+    async fn forget_client(&self) {
+        *self.client.lock().await = None;
+    }
+
     pub(super) fn applied_state(&self, state: State) {
         let mut report = crate::sync::lock(&self.report);
         report.revision = state.content_revision();
@@ -363,8 +374,10 @@ impl Node {
         let mut watch_failures = 0u32;
         while self.gateway.get().and_then(Weak::upgrade).is_some() {
             if let Err(error) = self.sync().await {
+                self.forget_client().await;
                 if !unreachable {
-                    tracing::warn!(%error, "etcd cannot be read; serving the current revision until it can");
+                    tracing::warn!(%error, endpoints = ?self.file.fleet.endpoints, "etcd cannot be read; serving the current revision until it can");
+                    crate::sync::lock(&self.report).unreachable = Some((error.to_string(), now()));
                     unreachable = true;
                 }
                 attempts = attempts.saturating_add(1);
@@ -373,6 +386,8 @@ impl Node {
             }
             if unreachable {
                 tracing::info!("etcd can be read again");
+                crate::sync::lock(&self.report).unreachable = None;
+                self.report_changed.notify_one();
                 unreachable = false;
             }
             attempts = 0;
@@ -381,6 +396,7 @@ impl Node {
             match self.watch_from(start).await {
                 Ok(()) => watch_failures = 0,
                 Err(error) => {
+                    self.forget_client().await;
                     // A watch that ends at once, again and again (a value
                     // etcd holds that this node cannot take) must not turn
                     // into a loop of reads.

@@ -241,9 +241,46 @@ fn valid_prefix(prefix: &str) -> bool {
         && prefix.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Opens a client to the fleet's etcd. The connection itself is made on
-/// first use: an unreachable etcd shows in the first request.
+/// Opens a client to the fleet's etcd: to the members that answer, of
+/// several (to all when none does). The connection itself is made on first
+/// use: an unreachable etcd shows in the first request.
 pub async fn connect(settings: &FleetSettings) -> Result<etcd_client::Client, FleetError> {
+    let options = connect_options(settings)?;
+    let live = live_endpoints(&settings.endpoints, &options).await;
+    let endpoints = if live.is_empty() { &settings.endpoints } else { &live };
+    Ok(etcd_client::Client::connect(endpoints, Some(options)).await?)
+}
+
+/// Longest a member may take to say it is there and has a leader.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The endpoints, of several, whose member answers within
+/// [`PROBE_TIMEOUT`] and has a leader, in the order given. The client's
+/// balancing keeps sending a share of requests to a member that is down
+/// (each fails), so a client is opened on the live members only, and a node
+/// opens a new one when a request fails.
+async fn live_endpoints(endpoints: &[String], options: &etcd_client::ConnectOptions) -> Vec<String> {
+    if endpoints.len() < 2 {
+        return endpoints.to_vec();
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let (endpoint, options) = (endpoint.clone(), options.clone());
+        probes.spawn(async move {
+            let probe = async {
+                let mut client = etcd_client::Client::connect([&endpoint], Some(options)).await.ok()?;
+                let status = client.status().await.ok()?;
+                (status.leader() != 0).then_some(())
+            };
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await.ok().flatten().map(|()| i)
+        });
+    }
+    let mut live: Vec<usize> = probes.join_all().await.into_iter().flatten().collect();
+    live.sort_unstable();
+    live.into_iter().map(|i| endpoints[i].clone()).collect()
+}
+
+fn connect_options(settings: &FleetSettings) -> Result<etcd_client::ConnectOptions, FleetError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|e| FleetError::Io {
             path: path.to_owned(),
@@ -276,5 +313,5 @@ pub async fn connect(settings: &FleetSettings) -> Result<etcd_client::Client, Fl
         }
         options = options.with_tls(config);
     }
-    Ok(etcd_client::Client::connect(&settings.endpoints, Some(options)).await?)
+    Ok(options)
 }

@@ -20,6 +20,7 @@ mod egress;
 mod example_plugins;
 mod fleet;
 mod fleet_acme;
+mod fleet_faults;
 mod images;
 mod limits;
 mod mesh;
