@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Real peers the tests run: the openssl and curl clients, PostgreSQL 15
 # (server and psql), Pebble, BIND 9 (named, tsig-keygen; dig and nsupdate),
-# Chromium with chromedriver, and etcd 3.4 (server and etcdctl); python3 to
+# Chromium with chromedriver, etcd 3.4 (server and etcdctl), iproute2; python3 to
 # build the Python example plugin, node and npm for the JavaScript one,
 # protoc for etcd-client's build. Debian
 # package names; only what is missing is installed.
@@ -30,6 +30,10 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# ip, for the network namespace a fleet test cuts one node off in; timeout,
+# to bound a process a test expects to exit.
+command -v ip >/dev/null || missing+=(iproute2)
+command -v timeout >/dev/null || missing+=(coreutils)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
