@@ -39,11 +39,15 @@
 #   bench/run.sh fleet [--publishes N]
 #                                     three fleet nodes on one etcd: publish to
 #                                     applied, storage, a new component
+#   bench/run.sh fleet-scale [--nodes 10,50,200] [--publishes N] [--weir BIN]
+#                                     N fleet nodes on one etcd: publish to the
+#                                     last node serving, etcd events, bytes and
+#                                     CPU per publish, node memory
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=compare
 case "${1:-}" in
-    connections | soak | isolation | reload-memory | coldstart | fleet | egress | splice) mode="$1"; shift ;;
+    connections | soak | isolation | reload-memory | coldstart | fleet | fleet-scale | egress | splice) mode="$1"; shift ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -61,7 +65,7 @@ if [ "$mode" = splice ]; then
     command -v ethtool >/dev/null || need+=(ethtool)
     command -v ip >/dev/null || need+=(iproute2)
 fi
-if [ "$mode" = fleet ]; then
+if [ "$mode" = fleet ] || [ "$mode" = fleet-scale ]; then
     command -v etcd >/dev/null || need+=(etcd-server)
     command -v etcdctl >/dev/null || need+=(etcd-client)
 fi
@@ -94,6 +98,7 @@ case "$mode" in
     reload-memory) exec python3 bench/reload_memory.py "$@" ;;
     coldstart) exec python3 bench/coldstart.py "$@" ;;
     fleet) exec python3 bench/fleet.py "$@" ;;
+    fleet-scale) exec python3 bench/fleet_scale.py "$@" ;;
     egress) exec python3 bench/egress.py "$@" ;;
     splice) exec python3 bench/splice.py "$@" ;;
 esac

@@ -120,9 +120,7 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 pub async fn start_node(path: &Path, no_cache: bool) -> anyhow::Result<(Arc<Gateway>, Arc<Node>)> {
     let file = NodeFile::load(path)?;
     let settings = file.fleet.clone();
-    let (node, mut config) = Node::start(file)
-        .await
-        .map_err(|e| at_endpoints(&settings, e.into()))?;
+    let (node, mut config) = Node::start(file).await.map_err(|e| at_endpoints(&settings, e.into()))?;
     if no_cache {
         config.cache.enabled = false;
     }

@@ -63,7 +63,10 @@ impl Netns {
             .find(|n| !routes.contains(&format!("10.213.{n}.")))
             .expect("a free subnet of 10.213.0.0/16");
         let name = format!("weir-{}-{subnet}", std::process::id());
-        let (outer, inner) = (format!("wo{subnet}x{}", std::process::id() % 10000), format!("wi{subnet}"));
+        let (outer, inner) = (
+            format!("wo{subnet}x{}", std::process::id() % 10000),
+            format!("wi{subnet}"),
+        );
         ip(&["netns", "add", &name]);
         let netns = Netns {
             name: name.clone(),
@@ -76,7 +79,15 @@ impl Netns {
         ip(&["addr", "add", &format!("{}/24", netns.host), "dev", &outer]);
         ip(&["addr", "add", &format!("{}/24", netns.far), "dev", &outer]);
         ip(&["link", "set", &outer, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("{}/24", netns.inside), "dev", &inner]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{}/24", netns.inside),
+            "dev",
+            &inner,
+        ]);
         ip(&["-n", &name, "link", "set", &inner, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         drop(lock);
@@ -91,12 +102,26 @@ impl Netns {
     /// Drops, inside the namespace, every packet to [`Netns::far`]: no
     /// reset, no refusal, as when a link between sites fails.
     pub fn cut(&self) {
-        ip(&["-n", &self.name, "route", "add", "blackhole", &format!("{}/32", self.far)]);
+        ip(&[
+            "-n",
+            &self.name,
+            "route",
+            "add",
+            "blackhole",
+            &format!("{}/32", self.far),
+        ]);
     }
 
     /// Takes the cut away.
     pub fn heal(&self) {
-        ip(&["-n", &self.name, "route", "del", "blackhole", &format!("{}/32", self.far)]);
+        ip(&[
+            "-n",
+            &self.name,
+            "route",
+            "del",
+            "blackhole",
+            &format!("{}/32", self.far),
+        ]);
     }
 }
 

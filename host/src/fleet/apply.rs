@@ -300,8 +300,9 @@ impl Node {
             tracing::warn!(error = %e, "cannot keep the applied revision on disk");
         }
         tracing::info!(
-            revision = state.revision,
+            revision = state.content_revision(),
             config_revision = state.config_revision,
+            read_at = state.revision,
             "fleet revision applied"
         );
         {

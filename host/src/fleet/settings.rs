@@ -272,7 +272,11 @@ async fn live_endpoints(endpoints: &[String], options: &etcd_client::ConnectOpti
                 let status = client.status().await.ok()?;
                 (status.leader() != 0).then_some(())
             };
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await.ok().flatten().map(|()| i)
+            tokio::time::timeout(PROBE_TIMEOUT, probe)
+                .await
+                .ok()
+                .flatten()
+                .map(|()| i)
         });
     }
     let mut live: Vec<usize> = probes.join_all().await.into_iter().flatten().collect();

@@ -961,7 +961,10 @@ async fn nodes_reach_etcd_over_tls_with_a_client_certificate() {
     let status = weir(&["fleet", "status", "--fleet", anonymous.to_str().expect("utf-8")]);
     assert!(!status.status.success(), "{}", text(&status));
     let said = text(&status);
-    assert!(said.starts_with(&format!("weir: etcd at {}: ", etcd.endpoints()[0])), "{said}");
+    assert!(
+        said.starts_with(&format!("weir: etcd at {}: ", etcd.endpoints()[0])),
+        "{said}"
+    );
     assert!(said.contains("check fleet.tls"), "{said}");
     // A key others may read is refused before any connection.
     std::fs::set_permissions(&node_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");

@@ -112,7 +112,11 @@ async fn a_publish_costs_etcd_events_in_proportion_to_the_nodes_and_has_one_revi
     assert_eq!(status["revision"], revision, "{status}");
     let listed = text(&weir(&["fleet", "status", "--etcd", &etcd.endpoints()[0]]));
     assert!(listed.contains(&format!("fleet at revision {revision} ")), "{listed}");
-    assert_eq!(listed.matches(&format!("revision {revision}  current")).count(), NODES, "{listed}");
+    assert_eq!(
+        listed.matches(&format!("revision {revision}  current")).count(),
+        NODES,
+        "{listed}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = etcd.metric(0, "etcd_debugging_mvcc_events_total") - before;
     // Each publish is one event to each node; every node's report written
@@ -145,7 +149,14 @@ async fn large_values_in_a_watched_key_s_history_neither_stop_the_watch_nor_stor
     for _ in 0..4 {
         let put = std::process::Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &etcd.endpoints()[0], "put", "/weir/pools/zz", "-w", "json"])
+            .args([
+                "--endpoints",
+                &etcd.endpoints()[0],
+                "put",
+                "/weir/pools/zz",
+                "-w",
+                "json",
+            ])
             .stdin(std::fs::File::open(&big).expect("open"))
             .output()
             .expect("etcdctl");
@@ -169,7 +180,10 @@ async fn large_values_in_a_watched_key_s_history_neither_stop_the_watch_nor_stor
     .await;
     let said = fleet().await;
     let error = said["node"]["error"].as_str().unwrap_or_default().to_owned();
-    assert!(error.contains("/weir/pools/zz") && error.contains("more than a pool may have"), "{said}");
+    assert!(
+        error.contains("/weir/pools/zz") && error.contains("more than a pool may have"),
+        "{said}"
+    );
     assert_eq!(exchange(node.addr("public"), b"kept").await.expect("served"), b"kept");
 
     // Then quiet: no read-and-report loop against etcd (the reports of the
@@ -180,11 +194,7 @@ async fn large_values_in_a_watched_key_s_history_neither_stop_the_watch_nor_stor
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes = etcd_revision(&etcd) - quiet_from;
     assert!(writes <= 1, "{writes} writes to etcd in 2 s of a refused state");
-    let ended = node
-        .lines_so_far()
-        .iter()
-        .filter(|l| l.contains("watch ended"))
-        .count();
+    let ended = node.lines_so_far().iter().filter(|l| l.contains("watch ended")).count();
     assert!(ended <= 1, "the watch ended {ended} times in 2 s");
 
     // The key taken away and a publish: the node converges.
@@ -225,18 +235,30 @@ async fn a_blob_damaged_in_etcd_is_refused_then_repaired_by_the_next_publish() {
     };
     let refused = start();
     assert!(!refused.status.success(), "{}", text(&refused));
-    assert!(text(&refused).contains("not to the name they are stored under"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("not to the name they are stored under"),
+        "{}",
+        text(&refused)
+    );
 
     // The same config again: the publish finds the damage and writes the
     // file again; the node starts on it.
     let again = publish(&config, &etcd.endpoints(), false);
     assert!(again.status.success(), "{}", text(&again));
-    assert!(text(&again).contains(&format!("repaired plugins.router.wasm (sha256 {sha256})")), "{}", text(&again));
+    assert!(
+        text(&again).contains(&format!("repaired plugins.router.wasm (sha256 {sha256})")),
+        "{}",
+        text(&again)
+    );
     let node = WeirProcess::spawn_node(&fresh, 1).await;
     assert_eq!(exchange(node.addr("public"), b"whole").await.expect("served"), b"whole");
     // And a publish of an intact file uploads nothing.
     let third = publish(&config, &etcd.endpoints(), false);
-    assert!(!text(&third).contains("uploaded") && text(&third).contains("(1 files already there)"), "{}", text(&third));
+    assert!(
+        !text(&third).contains("uploaded") && text(&third).contains("(1 files already there)"),
+        "{}",
+        text(&third)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +302,11 @@ async fn every_publish_acknowledged_while_etcd_s_leader_is_lost_is_served_whole(
     for node in [&a, &b] {
         assert_eq!(exchange(node.addr("public"), b"last").await.expect("served"), b"last");
     }
-    assert_eq!(upstreams[last % 2].accepted(), before + 2, "a node routes by an older publish");
+    assert_eq!(
+        upstreams[last % 2].accepted(),
+        before + 2,
+        "a node routes by an older publish"
+    );
 
     // The member comes back, and catches up: the fleet takes the next publish.
     etcd.restart(leader_lost.expect("killed"));
@@ -394,7 +420,9 @@ async fn a_node_cut_off_by_a_partition_serves_its_revision_says_so_and_converges
     let said = fleet().await;
     assert!(said["node"]["revision"].as_i64() < Some(revision), "{said}");
     assert!(
-        said["node"]["unreachable"][0].as_str().is_some_and(|r| r.contains("fleet.endpoints")),
+        said["node"]["unreachable"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("fleet.endpoints")),
         "{said}"
     );
 
