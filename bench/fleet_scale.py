@@ -8,8 +8,10 @@ changing a route, measures
   max over the publishes;
 - etcd's watch events and the bytes it sent to its clients, per publish
   (`etcd_debugging_mvcc_events_total`, `etcd_network_client_grpc_sent_bytes_total`);
-- etcd's CPU time per publish (user + system, from /proc);
-- the nodes' resident memory (mean and max, after the stream).
+- etcd's CPU time per publish, and each node's (user + system, from /proc);
+- the nodes' resident memory (mean and max, after the stream);
+- etcd stopped for 10 s and started again: the first publish after its
+  return, to the last node serving it.
 
 Writes a report under bench/results/fleet-scale-*.md.
 
@@ -66,17 +68,21 @@ def pct(values, q):
 def run(n, work):
     client, peer = free_port(), free_port()
     endpoint = f"http://127.0.0.1:{client}"
-    etcd = subprocess.Popen(
-        ["etcd", "--data-dir", str(work / "etcd"), "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-         "--initial-cluster", f"default=http://127.0.0.1:{peer}", "--logger", "zap", "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    nodes = []
-    try:
+    def start_etcd():
+        etcd = subprocess.Popen(
+            ["etcd", "--data-dir", str(work / "etcd"), "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"default=http://127.0.0.1:{peer}", "--logger", "zap", "--log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             if subprocess.run(["etcdctl", "--endpoints", endpoint, "endpoint", "health"], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
+        return etcd
+
+    etcd = start_etcd()
+    nodes = []
+    try:
 
         def config(i):
             path = work / f"v{i}.toml"
@@ -142,6 +148,7 @@ dir = "{work / 'cache'}"
         events0 = metric(endpoint, "etcd_debugging_mvcc_events_total")
         bytes0 = metric(endpoint, "etcd_network_client_grpc_sent_bytes_total")
         cpu0 = cpu_seconds(etcd.pid)
+        nodes_cpu0 = sum(cpu_seconds(p.pid) for p in nodes)
         last = []
         for i in range(1, publishes + 1):
             revision, at = publish(config(i))
@@ -153,10 +160,21 @@ dir = "{work / 'cache'}"
         # etcd's CPU includes the publisher's own requests and the nodes'
         # lease keep-alives over the stream.
         cpu = (cpu_seconds(etcd.pid) - cpu0) / publishes
+        node_cpu = (sum(cpu_seconds(p.pid) for p in nodes) - nodes_cpu0) / publishes / n
         rss = [rss_kib(p.pid) for p in nodes]
+        # etcd away for 10 s, then back: the first publish after its return,
+        # to the last node serving it (nodes that stayed up, retrying).
+        etcd.terminate()
+        etcd.wait()
+        time.sleep(10)
+        etcd = start_etcd()
+        revision, at = publish(config(publishes + 1))
+        seen = wait_applied(revision)
+        returned = (max(seen.values()) - at) * 1000
         return {
+            "returned": returned,
             "n": n, "p50": pct(last, 50), "p99": pct(last, 99), "max": max(last),
-            "events": events, "bytes": sent, "cpu": cpu * 1000,
+            "events": events, "bytes": sent, "cpu": cpu * 1000, "node_cpu": node_cpu * 1000,
             "rss_mean": statistics.mean(rss) / 1024, "rss_max": max(rss) / 1024,
         }
     finally:
@@ -194,18 +212,19 @@ lines = [
     f"and etcd on this machine. {publishes} publishes a row, each changing a route and waited out",
     "before the next.",
     "",
-    "| nodes | publish → last node serving p50 / p99 / max | etcd watch events / publish | etcd bytes sent / publish | etcd CPU / publish | node RSS mean / max |",
-    "| --- | --- | --- | --- | --- | --- |",
+    "| nodes | publish → last node serving p50 / p99 / max | etcd watch events / publish | etcd bytes sent / publish | etcd CPU / publish | node CPU / publish | node RSS mean / max | first publish after etcd's return → last node serving |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for r in rows:
     lines.append(
         f"| {r['n']} | {r['p50']:.0f} / {r['p99']:.0f} / {r['max']:.0f} ms | {r['events']:.0f} ({r['events'] / r['n']:.2f} N) | "
-        f"{r['bytes'] / 1024:.0f} KiB | {r['cpu']:.1f} ms | {r['rss_mean']:.1f} / {r['rss_max']:.1f} MiB |")
+        f"{r['bytes'] / 1024:.0f} KiB | {r['cpu']:.1f} ms | {r['node_cpu']:.1f} ms | {r['rss_mean']:.1f} / {r['rss_max']:.1f} MiB | {r['returned']:.0f} ms |")
 lines += [
     "",
     "Publish to serving runs from the publisher printing the revision (its transaction done) to the last node's",
     "`fleet revision applied` log line; both clocks are this machine's. With N nodes and etcd on 2",
-    "cores, the figure includes N processes woken at once to read and rebuild.",
+    "cores, the figure includes N processes woken at once to read and rebuild. etcd's bytes per publish",
+    "include the publisher reading back the component it names (a publish checks what etcd holds).",
     "",
 ]
 report = "\n".join(lines)
