@@ -37,6 +37,7 @@ mod acme;
 mod apply;
 pub mod node;
 pub mod publish;
+mod report;
 mod settings;
 mod store;
 pub mod tenant;

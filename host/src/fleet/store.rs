@@ -15,7 +15,14 @@ use crate::private::not_private;
 #[derive(Debug)]
 pub(crate) struct LocalStore {
     dir: PathBuf,
+    /// Blobs whose bytes this process has hashed, with the length and
+    /// modification time they had then: a revision naming the same files
+    /// does not read and hash each again.
+    checked: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>,
 }
+
+/// Most blobs [`LocalStore`] remembers as checked (then it forgets them all).
+const MAX_CHECKED: usize = 1024;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
     move |e| FleetError::Io {
@@ -53,7 +60,10 @@ impl LocalStore {
                 });
             }
         }
-        Ok(LocalStore { dir: dir.to_owned() })
+        Ok(LocalStore {
+            dir: dir.to_owned(),
+            checked: std::sync::Mutex::default(),
+        })
     }
 
     /// The directory.
@@ -85,9 +95,26 @@ impl LocalStore {
 
     /// Whether the blob is here with the bytes its name says.
     pub(crate) fn has_blob(&self, owner: Option<&str>, sha256: &str) -> bool {
-        self.blob_path(owner, sha256)
-            .and_then(|path| fs::read(&path).map_err(io(&path)))
-            .is_ok_and(|bytes| weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes])) == sha256)
+        let Ok(path) = self.blob_path(owner, sha256) else {
+            return false;
+        };
+        let stamp = |metadata: fs::Metadata| metadata.modified().ok().map(|at| (metadata.len(), at));
+        let now = fs::metadata(&path).ok().and_then(stamp);
+        if now.is_some() && crate::sync::lock(&self.checked).get(&path) == now.as_ref() {
+            return true;
+        }
+        let Ok(bytes) = fs::read(&path) else {
+            return false;
+        };
+        let whole = weir_plugin_sdk::hex::encode(&crate::plugin::cache::sha256(&[&bytes])) == sha256;
+        if let (true, Some(now)) = (whole, now) {
+            let mut checked = crate::sync::lock(&self.checked);
+            if checked.len() >= MAX_CHECKED {
+                checked.clear();
+            }
+            checked.insert(path, now);
+        }
+        whole
     }
 
     /// Keeps a blob (already checked against its name).
