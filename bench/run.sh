@@ -39,7 +39,7 @@
 #   bench/run.sh fleet [--publishes N]
 #                                     three fleet nodes on one etcd: publish to
 #                                     applied, storage, a new component
-#   bench/run.sh fleet-scale [--nodes 10,50,200] [--publishes N] [--weir BIN]
+#   bench/run.sh fleet-scale [--nodes 10,50,200] [--publishes N] [--outage S] [--weir BIN]
 #                                     N fleet nodes on one etcd: publish to the
 #                                     last node serving, etcd events, bytes and
 #                                     CPU per publish, node memory
