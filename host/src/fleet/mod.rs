@@ -133,11 +133,15 @@ const TLS_HINT: &str = "check fleet.tls: `ca` must sign etcd's certificate, `ser
 /// What a request etcd did not answer comes with.
 const UNREACHABLE_HINT: &str = "check that etcd runs at fleet.endpoints (or --etcd) and that this host may reach it";
 
+/// What a connection etcd closed comes with: over TLS, etcd closes one
+/// whose client certificate it refuses, after the handshake.
+const CLOSED_HINT: &str = "etcd closed the connection: check fleet.tls `cert` and `key` if etcd requires client certificates, else that etcd runs at fleet.endpoints (or --etcd)";
+
 impl FleetError {
-    /// Whether etcd did not answer (down, unreachable, electing a leader):
-    /// worth another try, where a refusal is not.
+    /// Whether etcd did not answer (down, unreachable, electing a leader,
+    /// the connection closed): worth another try, where a refusal is not.
     pub fn is_transient(&self) -> bool {
-        matches!(self, FleetError::Etcd(reason) if reason.contains(UNREACHABLE_HINT))
+        matches!(self, FleetError::Etcd(reason) if reason.contains(UNREACHABLE_HINT) || reason.contains(CLOSED_HINT))
     }
 
     /// Whether etcd (or this node) refused the TLS handshake: settings to
@@ -155,9 +159,10 @@ fn etcd_reason(error: &etcd_client::Error) -> String {
     let (said, transport, mut source) = match error {
         etcd_client::Error::GRpcStatus(status) => (
             status.message().to_owned(),
-            // gRPC's UNKNOWN (2), DEADLINE_EXCEEDED (4), UNAVAILABLE (14):
-            // no answer from etcd itself.
-            matches!(i32::from(status.code()), 2 | 4 | 14),
+            // gRPC's CANCELLED (1: the connection closed), UNKNOWN (2),
+            // DEADLINE_EXCEEDED (4), UNAVAILABLE (14): no answer from etcd
+            // itself.
+            matches!(i32::from(status.code()), 1 | 2 | 4 | 14),
             status.source(),
         ),
         etcd_client::Error::TransportError(e) => ("transport error".to_owned(), true, e.source()),
@@ -177,6 +182,8 @@ fn etcd_reason(error: &etcd_client::Error) -> String {
         let lower = reason.to_ascii_lowercase();
         let hint = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
             TLS_HINT
+        } else if lower.contains("connection closed") {
+            CLOSED_HINT
         } else {
             UNREACHABLE_HINT
         };
