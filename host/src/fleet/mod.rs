@@ -19,7 +19,7 @@
 //!   it under `tenants/<tenant>/nodes/<node>`: keys a tenant's etcd role may
 //!   be granted without reaching anyone else's.
 //!
-//! A node reads the config and the pools in one transaction (one revision),
+//! A node reads the config and the pools at one revision (the pools in pages),
 //! builds the files it names into a private state directory, and applies
 //! the whole through the gateway's one rebuild-and-swap; a revision that
 //! does not build is reported and the last good one keeps serving. The last
@@ -374,9 +374,10 @@ pub async fn fetch_state(client: &mut etcd_client::Client, keys: &Keys) -> Resul
     use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
     let txn = Txn::new().and_then(vec![
         TxnOp::get(keys.config(), None),
-        TxnOp::get(keys.pools(), Some(GetOptions::new().with_prefix())),
-        // Keys only: each policy is read on its own below, so no tenant's
-        // value can make this answer too large to read.
+        // Keys only: the pools are read in pages and each policy on its own
+        // below, at this revision, so that no number of pools and no
+        // tenant's value can make one answer too large to read.
+        TxnOp::get(keys.pools(), Some(GetOptions::new().with_prefix().with_keys_only())),
         TxnOp::get(keys.policies(), Some(GetOptions::new().with_prefix().with_keys_only())),
     ]);
     let response = client
@@ -438,7 +439,8 @@ async fn read_state(
         tenant_revisions: BTreeMap::new(),
     };
     let pools_prefix = keys.pools();
-    for kv in pools.kvs() {
+    let pools = read_pages(client, &pools_prefix, revision, pools.kvs().len()).await?;
+    for kv in &pools {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let name = key.strip_prefix(&pools_prefix).unwrap_or(&key).to_owned();
         check_pool_name(&name).map_err(|reason| FleetError::BadValue {
@@ -519,6 +521,51 @@ pub async fn current_revisions(client: &mut etcd_client::Client, keys: &Keys) ->
         }
     }
     Ok(revisions)
+}
+
+/// Pools a page of [`read_pages`] holds: 32 of the largest a node takes
+/// (256 KiB) are an eighth of the largest answer it reads.
+const PAGE_KEYS: i64 = 32;
+
+/// Every key under `prefix` with its value, as etcd had them at `revision`,
+/// [`PAGE_KEYS`] at a time; `expected` is how many the caller saw listed.
+async fn read_pages(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    revision: i64,
+    expected: usize,
+) -> Result<Vec<etcd_client::KeyValue>, FleetError> {
+    use etcd_client::GetOptions;
+    // The end of the prefix's range: its last byte one higher (a prefix ends
+    // in `/`, so there is no carry).
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let mut kvs = Vec::with_capacity(expected);
+    let mut from = prefix.as_bytes().to_vec();
+    loop {
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_revision(revision)
+            .with_limit(PAGE_KEYS);
+        let page = client
+            .kv_client()
+            .max_decoding_message_size(MAX_STATE_BYTES)
+            .get(from.clone(), Some(options))
+            .await?;
+        let more = page.more();
+        let mut page = page;
+        let taken = page.take_kvs();
+        let Some(last) = taken.last() else { break };
+        from = last.key().to_vec();
+        from.push(0);
+        kvs.extend(taken);
+        if !more {
+            break;
+        }
+    }
+    Ok(kvs)
 }
 
 /// A [`Published`] value, bounded and of a format this weir reads.

@@ -207,6 +207,37 @@ async fn large_values_in_a_watched_key_s_history_neither_stop_the_watch_nor_stor
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_are_read_in_pages_at_one_revision() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (one, two) = (Upstream::tcp(echo).await, Upstream::tcp(echo).await);
+    let v1 = write(dir.path(), "v1.toml", &gateway_config(&[one.addr.to_string()]));
+    assert!(publish(&v1, &etcd.endpoints(), false).status.success());
+    let node = WeirProcess::spawn_node(&node_file(dir.path(), "n", &etcd.endpoints(), ""), 1).await;
+    // 70 pools before `app` in key order: `app`'s own value is on the
+    // third page of the node's read.
+    let unused = serde_json::json!({ "servers": ["127.0.0.1:9"] }).to_string();
+    for n in 0..70 {
+        etcd.etcdctl(&["put", &format!("/weir/pools/a{n:03}"), &unused]);
+    }
+    let app = serde_json::json!({ "servers": [two.addr.to_string()] }).to_string();
+    let put = etcd.etcdctl(&["put", "/weir/pools/app", &app, "-w", "json"]);
+    let put: serde_json::Value = serde_json::from_slice(&put.stdout).expect("etcdctl's JSON");
+    let revision = put["header"]["revision"].as_i64().expect("revision");
+    let started = Instant::now();
+    while !all_current_at(&status_json(&etcd), 1, revision) {
+        assert!(
+            started.elapsed() < STEP,
+            "never current at {revision}: {}",
+            status_json(&etcd)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(exchange(node.addr("public"), b"paged").await.expect("served"), b"paged");
+    assert_eq!((one.accepted(), two.accepted()), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_damaged_in_etcd_is_refused_then_repaired_by_the_next_publish() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().expect("temp dir");
