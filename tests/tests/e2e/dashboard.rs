@@ -373,6 +373,9 @@ async fn the_dashboard_shows_the_fleet_its_revisions_errors_and_liveness() {
         .wait_for_text("the applied revision", css, |t| t == revision.to_string())
         .await;
     browser
+        .wait_for_text("a current", r#"#fleet-table tr[data-node="a"] td.current"#, |t| t == "current")
+        .await;
+    browser
         .wait_for_text("the config in use", "#overview-list", |t| {
             t.contains(&format!("etcd revision {revision}"))
         })
@@ -398,6 +401,12 @@ async fn the_dashboard_shows_the_fleet_its_revisions_errors_and_liveness() {
     let css = r#"#fleet-table tr[data-node="b"] td.revision"#;
     let served = browser.text(css).await.and_then(|t| t.parse::<i64>().ok());
     assert!(served.is_some_and(|r| r < bad), "{served:?} vs the bad {bad}");
+    let behind = format!("behind (fleet at {bad})");
+    browser
+        .wait_for_text("b behind the bad revision", r#"#fleet-table tr[data-node="b"] td.current"#, |t| {
+            t == behind
+        })
+        .await;
     let element = browser.client.find(Locator::Id("fleet")).await.expect("section");
     std::fs::write(
         output_dir().join("fleet.png"),

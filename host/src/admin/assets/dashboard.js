@@ -285,11 +285,14 @@ function renderFleet(fleet) {
   document.getElementById("fleet-link").hidden = !fleet;
   if (!fleet) return;
   const problem = document.getElementById("fleet-error");
-  problem.hidden = !fleet.error;
-  problem.textContent = fleet.error ? "The node list could not be read from etcd: " + fleet.error : "";
+  const cut = fleet.node && fleet.node.unreachable;
+  problem.hidden = !fleet.error && !cut;
+  problem.textContent = cut ? "This node cannot read etcd since " + when(cut[1]) + ": " + cut[0]
+    : fleet.error ? "The node list could not be read from etcd: " + fleet.error : "";
+  const current = (n) => n.current === undefined ? "" : n.current ? "current" : "behind (fleet at " + fleet.revision + ")";
   fill(document.querySelector("#fleet-table tbody"), Object.entries(fleet.nodes || {}).map(([name, n]) =>
     el("tr", { "data-node": name }, el("td", {}, name), el("td", {}, n.version), el("td", { class: "revision" }, n.revision),
-      el("td", {}, n.config_revision), el("td", { class: "serving" }, n.serving), el("td", {}, when(n.applied_at)),
+      el("td", { class: "current" }, current(n)), el("td", {}, n.config_revision), el("td", { class: "serving" }, n.serving), el("td", {}, when(n.applied_at)),
       el("td", { class: "error" }, n.error ? n.error + (n.failed_revision ? " (revision " + n.failed_revision + ")" : "") : ""))));
 }
 
