@@ -12,8 +12,10 @@
 //! - `account`: the ACME account's credentials, one account for the fleet;
 //! - `alpn`: the open TLS-ALPN-01 challenges (name → SHA-256 of the key
 //!   authorization, hex), under the orderer's lease: every node answers
-//!   them, whichever one the CA reaches, and says so at `seen/<node>`
-//!   (the revision it installed) before the orderer lets the CA validate.
+//!   them, whichever one the CA reaches, and says so at
+//!   `acme/~seen/<certificate>/<node>` (the revision it installed) before
+//!   the orderer lets the CA validate: a key outside the range the nodes
+//!   watch.
 //!
 //! These keys hold private keys: only the gateway's etcd role may read
 //! `acme/`.
@@ -63,6 +65,20 @@ impl Keys {
     /// Everything the fleet keeps of ACME.
     pub fn acme_root(&self) -> String {
         format!("{}acme/", self.prefix())
+    }
+
+    /// Where the nodes say which challenges of `certificate` they answer
+    /// (`<node>` → revision). Under `acme/~seen/`, past every
+    /// certificate's keys (a segment has no `~`), so that the nodes' watch
+    /// of `acme/` leaves it out: N nodes saying so is N puts, not N² events.
+    pub fn acme_seen(&self, certificate: &str) -> String {
+        format!("{}~seen/{}/", self.acme_root(), segment(certificate))
+    }
+
+    /// The end of the range the nodes watch under `acme/` (all of it but
+    /// `~seen/`).
+    fn acme_watched_end(&self) -> String {
+        format!("{}~", self.acme_root())
     }
 
     /// One key of `certificate`'s (`lock`, `issued`, `last`, `account`, `alpn`).
@@ -221,13 +237,10 @@ impl Node {
         let started = tokio::time::Instant::now();
         loop {
             let nodes = self.nodes().await?;
+            let prefix = self.keys.acme_seen(certificate);
             let seen = client
-                .get(
-                    self.keys.acme(certificate, "seen/"),
-                    Some(GetOptions::new().with_prefix()),
-                )
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
                 .await?;
-            let prefix = self.keys.acme(certificate, "seen/");
             let behind: Vec<&String> = nodes
                 .keys()
                 .filter(|node| {
@@ -268,8 +281,12 @@ impl Node {
     async fn watch_challenges(&self, installed: &mut BTreeMap<String, Vec<String>>) -> Result<(), FleetError> {
         let mut client = self.client().await?;
         let root = self.keys.acme_root();
+        let end = self.keys.acme_watched_end();
         let answer = client
-            .get(root.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                root.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_keys_only()),
+            )
             .await?;
         let start = answer.header().map_or(0, |h| h.revision()) + 1;
         let mut now: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
@@ -288,7 +305,7 @@ impl Node {
         for (key, (revision, value)) in now {
             self.install(installed, &key, Some((revision, &value))).await;
         }
-        let options = WatchOptions::new().with_prefix().with_start_revision(start);
+        let options = WatchOptions::new().with_range(end).with_start_revision(start);
         let mut stream = client.watch(root, Some(options)).await?;
         while let Some(response) = stream.message().await? {
             if response.canceled() {
@@ -361,7 +378,12 @@ impl Node {
             }
         }
         installed.insert(key.to_owned(), names);
-        let seen = format!("{}seen/{}", key.strip_suffix("alpn").unwrap_or(key), self.name);
+        let root = self.keys.acme_root();
+        let certificate = key
+            .strip_prefix(&root)
+            .and_then(|k| k.strip_suffix("/alpn"))
+            .unwrap_or(key);
+        let seen = format!("{root}~seen/{certificate}/{}", self.name);
         if let (Some(lease), Ok(mut client)) = (self.node_lease(), self.client().await) {
             let options = PutOptions::new().with_lease(lease);
             if let Err(error) = client.put(seen, revision.to_string(), Some(options)).await {

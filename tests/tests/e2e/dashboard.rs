@@ -373,7 +373,9 @@ async fn the_dashboard_shows_the_fleet_its_revisions_errors_and_liveness() {
         .wait_for_text("the applied revision", css, |t| t == revision.to_string())
         .await;
     browser
-        .wait_for_text("a current", r#"#fleet-table tr[data-node="a"] td.current"#, |t| t == "current")
+        .wait_for_text("a current", r#"#fleet-table tr[data-node="a"] td.current"#, |t| {
+            t == "current"
+        })
         .await;
     browser
         .wait_for_text("the config in use", "#overview-list", |t| {
@@ -403,9 +405,11 @@ async fn the_dashboard_shows_the_fleet_its_revisions_errors_and_liveness() {
     assert!(served.is_some_and(|r| r < bad), "{served:?} vs the bad {bad}");
     let behind = format!("behind (fleet at {bad})");
     browser
-        .wait_for_text("b behind the bad revision", r#"#fleet-table tr[data-node="b"] td.current"#, |t| {
-            t == behind
-        })
+        .wait_for_text(
+            "b behind the bad revision",
+            r#"#fleet-table tr[data-node="b"] td.current"#,
+            |t| t == behind,
+        )
         .await;
     let element = browser.client.find(Locator::Id("fleet")).await.expect("section");
     std::fs::write(
