@@ -51,7 +51,7 @@ impl Netns {
     }
 
     /// A new namespace, its loopback up, joined to this one.
-    pub fn new() -> Netns {
+    pub fn create() -> Netns {
         let lock = std::fs::File::create(std::env::temp_dir().join("weir-netns.lock")).expect("lock file");
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
         let routes = Command::new("ip")

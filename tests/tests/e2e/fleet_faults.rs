@@ -414,7 +414,7 @@ async fn a_node_cut_off_by_a_partition_serves_its_revision_says_so_and_converges
         Netns::available(),
         "this test makes a network namespace: it runs as root, with iproute2"
     );
-    let netns = Netns::new();
+    let netns = Netns::create();
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let (one, two) = (
