@@ -64,6 +64,10 @@ pub(super) async fn read_pages(
         *last += 1;
     }
     let mut kvs = Vec::with_capacity(expected);
+    if expected == 0 {
+        // None listed at `revision`: none to read at it.
+        return Ok(kvs);
+    }
     let mut from = prefix.as_bytes().to_vec();
     loop {
         let options = GetOptions::new()
