@@ -95,7 +95,7 @@ fn publish_as(config: &Path, fleet: &Path) -> Output {
 }
 
 /// A whole exchange through `addr`: `sent` out, the echo back.
-async fn exchange(addr: std::net::SocketAddr, sent: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(super) async fn exchange(addr: std::net::SocketAddr, sent: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.write_all(sent).await?;
     stream.shutdown().await?;
@@ -103,7 +103,7 @@ async fn exchange(addr: std::net::SocketAddr, sent: &[u8]) -> std::io::Result<Ve
 }
 
 /// Waits until `check` holds, for at most `STEP`.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+pub(super) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while !check().await {
         assert!(started.elapsed() < STEP, "never: {what}");

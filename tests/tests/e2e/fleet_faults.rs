@@ -12,7 +12,7 @@ use weir_tests::netns::Netns;
 use weir_tests::run_weir as weir;
 use weir_tests::{STEP, Upstream, WeirProcess, admin_request, echo};
 
-use super::fleet::{gateway_config, node_file, publish, text, write};
+use super::fleet::{eventually, exchange, gateway_config, node_file, publish, text, write};
 
 /// The revision `weir publish` printed.
 fn published_revision(output: &std::process::Output) -> i64 {
@@ -45,14 +45,6 @@ fn etcd_revision(etcd: &Etcd) -> i64 {
     got["header"]["revision"].as_i64().expect("a revision")
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < STEP, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Whether every listed node is current, each at `revision`.
 fn all_current_at(status: &serde_json::Value, nodes: usize, revision: i64) -> bool {
     let Some(listed) = status["nodes"].as_object() else {
@@ -62,14 +54,6 @@ fn all_current_at(status: &serde_json::Value, nodes: usize, revision: i64) -> bo
         && listed
             .values()
             .all(|n| n["current"] == true && n["revision"].as_i64() == Some(revision))
-}
-
-async fn exchange(addr: std::net::SocketAddr, sent: &[u8]) -> std::io::Result<Vec<u8>> {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(sent).await?;
-    stream.shutdown().await?;
-    weir_tests::read_to_end(&mut stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
