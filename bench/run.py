@@ -588,7 +588,15 @@ def report(results, targets, facts):
             "(copy, then `splice(2)` once a direction has carried 64 KiB).",
             "",
         ]
-        pairs = (("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"), ("weir-auto", "haproxy"))
+        pairs = (("weir", "bare"), ("weir", "haproxy"), ("weir", "nginx"), ("weir", "direct"),
+                 ("weir-auto", "haproxy"))
+        lines += [
+            "`bare` is the floor: the smallest passthrough relay on weir's own runtime and socket setup "
+            "(`weir-bench bare`: read the first bytes, connect, write them, copy both ways; no routing, "
+            "limits, timeouts, metrics or log line), so weir ÷ bare is what weir's own work per "
+            "connection costs.",
+            "",
+        ]
         if BASELINE:
             lines += [
                 f"`weir-base` is another build (`{BASELINE}`) with `weir`'s config, measured in the same runs.",
@@ -651,6 +659,8 @@ def main():
         ]
         if not TERMINATE:
             targets.insert(2, Target("weir-auto", 10447, [str(WEIR), "run", "--config", str(WORK / "weir-auto.toml")]))
+            bare = [str(BENCH), "bare", "--listen", "127.0.0.1:10455", "--upstream", f"{UPSTREAM[0]}:{UPSTREAM[1]}"]
+            targets.insert(1, Target("bare", 10455, bare))
         if BASELINE and not TERMINATE:
             base = [BASELINE, "run", "--config", str(WORK / "weir-base.toml")]
             targets.insert(2, Target("weir-base", 10454, base, version([BASELINE, "--version"])))

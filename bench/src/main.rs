@@ -97,10 +97,23 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         conns: u32,
     },
+    /// The smallest passthrough relay on weir's runtime and socket setup:
+    /// the floor beside weir (see `bare.rs`).
+    Bare {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
 }
+
+mod bare;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Bare { listen, upstream } = cli.command {
+        return bare::run(listen, upstream);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -113,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 resume,
             } => rate(&target, concurrency, seconds, resume).await,
             Command::Idle { target, conns } => idle(&target, conns).await,
+            Command::Bare { .. } => unreachable!("served above, on its own runtime"),
         }
     })
 }
