@@ -45,10 +45,15 @@ pub fn run(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
 async fn serve(client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
     // The first bytes (a ClientHello), read before the upstream is dialled
     // as a router that routes by them must.
-    client.readable().await?;
     let mut first = Vec::with_capacity(BUFFER_SIZE);
-    if client.try_read_buf(&mut first)? == 0 {
-        return Ok(());
+    loop {
+        client.readable().await?;
+        match client.try_read_buf(&mut first) {
+            Ok(0) => return Ok(()),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
     let socket = if upstream.is_ipv4() {
         TcpSocket::new_v4()?
