@@ -200,6 +200,7 @@ impl Gateway {
             };
             let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
             set_deferral(&socket, deferral(&listener.config)).map_err(bind_error)?;
+            crate::conn::accept::set_listener_nodelay(&socket).map_err(bind_error)?;
             let local = socket.local_addr().map_err(bind_error)?;
             sockets.push((Arc::clone(&listener.name), local, socket));
         }

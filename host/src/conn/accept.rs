@@ -65,6 +65,20 @@ pub(crate) fn set_deferral(socket: &TcpListener, seconds: u32) -> io::Result<()>
     }
 }
 
+/// Sets `TCP_NODELAY` on a listening socket: Linux copies it to every
+/// connection the socket accepts, which saves a `setsockopt` per connection.
+/// Relayed handshake flights must not wait on Nagle.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_listener_nodelay(socket: &TcpListener) -> io::Result<()> {
+    rustix::net::sockopt::set_tcp_nodelay(socket, true).map_err(io::Error::from)
+}
+
+/// Elsewhere each accepted connection gets it (see [`accept_loop`]).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_listener_nodelay(_socket: &TcpListener) -> io::Result<()> {
+    Ok(())
+}
+
 /// Off Linux connections are handed over at once.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn set_deferral(_socket: &TcpListener, seconds: u32) -> io::Result<()> {
@@ -132,7 +146,9 @@ pub(crate) async fn accept_loop(
                     }
                     continue;
                 }
-                // Relayed handshake flights must not wait on Nagle.
+                // On Linux the socket has it from the listener
+                // ([`set_listener_nodelay`]).
+                #[cfg(not(target_os = "linux"))]
                 let _ = stream.set_nodelay(true);
                 stats.total.fetch_add(1, Ordering::Relaxed);
                 stats.active.fetch_add(1, Ordering::Relaxed);
@@ -210,4 +226,28 @@ pub struct ListenerStats {
     pub active: AtomicU64,
     /// Connections accepted since start.
     pub total: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    /// The per-connection `setsockopt` is left out on Linux because an
+    /// accepted socket inherits `TCP_NODELAY` from its listener: if a kernel
+    /// stopped doing so, this fails.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        super::set_listener_nodelay(&listener).expect("nodelay");
+        let addr = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("nodelay"));
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _other = std::net::TcpStream::connect(plain.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = plain.accept().await.expect("accept");
+        assert!(
+            !accepted.nodelay().expect("nodelay"),
+            "the default is off, so the check above means something"
+        );
+    }
 }
